@@ -1,0 +1,31 @@
+# Two commands on a fresh machine with only python3 (and make):
+#   make demo   set up .venv, train gpt_tiny on the bundled KJV text under bf16, print loss + sample
+#   make test   set up .venv, run the CPU test suite (8 fake devices)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m bf16jax.main --config=configs/gpt_tiny.py --config.precision=bf16 --workdir=runs/gpt_tiny_bf16
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check bf16jax tests configs experiments
+	$(BIN)/ruff format --check bf16jax tests configs experiments
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,154 @@
+"""The config schema: every key a bf16jax run reads, with its default, in one place.
+
+`configs/<name>.py` files start from `base_config(model=...)` and change what they need; the
+result is locked, so a misspelt key (`--config.optim.lrate=...`) fails instead of being ignored.
+`validate(config)` checks values that the type system cannot (names, divisibility, ranges) and
+raises `ValueError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from bf16jax.precision import get_policy, parse_dtype
+
+MODEL_DEFAULTS = {
+    "gpt": dict(
+        vocab_size=384,
+        num_layers=4,
+        num_heads=4,
+        embed_dim=128,
+        mlp_dim=512,
+        max_len=256,
+        scan_layers=False,
+        remat=False,
+        attention_impl="",
+    ),
+    "t5": dict(
+        vocab_size=384,
+        embed_dim=128,
+        num_heads=4,
+        head_dim=32,
+        mlp_dim=256,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        tie_embeddings=False,
+        relpos_buckets=32,
+        relpos_max_distance=128,
+        attention_impl="",
+    ),
+    "vit": dict(
+        image_size=8,
+        patch_size=2,
+        channels=1,
+        num_classes=10,
+        embed_dim=64,
+        num_layers=4,
+        num_heads=4,
+        mlp_dim=128,
+        attention_impl="",
+    ),
+}
+
+DATA_FOR_MODEL = {"gpt": "kjv_bytes", "t5": "kjv_span", "vit": "digits"}
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+SCHEDULES = ("cosine", "constant")
+LOSS_SCALES = ("none", "static", "dynamic")
+DISTRIBUTED = ("auto", "yes", "no")
+
+
+def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
+    """Returns a complete, unlocked config for `model` ("gpt", "t5" or "vit")."""
+    if model not in MODEL_DEFAULTS:
+        raise ValueError(f"Unknown model {model!r}: use one of {', '.join(MODEL_DEFAULTS)}.")
+    c = ml_collections.ConfigDict()
+    c.precision = "bf16"
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(name=model, **MODEL_DEFAULTS[model]))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=3e-3,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            momentum=0.9,
+            mu_dtype="f32",
+            nu_dtype="f32",
+            clip_norm=1.0,
+            schedule="cosine",
+            warmup_steps=50,
+            min_lr_ratio=0.1,
+            update_rule="nearest",
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name=DATA_FOR_MODEL[model],
+            batch_size=32,
+            eval_batch_size=32,
+            seq_len=128,
+            enc_len=128,
+            dec_len=32,
+            noise_density=0.15,
+            mean_noise_span=3.0,
+            seed=0,
+            num_workers=0,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=500,
+            grad_accum_steps=1,
+            log_every=50,
+            eval_every=250,
+            eval_steps=8,
+            loss_scale="none",
+            loss_scale_init=2.0**15,
+            loss_scale_period=2000,
+            loss_scale_min=1.0,
+            z_loss=0.0,
+            sample_tokens=0,
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(
+        dict(data=-1, fsdp=1, tensor=1, rules=(), distributed="auto")
+    )
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=250, max_to_keep=2, async_save=True))
+    return c
+
+
+def _one_of(value, accepted, key: str):
+    if value not in accepted:
+        raise ValueError(
+            f"config.{key}={value!r} is not valid: use one of {', '.join(map(repr, accepted))}."
+        )
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError for values no run could use; names the key and the fix."""
+    try:
+        get_policy(config.precision)
+    except ValueError as e:
+        raise ValueError(f"config.precision: {e}") from None
+    _one_of(config.model.name, tuple(MODEL_DEFAULTS), "model.name")
+    _one_of(config.optim.name, OPTIMIZERS, "optim.name")
+    _one_of(config.optim.schedule, SCHEDULES, "optim.schedule")
+    _one_of(config.train.loss_scale, LOSS_SCALES, "train.loss_scale")
+    _one_of(config.mesh.distributed, DISTRIBUTED, "mesh.distributed")
+    for key in ("mu_dtype", "nu_dtype"):
+        try:
+            parse_dtype(config.optim[key])
+        except ValueError as e:
+            raise ValueError(f"config.optim.{key}: {e}") from None
+    for key in ("steps", "grad_accum_steps", "log_every", "eval_every", "eval_steps"):
+        if config.train[key] < 1:
+            raise ValueError(f"config.train.{key}={config.train[key]} must be >= 1.")
+    if config.data.batch_size % config.train.grad_accum_steps:
+        raise ValueError(
+            f"config.data.batch_size={config.data.batch_size} is not divisible by "
+            f"config.train.grad_accum_steps={config.train.grad_accum_steps}: change one of them."
+        )
+    if config.checkpoint.every_steps < 0 or config.checkpoint.max_to_keep < 1:
+        raise ValueError("config.checkpoint.every_steps must be >= 0 and max_to_keep >= 1.")

@@ -1,0 +1,462 @@
+"""Policy-aware Flax NNX layers: Linear, Embed, LayerNorm, RMSNorm, Attention, MLP, T5 position bias.
+
+Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/attn/q") and uses
+`policy.for_module(name)`, so per-module overrides apply. Invariants each layer keeps:
+
+- params are created in `param_dtype` and cast to `compute_dtype` at use;
+- every matmul accumulates in `accum_dtype` (`preferred_element_type`), then the result is cast
+  to `compute_dtype`; biases are added before that cast, in `accum_dtype`;
+- norm statistics, attention logits + softmax and output logits are FP32 islands (`accum_dtype`);
+- params carry logical axis names (`embed`, `mlp`, `heads`, `joined_kv`, `vocab`, ...) that
+  `bf16jax.sharding` maps to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bf16jax.precision import Policy
+
+__all__ = [
+    "Linear",
+    "Embed",
+    "LayerNorm",
+    "RMSNorm",
+    "Attention",
+    "MLP",
+    "RelativePositionBias",
+    "dot",
+    "attention",
+    "ATTENTION_IMPLEMENTATIONS",
+]
+
+Axes = Sequence[str | None]
+Initializer = Callable[..., jax.Array]
+
+# None / "xla": bf16jax's XLA attention with FP32 logits + softmax (below); "cudnn": cuDNN flash
+# attention through jax.nn.dot_product_attention (GPU, bf16/fp16 only; FP32 softmax inside).
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+def _param(init: Initializer, shape: tuple[int, ...], axes: Axes, dtype, rngs: nnx.Rngs):
+    """An nnx.Param of `shape` in `dtype` whose logical axis names are `axes`."""
+    if len(axes) != len(shape):
+        raise ValueError(f"Logical axes {tuple(axes)} do not match param shape {shape}.")
+    init = nnx.with_partitioning(init, tuple(axes))
+    return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+def dot(x: jax.Array, w: jax.Array, policy: Policy, contract: int = 1) -> jax.Array:
+    """x[..., K] @ w[K, ...] with operands in compute dtype and the result in accum dtype.
+
+    `contract` is the number of trailing dims of `x` (leading dims of `w`) contracted.
+    """
+    x = policy.cast_to_compute(x)
+    w = policy.cast_to_compute(w)
+    dims = (tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract)))
+    return jax.lax.dot_general(x, w, (dims, ((), ())), preferred_element_type=policy.accum_dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias): FP32-accumulated, output in compute dtype.
+
+    Args:
+      in_features, out_features: sizes.
+      policy: the root policy; this layer uses `policy.for_module(name)`.
+      name: the module path used to resolve per-module overrides.
+      rngs: parameter RNGs.
+      use_bias: add a bias (zeros at init).
+      kernel_axes: logical names of the kernel's two dims (bias gets the last one).
+      kernel_init: defaults to LeCun normal (variance 1/in_features).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        policy: Policy,
+        name: str,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        kernel_axes: Axes = ("embed", "mlp"),
+        kernel_init: Initializer | None = None,
+    ):
+        self.policy = policy.for_module(name)
+        self.in_features = in_features
+        init = kernel_init or nnx.initializers.lecun_normal()
+        dtype = self.policy.param_dtype
+        self.kernel = _param(init, (in_features, out_features), kernel_axes, dtype, rngs)
+        self.bias = (
+            _param(nnx.initializers.zeros_init(), (out_features,), kernel_axes[-1:], dtype, rngs)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Linear expects inputs [..., {self.in_features}], got shape {tuple(x.shape)}."
+            )
+        y = dot(x, self.kernel[...], self.policy)  # accum dtype
+        if self.bias is not None:
+            y = y + self.policy.cast_to_accum(self.bias[...])
+        return self.policy.cast_to_compute(y)
+
+
+class Embed(nnx.Module):
+    """Token (or position) embedding table [num_embeddings, features]; `attend` gives logits.
+
+    `__call__(ids)` gathers rows in compute dtype. `attend(h)` is the tied output projection
+    h @ table.T, accumulated and returned in accum dtype (FP32 logits island).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        policy: Policy,
+        name: str,
+        rngs: nnx.Rngs,
+        axes: Axes = ("vocab", "embed"),
+        stddev: float = 0.02,
+    ):
+        self.policy = policy.for_module(name)
+        self.num_embeddings = num_embeddings
+        self.features = features
+        init = nnx.initializers.normal(stddev)
+        self.embedding = _param(
+            init, (num_embeddings, features), axes, self.policy.param_dtype, rngs
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:  # [...] int -> [..., D] compute
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"Embed expects integer ids, got dtype {ids.dtype}.")
+        # Gather in param dtype, then cast: casting the whole table first would cost V*D.
+        return self.policy.cast_to_compute(jnp.take(self.embedding[...], ids, axis=0))
+
+    def attend(self, h: jax.Array) -> jax.Array:  # [..., D] -> [..., V] accum
+        # why: logits feed softmax + loss; they stay FP32 (accum dtype) from the accumulator on.
+        table = self.policy.cast_to_compute(self.embedding[...])
+        h = self.policy.cast_to_compute(h)
+        dims = (((h.ndim - 1,), (1,)), ((), ()))
+        return jax.lax.dot_general(h, table, dims, preferred_element_type=self.policy.accum_dtype)
+
+
+class _Norm(nnx.Module):
+    """Shared body of LayerNorm / RMSNorm: statistics in accum dtype, output in compute dtype."""
+
+    center: bool = True
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        policy: Policy,
+        name: str,
+        rngs: nnx.Rngs,
+        eps: float = 1e-5,
+        use_bias: bool = True,
+        axes: Axes = ("embed",),
+    ):
+        self.policy = policy.for_module(name)
+        self.eps = eps
+        dtype = self.policy.param_dtype
+        self.scale = _param(nnx.initializers.ones_init(), (features,), axes, dtype, rngs)
+        self.bias = (
+            _param(nnx.initializers.zeros_init(), (features,), axes, dtype, rngs)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # why: mean/variance of BF16 activations summed in BF16 lose low bits; FP32 island.
+        p = self.policy
+        x = p.cast_to_accum(x)
+        if self.center:
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(var + jnp.asarray(self.eps, p.accum_dtype))
+        y = y * p.cast_to_accum(self.scale[...])
+        if self.bias is not None:
+            y = y + p.cast_to_accum(self.bias[...])
+        return p.cast_to_compute(y)
+
+
+class LayerNorm(_Norm):
+    """LayerNorm (Ba et al. 2016, arXiv:1607.06450): (x - mean) / std * scale + bias."""
+
+    center = True
+
+
+class RMSNorm(_Norm):
+    """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) as in T5: x / rms * scale, no bias."""
+
+    center = False
+
+    def __init__(self, features: int, *, policy, name, rngs, eps: float = 1e-6, **kw):
+        kw.setdefault("use_bias", False)
+        super().__init__(features, policy=policy, name=name, rngs=rngs, eps=eps, **kw)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    policy: Policy,
+    *,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    causal: bool = False,
+    implementation: str | None = None,
+) -> jax.Array:
+    """softmax(q k^T / sqrt(Dh) + bias, masked) v over [B, T, H, Dh] inputs -> [B, T, H, Dh].
+
+    `mask` is boolean, broadcastable to [B, H, T, S], True = attend. `bias` broadcastable to
+    [B, H, T, S]. With implementation None/"xla" the logits and softmax are in accum dtype (JAX's
+    own XLA path rounds the logits to the compute dtype before its FP32 softmax); "cudnn" calls
+    `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; softmax in FP32 inside).
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown attention implementation {implementation!r}: use one of "
+            f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}."
+        )
+    q, k, v = policy.cast_to_compute((q, k, v))
+    if implementation == "cudnn":
+        if bias is not None:
+            bias = bias.astype(q.dtype)
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, is_causal=causal, implementation="cudnn"
+        )
+    acc = policy.accum_dtype
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), acc)
+    # why: logits and softmax are an FP32 island; exp() of BF16 logits loses the small ones.
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=acc) * scale
+    if bias is not None:
+        logits = logits + policy.cast_to_accum(bias)
+    t, s = logits.shape[-2:]
+    if causal:
+        keep = jnp.tril(jnp.ones((t, s), jnp.bool_), k=s - t)
+        mask = keep if mask is None else jnp.logical_and(mask, keep)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.asarray(jnp.finfo(acc).min, acc))
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum(
+        "bhts,bshd->bthd", policy.cast_to_compute(probs), v, preferred_element_type=acc
+    )
+    return policy.cast_to_compute(out)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention: self-attention, or cross-attention when `context` is given.
+
+    Projections q, k, v ([D, H*Dh], logical ("embed", "joined_kv")) and o ([H*Dh, D]) are
+    `Linear`s, so each can be overridden by path (".../attn/q"). Optional additive `bias`
+    (e.g. T5 relative positions, [1|B, H, T, S]) and boolean `mask` (True = attend).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        policy: Policy,
+        name: str,
+        rngs: nnx.Rngs,
+        head_dim: int | None = None,
+        causal: bool = False,
+        use_bias: bool = True,
+        implementation: str | None = None,
+    ):
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"Unknown attention implementation {implementation!r}: use one of "
+                f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}."
+            )
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(
+                    f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}: "
+                    "pick a multiple or pass head_dim."
+                )
+            head_dim = embed_dim // num_heads
+        self.policy = policy.for_module(name)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.causal = causal
+        self.implementation = implementation
+        inner = num_heads * head_dim
+
+        def proj(sub, din, dout, axes):
+            return Linear(
+                din,
+                dout,
+                policy=policy,
+                name=f"{name}/{sub}",
+                rngs=rngs,
+                use_bias=use_bias,
+                kernel_axes=axes,
+            )
+
+        self.q = proj("q", embed_dim, inner, ("embed", "joined_kv"))
+        self.k = proj("k", embed_dim, inner, ("embed", "joined_kv"))
+        self.v = proj("v", embed_dim, inner, ("embed", "joined_kv"))
+        self.o = proj("o", inner, embed_dim, ("joined_kv", "embed"))
+
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
+    ) -> jax.Array:  # x [B, T, D], context [B, S, D] -> [B, T, D] compute
+        kv_in = x if context is None else context
+
+        def heads(y):  # [B, L, H*Dh] -> [B, L, H, Dh]
+            return y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
+
+        q, k, v = heads(self.q(x)), heads(self.k(kv_in)), heads(self.v(kv_in))
+        out = attention(
+            q,
+            k,
+            v,
+            self.policy,
+            bias=bias,
+            mask=mask,
+            causal=self.causal,
+            implementation=self.implementation,
+        )
+        return self.o(out.reshape(*out.shape[:-2], self.num_heads * self.head_dim))
+
+
+_ACTIVATIONS = ("gelu", "gated-gelu")
+
+
+class MLP(nnx.Module):
+    """Position-wise MLP: GELU (GPT-2, ViT: fc1, fc2) or gated GELU (T5 v1.1: wi_0, wi_1, wo)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        mlp_dim: int,
+        *,
+        policy: Policy,
+        name: str,
+        rngs: nnx.Rngs,
+        activation: str = "gelu",
+        use_bias: bool = True,
+    ):
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"Unknown MLP activation {activation!r}: use one of {', '.join(_ACTIVATIONS)}."
+            )
+        self.policy = policy.for_module(name)
+        self.activation = activation
+
+        def proj(sub, din, dout, axes):
+            return Linear(
+                din,
+                dout,
+                policy=policy,
+                name=f"{name}/{sub}",
+                rngs=rngs,
+                use_bias=use_bias,
+                kernel_axes=axes,
+            )
+
+        if activation == "gelu":
+            self.fc1 = proj("fc1", embed_dim, mlp_dim, ("embed", "mlp"))
+            self.fc2 = proj("fc2", mlp_dim, embed_dim, ("mlp", "embed"))
+        else:
+            self.wi_0 = proj("wi_0", embed_dim, mlp_dim, ("embed", "mlp"))
+            self.wi_1 = proj("wi_1", embed_dim, mlp_dim, ("embed", "mlp"))
+            self.wo = proj("wo", mlp_dim, embed_dim, ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D] compute
+        c = self.policy.cast_to_compute
+        if self.activation == "gelu":
+            return c(self.fc2(c(jax.nn.gelu(self.fc1(x)))))
+        h = c(jax.nn.gelu(self.wi_0(x))) * c(self.wi_1(x))
+        return c(self.wo(h))
+
+
+def relative_position_bucket(
+    relative_position: np.ndarray, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """T5's bucketing of key - query offsets (Raffel et al. 2020, mesh_tensorflow).
+
+    Half the buckets (per direction when bidirectional) hold exact small offsets, the rest grow
+    logarithmically up to `max_distance`; larger offsets share the last bucket.
+    """
+    ret = np.zeros_like(relative_position)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret += (n < 0).astype(ret.dtype) * num_buckets
+        n = np.abs(n)
+    else:
+        n = np.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    with np.errstate(divide="ignore"):
+        log_ratio = np.log(np.maximum(n, 1) / max_exact) / np.log(max_distance / max_exact)
+    val_if_large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(ret.dtype)
+    val_if_large = np.minimum(val_if_large, num_buckets - 1)
+    return ret + np.where(is_small, n, val_if_large)
+
+
+class RelativePositionBias(nnx.Module):
+    """T5 relative position bias: a learned scalar per (bucket, head), added to attention logits.
+
+    `__call__(q_len, k_len)` returns [1, H, q_len, k_len] in accum dtype (it joins the logits).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        *,
+        policy: Policy,
+        name: str,
+        rngs: nnx.Rngs,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        bidirectional: bool = True,
+    ):
+        if num_buckets < 2 or (bidirectional and num_buckets < 4):
+            raise ValueError(
+                f"relpos num_buckets={num_buckets} is too small: use at least 4 (bidirectional) "
+                "or 2."
+            )
+        self.policy = policy.for_module(name)
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+        self.embedding = _param(
+            nnx.initializers.normal(1.0 / math.sqrt(num_heads)),
+            (num_buckets, num_heads),
+            ("relpos_buckets", "heads"),
+            self.policy.param_dtype,
+            rngs,
+        )
+
+    def __call__(self, q_len: int, k_len: int) -> jax.Array:
+        # Buckets depend only on static lengths: computed in numpy at trace time.
+        rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]  # [T, S] key - query
+        buckets = relative_position_bucket(
+            rel,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        table = self.policy.cast_to_accum(self.embedding[...])  # [buckets, H]
+        values = jnp.take(table, jnp.asarray(buckets, jnp.int32), axis=0)  # [T, S, H]
+        return jnp.transpose(values, (2, 0, 1))[None]

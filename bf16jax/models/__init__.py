@@ -1,0 +1,162 @@
+"""Model families and the one factory that builds them from a config.
+
+`build_model(model_cfg, policy, rngs=...)` dispatches on `model_cfg.name` ("gpt", "t5", "vit"),
+checks the sizes it reads (all positive integers, heads dividing widths, patches tiling images)
+and raises ValueError naming the key and the fix. Every model has `features(...)` (hidden states
+in the policy's output_dtype) and `logits_and_targets(batch)` (logits in accum_dtype, targets
+int32, weights float32). `param_count(model)` is N in the 6N FLOPs-per-token MFU convention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from bf16jax.models.gpt import GPT
+from bf16jax.models.t5 import T5
+from bf16jax.models.vit import ViT
+from bf16jax.precision import Policy, get_policy
+
+__all__ = ["GPT", "T5", "ViT", "MODEL_NAMES", "ATTENTION_IMPLS", "build_model", "param_count"]
+
+# Per family: required size keys, then optional keys with their defaults.
+_REQUIRED = {
+    "gpt": ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len"),
+    "t5": (
+        "vocab_size",
+        "embed_dim",
+        "num_heads",
+        "mlp_dim",
+        "num_encoder_layers",
+        "num_decoder_layers",
+    ),
+    "vit": (
+        "image_size",
+        "patch_size",
+        "num_classes",
+        "embed_dim",
+        "num_layers",
+        "num_heads",
+        "mlp_dim",
+    ),
+}
+_OPTIONAL = {
+    "gpt": dict(scan_layers=False, remat=False, attention_impl=None, tie_embeddings=True),
+    "t5": dict(
+        head_dim=None,
+        tie_embeddings=False,
+        relpos_buckets=32,
+        relpos_max_distance=128,
+        attention_impl=None,
+    ),
+    "vit": dict(channels=1, attention_impl=None),
+}
+MODEL_NAMES = tuple(_REQUIRED)
+ATTENTION_IMPLS = ("xla", "cudnn")  # plus None / "" for JAX's default (XLA)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict | Mapping, policy: Policy | str, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the model named by `model_cfg.name` with params in the policy's dtypes.
+
+    Args:
+      model_cfg: `config.model` (ConfigDict or mapping): `name` plus the family's sizes.
+        gpt: vocab_size, num_layers, num_heads, embed_dim, mlp_dim, max_len [, scan_layers,
+        remat, attention_impl, tie_embeddings]. t5: vocab_size, embed_dim, num_heads, mlp_dim,
+        num_encoder_layers, num_decoder_layers [, head_dim, tie_embeddings, relpos_buckets,
+        relpos_max_distance, attention_impl]. vit: image_size, patch_size, num_classes,
+        embed_dim, num_layers, num_heads, mlp_dim [, channels, attention_impl].
+      policy: a Policy or policy string (resolved per module path by the layers).
+      rngs: parameter RNGs.
+
+    Returns:
+      A GPT, T5 or ViT module.
+
+    Raises:
+      ValueError: unknown name, missing size, or sizes that do not fit together.
+    """
+    policy = get_policy(policy)
+    if not hasattr(model_cfg, "get"):
+        raise ValueError(f"model_cfg must be a ConfigDict or dict, got {type(model_cfg).__name__}.")
+    name = model_cfg.get("name")
+    if name not in _REQUIRED:
+        raise ValueError(
+            f"Unknown model.name={name!r}: use one of {', '.join(map(repr, MODEL_NAMES))}."
+        )
+    cfg = _read_config(name, model_cfg)
+    # Params carry logical axis names ("embed", ...) as metadata; bf16jax.sharding maps them to
+    # mesh axes. NNX eager sharding would read them as mesh axes (and fails without a mesh).
+    with nnx.use_eager_sharding(False):
+        if name == "gpt":
+            return GPT(**cfg, policy=policy, rngs=rngs)
+        if name == "t5":
+            return T5(cfg, policy=policy, rngs=rngs)
+        return ViT(cfg, policy=policy, rngs=rngs)
+
+
+def param_count(model: nnx.Module) -> int:
+    """Number of parameter elements (nnx.Param leaves) in `model`."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _read_config(name: str, model_cfg: Mapping) -> dict[str, Any]:
+    missing = [k for k in _REQUIRED[name] if model_cfg.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"model.name={name!r} needs model.{', model.'.join(missing)}: set them in the config."
+        )
+    cfg: dict[str, Any] = {}
+    for key in _REQUIRED[name]:
+        cfg[key] = _positive_int(model_cfg[key], key)
+    for key, default in _OPTIONAL[name].items():
+        value = model_cfg.get(key, default)
+        cfg[key] = default if value is None else value
+    cfg["attention_impl"] = _attention_impl(cfg["attention_impl"])
+    d, h = cfg["embed_dim"], cfg["num_heads"]
+    if name == "t5":
+        if cfg["head_dim"] is None or cfg["head_dim"] == 0:
+            _check_divides(h, d, "num_heads", "embed_dim")
+            cfg["head_dim"] = d // h
+        cfg["head_dim"] = _positive_int(cfg["head_dim"], "head_dim")
+        cfg["relpos_buckets"] = _positive_int(cfg["relpos_buckets"], "relpos_buckets")
+        cfg["relpos_max_distance"] = _positive_int(
+            cfg["relpos_max_distance"], "relpos_max_distance"
+        )
+        cfg["tie_embeddings"] = bool(cfg["tie_embeddings"])
+    else:
+        _check_divides(h, d, "num_heads", "embed_dim")
+    if name == "gpt":
+        for key in ("scan_layers", "remat", "tie_embeddings"):
+            cfg[key] = bool(cfg[key])
+    if name == "vit":
+        cfg["channels"] = _positive_int(cfg["channels"], "channels")
+        _check_divides(cfg["patch_size"], cfg["image_size"], "patch_size", "image_size")
+    return cfg
+
+
+def _positive_int(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"model.{key}={value!r} must be a positive integer.")
+    return value
+
+
+def _check_divides(small: int, big: int, small_key: str, big_key: str) -> None:
+    if big % small:
+        raise ValueError(
+            f"model.{big_key}={big} is not divisible by model.{small_key}={small}: "
+            f"pick a {big_key} that is a multiple of {small_key}."
+        )
+
+
+def _attention_impl(value) -> str | None:
+    if value in (None, "", "none", "None"):
+        return None
+    if value not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"model.attention_impl={value!r} is not valid: use one of "
+            f"{', '.join(map(repr, ATTENTION_IMPLS))} or '' for JAX's default."
+        )
+    return value

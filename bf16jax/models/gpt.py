@@ -1,0 +1,213 @@
+"""GPT-2-style decoder-only language model (Radford et al. 2019) on bf16jax layers.
+
+Layout: token + learned position embeddings, pre-LN blocks (LayerNorm -> causal self-attention,
+LayerNorm -> GELU MLP, each added to the residual stream), a final LayerNorm and logits from the
+tied token embedding (`Embed.attend`). The residual stream is kept in the model's compute dtype;
+logits leave in accum_dtype (FP32 island). `scan_layers=True` stacks the blocks with `nnx.vmap`
+(params get a leading "layers" logical axis) and runs them with `nnx.scan`, so compile time does
+not grow with depth; `remat=True` wraps each block in `nnx.remat` (activations recomputed in the
+backward pass). Policy paths: embed, pos_embed, blocks/{i}/{norm1,attn,norm2,mlp}, norm_f, head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bf16jax.layers import MLP, Attention, Embed, LayerNorm, Linear
+from bf16jax.precision import Policy
+
+__all__ = ["Block", "GPT", "stack_layers", "run_layers"]
+
+LAYERS_AXIS = "layers"  # logical axis name of the stacked-layer dimension
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: x + attn(norm1(x)), then + mlp(norm2(x)). Shared with ViT."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        policy: Policy,
+        name: str,
+        rngs: nnx.Rngs,
+        causal: bool,
+        attention_impl: str | None = None,
+    ):
+        self.policy = policy.for_module(name)
+        self.norm1 = LayerNorm(embed_dim, policy=policy, name=f"{name}/norm1", rngs=rngs)
+        self.attn = Attention(
+            embed_dim,
+            num_heads,
+            policy=policy,
+            name=f"{name}/attn",
+            rngs=rngs,
+            causal=causal,
+            implementation=attention_impl,
+        )
+        self.norm2 = LayerNorm(embed_dim, policy=policy, name=f"{name}/norm2", rngs=rngs)
+        self.mlp = MLP(
+            embed_dim, mlp_dim, policy=policy, name=f"{name}/mlp", rngs=rngs, activation="gelu"
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        # Sub-layers may be overridden to another dtype (".*attn.*->fp32"): cast their outputs
+        # back so the residual stream stays in this block's compute dtype (strict promotion).
+        x = self.policy.cast_to_compute(x)
+        x = x + self.policy.cast_to_compute(self.attn(self.norm1(x)))
+        return x + self.policy.cast_to_compute(self.mlp(self.norm2(x)))
+
+
+def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Creates `num_layers` copies of `make_layer(rngs)` with params stacked on a leading axis.
+
+    Each copy gets its own RNG stream (`nnx.split_rngs`); params' logical names get a leading
+    "layers" axis so sharding rules can leave it unsharded.
+    """
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    def create(rngs: nnx.Rngs):
+        return make_layer(rngs)
+
+    return create(rngs)
+
+
+def run_layers(layers, x: jax.Array, *, scan: bool, remat: bool, **kwargs) -> jax.Array:
+    """Applies `layers` (an nnx.List, or a stacked module when `scan`) to `x` in order.
+
+    `kwargs` (masks, biases) are passed unchanged to every layer.
+    """
+
+    def apply(layer, h):
+        return layer(h, **kwargs)
+
+    if remat:
+        # Inside scan, CSE cannot merge recomputation across iterations: prevent_cse is not
+        # needed there and costs performance (jax.checkpoint docs).
+        apply = nnx.remat(apply, prevent_cse=not scan)
+    if not scan:
+        for layer in layers:
+            x = apply(layer, x)
+        return x
+
+    @nnx.scan(
+        in_axes=(nnx.Carry, 0),
+        out_axes=nnx.Carry,
+        transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS},
+    )
+    def body(h, layer):
+        return apply(layer, h)
+
+    return body(x, layers)
+
+
+class GPT(nnx.Module):
+    """GPT-2-style causal language model.
+
+    Args:
+      vocab_size, num_layers, num_heads, embed_dim, mlp_dim, max_len: model sizes.
+      policy: the root precision policy; sub-modules resolve their own.
+      rngs: parameter RNGs.
+      scan_layers: stack blocks and run them with `nnx.scan`.
+      remat: rematerialize each block in the backward pass.
+      attention_impl: passed to `jax.nn.dot_product_attention` ("xla", "cudnn" or None).
+      tie_embeddings: logits from the token embedding (GPT-2) or a separate "head".
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        num_layers: int,
+        num_heads: int,
+        embed_dim: int,
+        mlp_dim: int,
+        max_len: int,
+        policy: Policy,
+        rngs: nnx.Rngs,
+        scan_layers: bool = False,
+        remat: bool = False,
+        attention_impl: str | None = None,
+        tie_embeddings: bool = True,
+    ):
+        self.policy = policy
+        self.max_len = max_len
+        self.num_layers = num_layers
+        self.scan_layers = scan_layers
+        self.remat = remat
+        self.tie_embeddings = tie_embeddings
+        self.embed = Embed(vocab_size, embed_dim, policy=policy, name="embed", rngs=rngs)
+        self.pos_embed = Embed(
+            max_len, embed_dim, policy=policy, name="pos_embed", rngs=rngs, axes=(None, "embed")
+        )
+
+        def make_block(name, rngs):
+            return Block(
+                embed_dim,
+                num_heads,
+                mlp_dim,
+                policy=policy,
+                name=name,
+                rngs=rngs,
+                causal=True,
+                attention_impl=attention_impl,
+            )
+
+        if scan_layers:
+            # One policy for all stacked layers: per-layer overrides ("blocks/3/...") need
+            # scan_layers=False.
+            self.blocks = stack_layers(lambda r: make_block("blocks", r), num_layers, rngs)
+        else:
+            self.blocks = nnx.List(make_block(f"blocks/{i}", rngs) for i in range(num_layers))
+        self.norm_f = LayerNorm(embed_dim, policy=policy, name="norm_f", rngs=rngs)
+        if not tie_embeddings:
+            self.head = Linear(
+                embed_dim,
+                vocab_size,
+                policy=policy,
+                name="head",
+                rngs=rngs,
+                use_bias=False,
+                kernel_axes=("embed", "vocab"),
+            )
+
+    def _hidden(self, inputs: jax.Array) -> jax.Array:
+        """Final-norm hidden states [B, T, D] in compute dtype."""
+        if inputs.ndim != 2:
+            raise ValueError(f"GPT inputs must be [batch, seq] token ids, got {inputs.shape}.")
+        seq_len = inputs.shape[1]
+        if seq_len > self.max_len:
+            raise ValueError(
+                f"Sequence length {seq_len} exceeds model.max_len={self.max_len}: raise "
+                "model.max_len or shorten data.seq_len."
+            )
+        x = self.policy.cast_to_compute(self.embed(inputs))  # [B, T, D]
+        pos = self.policy.cast_to_compute(self.pos_embed(jnp.arange(seq_len)))  # [T, D]
+        x = x + pos[None]
+        x = run_layers(self.blocks, x, scan=self.scan_layers, remat=self.remat)
+        return self.policy.cast_to_compute(self.norm_f(x))
+
+    def features(self, inputs: jax.Array) -> jax.Array:
+        """Final hidden states [B, T, D] in output dtype for token ids `inputs` [B, T]."""
+        return self.policy.cast_to_output(self._hidden(inputs))
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """Logits [B, T, V] in accum dtype (FP32 island) for token ids `inputs` [B, T]."""
+        h = self._hidden(inputs)
+        if self.tie_embeddings:
+            return self.embed.attend(h)
+        return self.policy.cast_to_accum(self.head(h))
+
+    def logits_and_targets(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(logits f32 [B, T, V], targets int32 [B, T], weights f32 [B, T]) for an LM batch."""
+        logits = self(batch["inputs"])
+        targets = jnp.asarray(batch["targets"], jnp.int32)
+        weights = batch.get("weights")
+        if weights is None:
+            weights = jnp.ones(targets.shape, jnp.float32)
+        return logits, targets, jnp.asarray(weights, jnp.float32)

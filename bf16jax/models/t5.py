@@ -1,0 +1,176 @@
+"""T5 v1.1 / FLAN-T5-style encoder-decoder (Raffel et al. 2020, arXiv:1910.10683; Chung et al.
+2022, arXiv:2210.11416) on bf16jax layers.
+
+T5 v1.1 choices: RMSNorm (T5's LayerNorm without mean or bias), no biases anywhere, gated-GELU
+MLP, relative position buckets instead of absolute positions (bidirectional in the encoder, causal
+in the decoder; one bias per stack, computed once and shared by all its layers as in T5), and a
+separate LM head unless `tie_embeddings` (then the decoder output is scaled by embed_dim**-0.5
+before `Embed.attend`, as in T5). Encoder padding (PAD=0) is masked as attention keys in both the
+encoder self-attention and the decoder cross-attention. One difference from T5: attention scores
+are scaled by head_dim**-0.5 (T5 folds it into the init); it does not change what can be learned.
+Policy paths: embed, {encoder,decoder}/relpos, {encoder,decoder}/layers_{i}/..., {..}/norm, head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bf16jax.layers import MLP, Attention, Embed, Linear, RelativePositionBias, RMSNorm
+from bf16jax.precision import Policy
+
+__all__ = ["T5", "T5Stack"]
+
+PAD_ID = 0
+
+
+class _Layer(nnx.Module):
+    """One encoder (self-attn, MLP) or decoder (self-attn, cross-attn, MLP) layer, pre-norm."""
+
+    def __init__(self, cfg: dict, *, decoder: bool, policy: Policy, name: str, rngs: nnx.Rngs):
+        self.policy = policy.for_module(name)
+        self.decoder = decoder
+        d, h = cfg["embed_dim"], cfg["num_heads"]
+
+        def attention(sub, causal):
+            return Attention(
+                d,
+                h,
+                policy=policy,
+                name=f"{name}/{sub}",
+                rngs=rngs,
+                head_dim=cfg["head_dim"],
+                causal=causal,
+                use_bias=False,
+                implementation=cfg["attention_impl"],
+            )
+
+        self.self_attn_norm = RMSNorm(d, policy=policy, name=f"{name}/self_attn_norm", rngs=rngs)
+        self.self_attn = attention("self_attn", causal=decoder)
+        if decoder:
+            self.cross_attn_norm = RMSNorm(
+                d, policy=policy, name=f"{name}/cross_attn_norm", rngs=rngs
+            )
+            self.cross_attn = attention("cross_attn", causal=False)
+        self.mlp_norm = RMSNorm(d, policy=policy, name=f"{name}/mlp_norm", rngs=rngs)
+        self.mlp = MLP(
+            d,
+            cfg["mlp_dim"],
+            policy=policy,
+            name=f"{name}/mlp",
+            rngs=rngs,
+            activation="gated-gelu",
+            use_bias=False,
+        )
+
+    def __call__(self, x, *, bias, mask=None, context=None, context_mask=None):
+        c = self.policy.cast_to_compute
+        x = c(x)
+        x = x + c(self.self_attn(self.self_attn_norm(x), mask=mask, bias=bias))
+        if self.decoder:
+            x = x + c(self.cross_attn(self.cross_attn_norm(x), context, mask=context_mask))
+        return x + c(self.mlp(self.mlp_norm(x)))
+
+
+class T5Stack(nnx.Module):
+    """The encoder or decoder stack: layers sharing one relative position bias, final RMSNorm."""
+
+    def __init__(self, cfg: dict, *, decoder: bool, policy: Policy, name: str, rngs: nnx.Rngs):
+        self.policy = policy.for_module(name)
+        self.decoder = decoder
+        self.relpos = RelativePositionBias(
+            cfg["num_heads"],
+            policy=policy,
+            name=f"{name}/relpos",
+            rngs=rngs,
+            num_buckets=cfg["relpos_buckets"],
+            max_distance=cfg["relpos_max_distance"],
+            bidirectional=not decoder,
+        )
+        n = cfg["num_decoder_layers"] if decoder else cfg["num_encoder_layers"]
+        self.layers = nnx.List(
+            _Layer(cfg, decoder=decoder, policy=policy, name=f"{name}/layers_{i}", rngs=rngs)
+            for i in range(n)
+        )
+        self.norm = RMSNorm(cfg["embed_dim"], policy=policy, name=f"{name}/norm", rngs=rngs)
+
+    def __call__(self, x, *, mask=None, context=None, context_mask=None):
+        """x [B, T, D] compute -> [B, T, D] compute after the final norm."""
+        t = x.shape[1]
+        # T5 computes the position bias once (first layer) and reuses it in every layer.
+        bias = self.relpos(t, t)  # [1, H, T, T] accum
+        x = self.policy.cast_to_compute(x)
+        for layer in self.layers:
+            x = layer(x, bias=bias, mask=mask, context=context, context_mask=context_mask)
+        return self.policy.cast_to_compute(self.norm(x))
+
+
+class T5(nnx.Module):
+    """T5 v1.1 encoder-decoder. `cfg` holds the sizes read by `build_model` (see there)."""
+
+    def __init__(self, cfg: dict, *, policy: Policy, rngs: nnx.Rngs):
+        self.policy = policy
+        self.tie_embeddings = cfg["tie_embeddings"]
+        self.embed_dim = cfg["embed_dim"]
+        # One token embedding shared by encoder and decoder, as in T5.
+        self.embed = Embed(cfg["vocab_size"], cfg["embed_dim"], policy=policy, name="embed", rngs=rngs)
+        self.encoder = T5Stack(cfg, decoder=False, policy=policy, name="encoder", rngs=rngs)
+        self.decoder = T5Stack(cfg, decoder=True, policy=policy, name="decoder", rngs=rngs)
+        if not self.tie_embeddings:
+            self.head = Linear(
+                cfg["embed_dim"],
+                cfg["vocab_size"],
+                policy=policy,
+                name="head",
+                rngs=rngs,
+                use_bias=False,
+                kernel_axes=("embed", "vocab"),
+            )
+
+    @staticmethod
+    def _padding_mask(encoder_inputs: jax.Array) -> jax.Array:
+        # Keys only: [B, 1, 1, Te]. Padded query rows compute values nobody reads (they are
+        # masked as keys everywhere), and no row is ever fully masked, so no NaN.
+        return (encoder_inputs != PAD_ID)[:, None, None, :]
+
+    def encode(self, encoder_inputs: jax.Array) -> jax.Array:
+        """Encoder outputs [B, Te, D] in compute dtype for token ids [B, Te] (PAD=0)."""
+        _check_ids(encoder_inputs, "encoder_inputs")
+        x = self.policy.cast_to_compute(self.embed(encoder_inputs))
+        return self.encoder(x, mask=self._padding_mask(encoder_inputs))
+
+    def decode(self, encoded: jax.Array, encoder_inputs: jax.Array, decoder_inputs: jax.Array):
+        """Decoder hidden states [B, Td, D] in compute dtype (after the final norm)."""
+        _check_ids(decoder_inputs, "decoder_inputs")
+        y = self.policy.cast_to_compute(self.embed(decoder_inputs))
+        return self.decoder(
+            y, context=encoded, context_mask=self._padding_mask(encoder_inputs)
+        )
+
+    def features(self, encoder_inputs: jax.Array, decoder_inputs: jax.Array) -> jax.Array:
+        """Decoder final hidden states [B, Td, D] in output dtype."""
+        encoded = self.encode(encoder_inputs)
+        return self.policy.cast_to_output(self.decode(encoded, encoder_inputs, decoder_inputs))
+
+    def __call__(self, encoder_inputs: jax.Array, decoder_inputs: jax.Array) -> jax.Array:
+        """Logits [B, Td, V] in accum dtype (FP32 island)."""
+        h = self.decode(self.encode(encoder_inputs), encoder_inputs, decoder_inputs)
+        if self.tie_embeddings:
+            # T5 rescales before the tied projection so logits do not grow with sqrt(D).
+            return self.embed.attend(h * self.embed_dim**-0.5)
+        return self.policy.cast_to_accum(self.head(h))
+
+    def logits_and_targets(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(logits f32 [B, Td, V], targets int32 [B, Td], weights f32 [B, Td]) for a span batch."""
+        logits = self(batch["encoder_inputs"], batch["decoder_inputs"])
+        targets = jnp.asarray(batch["targets"], jnp.int32)
+        weights = batch.get("weights")
+        if weights is None:
+            weights = (targets != PAD_ID).astype(jnp.float32)
+        return logits, targets, jnp.asarray(weights, jnp.float32)
+
+
+def _check_ids(ids: jax.Array, key: str) -> None:
+    if ids.ndim != 2:
+        raise ValueError(f"T5 {key} must be [batch, seq] token ids, got shape {ids.shape}.")

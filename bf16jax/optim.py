@@ -1,0 +1,468 @@
+"""Optimizers from config: an optax chain with FP32 math, explicit state dtypes, an update rule.
+
+`make_optimizer(config.optim, total_steps=...)` builds AdamW (arXiv:1711.05101), Adafactor as T5
+used it (factored second moments, arXiv:1804.04235) or SGD + heavy-ball momentum, behind optional
+global-norm clipping (arXiv:1211.5063) and decoupled, masked weight decay. Invariants:
+- The chain sees FP32 grads and params; moment math is FP32 with Python-float decays; moments are
+  *stored* in `mu_dtype` / `nu_dtype`. (optax.adam keeps nu in the param dtype, where
+  bf16(0.999) == 1.0 and nu stops being an average; that cannot happen here.)
+- Updates leave the chain in FP32; an `UpdateRule` ("nearest" now; "stochastic" and "kahan" slot
+  into the registry) computes w + update in FP32 and rounds to each param's dtype. Its state is
+  part of `OptimizerState`, so it is checkpointed with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bf16jax.precision import parse_dtype
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "NO_DECAY_NAMES",
+    "Optimizer",
+    "OptimizerState",
+    "ScaleByAdamState",
+    "TraceState",
+    "UpdateRule",
+    "NearestRule",
+    "make_optimizer",
+    "make_schedule",
+    "scale_by_adam",
+    "trace_momentum",
+    "weight_decay_mask",
+    "register_update_rule",
+    "get_update_rule",
+    "update_rules",
+    "apply_updates",
+]
+
+_F32 = np.dtype(jnp.float32)
+_INT32_MAX = np.iinfo(np.int32).max
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+SCHEDULES = ("cosine", "constant")
+# Leaves with these names are never decayed (norm scales and biases, also when scanned layers
+# stack them into 2-D [layers, features] arrays); all other leaves are decayed iff ndim >= 2.
+NO_DECAY_NAMES = frozenset({"bias", "scale"})
+_ADAFACTOR_DECAY_RATE = 0.8  # T5: second-moment decay 1 - t^-0.8
+_ADAFACTOR_EPS = 1e-30  # T5's epsilon1, added to g^2
+_ADAFACTOR_CLIP = 1.0  # T5: update RMS clipped to 1 per block
+
+
+def _is_float(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _to_f32(tree):
+    return jax.tree.map(lambda x: x.astype(_F32) if _is_float(x) else x, tree)
+
+
+def _increment(count: jax.Array) -> jax.Array:
+    return jnp.where(count < _INT32_MAX, count + 1, count)
+
+
+def _map_unzip(fn, n: int, tree, *rest):
+    """Maps `fn` (returning an n-tuple) over leaves; returns n trees shaped like `tree`."""
+    leaves, treedef = jax.tree.flatten(tree)
+    others = [treedef.flatten_up_to(t) for t in rest]
+    outs = [fn(*xs) for xs in zip(leaves, *others, strict=True)]
+    return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(n))
+
+
+# ------------------------------------------------------------------- FP32 transforms
+class ScaleByAdamState(NamedTuple):
+    count: jax.Array  # int32 [], number of updates
+    mu: Any  # first moment, stored in mu_dtype
+    nu: Any  # second moment, stored in nu_dtype
+
+
+def scale_by_adam(
+    b1: float, b2: float, eps: float, *, mu_dtype=_F32, nu_dtype=_F32
+) -> optax.GradientTransformation:
+    """Adam's direction m_hat / (sqrt(v_hat) + eps) with FP32 math and chosen storage dtypes.
+
+    Args:
+      b1: first-moment decay (a Python float: never rounded to a 16-bit dtype).
+      b2: second-moment decay.
+      eps: added to sqrt(v_hat).
+      mu_dtype: storage dtype of the first moment.
+      nu_dtype: storage dtype of the second moment.
+
+    Returns:
+      A GradientTransformation whose updates are FP32 (no learning rate, no sign flip).
+    """
+    b1, b2, eps = float(b1), float(b2), float(eps)
+    mu_dtype, nu_dtype = np.dtype(mu_dtype), np.dtype(nu_dtype)
+
+    def init_fn(params):
+        return ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params),
+            nu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=nu_dtype), params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = _increment(state.count)
+        t = count.astype(_F32)
+        # Bias corrections in FP32 from FP32 decays; in bf16, 1 - 0.999**t would be 0.
+        c1 = 1.0 - jnp.float32(b1) ** t
+        c2 = 1.0 - jnp.float32(b2) ** t
+
+        def leaf(g, m, v):
+            g = g.astype(_F32)
+            # FP32 moments: b2 = 0.999 must not round to 1.0.
+            m = (1.0 - b1) * g + b1 * m.astype(_F32)
+            v = (1.0 - b2) * (g * g) + b2 * v.astype(_F32)
+            u = (m / c1) / (jnp.sqrt(v / c2) + eps)
+            return u, m.astype(mu_dtype), v.astype(nu_dtype)
+
+        out, mu, nu = _map_unzip(leaf, 3, updates, state.mu, state.nu)
+        return out, ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class TraceState(NamedTuple):
+    trace: Any  # momentum buffer, stored in its dtype
+
+
+def trace_momentum(decay: float, *, dtype=_F32) -> optax.GradientTransformation:
+    """Heavy-ball momentum m <- g + decay * m (PyTorch SGD convention), FP32 math.
+
+    Args:
+      decay: momentum coefficient in [0, 1).
+      dtype: storage dtype of the momentum buffer.
+
+    Returns:
+      A GradientTransformation whose updates (the new buffer) are FP32.
+    """
+    decay, dtype = float(decay), np.dtype(dtype)
+
+    def init_fn(params):
+        return TraceState(trace=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype), params))
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def leaf(g, m):
+            m = g.astype(_F32) + decay * m.astype(_F32)
+            return m, m.astype(dtype)
+
+        out, trace = _map_unzip(leaf, 2, updates, state.trace)
+        return out, TraceState(trace=trace)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _fp32_inputs(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs `tx` on FP32 copies of grads and params, so its state and math are FP32."""
+
+    def init_fn(params):
+        return tx.init(_to_f32(params))
+
+    def update_fn(updates, state, params=None):
+        return tx.update(_to_f32(updates), state, None if params is None else _to_f32(params))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def weight_decay_mask(params):
+    """True for leaves that get weight decay: ndim >= 2 and name not in NO_DECAY_NAMES.
+
+    Works on nnx.State (the trailing `.value` of a Variable is skipped) and on plain dicts.
+    Biases, norm scales and scalars are excluded, also when stacked by scanned layers.
+    """
+
+    def decay(path, x) -> bool:
+        names = [_key_name(k) for k in path]
+        if names and names[-1] == "value":
+            names = names[:-1]
+        return bool(jnp.ndim(x) >= 2 and (not names or names[-1] not in NO_DECAY_NAMES))
+
+    return jax.tree.map_with_path(decay, params)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+# ------------------------------------------------------------------- update rules
+class UpdateRule(Protocol):
+    """Adds FP32 updates to params and rounds to each param's dtype.
+
+    `init(params)` returns the rule's state (e.g. Kahan compensation buffers; may be empty);
+    `apply(params, updates, rule_state, key, step)` returns `(new_params, new_rule_state)`.
+    `key` is a PRNG key (None allowed when `requires_key` is False); `step` an int32 scalar.
+    """
+
+    requires_key: bool
+
+    def init(self, params) -> Any: ...
+
+    def apply(self, params, updates, rule_state, key, step) -> tuple[Any, Any]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class NearestRule:
+    """w <- round_to_nearest(w + update), the sum taken in FP32; stateless."""
+
+    requires_key: bool = False
+
+    def init(self, params) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def apply(self, params, updates, rule_state, key, step):
+        del key, step
+
+        def leaf(w, u):
+            return (w.astype(_F32) + u.astype(_F32)).astype(w.dtype)  # sum in FP32, round once
+
+        return jax.tree.map(leaf, params, updates), rule_state
+
+
+_UPDATE_RULES: dict[str, UpdateRule] = {"nearest": NearestRule()}
+
+
+def register_update_rule(name: str, rule: UpdateRule) -> None:
+    """Makes `rule` available as `optim.update_rule=name` (numerics.py registers its rules)."""
+    _UPDATE_RULES[name] = rule
+
+
+def update_rules() -> tuple[str, ...]:
+    """Names of the registered update rules."""
+    return tuple(_UPDATE_RULES)
+
+
+def get_update_rule(name: str | UpdateRule) -> UpdateRule:
+    """The rule registered as `name`; an UpdateRule is returned as is."""
+    if not isinstance(name, str):
+        return name
+    if name not in _UPDATE_RULES:
+        raise ValueError(
+            f"Unknown update rule {name!r} (config.optim.update_rule): use one of "
+            f"{', '.join(map(repr, _UPDATE_RULES))}."
+        )
+    return _UPDATE_RULES[name]
+
+
+def apply_updates(params, updates, *, rule="nearest", rule_state=None, key=None, step=0):
+    """Applies FP32 `updates` to `params` with an update rule.
+
+    Args:
+      params: pytree of params (any float dtypes).
+      updates: pytree of FP32 updates, same structure.
+      rule: a registered rule name or an UpdateRule.
+      rule_state: the rule's state; `rule.init(params)` when None.
+      key: PRNG key, required by rules with `requires_key` (e.g. stochastic rounding).
+      step: the update count (int scalar).
+
+    Returns:
+      `(new_params, new_rule_state)`; every new param keeps its dtype.
+    """
+    rule = get_update_rule(rule)
+    if rule.requires_key and key is None:
+        raise ValueError(f"Update rule {rule!r} needs a PRNG key: pass key=...")
+    if rule_state is None:
+        rule_state = rule.init(params)
+    return rule.apply(params, updates, rule_state, key, jnp.asarray(step, jnp.int32))
+
+
+# ------------------------------------------------------------------- optimizer
+class OptimizerState(NamedTuple):
+    count: jax.Array  # int32 [], applied updates; the schedule is evaluated here
+    tx_state: Any  # state of `Optimizer.tx` (FP32 unless mu_dtype/nu_dtype say otherwise)
+    rule_state: Any  # state of the update rule
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """An optax direction `tx` (FP32 in/out, no LR), a schedule and an update rule.
+
+    Attributes:
+      name: "adamw", "adafactor" or "sgd".
+      tx: clipping -> optimizer direction -> masked decoupled weight decay; runs in FP32.
+      schedule: step -> learning rate (FP32 scalar); log `learning_rate(state)`.
+      rule: the UpdateRule that adds `-lr * direction` to the params.
+    """
+
+    name: str
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    rule: UpdateRule
+
+    def init(self, params) -> OptimizerState:
+        """The initial state for `params` (a pytree or nnx.State of arrays)."""
+        return OptimizerState(
+            count=jnp.zeros([], jnp.int32),
+            tx_state=self.tx.init(params),
+            rule_state=self.rule.init(params),
+        )
+
+    def learning_rate(self, state: OptimizerState) -> jax.Array:
+        """The learning rate the next `update` with `state` uses."""
+        return self.schedule(state.count)
+
+    def update(self, grads, state: OptimizerState, params, *, key=None):
+        """One optimizer step; pure, so call it inside the jitted train step.
+
+        Args:
+          grads: gradients (any float dtype; cast to FP32), same structure as params.
+          state: from `init` or a previous `update`.
+          params: current params; new params keep their dtypes.
+          key: PRNG key for the update rule (needed by stochastic rounding only).
+
+        Returns:
+          `(new_params, new_state)`.
+        """
+        direction, tx_state = self.tx.update(grads, state.tx_state, params)
+        lr = self.schedule(state.count)
+        updates = jax.tree.map(lambda d: -lr * d, direction)
+        new_params, rule_state = apply_updates(
+            params, updates, rule=self.rule, rule_state=state.rule_state, key=key, step=state.count
+        )
+        return new_params, OptimizerState(_increment(state.count), tx_state, rule_state)
+
+
+def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup, then cosine decay to `min_lr_ratio * lr` (or constant).
+
+    lr(s) = lr * (s + 1) / W for s < W (W = warmup_steps; step 0 already trains), then
+    cosine: min + (lr - min) * (1 + cos(pi * min(1, (s - W) / (total_steps - W)))) / 2;
+    constant: lr. Returns a FP32 scalar for an int step.
+    """
+    _check_schedule(optim_cfg, total_steps)
+    lr = float(optim_cfg.learning_rate)
+    warmup = int(optim_cfg.warmup_steps)
+    min_lr = float(optim_cfg.min_lr_ratio) * lr
+    cosine = optim_cfg.schedule == "cosine"
+    decay_steps = max(int(total_steps) - warmup, 1)
+
+    def schedule(step):
+        s = jnp.asarray(step).astype(_F32)
+        warm = lr * jnp.minimum(1.0, (s + 1.0) / max(warmup, 1))
+        if not cosine:
+            return warm
+        frac = jnp.clip((s - warmup) / decay_steps, 0.0, 1.0)
+        decayed = min_lr + (lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+        return jnp.where(s < warmup, warm, decayed)
+
+    return schedule
+
+
+def make_optimizer(optim_cfg, *, total_steps: int) -> Optimizer:
+    """Builds the Optimizer described by `config.optim` for a run of `total_steps`.
+
+    Args:
+      optim_cfg: config.optim (name, learning_rate, b1, b2, eps, weight_decay, momentum,
+        mu_dtype, nu_dtype, clip_norm, schedule, warmup_steps, min_lr_ratio, update_rule).
+        AdamW uses b1, b2, eps, mu/nu dtypes; SGD uses momentum (0 = none) stored in mu_dtype;
+        Adafactor is T5's (decay 1 - t^-0.8, eps 1e-30, block-RMS clip 1, update scaled by
+        param RMS, no first moment) with FP32 statistics. Weight decay is decoupled
+        (multiplied by the LR, as optax.adamw) and masked by `weight_decay_mask`.
+      total_steps: the run's length (end of the cosine).
+
+    Raises:
+      ValueError: naming the bad key and the accepted values.
+    """
+    cfg = optim_cfg
+    _check_optim(cfg)
+    schedule = make_schedule(cfg, total_steps)
+    rule = get_update_rule(cfg.update_rule)
+    mu_dtype, nu_dtype = _dtype(cfg, "mu_dtype"), _dtype(cfg, "nu_dtype")
+    chain = []
+    if cfg.clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
+    if cfg.name == "adamw":
+        _check_storage(mu_dtype, cfg.b1, "mu_dtype", "b1")
+        _check_storage(nu_dtype, cfg.b2, "nu_dtype", "b2")
+        chain.append(scale_by_adam(cfg.b1, cfg.b2, cfg.eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype))
+    elif cfg.name == "sgd":
+        if cfg.momentum > 0:
+            _check_storage(mu_dtype, cfg.momentum, "mu_dtype", "momentum")
+            chain.append(trace_momentum(cfg.momentum, dtype=mu_dtype))
+    else:  # adafactor
+        if nu_dtype != _F32:
+            raise ValueError(
+                f"config.optim.nu_dtype={cfg.nu_dtype!r}: adafactor keeps its factored second "
+                "moments in FP32 (their decay 1 - t^-0.8 tends to 1, which 16 bits cannot "
+                "store); set config.optim.nu_dtype='f32'."
+            )
+        chain += [
+            optax.scale_by_factored_rms(
+                decay_rate=_ADAFACTOR_DECAY_RATE, epsilon=_ADAFACTOR_EPS
+            ),  # FP32 stats: `_fp32_inputs` feeds it FP32 params
+            optax.clip_by_block_rms(_ADAFACTOR_CLIP),
+            optax.scale_by_param_block_rms(),
+        ]
+    if cfg.weight_decay > 0:
+        chain.append(optax.add_decayed_weights(float(cfg.weight_decay), mask=weight_decay_mask))
+    tx = _fp32_inputs(optax.chain(*chain))
+    return Optimizer(name=cfg.name, tx=tx, schedule=schedule, rule=rule)
+
+
+# ------------------------------------------------------------------- validation
+def _dtype(cfg, key: str) -> np.dtype:
+    try:
+        return parse_dtype(cfg[key])
+    except ValueError as e:
+        raise ValueError(f"config.optim.{key}: {e}") from None
+
+
+def _check_storage(dtype: np.dtype, decay: float, dtype_key: str, decay_key: str) -> None:
+    # An EMA stored in `dtype` stalls when (1 - decay) is below its relative rounding step.
+    eps = float(jnp.finfo(dtype).eps)
+    if decay > 0 and 1.0 - decay < eps:
+        raise ValueError(
+            f"config.optim.{dtype_key}={np.dtype(dtype).name} cannot hold an average with "
+            f"config.optim.{decay_key}={decay}: 1 - {decay_key} < {eps:g} rounds every decay "
+            f"away. Use {dtype_key}='f32' or {decay_key} <= {1 - eps:g}."
+        )
+
+
+def _in_range(cfg, key: str, lo: float, hi: float, *, lo_open=False, hi_open=False) -> None:
+    v = cfg[key]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        bounds = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"config.optim.{key}={v!r} is out of range: use a value in {bounds}.")
+
+
+def _one_of(cfg, key: str, accepted) -> None:
+    if cfg[key] not in accepted:
+        raise ValueError(
+            f"config.optim.{key}={cfg[key]!r} is not valid: use one of "
+            f"{', '.join(map(repr, accepted))}."
+        )
+
+
+def _check_schedule(cfg, total_steps: int) -> None:
+    _one_of(cfg, "schedule", SCHEDULES)
+    _in_range(cfg, "learning_rate", 0.0, math.inf, hi_open=True)
+    _in_range(cfg, "min_lr_ratio", 0.0, 1.0)
+    _in_range(cfg, "warmup_steps", 0, math.inf, hi_open=True)
+    if not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
+        raise ValueError(f"total_steps={total_steps!r} must be an int >= 1 (config.train.steps).")
+
+
+def _check_optim(cfg) -> None:
+    _one_of(cfg, "name", OPTIMIZERS)
+    _in_range(cfg, "b1", 0.0, 1.0, hi_open=True)
+    _in_range(cfg, "b2", 0.0, 1.0, hi_open=True)
+    _in_range(cfg, "eps", 0.0, math.inf, lo_open=True, hi_open=True)
+    _in_range(cfg, "momentum", 0.0, 1.0, hi_open=True)
+    _in_range(cfg, "weight_decay", 0.0, math.inf, hi_open=True)
+    _in_range(cfg, "clip_norm", 0.0, math.inf, hi_open=True)

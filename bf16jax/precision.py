@@ -1,0 +1,309 @@
+"""The precision policy: which dtype params are stored in, compute runs in, outputs leave in.
+
+`Policy` is the one place bf16jax decides precision. Layers read `param_dtype`, `compute_dtype`,
+`output_dtype` and `accum_dtype` from it and never name a float dtype themselves. Invariants:
+
+- `accum_dtype` (FP32 unless asked otherwise) is used for matmul accumulators, reductions,
+  softmax, norm statistics, logits + loss, optimizer moments and gradient accumulation.
+- A Policy is frozen and hashable: it is a static argument to `jax.jit`, never traced.
+- `get_policy` accepts preset names (`fp32`, `bf16`, `bf16-pure`, `fp16`) and jmp/Levanter
+  strings (`p=f32,c=bf16,o=f32`) with jmp's defaults (compute follows params, output follows
+  compute), plus per-module overrides (`bf16-pure; .*norm.*->fp32`). `str(policy)` round-trips.
+- Casts touch floating leaves only: integer arrays and PRNG keys pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Policy", "get_policy", "parse_dtype", "PRESETS", "DTYPE_NAMES"]
+
+_F32 = np.dtype(jnp.float32)
+_BF16 = np.dtype(jnp.bfloat16)
+_F16 = np.dtype(jnp.float16)
+
+# Spellings accepted in policy strings (jmp's plus numpy's). `half` is resolved lazily below.
+DTYPE_NAMES: dict[str, np.dtype] = {
+    "f32": _F32,
+    "float32": _F32,
+    "fp32": _F32,
+    "full": _F32,
+    "single": _F32,
+    "32": _F32,
+    "bf16": _BF16,
+    "bfloat16": _BF16,
+    "f16": _F16,
+    "fp16": _F16,
+    "float16": _F16,
+    "16": _F16,
+}
+_HALF_NAMES = ("half",)
+_SHORT_NAME = {_F32: "f32", _BF16: "bf16", _F16: "f16"}
+
+# Keys accepted in policy strings: canonical field name for each spelling.
+_KEYS = {
+    "p": "param_dtype",
+    "params": "param_dtype",
+    "param": "param_dtype",
+    "c": "compute_dtype",
+    "compute": "compute_dtype",
+    "o": "output_dtype",
+    "output": "output_dtype",
+    "a": "accum_dtype",
+    "accum": "accum_dtype",
+}
+_RULE_SEP = ";"
+_RULE_ARROW = "->"
+
+
+def _half_dtype() -> np.dtype:
+    # jmp's meaning of "half": bfloat16 on TPU, float16 elsewhere. Resolved only when used,
+    # because asking for the backend initializes it.
+    return _BF16 if jax.default_backend() == "tpu" else _F16
+
+
+def parse_dtype(name: str) -> np.dtype:
+    """Parses a dtype name accepted in policy strings (f32, bf16, f16, half, float32, ...)."""
+    return _parse_dtype(name, name)
+
+
+def _parse_dtype(name: str, context: str) -> np.dtype:
+    key = name.strip().lower()
+    if key in DTYPE_NAMES:
+        return DTYPE_NAMES[key]
+    if key in _HALF_NAMES:
+        return _half_dtype()
+    accepted = ", ".join(["f32", "bf16", "f16", "half", "float32", "bfloat16", "float16", "full"])
+    raise ValueError(f"Unknown dtype {name!r} in policy {context!r}: use one of {accepted}.")
+
+
+def _as_float_dtype(value: Any, field: str) -> np.dtype:
+    if isinstance(value, str):
+        return _parse_dtype(value, value)
+    dtype = np.dtype(value)
+    if dtype not in _SHORT_NAME:
+        raise ValueError(
+            f"Policy.{field}={dtype} is not a float dtype: use float32, bfloat16 or float16."
+        )
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A mixed-precision policy; hashable, so usable as a static `jit` argument.
+
+    Attributes:
+      param_dtype: dtype parameters are created and stored in.
+      compute_dtype: dtype activations and matmul operands use.
+      output_dtype: dtype a model's outputs leave in.
+      accum_dtype: dtype of accumulators, reductions, softmax, norm statistics, logits + loss and
+        optimizer state. FP32 unless you know why not.
+      overrides: ordered `(regex, Policy)` rules; `for_module(path)` uses the first rule whose
+        regex fully matches the path or one of its ancestors (`a/b` is an ancestor of `a/b/c`).
+    """
+
+    param_dtype: np.dtype = _F32
+    compute_dtype: np.dtype = _F32
+    output_dtype: np.dtype = _F32
+    accum_dtype: np.dtype = _F32
+    overrides: tuple[tuple[str, Policy], ...] = ()
+
+    def __post_init__(self):
+        for field in ("param_dtype", "compute_dtype", "output_dtype", "accum_dtype"):
+            object.__setattr__(self, field, _as_float_dtype(getattr(self, field), field))
+        rules = []
+        for rule in self.overrides:
+            if not (isinstance(rule, tuple) and len(rule) == 2):
+                raise ValueError(f"Override {rule!r} must be a (regex, policy) pair.")
+            pattern, policy = rule
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"Bad override regex {pattern!r}: {e}. Fix the pattern.") from None
+            if isinstance(policy, str):
+                policy = get_policy(policy)
+            if not isinstance(policy, Policy):
+                raise ValueError(f"Override for {pattern!r} must be a Policy or policy string.")
+            if policy.overrides:
+                raise ValueError(f"Override for {pattern!r} may not carry overrides of its own.")
+            rules.append((pattern, policy))
+        object.__setattr__(self, "overrides", tuple(rules))
+
+    # ----------------------------------------------------------------- resolution
+    def for_module(self, path: str) -> Policy:
+        """The policy for the module at `path` (e.g. "decoder/layers_3/attn/q").
+
+        The returned policy keeps this policy's overrides, so resolving a deeper path from it
+        gives the same answer as resolving from the root.
+        """
+        base = _resolve(self.overrides, path)
+        if base is None:
+            return self
+        return dataclasses.replace(base, overrides=self.overrides)
+
+    def replace(self, **changes) -> Policy:
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- casts
+    def cast_to_param(self, tree):
+        """Casts floating leaves of `tree` to `param_dtype`."""
+        return _cast_tree(tree, self.param_dtype)
+
+    def cast_to_compute(self, tree):
+        """Casts floating leaves of `tree` to `compute_dtype`."""
+        return _cast_tree(tree, self.compute_dtype)
+
+    def cast_to_output(self, tree):
+        """Casts floating leaves of `tree` to `output_dtype`."""
+        return _cast_tree(tree, self.output_dtype)
+
+    def cast_to_accum(self, tree):
+        """Casts floating leaves of `tree` to `accum_dtype`."""
+        return _cast_tree(tree, self.accum_dtype)
+
+    # ----------------------------------------------------------------- strings
+    def dtypes_str(self) -> str:
+        return ",".join(
+            f"{k}={_SHORT_NAME[getattr(self, f)]}"
+            for k, f in (
+                ("p", "param_dtype"),
+                ("c", "compute_dtype"),
+                ("o", "output_dtype"),
+                ("a", "accum_dtype"),
+            )
+        )
+
+    def __str__(self) -> str:
+        parts = [self.dtypes_str()]
+        parts += [f"{pattern}{_RULE_ARROW}{policy}" for pattern, policy in self.overrides]
+        return f"{_RULE_SEP} ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"Policy({str(self)!r})"
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = [p for p in path.split("/") if p]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def _resolve(rules: tuple[tuple[str, Policy], ...], path: str) -> Policy | None:
+    if not rules:
+        return None
+    prefixes = _ancestors(path)
+    for pattern, policy in rules:
+        regex = _compiled(pattern)
+        if any(regex.fullmatch(p) for p in prefixes):
+            return policy
+    return None
+
+
+def _cast_leaf(x, dtype: np.dtype):
+    if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(dtype) if x.dtype != dtype else x
+    return x
+
+
+def _cast_tree(tree, dtype: np.dtype):
+    return jax.tree.map(lambda x: _cast_leaf(x, dtype), tree)
+
+
+# ------------------------------------------------------------------- presets and parsing
+PRESETS: dict[str, Policy] = {
+    "fp32": Policy(_F32, _F32, _F32),
+    # FP32 master weights, BF16 compute, FP32 outputs: standard mixed precision.
+    "bf16": Policy(_F32, _BF16, _F32),
+    # BF16 everywhere a value is stored; accumulation still FP32.
+    "bf16-pure": Policy(_BF16, _BF16, _BF16),
+    # FP16 compute needs loss scaling (train.loss_scale) because FP16's range is narrow.
+    "fp16": Policy(_F32, _F16, _F32),
+}
+
+
+def _parse_dtypes(text: str, context: str) -> Policy:
+    text = text.strip()
+    if not text:
+        raise ValueError(
+            f"Empty policy in {context!r}: use a preset ({', '.join(PRESETS)}) "
+            "or a string like 'p=f32,c=bf16,o=f32'."
+        )
+    if text.lower() in PRESETS:
+        return PRESETS[text.lower()]
+    if "=" not in text:
+        # jmp: a bare dtype name sets params, compute and output alike.
+        try:
+            d = _parse_dtype(text, context)
+        except ValueError:
+            raise ValueError(
+                f"Unknown policy {text!r} in {context!r}: use a preset "
+                f"({', '.join(PRESETS)}), a dtype name (f32, bf16, f16, half) or key=dtype "
+                "pairs like 'p=f32,c=bf16,o=f32'."
+            ) from None
+        return Policy(d, d, d)
+    fields: dict[str, np.dtype] = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise ValueError(
+                f"Malformed part {part.strip()!r} in policy {context!r}: "
+                "expected key=dtype, e.g. 'p=f32,c=bf16'."
+            )
+        key, value = (s.strip() for s in part.split("=", 1))
+        field = _KEYS.get(key.lower())
+        if field is None:
+            raise ValueError(
+                f"Unknown key {key!r} in policy {context!r}: use one of "
+                "p/params, c/compute, o/output, a/accum."
+            )
+        if field in fields:
+            raise ValueError(f"Key {key!r} given twice in policy {context!r}.")
+        fields[field] = _parse_dtype(value, context)
+    param = fields.get("param_dtype", _F32)
+    compute = fields.get("compute_dtype", param)  # jmp: compute follows params
+    output = fields.get("output_dtype", compute)  # jmp: output follows compute
+    accum = fields.get("accum_dtype", _F32)
+    return Policy(param, compute, output, accum)
+
+
+def get_policy(spec: str | Policy) -> Policy:
+    """Parses a policy from a preset name or a policy string; a Policy is returned as is.
+
+    Grammar: `BASE [; REGEX->POLICY]...` where BASE and each POLICY is a preset name
+    (`fp32`, `bf16`, `bf16-pure`, `fp16`), a jmp/Levanter string of `key=dtype` pairs
+    (keys p/params, c/compute, o/output, a/accum; dtypes f32/float32/full, bf16/bfloat16,
+    f16/float16, half) or a bare dtype (all of params/compute/output). Unset keys follow jmp:
+    params f32, compute = params, output = compute, accum f32. Example:
+    `bf16-pure; .*norm.*->fp32; .*head.*->p=f32,c=bf16`.
+
+    Raises:
+      ValueError: naming the bad part and the accepted values.
+    """
+    if isinstance(spec, Policy):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"Policy must be a string or Policy, got {type(spec).__name__}.")
+    base, *rule_texts = spec.split(_RULE_SEP)
+    policy = _parse_dtypes(base, spec)
+    rules = []
+    for text in rule_texts:
+        if not text.strip():
+            continue
+        if _RULE_ARROW not in text:
+            raise ValueError(
+                f"Malformed override {text.strip()!r} in policy {spec!r}: "
+                "write REGEX->POLICY, e.g. '.*norm.*->fp32'."
+            )
+        pattern, sub = text.rsplit(_RULE_ARROW, 1)
+        rules.append((pattern.strip(), _parse_dtypes(sub, spec)))
+    return dataclasses.replace(policy, overrides=tuple(rules)) if rules else policy

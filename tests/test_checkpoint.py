@@ -1,0 +1,238 @@
+"""Tests for bf16jax.checkpoint: bit-exact round trips, other meshes, dtype casts, bad dirs."""
+
+import os
+import shutil
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from bf16jax import sharding
+from bf16jax.checkpoint import Checkpointer
+from bf16jax.precision import get_policy
+
+
+class Dense(nnx.Module):
+    def __init__(self, din, dout, names, *, rngs):
+        init = nnx.with_partitioning(nnx.initializers.normal(1.0), names)
+        self.kernel = nnx.Param(init(rngs.params(), (din, dout)))
+        self.bias = nnx.Param(jnp.zeros((dout,)))
+
+
+class Tiny(nnx.Module):
+    def __init__(self, *, rngs, width=16):
+        self.up = Dense(8, width, ("embed", "mlp"), rngs=rngs)
+        self.down = Dense(width, 8, ("mlp", "embed"), rngs=rngs)
+
+
+TX = optax.adam(1e-2)
+
+
+def make_init(seed=0, width=16):
+    def init():
+        params = nnx.state(Tiny(rngs=nnx.Rngs(seed), width=width), nnx.Param)
+        return {
+            "params": params,
+            "opt": TX.init(params),
+            "step": jnp.asarray(seed, jnp.int32),
+            "key": jax.random.key(seed),  # typed PRNG key
+            "raw_key": jax.random.PRNGKey(seed + 1),  # raw uint32[2] key
+        }
+
+    return init
+
+
+def mesh_of(data, fsdp, tensor, devices=None):
+    return sharding.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor}, devices)
+
+
+def dataset_iter():
+    ds = grain.MapDataset.source(np.arange(64)).shuffle(seed=0).batch(4, drop_remainder=True)
+    return iter(ds.to_iter_dataset())
+
+
+def assert_same(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            assert x.dtype == y.dtype
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One checkpoint (step 3) written on a (8, 1, 1) mesh, with an advanced grain iterator."""
+    directory = tmp_path_factory.mktemp("ckpt") / "run"
+    mesh = mesh_of(8, 1, 1)
+    init = make_init(seed=3)
+    state = sharding.create_sharded(init, sharding.abstract_state(init, mesh))
+    state = jax.tree.map(lambda x: x, state)
+    it = dataset_iter()
+    next(it), next(it)
+    with Checkpointer(directory, async_save=True) as ckpt:
+        assert ckpt.save(3, state, it)
+        expected_next = next(it)  # the iterator may move on while the save runs
+        ckpt.wait()
+        assert ckpt.latest_step() == 3
+    return directory, state, expected_next
+
+
+def test_round_trip_is_bit_exact_with_keys_and_iterator(saved):
+    directory, state, expected_next = saved
+    mesh = mesh_of(8, 1, 1)
+    target = sharding.abstract_state(make_init(), mesh)
+    it = dataset_iter()
+    ckpt = Checkpointer(directory)
+    restored, step = ckpt.restore_or_init(target, lambda: pytest.fail("must not init"), it)
+    assert step == 3
+    assert_same(restored, state)
+    assert isinstance(restored["params"]["up"]["kernel"], nnx.Param)
+    assert restored["params"]["up"]["kernel"].get_metadata()["out_sharding"] == ("embed", "mlp")
+    assert jax.tree.map(lambda x: x.sharding, restored) == sharding.shardings_of(target)
+    assert type(restored["opt"][0]) is type(state["opt"][0])  # NamedTuple, not a list
+    np.testing.assert_array_equal(next(it), expected_next)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), "single"])
+def test_restore_onto_another_mesh(saved, shape):
+    directory, state, _ = saved
+    mesh = mesh_of(1, 1, 1, jax.devices()[:1]) if shape == "single" else mesh_of(*shape)
+    target = sharding.abstract_state(make_init(), mesh)
+    restored = Checkpointer(directory).restore(3, target)
+    assert_same(restored, state)
+    kernel = restored["opt"][0].mu["up"]["kernel"][...]
+    assert kernel.sharding == target["opt"][0].mu["up"]["kernel"].get_value().sharding
+    if shape != "single":
+        assert tuple(kernel.sharding.spec) == ("fsdp", "tensor")
+    else:
+        assert len(kernel.sharding.device_set) == 1
+
+
+def test_dtype_converting_restore(saved):
+    directory, state, _ = saved
+    target = sharding.abstract_state(make_init(), mesh_of(2, 2, 2))
+    ckpt = Checkpointer(directory)
+    for dtype in (jnp.bfloat16, get_policy("bf16-pure")):
+        restored = ckpt.restore(3, target, dtype=dtype)
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+            if jnp.issubdtype(a.dtype, jnp.floating):
+                assert b.dtype == jnp.bfloat16
+                want = np.asarray(a.astype(jnp.bfloat16)).view(np.uint16)  # round to nearest even
+                np.testing.assert_array_equal(np.asarray(b).view(np.uint16), want)
+        assert_same(
+            {k: restored[k] for k in ("step", "key", "raw_key")},
+            {k: state[k] for k in ("step", "key", "raw_key")},
+        )
+    # Params only (inference): the rest of the checkpoint is not read into memory.
+    params_bf16 = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=x.sharding),
+        {"params": target["params"]},
+    )
+    only = ckpt.restore(3, params_bf16, partial=True)
+    assert jax.tree.structure(only) == jax.tree.structure(params_bf16)
+    np.testing.assert_array_equal(
+        np.asarray(only["params"]["down"]["kernel"][...]),
+        np.asarray(state["params"]["down"]["kernel"][...].astype(jnp.bfloat16)),
+    )
+    with pytest.raises(ValueError, match="checkpoint leaves not in the target: key, opt/0/count"):
+        ckpt.restore(3, params_bf16)
+
+
+def test_mismatched_targets_raise_naming_the_leaf(saved):
+    directory, _, _ = saved
+    mesh = mesh_of(8, 1, 1)
+    ckpt = Checkpointer(directory)
+    wider = sharding.abstract_state(make_init(width=32), mesh)
+    with pytest.raises(ValueError, match=r"'opt/0/mu/down/kernel/value'.*\(16, 8\).*\(32, 8\)"):
+        ckpt.restore(3, wider)
+    target = sharding.abstract_state(make_init(), mesh)
+    as_float = dict(
+        target, step=jax.ShapeDtypeStruct((), jnp.float32, sharding=target["step"].sharding)
+    )
+    with pytest.raises(ValueError, match=r"'step'.*int32.*float32"):
+        ckpt.restore(3, as_float)
+    with pytest.raises(ValueError, match=r"'step' has no sharding"):
+        ckpt.restore(3, dict(target, step=jax.ShapeDtypeStruct((), jnp.int32)))
+    # Another config (an extra entry): restore_or_init raises instead of re-initializing.
+    other = dict(target, extra=target["step"])
+    with pytest.raises(ValueError, match=r"missing from the checkpoint: extra.*fresh checkpoint"):
+        ckpt.restore_or_init(other, lambda: pytest.fail("must not init"))
+    assert ckpt.all_steps() == [3]
+
+
+def test_missing_step_and_missing_data_item(saved, tmp_path):
+    directory, state, _ = saved
+    target = sharding.abstract_state(make_init(), mesh_of(8, 1, 1))
+    with pytest.raises(
+        ValueError, match=r"No committed checkpoint for step 7 .*available steps: \[3\]"
+    ):
+        Checkpointer(directory).restore(7, target)
+    ckpt = Checkpointer(tmp_path / "nodata", async_save=False)
+    assert ckpt.save(1, state)
+    with pytest.raises(ValueError, match="no data-iterator state"):
+        ckpt.restore(1, target, dataset_iter())
+    assert_same(ckpt.restore(1, target), state)
+
+
+def test_bad_directories(tmp_path, saved):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        Checkpointer(afile)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"not checkpoint steps: notes.txt.*nothing was changed"):
+        Checkpointer(junk)
+    assert (junk / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="does not exist"):
+        Checkpointer(tmp_path / "missing", create=False)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(saved[0], foreign)
+    shutil.rmtree(foreign / "3" / "state")
+    (foreign / "3" / "default").mkdir()
+    with pytest.raises(ValueError, match=r"3 is not a bf16jax checkpoint.*'default'"):
+        Checkpointer(foreign)
+
+
+def test_uncommitted_steps_are_ignored(saved, tmp_path):
+    directory = tmp_path / "run"
+    shutil.copytree(saved[0], directory)
+    shutil.copytree(directory / "3", directory / "9.orbax-checkpoint-tmp-1234")  # crashed save
+    shutil.copytree(directory / "3", directory / "11")
+    os.remove(directory / "11" / "commit_success.txt")  # never committed
+    ckpt = Checkpointer(directory)
+    assert ckpt.all_steps() == [3] and ckpt.latest_step() == 3
+    target = sharding.abstract_state(make_init(), mesh_of(8, 1, 1))
+    _, step = ckpt.restore_or_init(target, lambda: pytest.fail("must not init"))
+    assert step == 3
+    with pytest.raises(ValueError, match="never committed"):
+        ckpt.save(11, saved[1], force=True)
+    assert sorted(os.listdir(directory)) == ["11", "3", "9.orbax-checkpoint-tmp-1234"]
+
+
+def test_save_schedule_no_overwrite_and_init(tmp_path):
+    mesh = mesh_of(8, 1, 1)
+    init = make_init(seed=5)
+    target = sharding.abstract_state(init, mesh)
+    ckpt = Checkpointer(tmp_path / "run", max_to_keep=2, save_interval_steps=2, async_save=True)
+    state, step = ckpt.restore_or_init(target, lambda: sharding.create_sharded(init, target))
+    assert step == 0 and ckpt.latest_step() is None
+    assert not ckpt.save(1, state)  # not due
+    assert ckpt.save(2, state) and ckpt.save(4, state) and ckpt.save(5, state, force=True)
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 5]  # max_to_keep
+    changed = dict(state, step=jnp.asarray(99, jnp.int32))
+    assert not ckpt.save(5, changed, force=True)  # already saved: left alone
+    ckpt.close()
+    restored = Checkpointer(tmp_path / "run").restore(5, target)
+    assert int(restored["step"]) == 5
+    with pytest.raises(ValueError, match="save_interval_steps=-1"):
+        Checkpointer(tmp_path / "other", save_interval_steps=-1)

@@ -1,0 +1,293 @@
+"""Model families on tiny sizes: dtypes per policy, FP32 logits, BF16-vs-FP32 agreement, GPT
+causality, T5 encoder padding, GPT scan == unrolled, remat == no remat, config errors."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from bf16jax.loss import cross_entropy
+from bf16jax.models import build_model, param_count
+from bf16jax.precision import get_policy
+
+POLICIES = ("fp32", "bf16", "bf16-pure")
+FAMILIES = ("gpt", "t5", "vit")
+TINY = {
+    "gpt": dict(
+        vocab_size=40,
+        num_layers=2,
+        num_heads=2,
+        embed_dim=16,
+        mlp_dim=32,
+        max_len=12,
+        scan_layers=False,
+        remat=False,
+        attention_impl="",
+    ),
+    "t5": dict(
+        vocab_size=40,
+        embed_dim=16,
+        num_heads=2,
+        head_dim=8,
+        mlp_dim=24,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        tie_embeddings=False,
+        relpos_buckets=8,
+        relpos_max_distance=16,
+        attention_impl="",
+    ),
+    "vit": dict(
+        image_size=8,
+        patch_size=4,
+        channels=1,
+        num_classes=10,
+        embed_dim=16,
+        num_layers=2,
+        num_heads=2,
+        mlp_dim=32,
+        attention_impl="",
+    ),
+}
+
+
+def tiny_config(name, **changes):
+    cfg = ml_collections.ConfigDict(dict(name=name, **TINY[name]))
+    cfg.update(changes)
+    cfg.lock()
+    return cfg
+
+
+def make_model(name, policy, seed=0, **changes):
+    return build_model(tiny_config(name, **changes), get_policy(policy), rngs=nnx.Rngs(seed))
+
+
+def make_batch(name, seed=0):
+    rng = np.random.default_rng(seed)
+    if name == "gpt":
+        tokens = rng.integers(2, 40, (2, 11), dtype=np.int32)
+        return dict(
+            inputs=tokens[:, :-1], targets=tokens[:, 1:], weights=np.ones((2, 10), np.float32)
+        )
+    if name == "t5":
+        enc = rng.integers(2, 40, (2, 9), dtype=np.int32)
+        enc[1, 6:] = 0  # padding
+        dec = rng.integers(2, 40, (2, 6), dtype=np.int32)
+        weights = np.ones((2, 6), np.float32)
+        weights[1, 4:] = 0.0
+        return dict(encoder_inputs=enc, decoder_inputs=dec, targets=dec, weights=weights)
+    return dict(
+        image=rng.uniform(0, 1, (3, 8, 8, 1)).astype(np.float32),
+        label=np.array([0, 3, 9], np.int32),
+    )
+
+
+def features(model, batch):
+    if "inputs" in batch:
+        return model.features(batch["inputs"])
+    if "image" in batch:
+        return model.features(batch["image"])
+    return model.features(batch["encoder_inputs"], batch["decoder_inputs"])
+
+
+@nnx.jit
+def logits_fn(model, batch):
+    return model.logits_and_targets(batch)
+
+
+@nnx.jit
+def run_all(model, batch):
+    """features, (logits, targets, weights), loss and grads in one compiled call."""
+
+    def loss_fn(m):
+        logits, targets, weights = m.logits_and_targets(batch)
+        return cross_entropy(logits, targets, weights)[0], (logits, targets, weights)
+
+    (loss, outs), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return features(model, batch), outs, loss, grads
+
+
+@nnx.jit
+def forward(model, *inputs):
+    return model(*inputs)
+
+
+def param_dtypes(tree):
+    """{'path/to/param': dtype} for every nnx.Param of a model (or of a State, e.g. grads)."""
+    state = tree if isinstance(tree, nnx.State) else nnx.state(tree, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    return {"/".join(map(str, path)): var[...].dtype for path, var in flat}
+
+
+def copy_params(src, dst, policy):
+    """Loads `src`'s params into `dst`, cast to `policy`'s param dtype."""
+    nnx.update(dst, get_policy(policy).cast_to_param(nnx.state(src, nnx.Param)))
+
+
+@pytest.mark.parametrize("policy_name", POLICIES)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dtypes_logits_and_grads(name, policy_name):
+    policy = get_policy(policy_name)
+    model = make_model(name, policy_name)
+    batch = make_batch(name)
+    assert set(param_dtypes(model).values()) == {policy.param_dtype}
+    feats, (logits, targets, weights), loss, grads = run_all(model, batch)
+    assert feats.dtype == policy.output_dtype
+    assert logits.dtype == jnp.float32 and targets.dtype == jnp.int32
+    assert weights.dtype == jnp.float32 and weights.shape == targets.shape
+    assert logits.shape == targets.shape + (10 if name == "vit" else 40,)
+    assert loss.dtype == jnp.float32 and np.isfinite(loss)
+    # At init every class is about equally likely: the loss is near log(num_classes).
+    assert abs(float(loss) - np.log(logits.shape[-1])) < 1.0
+    grad_leaves = jax.tree.leaves(grads)
+    assert {g.dtype for g in grad_leaves} == {policy.param_dtype}
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grad_leaves)
+    assert sum(float(jnp.sum(jnp.abs(g.astype(jnp.float32)))) > 0 for g in grad_leaves) > len(
+        grad_leaves
+    ) // 2
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_overrides_respected(name):
+    spec = "bf16-pure; .*norm.*->fp32; head->fp32"
+    model = make_model(name, spec)
+    dtypes = param_dtypes(model)
+    norms = {p for p in dtypes if "norm" in p}
+    heads = {p for p in dtypes if p.startswith("head/")}
+    assert norms and (heads or name == "gpt")
+    for path, dtype in dtypes.items():
+        want = jnp.float32 if path in norms | heads else jnp.bfloat16
+        assert dtype == want, (path, dtype)
+    batch = make_batch(name)
+    feats, (logits, _, _), _, grads = run_all(model, batch)
+    assert feats.dtype == jnp.bfloat16  # output dtype of the base policy
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+    assert param_dtypes(grads) == dtypes
+
+
+@pytest.mark.parametrize("policy_name", ("bf16", "bf16-pure"))
+@pytest.mark.parametrize("name", FAMILIES)
+def test_low_precision_matches_fp32(name, policy_name):
+    ref_model = make_model(name, "fp32")
+    model = make_model(name, policy_name, seed=1)
+    copy_params(ref_model, model, policy_name)
+    batch = make_batch(name)
+    ref = np.asarray(logits_fn(ref_model, batch)[0])
+    out = np.asarray(logits_fn(model, batch)[0])
+    err = np.max(np.abs(out - ref)) / np.std(ref)
+    # BF16 has 8 significant bits (rel. 2^-8 = 0.4%); a few layers of rounding stay well below
+    # 10% of the logits' spread, while a wrong cast, scale or mask moves them by O(1).
+    assert 0 < err < 0.1, err
+
+
+def test_gpt_is_causal():
+    model = make_model("gpt", "fp32")
+    tokens = make_batch("gpt")["inputs"]
+    changed = tokens.copy()
+    changed[:, 6] = (changed[:, 6] + 1) % 40
+    a, b = (np.asarray(forward(model, jnp.asarray(t))) for t in (tokens, changed))
+    np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-6)
+    assert np.max(np.abs(a[:, 6:] - b[:, 6:])) > 1e-3
+
+
+def test_t5_encoder_padding_is_masked():
+    model = make_model("t5", "fp32")
+    batch = make_batch("t5")
+    enc, dec = batch["encoder_inputs"], batch["decoder_inputs"]
+    full = np.asarray(forward(model, jnp.asarray(enc), jnp.asarray(dec)))
+    # Row 1 has 6 real tokens then padding: without the padding its outputs must not change.
+    short = np.asarray(forward(model, jnp.asarray(enc[1:, :6]), jnp.asarray(dec[1:])))
+    np.testing.assert_allclose(full[1:], short, atol=1e-5)
+    # Control: a real token in the padded slot does change the outputs.
+    unpadded = enc.copy()
+    unpadded[1, 6] = 5
+    other = np.asarray(forward(model, jnp.asarray(unpadded), jnp.asarray(dec)))
+    np.testing.assert_allclose(full[0], other[0], atol=1e-5)
+    assert np.max(np.abs(full[1] - other[1])) > 1e-3
+
+
+def test_t5_tied_embeddings():
+    model = make_model("t5", "bf16", tie_embeddings=True)
+    assert not any(p.startswith("head/") for p in param_dtypes(model))
+    logits, _, _ = logits_fn(model, make_batch("t5"))
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+    # embed_dim**-0.5 scaling keeps tied logits O(1) at init.
+    assert float(jnp.std(logits)) < 3.0
+
+
+def _unstacked(stacked, like):
+    """`stacked` (a scanned GPT's params or grads, blocks [L, ...]) in the layout of `like`."""
+    flat = {path: var[...] for path, var in nnx.to_flat_state(stacked)}
+    out = []
+    for path, var in nnx.to_flat_state(like):
+        if path[0] == "blocks":  # ("blocks", i, *rest) <- ("blocks", *rest)[i]
+            value = flat[("blocks",) + tuple(path[2:])][path[1]]
+        else:
+            value = flat[path]
+        out.append((path, var.replace(value)))
+    return nnx.from_flat_state(out)
+
+
+def test_gpt_scan_and_remat_match_unrolled():
+    """Scanned + rematerialized blocks give the unrolled model's logits and grads."""
+    scanned = make_model("gpt", "fp32", scan_layers=True, remat=True)
+    unrolled = make_model("gpt", "fp32", seed=1)
+    kernel = scanned.blocks.attn.q.kernel
+    assert kernel.shape[0] == 2 and kernel.get_metadata()["out_sharding"][0] == "layers"
+    assert param_count(scanned) == param_count(unrolled)
+    nnx.update(unrolled, _unstacked(nnx.state(scanned, nnx.Param), nnx.state(unrolled, nnx.Param)))
+    batch = make_batch("gpt")
+    _, (logits_s, _, _), loss_s, grads_s = run_all(scanned, batch)
+    _, (logits_u, _, _), loss_u, grads_u = run_all(unrolled, batch)
+    np.testing.assert_allclose(logits_s, logits_u, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        _unstacked(grads_s, grads_u),
+        grads_u,
+    )
+
+
+def test_remat_gives_same_grads():
+    batch = make_batch("gpt")
+    _, _, loss_a, grads_a = run_all(make_model("gpt", "fp32"), batch)
+    _, _, loss_b, grads_b = run_all(make_model("gpt", "fp32", remat=True), batch)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_a, grads_b
+    )
+
+
+def test_param_count_gpt():
+    d, m, v, t, layers = 16, 32, 40, 12, 2
+    # Per block: 2 LayerNorms (scale+bias), q/k/v/o with biases, MLP with biases.
+    block = 2 * 2 * d + 4 * (d * d + d) + (d * m + m) + (m * d + d)
+    expected = v * d + t * d + layers * block + 2 * d
+    assert param_count(make_model("gpt", "fp32")) == expected
+
+
+@pytest.mark.parametrize(
+    "name, changes, match",
+    [
+        ("bert", {}, "Unknown model.name='bert': use one of 'gpt', 't5', 'vit'"),
+        ("gpt", dict(embed_dim=18, num_heads=4), "embed_dim=18 is not divisible by"),
+        ("gpt", dict(num_layers=0), "num_layers=0 must be a positive integer"),
+        ("gpt", dict(max_len=None), "needs model.max_len"),
+        ("gpt", dict(attention_impl="flash"), "attention_impl='flash'"),
+        ("vit", dict(patch_size=3), "image_size=8 is not divisible by model.patch_size=3"),
+        ("t5", dict(head_dim=0, embed_dim=18, num_heads=4), "embed_dim=18 is not divisible"),
+    ],
+)
+def test_build_model_errors(name, changes, match):
+    cfg = ml_collections.ConfigDict(dict(name=name, **TINY.get(name, TINY["gpt"])))
+    cfg.update(changes)
+    with pytest.raises(ValueError, match=match):
+        build_model(cfg, get_policy("fp32"), rngs=nnx.Rngs(0))
+
+
+def test_sequence_longer_than_max_len_raises():
+    model = make_model("gpt", "fp32")
+    with pytest.raises(ValueError, match="exceeds model.max_len=12"):
+        model(jnp.ones((1, 13), jnp.int32))

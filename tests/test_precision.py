@@ -1,0 +1,169 @@
+"""Policy: presets, jmp/Levanter strings, round-trips, overrides, casts and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bf16jax
+from bf16jax.precision import PRESETS, Policy, get_policy, parse_dtype
+
+F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
+
+
+def dtypes(p: Policy):
+    return (p.param_dtype, p.compute_dtype, p.output_dtype, p.accum_dtype)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("fp32", (F32, F32, F32, F32)),
+        ("bf16", (F32, BF16, F32, F32)),
+        ("bf16-pure", (BF16, BF16, BF16, F32)),
+        ("fp16", (F32, F16, F32, F32)),
+        ("BF16-Pure", (BF16, BF16, BF16, F32)),
+    ],
+)
+def test_presets(name, expected):
+    assert dtypes(get_policy(name)) == expected
+    assert bf16jax.get_policy is get_policy
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # jmp's documented examples: compute follows params, output follows compute.
+        ("c=f16", (F32, F16, F16, F32)),
+        ("p=f16,c=f16", (F16, F16, F16, F32)),
+        ("p=f16,c=bf16", (F16, BF16, BF16, F32)),
+        ("p=f32,c=bf16,o=f32", (F32, BF16, F32, F32)),
+        ("params=float32,compute=bfloat16,output=float32", (F32, BF16, F32, F32)),
+        ("p=full,c=bfloat16,o=full", (F32, BF16, F32, F32)),
+        ("p=bf16", (BF16, BF16, BF16, F32)),
+        ("p=f32,c=bf16,a=bf16", (F32, BF16, BF16, BF16)),
+        ("accum=f32, compute=bf16", (F32, BF16, BF16, F32)),
+        ("float16", (F16, F16, F16, F32)),
+        ("bfloat16", (BF16, BF16, BF16, F32)),
+        ("f32", (F32, F32, F32, F32)),
+    ],
+)
+def test_jmp_strings(text, expected):
+    assert dtypes(get_policy(text)) == expected
+
+
+def test_half_follows_jmp_platform_rule():
+    # jmp: "half" is bfloat16 on TPU and float16 elsewhere.
+    expected = BF16 if jax.default_backend() == "tpu" else F16
+    assert get_policy("c=half").compute_dtype == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    list(PRESETS)
+    + ["c=f16", "p=bf16,c=bf16,o=f32", "bf16-pure; .*norm.*->fp32; .*head.*->p=f32,c=bf16"],
+)
+def test_str_round_trips(text):
+    policy = get_policy(text)
+    again = get_policy(str(policy))
+    assert again == policy
+    assert hash(again) == hash(policy)
+    assert repr(policy).startswith("Policy(")
+
+
+def test_hashable_static_jit_argument():
+    policy = get_policy("bf16")
+    calls = []
+
+    def f(x, policy):
+        calls.append(1)
+        return policy.cast_to_compute(x)
+
+    jitted = jax.jit(f, static_argnums=1)
+    assert jitted(jnp.ones(3), policy).dtype == BF16
+    jitted(jnp.ones(3), get_policy("bf16"))  # equal policy: no retrace
+    assert len(calls) == 1
+    assert jitted(jnp.ones(3), get_policy("fp32")).dtype == F32
+    assert len(calls) == 2
+
+
+def test_overrides_first_match_and_ancestors():
+    policy = get_policy("bf16-pure; .*norm.*->fp32; decoder/layers_3->bf16; .*->fp16")
+    assert dtypes(policy.for_module("decoder/layers_3/norm1/scale"))[:3] == (F32, F32, F32)
+    # An ancestor path matching applies to everything below it.
+    assert policy.for_module("decoder/layers_3/attn/q").param_dtype == F32
+    assert policy.for_module("decoder/layers_3/attn/q").compute_dtype == BF16
+    # Rules are tried in order: ".*" catches what earlier rules missed.
+    assert policy.for_module("decoder/layers_4/attn/q").compute_dtype == F16
+
+
+def test_no_override_returns_self_and_resolution_is_idempotent():
+    policy = get_policy("bf16-pure; .*head.*->fp32")
+    assert policy.for_module("blocks/0/attn/q") is policy
+    head = policy.for_module("head")
+    assert head.param_dtype == F32 and head.overrides == policy.overrides
+    assert head.for_module("head") == head
+    # Fullmatch: "head" does not match "heads_extra" unless the regex says so.
+    assert get_policy("bf16-pure; head->fp32").for_module("heads_extra").param_dtype == BF16
+
+
+def test_overrides_from_python():
+    policy = Policy("f32", "bf16", "f32", overrides=((".*norm.*", "fp32"),))
+    assert policy.overrides[0][1] == PRESETS["fp32"]
+    assert policy.for_module("ln_f/norm").compute_dtype == F32
+
+
+def test_casts_touch_only_floating_leaves():
+    policy = get_policy("bf16")
+    key = jax.random.key(0)
+    raw_key = jax.random.PRNGKey(1)
+    tree = {
+        "w": jnp.ones((2, 2), jnp.float32),
+        "np": np.ones(3, np.float32),
+        "step": jnp.array(3, jnp.int32),
+        "key": key,
+        "raw_key": raw_key,
+        "flag": jnp.array(True),
+        "py": 1.5,
+    }
+    out = policy.cast_to_compute(tree)
+    assert out["w"].dtype == BF16 and out["np"].dtype == BF16
+    assert out["step"].dtype == jnp.int32 and out["flag"].dtype == jnp.bool_
+    assert out["key"] is key and out["raw_key"] is raw_key
+    assert out["py"] == 1.5
+    assert policy.cast_to_param(out)["w"].dtype == F32
+    assert policy.cast_to_output(out)["w"].dtype == F32
+    assert get_policy("bf16-pure").cast_to_output(tree)["w"].dtype == BF16
+    assert policy.cast_to_accum(out)["np"].dtype == F32
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("p=bf61", "Unknown dtype 'bf61'"),
+        ("p=f32,c=bf61", "use one of f32, bf16"),
+        ("x=f32", "Unknown key 'x'"),
+        ("p=f32,x=bf16", "p/params, c/compute"),
+        ("p=f32,,c=bf16", "Malformed part"),
+        ("p=f32,p=bf16", "given twice"),
+        ("bogus", "Unknown policy 'bogus'"),
+        ("", "Empty policy"),
+        ("bf16; [->fp32", "Bad override regex '['"),
+        ("bf16; .*norm.*", "Malformed override"),
+        ("bf16; .*norm.*->p=zz", "Unknown dtype 'zz'"),
+    ],
+)
+def test_bad_input_names_the_problem(text, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("*", r"\*")):
+        get_policy(text)
+
+
+def test_bad_python_construction():
+    with pytest.raises(ValueError, match="not a float dtype"):
+        Policy(param_dtype=jnp.int32)
+    with pytest.raises(ValueError, match="may not carry overrides"):
+        Policy(overrides=(("a", get_policy("bf16; b->fp32")),))
+    with pytest.raises(ValueError, match="string or Policy"):
+        get_policy(3)
+    with pytest.raises(ValueError, match="Unknown dtype"):
+        parse_dtype("int8")
