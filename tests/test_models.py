@@ -144,9 +144,10 @@ def test_dtypes_logits_and_grads(name, policy_name):
     grad_leaves = jax.tree.leaves(grads)
     assert {g.dtype for g in grad_leaves} == {policy.param_dtype}
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grad_leaves)
-    assert sum(float(jnp.sum(jnp.abs(g.astype(jnp.float32)))) > 0 for g in grad_leaves) > len(
-        grad_leaves
-    ) // 2
+    assert (
+        sum(float(jnp.sum(jnp.abs(g.astype(jnp.float32)))) > 0 for g in grad_leaves)
+        > len(grad_leaves) // 2
+    )
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -59,7 +59,9 @@ MODEL_NAMES = tuple(_REQUIRED)
 ATTENTION_IMPLS = ("xla", "cudnn")  # plus None / "" for JAX's default (XLA)
 
 
-def build_model(model_cfg: ml_collections.ConfigDict | Mapping, policy: Policy | str, *, rngs: nnx.Rngs) -> nnx.Module:
+def build_model(
+    model_cfg: ml_collections.ConfigDict | Mapping, policy: Policy | str, *, rngs: nnx.Rngs
+) -> nnx.Module:
     """Builds the model named by `model_cfg.name` with params in the policy's dtypes.
 
     Args:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bf16jax.layers import MLP, Attention, Embed, LayerNorm, Linear
 from bf16jax.precision import Policy
 
-__all__ = ["Block", "GPT", "stack_layers", "run_layers"]
+__all__ = ["Block", "GPT", "stack_layers", "run_layers", "generate"]
 
 LAYERS_AXIS = "layers"  # logical axis name of the stacked-layer dimension
 
@@ -211,3 +212,43 @@ class GPT(nnx.Module):
         if weights is None:
             weights = jnp.ones(targets.shape, jnp.float32)
         return logits, targets, jnp.asarray(weights, jnp.float32)
+
+
+def generate(
+    model: GPT,
+    prompt: np.ndarray,
+    num_tokens: int,
+    *,
+    key: jax.Array,
+    temperature: float = 1.0,
+    vocab_limit: int | None = None,
+) -> np.ndarray:
+    """Samples `num_tokens` ids after `prompt` (1-D int ids); returns prompt + samples.
+
+    Recomputes the whole window each token (no KV cache): meant for demos and eval samples of
+    small models. The window slides once the text is longer than `model.max_len`.
+    `temperature=0` is greedy; `vocab_limit` keeps only ids below it (e.g. the tokenizer's
+    vocabulary when the model's is padded).
+    """
+    window = model.max_len
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def next_token(params, tokens, pos, key):  # tokens [1, window], predicts at pos
+        logits = nnx.merge(graphdef, params)(tokens)[0, pos]  # [V] f32
+        if vocab_limit is not None:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+        if temperature == 0:
+            return jnp.argmax(logits).astype(jnp.int32)
+        return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+
+    out = [int(t) for t in np.asarray(prompt).reshape(-1)]
+    if not out:
+        raise ValueError("generate needs a non-empty prompt.")
+    for i in range(num_tokens):
+        ctx = out[-window:]
+        buf = np.zeros((1, window), np.int32)
+        buf[0, : len(ctx)] = ctx
+        token = next_token(params, buf, len(ctx) - 1, jax.random.fold_in(key, i))
+        out.append(int(token))
+    return np.asarray(out, np.int32)

@@ -114,7 +114,9 @@ class T5(nnx.Module):
         self.tie_embeddings = cfg["tie_embeddings"]
         self.embed_dim = cfg["embed_dim"]
         # One token embedding shared by encoder and decoder, as in T5.
-        self.embed = Embed(cfg["vocab_size"], cfg["embed_dim"], policy=policy, name="embed", rngs=rngs)
+        self.embed = Embed(
+            cfg["vocab_size"], cfg["embed_dim"], policy=policy, name="embed", rngs=rngs
+        )
         self.encoder = T5Stack(cfg, decoder=False, policy=policy, name="encoder", rngs=rngs)
         self.decoder = T5Stack(cfg, decoder=True, policy=policy, name="decoder", rngs=rngs)
         if not self.tie_embeddings:
@@ -144,9 +146,7 @@ class T5(nnx.Module):
         """Decoder hidden states [B, Td, D] in compute dtype (after the final norm)."""
         _check_ids(decoder_inputs, "decoder_inputs")
         y = self.policy.cast_to_compute(self.embed(decoder_inputs))
-        return self.decoder(
-            y, context=encoded, context_mask=self._padding_mask(encoder_inputs)
-        )
+        return self.decoder(y, context=encoded, context_mask=self._padding_mask(encoder_inputs))
 
     def features(self, encoder_inputs: jax.Array, decoder_inputs: jax.Array) -> jax.Array:
         """Decoder final hidden states [B, Td, D] in output dtype."""

@@ -1,0 +1,464 @@
+"""The train state, the pure train / eval steps, and the training loop.
+
+`TrainState` holds everything that must survive a restart: step, params (nnx.State, in the
+policy's param dtypes), optimizer state (moments in their own dtypes, update-rule buffers), loss
+scale, PRNG key and the count of skipped steps; the data iterator's position is checkpointed
+beside it. `train_step(state, batch) -> (state, metrics)` is pure: the model's graphdef, the
+optimizer and the config are fixed outside (`Trainer`), randomness is `fold_in(key, step)`.
+Invariants: gradients are unscaled and accumulated in FP32 (accum dtype) whatever the params'
+dtype; k micro-batches give the gradient of the one big batch (each micro mean weighted by its
+token weight); a step whose gradients are not all finite changes nothing but the loss scale, the
+step and the skip counter; the state is built sharded (eval_shape -> shardings -> jit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx, struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bf16jax import config as config_lib
+from bf16jax import data as data_lib
+from bf16jax import loss_scale as ls
+from bf16jax import metrics as metrics_lib
+from bf16jax import optim, sharding
+from bf16jax.checkpoint import Checkpointer
+from bf16jax.loss import cross_entropy
+from bf16jax.models import build_model, param_count
+from bf16jax.precision import Policy, get_policy
+
+__all__ = [
+    "TrainState",
+    "Trainer",
+    "create_trainer",
+    "train_step",
+    "eval_step",
+    "evaluate",
+    "train_and_evaluate",
+]
+
+log = logging.getLogger(__name__)
+_F32 = jnp.float32
+_KEY_SALT = 0x7A1  # the state's key is independent of the param-init stream of the same seed
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a pytree (checkpointed whole)."""
+
+    step: jax.Array  # int32 [], steps taken (skipped ones included)
+    params: Any  # nnx.State of nnx.Param, param dtypes per policy
+    opt_state: optim.OptimizerState
+    loss_scale: ls.LossScaleState
+    key: jax.Array  # typed PRNG key; step randomness is fold_in(key, step)
+    skipped: jax.Array  # int32 [], steps skipped because a gradient was not finite
+
+
+def _global_norm(tree) -> jax.Array:
+    # why: a sum of squares over millions of BF16 entries needs an FP32 accumulator.
+    leaves = [jnp.sum(jnp.square(x.astype(_F32))) for x in jax.tree.leaves(tree)]
+    return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros([], _F32)
+
+
+def _micro_batches(batch: dict, k: int) -> dict:
+    """[B, ...] -> [k, B/k, ...]; micro-batch i takes rows i, i+k, ... (a strided split).
+
+    Strided, so that each device's contiguous rows spread evenly over the k micro-batches.
+    """
+
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        spec = P(None, sharding.BATCH_AXES)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(split, batch)
+
+
+def _loss_and_grads(params, graphdef, batch, loss_scale, z_loss):
+    """(aux metrics, FP32 unscaled grads) of the weighted-mean loss on one (micro-)batch."""
+
+    def loss_fn(p):
+        model = nnx.merge(graphdef, p)
+        logits, targets, weights = model.logits_and_targets(batch)
+        loss, aux = cross_entropy(logits, targets, weights, z_loss=z_loss)
+        return ls.scale_loss(loss_scale, loss), {**aux, "loss": loss}
+
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return aux, ls.unscale_grads(loss_scale, grads)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    graphdef: nnx.GraphDef,
+    optimizer: optim.Optimizer,
+    grad_accum_steps: int = 1,
+    z_loss: float = 0.0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on `batch` (the global batch); pure.
+
+    Returns:
+      (new_state, metrics): FP32 scalars loss, nll, accuracy, log_z (mean |log Z| of the output
+      logits), grad_norm, param_norm, learning_rate, loss_scale, finite (1/0), skipped (total).
+    """
+    k = grad_accum_steps
+    if k == 1:
+        aux, grads = _loss_and_grads(state.params, graphdef, batch, state.loss_scale, z_loss)
+    else:
+        micro = _micro_batches(batch, k)
+
+        def body(carry, mb):
+            acc, totals = carry
+            aux, g = _loss_and_grads(state.params, graphdef, mb, state.loss_scale, z_loss)
+            w = aux["weight_sum"]
+            # Accumulate sum_i w_i * grad(mean_i) in FP32; divided by sum_i w_i below.
+            acc = jax.tree.map(lambda a, gi: a + w * gi, acc, g)
+            totals = {key: totals[key] + w * aux[key] for key in totals} | {
+                "weight_sum": totals["weight_sum"] + w
+            }
+            return (acc, totals), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, _F32), state.params)
+        keys = ("loss", "nll", "z_loss", "accuracy", "log_z")
+        init = {key: jnp.zeros([], _F32) for key in keys + ("weight_sum",)}
+        (acc, totals), _ = jax.lax.scan(body, (zeros, init), micro)
+        denom = jnp.maximum(totals["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda a: a / denom, acc)
+        aux = {key: totals[key] / denom for key in keys} | {"weight_sum": totals["weight_sum"]}
+
+    finite = ls.all_finite(grads)
+    step_key = jax.random.fold_in(state.key, state.step)
+    new_params, new_opt = optimizer.update(grads, state.opt_state, state.params, key=step_key)
+    params = ls.select_tree(finite, new_params, state.params)
+    opt_state = ls.select_tree(finite, new_opt, state.opt_state)
+    skipped = state.skipped + (~finite).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        loss_scale=ls.adjust(state.loss_scale, finite),
+        skipped=skipped,
+    )
+    metrics = {
+        "loss": aux["loss"],
+        "nll": aux["nll"],
+        "accuracy": aux["accuracy"],
+        "log_z": aux["log_z"],
+        "grad_norm": _global_norm(grads),
+        "param_norm": _global_norm(params),
+        "learning_rate": optimizer.learning_rate(state.opt_state),
+        "loss_scale": state.loss_scale.scale,
+        "finite": finite.astype(_F32),
+        "skipped": skipped,
+    }
+    return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+    """Weighted sums over one eval batch: loss_sum, correct, weight (FP32 scalars)."""
+    model = nnx.merge(graphdef, params)
+    logits, targets, weights = model.logits_and_targets(batch)
+    _, aux = cross_entropy(logits, targets, weights)
+    w = aux["weight_sum"]
+    return {"loss_sum": aux["nll"] * w, "correct": aux["accuracy"] * w, "weight": w}
+
+
+# ----------------------------------------------------------------------------- trainer
+@dataclasses.dataclass
+class Trainer:
+    """The static half of training: config, policy, mesh, model graphdef, optimizer, shardings.
+
+    Build with `create_trainer`; then `init_state()`, `step(state, batch)` (jitted, state
+    donated) and `evaluate(state)`.
+    """
+
+    config: ml_collections.ConfigDict
+    policy: Policy
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    optimizer: optim.Optimizer
+    abstract: TrainState  # sharded ShapeDtypeStructs: the restore target
+    n_params: int
+
+    def _init(self) -> TrainState:
+        cfg = self.config
+        model = build_model(cfg.model, self.policy, rngs=nnx.Rngs(cfg.seed))
+        params = nnx.state(model, nnx.Param)
+        return TrainState(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            opt_state=self.optimizer.init(params),
+            loss_scale=ls.make_loss_scale(cfg.train),
+            key=jax.random.fold_in(jax.random.key(cfg.seed), _KEY_SALT),
+            skipped=jnp.zeros([], jnp.int32),
+        )
+
+    @property
+    def state_shardings(self):
+        return sharding.shardings_of(self.abstract)
+
+    def init_state(self) -> TrainState:
+        """A fresh state, created directly in its shardings."""
+        return sharding.create_sharded(self._init, self.abstract)
+
+    @functools.cached_property
+    def _step_fn(self):
+        cfg = self.config
+        fn = functools.partial(
+            train_step,
+            graphdef=self.graphdef,
+            optimizer=self.optimizer,
+            grad_accum_steps=int(cfg.train.grad_accum_steps),
+            z_loss=float(cfg.train.z_loss),
+        )
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        return jax.jit(
+            fn,
+            in_shardings=(self.state_shardings, batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
+
+    @functools.cached_property
+    def _eval_fn(self):
+        fn = functools.partial(eval_step, graphdef=self.graphdef)
+        return jax.jit(fn, in_shardings=(self.state_shardings.params, None))
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One jitted train step; `state` is donated (do not use it afterwards)."""
+        with jax.set_mesh(self.mesh):
+            return self._step_fn(state, batch)
+
+    def compile(self, state: TrainState, batch: dict) -> float:
+        """Compiles the train step for these shapes; returns the seconds it took."""
+        start = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            self._step_fn.lower(state, batch).compile()
+        return time.perf_counter() - start
+
+    def global_batch(self, local_batch: dict) -> dict:
+        return sharding.make_global_batch(local_batch, self.mesh)
+
+    def evaluate(self, params, num_batches: int | None = None) -> dict[str, float]:
+        """Loss, accuracy and perplexity on (the first `num_batches` of) the eval split."""
+        cfg = self.config
+        ds = data_lib.make_dataset(
+            cfg.data,
+            "eval",
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        num_batches = cfg.train.eval_steps if num_batches is None else num_batches
+        totals = None
+        with jax.set_mesh(self.mesh):
+            for i, local in enumerate(ds):
+                if i >= num_batches:
+                    break
+                out = self._eval_fn(params, self.global_batch(local))
+                totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        if totals is None:
+            raise ValueError("The eval split yielded no batch: lower config.data.eval_batch_size.")
+        weight = max(float(totals["weight"]), 1.0)
+        loss = float(totals["loss_sum"]) / weight
+        return {
+            "loss": loss,
+            "accuracy": float(totals["correct"]) / weight,
+            "perplexity": math.exp(min(loss, 80.0)),
+        }
+
+
+def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    """Validates `config` and builds the Trainer (nothing is allocated on devices yet)."""
+    config_lib.validate(config)
+    policy = get_policy(config.precision)
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    rules = sharding.resolve_rules(config.mesh.rules)
+    optimizer = optim.make_optimizer(config.optim, total_steps=int(config.train.steps))
+    with nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(
+            lambda: build_model(config.model, policy, rngs=nnx.Rngs(config.seed))
+        )
+    graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("bf16jax models may only hold nnx.Param state; found other variables.")
+    trainer = Trainer(
+        config=config,
+        policy=policy,
+        mesh=mesh,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        abstract=None,  # set below: _init needs the trainer
+        n_params=param_count(abstract_model),
+    )
+    abstract = sharding.abstract_state(trainer._init, mesh, rules)
+    # Optimizer moments (and update-rule buffers) take their parameter's sharding.
+    param_sh = sharding.shardings_of(abstract.params)
+    opt_sh = sharding.opt_state_shardings(abstract.opt_state, param_sh)
+    trainer.abstract = abstract.replace(
+        opt_state=jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract.opt_state,
+            opt_sh,
+        )
+    )
+    return trainer
+
+
+def evaluate(trainer: Trainer, state: TrainState) -> dict[str, float]:
+    """`trainer.evaluate(state.params)`: eval-split loss, accuracy, perplexity."""
+    return trainer.evaluate(state.params)
+
+
+# ----------------------------------------------------------------------------- the loop
+def _tokens_per_step(config) -> int:
+    d, name = config.data, config.model.name
+    if name == "gpt":
+        return int(d.batch_size * d.seq_len)
+    if name == "t5":
+        return int(d.batch_size * (d.enc_len + d.dec_len))
+    return int(d.batch_size)  # images: examples
+
+
+def _flops_per_token(config, n_params: int) -> float | None:
+    m = config.model
+    if m.name != "gpt":
+        return None  # encoder-decoder / image FLOPs are not one per-token figure: no MFU
+    pos = m.max_len * m.embed_dim  # position embeddings do no matmul FLOPs
+    return metrics_lib.flops_per_token(
+        n_params - pos, num_layers=m.num_layers, seq_len=config.data.seq_len, attn_dim=m.embed_dim
+    )
+
+
+def _progress(total: int, initial: int):
+    if jax.process_index() != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming from its newest checkpoint) and evaluates.
+
+    Writes `workdir/metrics.jsonl`, TensorBoard events in `workdir/tb` and checkpoints in
+    `workdir/checkpoints`. Returns the last train metrics, the final eval metrics ("eval_*"),
+    "step", "compile_s", "tokens_per_s" and, for GPT models with a sample length, "sample".
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} is a file: pass a directory (it is created).")
+    trainer = create_trainer(config)
+    steps = int(config.train.steps)
+    train_it = iter(
+        data_lib.make_dataset(
+            config.data,
+            "train",
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    )
+    ckpt = Checkpointer.from_config(config.checkpoint, os.path.join(workdir, "checkpoints"))
+    writer = metrics_lib.MetricWriter(workdir)
+    state, start = ckpt.restore_or_init(trainer.abstract, trainer.init_state, train_it)
+    log.info(
+        "%s: %s params, policy %s, mesh %s, starting at step %d",
+        config.model.name,
+        f"{trainer.n_params:,}",
+        trainer.policy,
+        dict(trainer.mesh.shape),
+        start,
+    )
+    tokens = _tokens_per_step(config)
+    flops_token = _flops_per_token(config, trainer.n_params)
+    peak = metrics_lib.device_peak_flops()
+    bar = _progress(steps, start)
+    result: dict[str, Any] = {"step": start}
+    try:
+        batch = trainer.global_batch(next(train_it)) if start < steps else None
+        if batch is not None:
+            result["compile_s"] = trainer.compile(state, batch)
+        t0, steps_timed = time.perf_counter(), 0
+        for step in range(start + 1, steps + 1):
+            state, metrics = trainer.step(state, batch)
+            steps_timed += 1
+            if step < steps:
+                batch = trainer.global_batch(next(train_it))  # overlaps with the step
+            if bar is not None:
+                bar.update(1)
+            if step % config.train.log_every == 0 or step == steps:
+                metrics = jax.device_get(metrics)
+                dt = (time.perf_counter() - t0) / steps_timed
+                tps = tokens / dt
+                row = {**metrics, "step_time_s": dt, "tokens_per_s": tps}
+                util = metrics_lib.mfu(tps, flops_token, peak, jax.device_count())
+                if flops_token is not None and util is not None:
+                    row["mfu"] = util
+                row = writer.write(step, row, prefix="train/")
+                result.update({k.removeprefix("train/"): v for k, v in row.items()})
+                _report(bar, step, row)
+                t0, steps_timed = time.perf_counter(), 0
+            if step % config.train.eval_every == 0 or step == steps:
+                ev = writer.write(step, trainer.evaluate(state.params), prefix="eval/")
+                result.update({k.replace("/", "_"): v for k, v in ev.items()})
+                _report(bar, step, ev)
+            ckpt.save(step, state, train_it, force=step == steps)
+            result["step"] = step
+        if start >= steps:
+            ev = trainer.evaluate(state.params)
+            result.update({f"eval_{k}": v for k, v in ev.items()})
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+        writer.close()
+    if config.model.name == "gpt" and config.train.sample_tokens > 0:
+        result["sample"] = sample_text(trainer, state, config.train.sample_tokens)
+    result["state"] = state
+    return result
+
+
+def _report(bar, step: int, row: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    keys = [k for k in row if k.split("/")[-1] in ("loss", "accuracy", "perplexity", "mfu")]
+    keys += [k for k in row if k.endswith(("tokens_per_s", "skipped"))]
+    text = f"step {step:6d} " + " ".join(f"{k} {_fmt(row[k])}" for k in keys)
+    if bar is not None:
+        bar.write(text)
+    else:
+        print(text, flush=True)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def sample_text(trainer: Trainer, state: TrainState, num_tokens: int, prompt: str = "And ") -> str:
+    """Samples `num_tokens` bytes (temperature 0.8) from a GPT after `prompt`; returns the text."""
+    from bf16jax.models.gpt import generate
+
+    model = nnx.merge(trainer.graphdef, jax.device_get(state.params))
+    ids = np.asarray(data_lib.encode(prompt), np.int32)
+    key = jax.random.fold_in(jax.random.key(trainer.config.seed), 0x5A)
+    out = generate(
+        model, ids, num_tokens, key=key, temperature=0.8, vocab_limit=data_lib.VOCAB_SIZE
+    )
+    return data_lib.decode(out)
