@@ -80,7 +80,8 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
             schedule="cosine",
             warmup_steps=50,
             min_lr_ratio=0.1,
-            update_rule="nearest",
+            update_rule="",  # "" = the policy's (u=...); or nearest | stochastic | kahan
+            moment_rounding="nearest",  # "stochastic": 16-bit moments stored with SR
         )
     )
     c.data = ml_collections.ConfigDict(

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bf16jax import numerics
 from bf16jax.precision import parse_dtype
 
 __all__ = [
@@ -34,6 +35,9 @@ __all__ = [
     "TraceState",
     "UpdateRule",
     "NearestRule",
+    "StochasticRule",
+    "KahanRule",
+    "KahanState",
     "make_optimizer",
     "make_schedule",
     "scale_by_adam",
@@ -46,6 +50,8 @@ __all__ = [
 ]
 
 _F32 = np.dtype(jnp.float32)
+_BF16 = np.dtype(jnp.bfloat16)
+_MOMENT_SEED = 0x3057  # stochastic rounding of 16-bit moments
 _INT32_MAX = np.iinfo(np.int32).max
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -85,7 +91,13 @@ class ScaleByAdamState(NamedTuple):
 
 
 def scale_by_adam(
-    b1: float, b2: float, eps: float, *, mu_dtype=_F32, nu_dtype=_F32
+    b1: float,
+    b2: float,
+    eps: float,
+    *,
+    mu_dtype=_F32,
+    nu_dtype=_F32,
+    stochastic_moments: bool = False,
 ) -> optax.GradientTransformation:
     """Adam's direction m_hat / (sqrt(v_hat) + eps) with FP32 math and chosen storage dtypes.
 
@@ -95,6 +107,9 @@ def scale_by_adam(
       eps: added to sqrt(v_hat).
       mu_dtype: storage dtype of the first moment.
       nu_dtype: storage dtype of the second moment.
+      stochastic_moments: store 16-bit moments with stochastic rounding (unbiased, so a BF16
+        `nu` with b2 = 0.999 still averages); keys from a fixed seed folded with the count, the
+        same on every replica.
 
     Returns:
       A GradientTransformation whose updates are FP32 (no learning rate, no sign flip).
@@ -117,15 +132,25 @@ def scale_by_adam(
         c1 = 1.0 - jnp.float32(b1) ** t
         c2 = 1.0 - jnp.float32(b2) ** t
 
-        def leaf(g, m, v):
+        step_key = jax.random.fold_in(jax.random.key(_MOMENT_SEED), count)
+        keys = numerics.leaf_keys(step_key, updates)
+
+        def store(x, dtype, key):
+            if stochastic_moments and np.dtype(dtype) == _BF16:
+                return numerics.stochastic_round(x, key, dtype)
+            return x.astype(dtype)
+
+        def leaf(g, m, v, key):
             g = g.astype(_F32)
-            # FP32 moments: b2 = 0.999 must not round to 1.0.
+            # FP32 math: b2 = 0.999 must not round to 1.0.
             m = (1.0 - b1) * g + b1 * m.astype(_F32)
             v = (1.0 - b2) * (g * g) + b2 * v.astype(_F32)
             u = (m / c1) / (jnp.sqrt(v / c2) + eps)
-            return u, m.astype(mu_dtype), v.astype(nu_dtype)
+            km, kv = jax.random.split(key)
+            return u, store(m, mu_dtype, km), store(v, nu_dtype, kv)
 
-        out, mu, nu = _map_unzip(leaf, 3, updates, state.mu, state.nu)
+        key_tree = jax.tree.structure(updates).unflatten(keys)
+        out, mu, nu = _map_unzip(leaf, 3, updates, state.mu, state.nu, key_tree)
         return out, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -233,7 +258,63 @@ class NearestRule:
         return jax.tree.map(leaf, params, updates), rule_state
 
 
-_UPDATE_RULES: dict[str, UpdateRule] = {"nearest": NearestRule()}
+@dataclasses.dataclass(frozen=True)
+class StochasticRule:
+    """w <- SR(w + update): the FP32 sum stochastically rounded to a BF16 param (unbiased).
+
+    FP32 params get the plain sum. Keys: `fold_in(key, leaf_index)`, where the caller's `key` is
+    the train state's key folded with the step, so every data-parallel replica draws the same
+    bits and replicas stay identical.
+    """
+
+    requires_key: bool = True
+
+    def init(self, params) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def apply(self, params, updates, rule_state, key, step):
+        del step
+        leaves, treedef = jax.tree.flatten(params)
+        keys = numerics.leaf_keys(key, params)
+        new = [
+            numerics.stochastic_round(w.astype(_F32) + u.astype(_F32), k, w.dtype)
+            if w.dtype == _BF16
+            else (w.astype(_F32) + u.astype(_F32)).astype(w.dtype)
+            for w, u, k in zip(leaves, treedef.flatten_up_to(updates), keys, strict=True)
+        ]
+        return treedef.unflatten(new), rule_state
+
+
+class KahanState(NamedTuple):
+    compensation: Any  # per param, in the param's dtype: the update the weight could not take
+
+
+@dataclasses.dataclass(frozen=True)
+class KahanRule:
+    """Kahan-compensated w + update with a compensation buffer per param in the param dtype.
+
+    Halves the memory of an FP32 master copy (16 + 16 bits instead of 32) and keeps updates far
+    below half an ulp of w (see `numerics.kahan_add`). The buffer is optimizer state, so it is
+    checkpointed and sharded like its param.
+    """
+
+    requires_key: bool = False
+
+    def init(self, params) -> KahanState:
+        return KahanState(jax.tree.map(jnp.zeros_like, params))
+
+    def apply(self, params, updates, rule_state, key, step):
+        del key, step
+        new, comp = _map_unzip(numerics.kahan_add, 2, params, updates, rule_state.compensation)
+        return new, KahanState(comp)
+
+
+_UPDATE_RULES: dict[str, UpdateRule] = {
+    "nearest": NearestRule(),
+    "stochastic": StochasticRule(),
+    "kahan": KahanRule(),
+}
 
 
 def register_update_rule(name: str, rule: UpdateRule) -> None:
@@ -362,7 +443,7 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     return schedule
 
 
-def make_optimizer(optim_cfg, *, total_steps: int) -> Optimizer:
+def make_optimizer(optim_cfg, *, total_steps: int, update_rule: str | None = None) -> Optimizer:
     """Builds the Optimizer described by `config.optim` for a run of `total_steps`.
 
     Args:
@@ -373,6 +454,8 @@ def make_optimizer(optim_cfg, *, total_steps: int) -> Optimizer:
         param RMS, no first moment) with FP32 statistics. Weight decay is decoupled
         (multiplied by the LR, as optax.adamw) and masked by `weight_decay_mask`.
       total_steps: the run's length (end of the cosine).
+      update_rule: the policy's update rule (`Policy.update_rule`), used when
+        `optim_cfg.update_rule` is empty; the two may not disagree.
 
     Raises:
       ValueError: naming the bad key and the accepted values.
@@ -380,15 +463,26 @@ def make_optimizer(optim_cfg, *, total_steps: int) -> Optimizer:
     cfg = optim_cfg
     _check_optim(cfg)
     schedule = make_schedule(cfg, total_steps)
-    rule = get_update_rule(cfg.update_rule)
+    rule = get_update_rule(_rule_name(cfg.update_rule, update_rule))
+    stochastic_moments = cfg.get("moment_rounding", "nearest") == "stochastic"
     mu_dtype, nu_dtype = _dtype(cfg, "mu_dtype"), _dtype(cfg, "nu_dtype")
     chain = []
     if cfg.clip_norm > 0:
         chain.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
     if cfg.name == "adamw":
-        _check_storage(mu_dtype, cfg.b1, "mu_dtype", "b1")
-        _check_storage(nu_dtype, cfg.b2, "nu_dtype", "b2")
-        chain.append(scale_by_adam(cfg.b1, cfg.b2, cfg.eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype))
+        if not stochastic_moments:  # unbiased rounding keeps a 16-bit average moving
+            _check_storage(mu_dtype, cfg.b1, "mu_dtype", "b1")
+            _check_storage(nu_dtype, cfg.b2, "nu_dtype", "b2")
+        chain.append(
+            scale_by_adam(
+                cfg.b1,
+                cfg.b2,
+                cfg.eps,
+                mu_dtype=mu_dtype,
+                nu_dtype=nu_dtype,
+                stochastic_moments=stochastic_moments,
+            )
+        )
     elif cfg.name == "sgd":
         if cfg.momentum > 0:
             _check_storage(mu_dtype, cfg.momentum, "mu_dtype", "momentum")
@@ -409,11 +503,21 @@ def make_optimizer(optim_cfg, *, total_steps: int) -> Optimizer:
         ]
     if cfg.weight_decay > 0:
         chain.append(optax.add_decayed_weights(float(cfg.weight_decay), mask=weight_decay_mask))
-    tx = _fp32_inputs(optax.chain(*chain))
+    tx = _fp32_inputs(optax.chain(*chain) if chain else optax.identity())  # plain SGD: identity
     return Optimizer(name=cfg.name, tx=tx, schedule=schedule, rule=rule)
 
 
 # ------------------------------------------------------------------- validation
+def _rule_name(configured: str, from_policy: str | None) -> str:
+    configured = configured or ""
+    if configured and from_policy and from_policy != "nearest" and configured != from_policy:
+        raise ValueError(
+            f"config.optim.update_rule={configured!r} conflicts with the policy's update rule "
+            f"u={from_policy}: set one of them (empty optim.update_rule follows the policy)."
+        )
+    return configured or from_policy or "nearest"
+
+
 def _dtype(cfg, key: str) -> np.dtype:
     try:
         return parse_dtype(cfg[key])
@@ -460,6 +564,8 @@ def _check_schedule(cfg, total_steps: int) -> None:
 
 def _check_optim(cfg) -> None:
     _one_of(cfg, "name", OPTIMIZERS)
+    if "moment_rounding" in cfg:
+        _one_of(cfg, "moment_rounding", ("nearest", "stochastic"))
     _in_range(cfg, "b1", 0.0, 1.0, hi_open=True)
     _in_range(cfg, "b2", 0.0, 1.0, hi_open=True)
     _in_range(cfg, "eps", 0.0, math.inf, lo_open=True, hi_open=True)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Policy", "get_policy", "parse_dtype", "PRESETS", "DTYPE_NAMES"]
+__all__ = ["Policy", "get_policy", "parse_dtype", "PRESETS", "DTYPE_NAMES", "UPDATE_RULES"]
 
 _F32 = np.dtype(jnp.float32)
 _BF16 = np.dtype(jnp.bfloat16)
@@ -58,9 +58,25 @@ _KEYS = {
     "output": "output_dtype",
     "a": "accum_dtype",
     "accum": "accum_dtype",
+    "u": "update_rule",
+    "update": "update_rule",
 }
+# How a step adds updates to params stored in 16 bits (bf16jax.optim / bf16jax.numerics).
+UPDATE_RULES = ("nearest", "stochastic", "kahan")
+_RULE_ALIASES = {"sr": "stochastic", "round": "nearest"}
 _RULE_SEP = ";"
 _RULE_ARROW = "->"
+
+
+def _parse_rule(name: str, context: str) -> str:
+    key = str(name).strip().lower()
+    key = _RULE_ALIASES.get(key, key)
+    if key not in UPDATE_RULES:
+        raise ValueError(
+            f"Unknown update rule {name!r} in policy {context!r}: use one of "
+            f"{', '.join(UPDATE_RULES)} (or sr)."
+        )
+    return key
 
 
 def _half_dtype() -> np.dtype:
@@ -105,6 +121,10 @@ class Policy:
       output_dtype: dtype a model's outputs leave in.
       accum_dtype: dtype of accumulators, reductions, softmax, norm statistics, logits + loss and
         optimizer state. FP32 unless you know why not.
+      update_rule: how the optimizer writes updates into params: "nearest" (round to nearest,
+        what optax does), "stochastic" (stochastic rounding) or "kahan" (compensated, with a
+        16-bit buffer per param). Matters for 16-bit params (`bf16-pure-sr`, `bf16-pure-kahan`);
+        model-wide, so overrides may not set it.
       overrides: ordered `(regex, Policy)` rules; `for_module(path)` uses the first rule whose
         regex fully matches the path or one of its ancestors (`a/b` is an ancestor of `a/b/c`).
     """
@@ -113,11 +133,15 @@ class Policy:
     compute_dtype: np.dtype = _F32
     output_dtype: np.dtype = _F32
     accum_dtype: np.dtype = _F32
+    update_rule: str = "nearest"
     overrides: tuple[tuple[str, Policy], ...] = ()
 
     def __post_init__(self):
         for field in ("param_dtype", "compute_dtype", "output_dtype", "accum_dtype"):
             object.__setattr__(self, field, _as_float_dtype(getattr(self, field), field))
+        object.__setattr__(
+            self, "update_rule", _parse_rule(self.update_rule, str(self.update_rule))
+        )
         rules = []
         for rule in self.overrides:
             if not (isinstance(rule, tuple) and len(rule) == 2):
@@ -133,6 +157,11 @@ class Policy:
                 raise ValueError(f"Override for {pattern!r} must be a Policy or policy string.")
             if policy.overrides:
                 raise ValueError(f"Override for {pattern!r} may not carry overrides of its own.")
+            if policy.update_rule != "nearest":
+                raise ValueError(
+                    f"Override for {pattern!r} sets update rule u={policy.update_rule}: the "
+                    "update rule is model-wide; set it in the base policy."
+                )
             rules.append((pattern, policy))
         object.__setattr__(self, "overrides", tuple(rules))
 
@@ -146,7 +175,7 @@ class Policy:
         base = _resolve(self.overrides, path)
         if base is None:
             return self
-        return dataclasses.replace(base, overrides=self.overrides)
+        return dataclasses.replace(base, update_rule=self.update_rule, overrides=self.overrides)
 
     def replace(self, **changes) -> Policy:
         return dataclasses.replace(self, **changes)
@@ -170,7 +199,7 @@ class Policy:
 
     # ----------------------------------------------------------------- strings
     def dtypes_str(self) -> str:
-        return ",".join(
+        text = ",".join(
             f"{k}={_SHORT_NAME[getattr(self, f)]}"
             for k, f in (
                 ("p", "param_dtype"),
@@ -179,6 +208,7 @@ class Policy:
                 ("a", "accum_dtype"),
             )
         )
+        return text if self.update_rule == "nearest" else f"{text},u={self.update_rule}"
 
     def __str__(self) -> str:
         parts = [self.dtypes_str()]
@@ -225,8 +255,13 @@ PRESETS: dict[str, Policy] = {
     "fp32": Policy(_F32, _F32, _F32),
     # FP32 master weights, BF16 compute, FP32 outputs: standard mixed precision.
     "bf16": Policy(_F32, _BF16, _F32),
-    # BF16 everywhere a value is stored; accumulation still FP32.
+    # BF16 everywhere a value is stored; accumulation still FP32. Updates rounded to nearest:
+    # an update below half a BF16 ulp of its weight is lost (1.0 + 1e-3 == 1.0).
     "bf16-pure": Policy(_BF16, _BF16, _BF16),
+    # Pure BF16 with unbiased stochastic rounding of every param update.
+    "bf16-pure-sr": Policy(_BF16, _BF16, _BF16, update_rule="stochastic"),
+    # Pure BF16 with Kahan-compensated updates (a BF16 compensation buffer per param).
+    "bf16-pure-kahan": Policy(_BF16, _BF16, _BF16, update_rule="kahan"),
     # FP16 compute needs loss scaling (train.loss_scale) because FP16's range is narrow.
     "fp16": Policy(_F32, _F16, _F32),
 }
@@ -264,27 +299,31 @@ def _parse_dtypes(text: str, context: str) -> Policy:
         if field is None:
             raise ValueError(
                 f"Unknown key {key!r} in policy {context!r}: use one of "
-                "p/params, c/compute, o/output, a/accum."
+                "p/params, c/compute, o/output, a/accum, u/update (nearest, stochastic, kahan)."
             )
         if field in fields:
             raise ValueError(f"Key {key!r} given twice in policy {context!r}.")
+        if field == "update_rule":
+            fields[field] = _parse_rule(value, context)
+            continue
         fields[field] = _parse_dtype(value, context)
     param = fields.get("param_dtype", _F32)
     compute = fields.get("compute_dtype", param)  # jmp: compute follows params
     output = fields.get("output_dtype", compute)  # jmp: output follows compute
     accum = fields.get("accum_dtype", _F32)
-    return Policy(param, compute, output, accum)
+    return Policy(param, compute, output, accum, fields.get("update_rule", "nearest"))
 
 
 def get_policy(spec: str | Policy) -> Policy:
     """Parses a policy from a preset name or a policy string; a Policy is returned as is.
 
     Grammar: `BASE [; REGEX->POLICY]...` where BASE and each POLICY is a preset name
-    (`fp32`, `bf16`, `bf16-pure`, `fp16`), a jmp/Levanter string of `key=dtype` pairs
-    (keys p/params, c/compute, o/output, a/accum; dtypes f32/float32/full, bf16/bfloat16,
-    f16/float16, half) or a bare dtype (all of params/compute/output). Unset keys follow jmp:
-    params f32, compute = params, output = compute, accum f32. Example:
-    `bf16-pure; .*norm.*->fp32; .*head.*->p=f32,c=bf16`.
+    (`fp32`, `bf16`, `bf16-pure`, `bf16-pure-sr`, `bf16-pure-kahan`, `fp16`), a jmp/Levanter
+    string of `key=dtype` pairs (keys p/params, c/compute, o/output, a/accum; dtypes
+    f32/float32/full, bf16/bfloat16, f16/float16, half; plus u/update=nearest|stochastic|kahan,
+    base policy only) or a bare dtype (all of params/compute/output). Unset keys follow jmp:
+    params f32, compute = params, output = compute, accum f32, update nearest. Example:
+    `bf16-pure-kahan; .*norm.*->fp32; .*head.*->p=f32,c=bf16`.
 
     Raises:
       ValueError: naming the bad part and the accepted values.

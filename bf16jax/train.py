@@ -290,7 +290,9 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
     policy = get_policy(config.precision)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     rules = sharding.resolve_rules(config.mesh.rules)
-    optimizer = optim.make_optimizer(config.optim, total_steps=int(config.train.steps))
+    optimizer = optim.make_optimizer(
+        config.optim, total_steps=int(config.train.steps), update_rule=policy.update_rule
+    )
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(
             lambda: build_model(config.model, policy, rngs=nnx.Rngs(config.seed))
