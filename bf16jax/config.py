@@ -111,6 +111,8 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
             loss_scale_min=1.0,
             z_loss=0.0,
             sample_tokens=0,
+            diagnostics=True,  # swamping + gradient health in the step metrics (cheap)
+            drift_every=0,  # shadow FP32 eval of a fixed batch every N steps (0: at each eval)
         )
     )
     c.mesh = ml_collections.ConfigDict(

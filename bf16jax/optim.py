@@ -396,7 +396,7 @@ class Optimizer:
         """The learning rate the next `update` with `state` uses."""
         return self.schedule(state.count)
 
-    def update(self, grads, state: OptimizerState, params, *, key=None):
+    def update(self, grads, state: OptimizerState, params, *, key=None, return_updates=False):
         """One optimizer step; pure, so call it inside the jitted train step.
 
         Args:
@@ -404,9 +404,10 @@ class Optimizer:
           state: from `init` or a previous `update`.
           params: current params; new params keep their dtypes.
           key: PRNG key for the update rule (needed by stochastic rounding only).
+          return_updates: also return the FP32 updates the rule added (for diagnostics).
 
         Returns:
-          `(new_params, new_state)`.
+          `(new_params, new_state)`, plus the updates when `return_updates`.
         """
         direction, tx_state = self.tx.update(grads, state.tx_state, params)
         lr = self.schedule(state.count)
@@ -414,7 +415,10 @@ class Optimizer:
         new_params, rule_state = apply_updates(
             params, updates, rule=self.rule, rule_state=state.rule_state, key=key, step=state.count
         )
-        return new_params, OptimizerState(_increment(state.count), tx_state, rule_state)
+        new_state = OptimizerState(_increment(state.count), tx_state, rule_state)
+        if return_updates:
+            return new_params, new_state, updates
+        return new_params, new_state
 
 
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:

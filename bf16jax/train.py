@@ -34,7 +34,7 @@ from bf16jax import config as config_lib
 from bf16jax import data as data_lib
 from bf16jax import loss_scale as ls
 from bf16jax import metrics as metrics_lib
-from bf16jax import optim, sharding
+from bf16jax import numerics, optim, sharding
 from bf16jax.checkpoint import Checkpointer
 from bf16jax.loss import cross_entropy
 from bf16jax.models import build_model, param_count
@@ -111,12 +111,17 @@ def train_step(
     optimizer: optim.Optimizer,
     grad_accum_steps: int = 1,
     z_loss: float = 0.0,
+    diagnostics: bool = False,
+    compute_dtype=jnp.bfloat16,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `batch` (the global batch); pure.
 
     Returns:
       (new_state, metrics): FP32 scalars loss, nll, accuracy, log_z (mean |log Z| of the output
       logits), grad_norm, param_norm, learning_rate, loss_scale, finite (1/0), skipped (total).
+      With `diagnostics`: `swamped/<group>` (nonzero update, unchanged weight; see
+      `numerics.swamping_fractions`) and `grad/{zero,subnormal,nonfinite}` fractions, subnormal
+      meaning below the smallest normal of `compute_dtype`.
     """
     k = grad_accum_steps
     if k == 1:
@@ -145,7 +150,9 @@ def train_step(
 
     finite = ls.all_finite(grads)
     step_key = jax.random.fold_in(state.key, state.step)
-    new_params, new_opt = optimizer.update(grads, state.opt_state, state.params, key=step_key)
+    new_params, new_opt, updates = optimizer.update(
+        grads, state.opt_state, state.params, key=step_key, return_updates=True
+    )
     params = ls.select_tree(finite, new_params, state.params)
     opt_state = ls.select_tree(finite, new_opt, state.opt_state)
     skipped = state.skipped + (~finite).astype(jnp.int32)
@@ -168,7 +175,31 @@ def train_step(
         "finite": finite.astype(_F32),
         "skipped": skipped,
     }
+    if diagnostics:
+        metrics |= numerics.swamping_fractions(state.params, new_params, updates)
+        metrics |= numerics.gradient_health(grads, compute_dtype)
     return new_state, metrics
+
+
+def shadow_fp32_step(
+    params, batch: dict, *, graphdef: nnx.GraphDef, fp32_graphdef: nnx.GraphDef
+) -> dict[str, jax.Array]:
+    """BF16-vs-FP32 drift: the loss of the same params under the run's policy and under FP32.
+
+    Returns FP32 scalars `loss`, `fp32_loss`, `rel_gap` = (loss - fp32_loss) / fp32_loss, and
+    `log_z` (mean |log Z| of the output logits under the policy).
+    """
+    ref_params = jax.tree.map(lambda x: x.astype(_F32), params)
+    ours = eval_step(params, batch, graphdef=graphdef)
+    ref = eval_step(ref_params, batch, graphdef=fp32_graphdef)
+    loss = ours["loss_sum"] / ours["weight"]
+    ref_loss = ref["loss_sum"] / ref["weight"]
+    return {
+        "loss": loss,
+        "fp32_loss": ref_loss,
+        "rel_gap": (loss - ref_loss) / ref_loss,
+        "log_z": ours["log_z"],
+    }
 
 
 def eval_step(params, batch: dict, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
@@ -177,7 +208,12 @@ def eval_step(params, batch: dict, *, graphdef: nnx.GraphDef) -> dict[str, jax.A
     logits, targets, weights = model.logits_and_targets(batch)
     _, aux = cross_entropy(logits, targets, weights)
     w = aux["weight_sum"]
-    return {"loss_sum": aux["nll"] * w, "correct": aux["accuracy"] * w, "weight": w}
+    return {
+        "loss_sum": aux["nll"] * w,
+        "correct": aux["accuracy"] * w,
+        "weight": w,
+        "log_z": aux["log_z"],
+    }
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -193,6 +229,7 @@ class Trainer:
     policy: Policy
     mesh: jax.sharding.Mesh
     graphdef: nnx.GraphDef
+    fp32_graphdef: nnx.GraphDef  # the same model under the fp32 policy (drift diagnostic)
     optimizer: optim.Optimizer
     abstract: TrainState  # sharded ShapeDtypeStructs: the restore target
     n_params: int
@@ -227,6 +264,8 @@ class Trainer:
             optimizer=self.optimizer,
             grad_accum_steps=int(cfg.train.grad_accum_steps),
             z_loss=float(cfg.train.z_loss),
+            diagnostics=bool(cfg.train.diagnostics),
+            compute_dtype=self.policy.compute_dtype,
         )
         batch_sharding = sharding.batch_sharding(self.mesh)
         return jax.jit(
@@ -240,6 +279,29 @@ class Trainer:
     def _eval_fn(self):
         fn = functools.partial(eval_step, graphdef=self.graphdef)
         return jax.jit(fn, in_shardings=(self.state_shardings.params, None))
+
+    @functools.cached_property
+    def _shadow_fn(self):
+        fn = functools.partial(
+            shadow_fp32_step, graphdef=self.graphdef, fp32_graphdef=self.fp32_graphdef
+        )
+        return jax.jit(fn, in_shardings=(self.state_shardings.params, None))
+
+    @functools.cached_property
+    def _drift_batch(self) -> dict:
+        ds = data_lib.make_dataset(
+            self.config.data,
+            "eval",
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        return self.global_batch(next(iter(ds)))
+
+    def drift(self, params) -> dict[str, float]:
+        """The BF16-vs-FP32 drift on a fixed eval batch (see `shadow_fp32_step`)."""
+        with jax.set_mesh(self.mesh):
+            out = self._shadow_fn(params, self._drift_batch)
+        return {k: float(v) for k, v in jax.device_get(out).items()}
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One jitted train step; `state` is donated (do not use it afterwards)."""
@@ -272,6 +334,7 @@ class Trainer:
                 if i >= num_batches:
                     break
                 out = self._eval_fn(params, self.global_batch(local))
+                out.pop("log_z")
                 totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         if totals is None:
             raise ValueError("The eval split yielded no batch: lower config.data.eval_batch_size.")
@@ -284,6 +347,18 @@ class Trainer:
         }
 
 
+def _graphdef(config, policy: Policy) -> tuple[nnx.GraphDef, nnx.Module]:
+    """The model's graphdef under `policy` and the abstract model (no device memory)."""
+    with nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(
+            lambda: build_model(config.model, policy, rngs=nnx.Rngs(config.seed))
+        )
+    graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("bf16jax models may only hold nnx.Param state; found other variables.")
+    return graphdef, abstract_model
+
+
 def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
     """Validates `config` and builds the Trainer (nothing is allocated on devices yet)."""
     config_lib.validate(config)
@@ -293,18 +368,14 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
     optimizer = optim.make_optimizer(
         config.optim, total_steps=int(config.train.steps), update_rule=policy.update_rule
     )
-    with nnx.use_eager_sharding(False):
-        abstract_model = nnx.eval_shape(
-            lambda: build_model(config.model, policy, rngs=nnx.Rngs(config.seed))
-        )
-    graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError("bf16jax models may only hold nnx.Param state; found other variables.")
+    graphdef, abstract_model = _graphdef(config, policy)
+    fp32_graphdef, _ = _graphdef(config, get_policy("fp32"))
     trainer = Trainer(
         config=config,
         policy=policy,
         mesh=mesh,
         graphdef=graphdef,
+        fp32_graphdef=fp32_graphdef,
         optimizer=optimizer,
         abstract=None,  # set below: _init needs the trainer
         n_params=param_count(abstract_model),
@@ -419,6 +490,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 ev = writer.write(step, trainer.evaluate(state.params), prefix="eval/")
                 result.update({k.replace("/", "_"): v for k, v in ev.items()})
                 _report(bar, step, ev)
+            drift_every = config.train.drift_every or config.train.eval_every
+            if trainer.policy != get_policy("fp32") and (step % drift_every == 0 or step == steps):
+                dr = writer.write(step, trainer.drift(state.params), prefix="drift/")
+                result.update({k.replace("/", "_"): v for k, v in dr.items()})
             ckpt.save(step, state, train_it, force=step == steps)
             result["step"] = step
         if start >= steps:
