@@ -25,6 +25,7 @@ __all__ = [
     "flops_per_token",
     "mfu",
     "MetricWriter",
+    "bytes_per_param",
 ]
 
 # Dense BF16 peak FLOP/s per chip (vendor datasheets; no sparsity).
@@ -117,3 +118,13 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def bytes_per_param(tree, n_params: int) -> float:
+    """Bytes of every array in `tree` (arrays or ShapeDtypeStructs) divided by `n_params`."""
+    total = sum(
+        int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "shape") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    )
+    return total / max(n_params, 1)
