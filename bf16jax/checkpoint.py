@@ -12,6 +12,7 @@ directory that holds anything else is refused.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -116,6 +117,9 @@ class Checkpointer:
           ValueError: if `directory` is a file, missing (with create=False), or holds anything
             but Orbax step directories of bf16jax checkpoints.
         """
+        if "://" not in str(directory):
+            # Orbax's OCDBT store rejects relative paths ("runs/x" from the command line).
+            directory = os.path.abspath(os.fspath(directory))
         self.directory = epath.Path(directory)
         self.save_interval_steps = save_interval_steps
         if save_interval_steps < 0:
