@@ -1,4 +1,4 @@
-"""Policy-aware Flax NNX layers: Linear, Embed, LayerNorm, RMSNorm, Attention, MLP, T5 position bias.
+"""Policy-aware Flax NNX layers: Linear, Embed, norms, Attention, MLP, T5 relative position bias.
 
 Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/attn/q") and uses
 `policy.for_module(name)`, so per-module overrides apply. Invariants each layer keeps:
@@ -49,7 +49,10 @@ def _param(init: Initializer, shape: tuple[int, ...], axes: Axes, dtype, rngs: n
     if len(axes) != len(shape):
         raise ValueError(f"Logical axes {tuple(axes)} do not match param shape {shape}.")
     init = nnx.with_partitioning(init, tuple(axes))
-    return nnx.Param(init(rngs.params(), shape, dtype))
+    # The names are logical ("embed"), mapped to mesh axes by bf16jax.sharding; NNX's eager
+    # sharding would read them as mesh axes and fail outside a matching mesh.
+    with nnx.use_eager_sharding(False):
+        return nnx.Param(init(rngs.params(), shape, dtype))
 
 
 def dot(x: jax.Array, w: jax.Array, policy: Policy, contract: int = 1) -> jax.Array:

@@ -26,7 +26,8 @@ def cross_entropy(
     Args:
       logits: [..., V] scores (any float dtype; computed in FP32).
       targets: [...] integer class ids in [0, V).
-      weights: [...] per-position weights (e.g. 0 for padding); ones if None.
+      weights: [...] non-negative per-position weights (e.g. 0 for padding); ones if None.
+        Only their ratios matter: the loss is sum(w * nll) / sum(w), or 0 if all are 0.
       z_loss: coefficient of the log(Z)^2 auxiliary loss (0 disables it).
 
     Returns:
@@ -49,7 +50,9 @@ def cross_entropy(
     log_z = jax.nn.logsumexp(logits, axis=-1)  # [...]
     target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), -1)[..., 0]
     nll = log_z - target_logit
-    denom = jnp.maximum(jnp.sum(weights), 1.0)
+    weight_sum = jnp.sum(weights)
+    # A true weighted mean for any positive total (fractional weights too); 0 if all weights are 0.
+    denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
     mean_nll = jnp.sum(nll * weights) / denom
     mean_z = jnp.sum(jnp.square(log_z) * weights) / denom
     loss = mean_nll + jnp.float32(z_loss) * mean_z if z_loss else mean_nll
@@ -59,6 +62,6 @@ def cross_entropy(
         "z_loss": mean_z,
         "accuracy": jnp.sum(correct * weights) / denom,
         "log_z": jnp.sum(jnp.abs(log_z) * weights) / denom,
-        "weight_sum": jnp.sum(weights),
+        "weight_sum": weight_sum,
     }
     return loss, aux
