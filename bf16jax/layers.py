@@ -219,13 +219,16 @@ def attention(
     mask: jax.Array | None = None,
     causal: bool = False,
     implementation: str | None = None,
-) -> jax.Array:
+    return_logit_max: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """softmax(q k^T / sqrt(Dh) + bias, masked) v over [B, T, H, Dh] inputs -> [B, T, H, Dh].
 
     `mask` is boolean, broadcastable to [B, H, T, S], True = attend. `bias` broadcastable to
     [B, H, T, S]. With implementation None/"xla" the logits and softmax are in accum dtype (JAX's
     own XLA path rounds the logits to the compute dtype before its FP32 softmax); "cudnn" calls
     `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; softmax in FP32 inside).
+    With `return_logit_max`, also returns max |logit| (scaled, biased, before masking) in accum
+    dtype: large attention logits are a known precursor of low-precision instability.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -233,18 +236,29 @@ def attention(
             f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}."
         )
     q, k, v = policy.cast_to_compute((q, k, v))
-    if implementation == "cudnn":
-        if bias is not None:
-            bias = bias.astype(q.dtype)
-        return jax.nn.dot_product_attention(
-            q, k, v, bias=bias, mask=mask, is_causal=causal, implementation="cudnn"
-        )
     acc = policy.accum_dtype
     scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), acc)
-    # why: logits and softmax are an FP32 island; exp() of BF16 logits loses the small ones.
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=acc) * scale
-    if bias is not None:
-        logits = logits + policy.cast_to_accum(bias)
+
+    def scores():
+        # why: logits and softmax are an FP32 island; exp() of BF16 logits loses the small ones.
+        logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=acc) * scale
+        return logits if bias is None else logits + policy.cast_to_accum(bias)
+
+    if implementation == "cudnn":
+        out = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            bias=None if bias is None else bias.astype(q.dtype),
+            mask=mask,
+            is_causal=causal,
+            implementation="cudnn",
+        )
+        if return_logit_max:  # diagnostics only: recomputes the scores cuDNN kept on chip
+            return out, jnp.max(jnp.abs(scores()))
+        return out
+    logits = scores()
+    logit_max = jnp.max(jnp.abs(logits)) if return_logit_max else None
     t, s = logits.shape[-2:]
     if causal:
         keep = jnp.tril(jnp.ones((t, s), jnp.bool_), k=s - t)
@@ -255,7 +269,8 @@ def attention(
     out = jnp.einsum(
         "bhts,bshd->bthd", policy.cast_to_compute(probs), v, preferred_element_type=acc
     )
-    return policy.cast_to_compute(out)
+    out = policy.cast_to_compute(out)
+    return (out, logit_max) if return_logit_max else out
 
 
 class Attention(nnx.Module):
@@ -263,8 +278,12 @@ class Attention(nnx.Module):
 
     Projections q, k, v ([D, H*Dh], logical ("embed", "joined_kv")) and o ([H*Dh, D]) are
     `Linear`s, so each can be overridden by path (".../attn/q"). Optional additive `bias`
-    (e.g. T5 relative positions, [1|B, H, T, S]) and boolean `mask` (True = attend).
+    (e.g. T5 relative positions, [1|B, H, T, S]) and boolean `mask` (True = attend). With
+    `track_logits = True` each call sows max |attention logit| as an `nnx.Intermediate`
+    ("logit_max"); bf16jax's drift diagnostic turns it on in a copy of the model.
     """
+
+    track_logits: bool = False
 
     def __init__(
         self,
@@ -337,7 +356,11 @@ class Attention(nnx.Module):
             mask=mask,
             causal=self.causal,
             implementation=self.implementation,
+            return_logit_max=self.track_logits,
         )
+        if self.track_logits:
+            out, logit_max = out
+            self.sow(nnx.Intermediate, "logit_max", logit_max)
         return self.o(out.reshape(*out.shape[:-2], self.num_heads * self.head_dim))
 
 

@@ -36,6 +36,7 @@ from bf16jax import loss_scale as ls
 from bf16jax import metrics as metrics_lib
 from bf16jax import numerics, optim, sharding
 from bf16jax.checkpoint import Checkpointer
+from bf16jax.layers import Attention
 from bf16jax.loss import cross_entropy
 from bf16jax.models import build_model, param_count
 from bf16jax.precision import Policy, get_policy
@@ -144,7 +145,7 @@ def train_step(
         keys = ("loss", "nll", "z_loss", "accuracy", "log_z")
         init = {key: jnp.zeros([], _F32) for key in keys + ("weight_sum",)}
         (acc, totals), _ = jax.lax.scan(body, (zeros, init), micro)
-        denom = jnp.maximum(totals["weight_sum"], 1.0)
+        denom = jnp.where(totals["weight_sum"] > 0, totals["weight_sum"], 1.0)  # as the loss
         grads = jax.tree.map(lambda a: a / denom, acc)
         aux = {key: totals[key] / denom for key in keys} | {"weight_sum": totals["weight_sum"]}
 
@@ -186,25 +187,34 @@ def shadow_fp32_step(
 ) -> dict[str, jax.Array]:
     """BF16-vs-FP32 drift: the loss of the same params under the run's policy and under FP32.
 
-    Returns FP32 scalars `loss`, `fp32_loss`, `rel_gap` = (loss - fp32_loss) / fp32_loss, and
-    `log_z` (mean |log Z| of the output logits under the policy).
+    Returns FP32 scalars `loss`, `fp32_loss`, `rel_gap` = (loss - fp32_loss) / fp32_loss,
+    `log_z` (mean |log Z| of the output logits under the policy) and, when `graphdef` tracks
+    them, `attn_logit_max` (the largest |attention logit| in any layer).
     """
     ref_params = jax.tree.map(lambda x: x.astype(_F32), params)
-    ours = eval_step(params, batch, graphdef=graphdef)
+    model = nnx.merge(graphdef, params)
+    ours = _eval_sums(model, batch)
     ref = eval_step(ref_params, batch, graphdef=fp32_graphdef)
     loss = ours["loss_sum"] / ours["weight"]
     ref_loss = ref["loss_sum"] / ref["weight"]
-    return {
+    out = {
         "loss": loss,
         "fp32_loss": ref_loss,
         "rel_gap": (loss - ref_loss) / ref_loss,
         "log_z": ours["log_z"],
     }
+    sown = jax.tree.leaves(nnx.pop(model, nnx.Intermediate))
+    if sown:
+        out["attn_logit_max"] = jnp.max(jnp.stack([jnp.max(x) for x in sown]))
+    return out
 
 
 def eval_step(params, batch: dict, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
-    """Weighted sums over one eval batch: loss_sum, correct, weight (FP32 scalars)."""
-    model = nnx.merge(graphdef, params)
+    """Weighted sums over one eval batch: loss_sum, correct, weight (FP32 scalars), log_z."""
+    return _eval_sums(nnx.merge(graphdef, params), batch)
+
+
+def _eval_sums(model, batch: dict) -> dict[str, jax.Array]:
     logits, targets, weights = model.logits_and_targets(batch)
     _, aux = cross_entropy(logits, targets, weights)
     w = aux["weight_sum"]
@@ -230,6 +240,7 @@ class Trainer:
     mesh: jax.sharding.Mesh
     graphdef: nnx.GraphDef
     fp32_graphdef: nnx.GraphDef  # the same model under the fp32 policy (drift diagnostic)
+    diag_graphdef: nnx.GraphDef  # the run's model with attention-logit tracking on
     optimizer: optim.Optimizer
     abstract: TrainState  # sharded ShapeDtypeStructs: the restore target
     n_params: int
@@ -283,7 +294,7 @@ class Trainer:
     @functools.cached_property
     def _shadow_fn(self):
         fn = functools.partial(
-            shadow_fp32_step, graphdef=self.graphdef, fp32_graphdef=self.fp32_graphdef
+            shadow_fp32_step, graphdef=self.diag_graphdef, fp32_graphdef=self.fp32_graphdef
         )
         return jax.jit(fn, in_shardings=(self.state_shardings.params, None))
 
@@ -347,12 +358,21 @@ class Trainer:
         }
 
 
-def _graphdef(config, policy: Policy) -> tuple[nnx.GraphDef, nnx.Module]:
-    """The model's graphdef under `policy` and the abstract model (no device memory)."""
+def _graphdef(
+    config, policy: Policy, *, track_logits: bool = False
+) -> tuple[nnx.GraphDef, nnx.Module]:
+    """The model's graphdef under `policy` and the abstract model (no device memory).
+
+    `track_logits` turns on the attention layers' max-|logit| intermediates (diagnostics).
+    """
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(
             lambda: build_model(config.model, policy, rngs=nnx.Rngs(config.seed))
         )
+    if track_logits:
+        for _, module in nnx.iter_modules(abstract_model):
+            if isinstance(module, Attention):
+                module.track_logits = True
     graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError("bf16jax models may only hold nnx.Param state; found other variables.")
@@ -370,12 +390,16 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
     )
     graphdef, abstract_model = _graphdef(config, policy)
     fp32_graphdef, _ = _graphdef(config, get_policy("fp32"))
+    # Stacked (scanned) layers would need the intermediates threaded through nnx.scan.
+    tracking = not config.model.get("scan_layers", False)
+    diag_graphdef, _ = _graphdef(config, policy, track_logits=tracking)
     trainer = Trainer(
         config=config,
         policy=policy,
         mesh=mesh,
         graphdef=graphdef,
         fp32_graphdef=fp32_graphdef,
+        diag_graphdef=diag_graphdef,
         optimizer=optimizer,
         abstract=None,  # set below: _init needs the trainer
         n_params=param_count(abstract_model),
@@ -447,8 +471,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     )
     ckpt = Checkpointer.from_config(config.checkpoint, os.path.join(workdir, "checkpoints"))
+    try:
+        state, start = ckpt.restore_or_init(trainer.abstract, trainer.init_state, train_it)
+    except BaseException:
+        ckpt.close()  # e.g. a checkpoint of another config: refused, and nothing was written
+        raise
     writer = metrics_lib.MetricWriter(workdir)
-    state, start = ckpt.restore_or_init(trainer.abstract, trainer.init_state, train_it)
     log.info(
         "%s: %s params, policy %s, mesh %s, starting at step %d",
         config.model.name,

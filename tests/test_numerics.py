@@ -388,3 +388,36 @@ def test_rule_state_survives_checkpoint_resume_bit_exactly(policy, tmp_path):
     assert float(m_a["loss"]) == float(m_b["loss"])
     for a, b in zip(jax.tree.leaves(s_a.params), jax.tree.leaves(s_b.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_attention_logit_tracking_matches_direct_computation():
+    from flax import nnx
+
+    from bf16jax.layers import Attention
+    from bf16jax.precision import get_policy
+
+    policy = get_policy("fp32")
+    attn = Attention(8, 2, policy=policy, name="attn", rngs=nnx.Rngs(0), causal=True)
+    attn.track_logits = True
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)) * 3, jnp.float32)
+    attn(x)
+    (sown,) = jax.tree.leaves(nnx.pop(attn, nnx.Intermediate))
+    q = np.asarray(attn.q(x)).reshape(2, 5, 2, 4)
+    k = np.asarray(attn.k(x)).reshape(2, 5, 2, 4)
+    logits = np.einsum("bthd,bshd->bhts", q, k) / 2.0  # 1/sqrt(head_dim=4)
+    np.testing.assert_allclose(float(sown), np.abs(logits).max(), rtol=1e-5)
+
+
+def test_drift_diagnostic_reports_the_bf16_gap_and_attention_logits():
+    from bf16jax import sharding, train
+
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    trainer = train.create_trainer(tiny_gpt_config("bf16"), mesh)
+    state = trainer.init_state()
+    state = state.replace(params=jax.tree.map(lambda p: p * 8.0, state.params))  # larger logits
+    out = trainer.drift(state.params)
+    assert set(out) >= {"loss", "fp32_loss", "rel_gap", "log_z", "attn_logit_max"}
+    assert out["rel_gap"] != 0.0 and abs(out["rel_gap"]) < 0.05  # BF16 compute, not a bug
+    assert out["attn_logit_max"] > 0
+    fp32 = train.create_trainer(tiny_gpt_config("fp32"), mesh).drift(state.params)
+    assert fp32["rel_gap"] == 0.0  # the same computation twice
