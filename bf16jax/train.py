@@ -47,7 +47,7 @@ __all__ = [
     "create_trainer",
     "train_step",
     "eval_step",
-    "evaluate",
+    "shadow_fp32_step",
     "train_and_evaluate",
 ]
 
@@ -416,11 +416,6 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
         )
     )
     return trainer
-
-
-def evaluate(trainer: Trainer, state: TrainState) -> dict[str, float]:
-    """`trainer.evaluate(state.params)`: eval-split loss, accuracy, perplexity."""
-    return trainer.evaluate(state.params)
 
 
 # ----------------------------------------------------------------------------- the loop
