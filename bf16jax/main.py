@@ -70,6 +70,13 @@ def run() -> None:
             raise
         print(f"error: {_unknown_key(sys.argv, e)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        # ml_collections defers a --config file that failed to load (missing, unreadable) to
+        # the first use of the config; its message names the path.
+        if "Failed loading config file" not in str(e):
+            raise
+        print(f"error: --config: {e}", file=sys.stderr)
+        sys.exit(2)
     except ValueError as e:  # config / data / checkpoint errors: the message says the fix
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
