@@ -193,7 +193,7 @@ def shadow_fp32_step(
     """
     ref_params = jax.tree.map(lambda x: x.astype(_F32), params)
     model = nnx.merge(graphdef, params)
-    ours = _eval_sums(model, batch)
+    ours, sown = nnx.capture(_eval_sums, nnx.Intermediate)(model, batch)
     ref = eval_step(ref_params, batch, graphdef=fp32_graphdef)
     loss = ours["loss_sum"] / ours["weight"]
     ref_loss = ref["loss_sum"] / ref["weight"]
@@ -203,7 +203,7 @@ def shadow_fp32_step(
         "rel_gap": (loss - ref_loss) / ref_loss,
         "log_z": ours["log_z"],
     }
-    sown = jax.tree.leaves(nnx.pop(model, nnx.Intermediate))
+    sown = jax.tree.leaves(sown)
     if sown:
         out["attn_logit_max"] = jnp.max(jnp.stack([jnp.max(x) for x in sown]))
     return out

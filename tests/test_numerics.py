@@ -400,8 +400,8 @@ def test_attention_logit_tracking_matches_direct_computation():
     attn = Attention(8, 2, policy=policy, name="attn", rngs=nnx.Rngs(0), causal=True)
     attn.track_logits = True
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)) * 3, jnp.float32)
-    attn(x)
-    (sown,) = jax.tree.leaves(nnx.pop(attn, nnx.Intermediate))
+    _, captured = nnx.capture(attn, nnx.Intermediate)(x)
+    (sown,) = jax.tree.leaves(captured)
     q = np.asarray(attn.q(x)).reshape(2, 5, 2, 4)
     k = np.asarray(attn.k(x)).reshape(2, 5, 2, 4)
     logits = np.einsum("bthd,bshd->bhts", q, k) / 2.0  # 1/sqrt(head_dim=4)
