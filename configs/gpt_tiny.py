@@ -2,8 +2,9 @@
 
 Launch:   python -m bf16jax.main --config=configs/gpt_tiny.py --workdir=runs/gpt_tiny
 Hardware: a laptop / CI CPU (2 cores); any GPU or TPU.
-Expected: ~0.8M params, 300 steps of 32x128 bytes in a few minutes on 2 CPU cores; final eval
-          loss ~1.6 nats/byte (see README for the measured figure) under `bf16`.
+Expected: 0.86M params, 300 steps of 32x128 bytes in 2-3 minutes on 2 CPU cores; final eval
+          loss 2.22 nats/byte (35% next-byte accuracy) under `bf16` and `fp32` (measured, seed 0;
+          see README for the pure-BF16 variants).
 """
 
 from bf16jax.config import base_config
