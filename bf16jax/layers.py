@@ -7,6 +7,8 @@ Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/att
 - every matmul accumulates in `accum_dtype` (`preferred_element_type`), then the result is cast
   to `compute_dtype`; biases are added before that cast, in `accum_dtype`;
 - norm statistics, attention logits + softmax and output logits are FP32 islands (`accum_dtype`);
+- with a quantizing policy (`q=w8a8`, ...) `Linear` keeps LSQ step sizes (`bf16jax.quant`) as
+  FP32 params beside its kernel and dots integer codes; edge layers (`edge=True`) stay float;
 - params carry logical axis names (`embed`, `mlp`, `heads`, `joined_kv`, `vocab`, ...) that
   `bf16jax.sharding` maps to mesh axes.
 """
@@ -21,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bf16jax.precision import Policy
+from bf16jax import quant as quant_lib
+from bf16jax.precision import Policy, quant_bits
 
 __all__ = [
     "Linear",
@@ -55,6 +58,13 @@ def _param(init: Initializer, shape: tuple[int, ...], axes: Axes, dtype, rngs: n
         return nnx.Param(init(rngs.params(), shape, dtype))
 
 
+def _fixed_param(value: jax.Array, axes: Axes) -> nnx.Param:
+    """An nnx.Param holding `value` (no RNG drawn) with logical axis names `axes`."""
+    init = nnx.with_partitioning(lambda *_: value, tuple(axes))
+    with nnx.use_eager_sharding(False):
+        return nnx.Param(init(None, value.shape, value.dtype))
+
+
 def dot(x: jax.Array, w: jax.Array, policy: Policy, contract: int = 1) -> jax.Array:
     """x[..., K] @ w[K, ...] with operands in compute dtype and the result in accum dtype.
 
@@ -69,6 +79,12 @@ def dot(x: jax.Array, w: jax.Array, policy: Policy, contract: int = 1) -> jax.Ar
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias): FP32-accumulated, output in compute dtype.
 
+    With quantization (`policy.quant_for(name, edge=edge)` not "none") the layer also holds
+    FP32 LSQ step sizes: `w_scale` [out] (per output channel, LSQ init from the kernel, logical
+    axis of the kernel's output dim) and, when activations are quantized, `a_scale` [] (per
+    tensor, data-independent init `quant.activation_step_size`). `int8 = True` (set by
+    `quant.set_int8_mode`) runs real int8 x int8 -> int32 dots with the same codes.
+
     Args:
       in_features, out_features: sizes.
       policy: the root policy; this layer uses `policy.for_module(name)`.
@@ -77,7 +93,10 @@ class Linear(nnx.Module):
       use_bias: add a bias (zeros at init).
       kernel_axes: logical names of the kernel's two dims (bias gets the last one).
       kernel_init: defaults to LeCun normal (variance 1/in_features).
+      edge: the model's first layer or output logits: unquantized unless an override names it.
     """
+
+    int8: bool = False
 
     def __init__(
         self,
@@ -90,6 +109,7 @@ class Linear(nnx.Module):
         use_bias: bool = True,
         kernel_axes: Axes = ("embed", "mlp"),
         kernel_init: Initializer | None = None,
+        edge: bool = False,
     ):
         self.policy = policy.for_module(name)
         self.in_features = in_features
@@ -101,13 +121,35 @@ class Linear(nnx.Module):
             if use_bias
             else None
         )
+        self.quant = policy.quant_for(name, edge=edge)
+        bits = quant_bits(self.quant)
+        if bits is not None:
+            # why: step sizes are FP32 whatever the param dtype; a BF16 step size has 8 bits.
+            # Deterministic inits that draw no RNG: quantizing keeps the float init unchanged.
+            w_init = quant_lib.init_step_size(self.kernel[...], bits[0], axis=0)  # [out]
+            self.w_scale = _fixed_param(w_init, kernel_axes[-1:])
+        if bits is not None and bits[1] is not None:
+            a_init = quant_lib.activation_step_size(bits[1])
+            self.a_scale = _fixed_param(jnp.asarray(a_init, jnp.float32), ())
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"Linear expects inputs [..., {self.in_features}], got shape {tuple(x.shape)}."
             )
-        y = dot(x, self.kernel[...], self.policy)  # accum dtype
+        if self.quant == "none":
+            y = dot(x, self.kernel[...], self.policy)  # accum dtype
+        else:
+            a_scale = self.a_scale[...] if hasattr(self, "a_scale") else None
+            y = quant_lib.quantized_dot(
+                x,
+                self.kernel[...],
+                self.w_scale[...],
+                a_scale,
+                quant=self.quant,
+                policy=self.policy,
+                int8=self.int8,
+            )
         if self.bias is not None:
             y = y + self.policy.cast_to_accum(self.bias[...])
         return self.policy.cast_to_compute(y)

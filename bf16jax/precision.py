@@ -8,7 +8,8 @@
 - A Policy is frozen and hashable: it is a static argument to `jax.jit`, never traced.
 - `get_policy` accepts preset names (`fp32`, `bf16`, `bf16-pure`, `fp16`) and jmp/Levanter
   strings (`p=f32,c=bf16,o=f32`) with jmp's defaults (compute follows params, output follows
-  compute), plus per-module overrides (`bf16-pure; .*norm.*->fp32`). `str(policy)` round-trips.
+  compute), plus per-module overrides (`bf16-pure; .*norm.*->fp32`) and a quantization setting
+  (`bf16; q=w4a8; head->q=w8a8`, see `bf16jax.quant`). `str(policy)` round-trips.
 - Casts touch floating leaves only: integer arrays and PRNG keys pass through unchanged.
 """
 
@@ -23,7 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Policy", "get_policy", "parse_dtype", "PRESETS", "DTYPE_NAMES", "UPDATE_RULES"]
+__all__ = [
+    "Policy",
+    "get_policy",
+    "parse_dtype",
+    "parse_quant",
+    "quant_bits",
+    "PRESETS",
+    "DTYPE_NAMES",
+    "UPDATE_RULES",
+]
 
 _F32 = np.dtype(jnp.float32)
 _BF16 = np.dtype(jnp.bfloat16)
@@ -60,6 +70,8 @@ _KEYS = {
     "accum": "accum_dtype",
     "u": "update_rule",
     "update": "update_rule",
+    "q": "quant",
+    "quant": "quant",
 }
 # How a step adds updates to params stored in 16 bits (bf16jax.optim / bf16jax.numerics).
 UPDATE_RULES = ("nearest", "stochastic", "kahan")
@@ -77,6 +89,37 @@ def _parse_rule(name: str, context: str) -> str:
             f"{', '.join(UPDATE_RULES)} (or sr)."
         )
     return key
+
+
+# Quantization settings (bf16jax.quant): "none", or w<bits>[a<bits>] with 2..8 bits each
+# (weights per output channel, input activations per tensor; no "a" = weights only).
+_QUANT_RE = re.compile(r"w([2-8])(?:a([2-8]))?")
+_QUANT_NONE = ("none", "off", "fp", "")
+
+
+def parse_quant(text: str, context: str | None = None) -> str:
+    """Canonical quant setting ("none", "w8a8", "w4a8", "w8", ...) for `text`.
+
+    Raises:
+      ValueError: naming the bad value and the accepted forms.
+    """
+    key = str(text).strip().lower()
+    if key in _QUANT_NONE:
+        return "none"
+    if not _QUANT_RE.fullmatch(key):
+        raise ValueError(
+            f"Unknown quantization {text!r} in policy {context or text!r}: use none, or "
+            "w<bits>a<bits> / w<bits> with 2..8 bits (e.g. q=w8a8, q=w4a8, q=w8)."
+        )
+    return key
+
+
+def quant_bits(quant: str) -> tuple[int, int | None] | None:
+    """(weight_bits, activation_bits or None) of a canonical quant setting; None for "none"."""
+    m = _QUANT_RE.fullmatch(quant)
+    if m is None:
+        return None
+    return int(m.group(1)), (int(m.group(2)) if m.group(2) else None)
 
 
 def _half_dtype() -> np.dtype:
@@ -125,6 +168,8 @@ class Policy:
         what optax does), "stochastic" (stochastic rounding) or "kahan" (compensated, with a
         16-bit buffer per param). Matters for 16-bit params (`bf16-pure-sr`, `bf16-pure-kahan`);
         model-wide, so overrides may not set it.
+      quant: quantization-aware training of `layers.Linear` ("none", "w8a8", "w4a8", "w8", ...;
+        see `bf16jax.quant`). In an override, None means "inherit the base policy's setting".
       overrides: ordered `(regex, Policy)` rules; `for_module(path)` uses the first rule whose
         regex fully matches the path or one of its ancestors (`a/b` is an ancestor of `a/b/c`).
     """
@@ -135,6 +180,7 @@ class Policy:
     accum_dtype: np.dtype = _F32
     update_rule: str = "nearest"
     overrides: tuple[tuple[str, Policy], ...] = ()
+    quant: str | None = "none"
 
     def __post_init__(self):
         for field in ("param_dtype", "compute_dtype", "output_dtype", "accum_dtype"):
@@ -142,6 +188,8 @@ class Policy:
         object.__setattr__(
             self, "update_rule", _parse_rule(self.update_rule, str(self.update_rule))
         )
+        if self.quant is not None:
+            object.__setattr__(self, "quant", parse_quant(self.quant))
         rules = []
         for rule in self.overrides:
             if not (isinstance(rule, tuple) and len(rule) == 2):
@@ -175,7 +223,22 @@ class Policy:
         base = _resolve(self.overrides, path)
         if base is None:
             return self
-        return dataclasses.replace(base, update_rule=self.update_rule, overrides=self.overrides)
+        quant = self.quant if base.quant is None else base.quant
+        return dataclasses.replace(
+            base, update_rule=self.update_rule, overrides=self.overrides, quant=quant
+        )
+
+    def quant_for(self, path: str, *, edge: bool = False) -> str:
+        """The quant setting of the module at `path` ("none", "w8a8", ...).
+
+        An override rule matching `path` that sets `q=` wins. Otherwise an `edge` module (the
+        first layer or the output logits, which quantization is known to hurt) is unquantized
+        and any other module takes this policy's setting.
+        """
+        rule = _resolve(self.overrides, path)
+        if rule is not None and rule.quant is not None:
+            return rule.quant
+        return "none" if edge or self.quant is None else self.quant
 
     def replace(self, **changes) -> Policy:
         return dataclasses.replace(self, **changes)
@@ -198,7 +261,8 @@ class Policy:
         return _cast_tree(tree, self.accum_dtype)
 
     # ----------------------------------------------------------------- strings
-    def dtypes_str(self) -> str:
+    def dtypes_str(self, explicit_quant: bool = False) -> str:
+        """`p=..,c=..,o=..,a=..[,u=..][,q=..]`; q=none only if `explicit_quant` (overrides)."""
         text = ",".join(
             f"{k}={_SHORT_NAME[getattr(self, f)]}"
             for k, f in (
@@ -208,11 +272,18 @@ class Policy:
                 ("a", "accum_dtype"),
             )
         )
-        return text if self.update_rule == "nearest" else f"{text},u={self.update_rule}"
+        if self.update_rule != "nearest":
+            text = f"{text},u={self.update_rule}"
+        if self.quant is not None and (self.quant != "none" or explicit_quant):
+            text = f"{text},q={self.quant}"
+        return text
 
     def __str__(self) -> str:
         parts = [self.dtypes_str()]
-        parts += [f"{pattern}{_RULE_ARROW}{policy}" for pattern, policy in self.overrides]
+        parts += [
+            f"{pattern}{_RULE_ARROW}{policy.dtypes_str(explicit_quant=True)}"
+            for pattern, policy in self.overrides
+        ]
         return f"{_RULE_SEP} ".join(parts)
 
     def __repr__(self) -> str:
@@ -267,7 +338,10 @@ PRESETS: dict[str, Policy] = {
 }
 
 
-def _parse_dtypes(text: str, context: str) -> Policy:
+def _parse_dtypes(text: str, context: str, base: Policy | None = None) -> Policy:
+    """One policy segment. `base` is given for an override: then a segment of only `q=...`
+    keeps the base's dtypes, and an unset `q` means "inherit" (quant None)."""
+    quant_default = "none" if base is None else None
     text = text.strip()
     if not text:
         raise ValueError(
@@ -275,7 +349,7 @@ def _parse_dtypes(text: str, context: str) -> Policy:
             "or a string like 'p=f32,c=bf16,o=f32'."
         )
     if text.lower() in PRESETS:
-        return PRESETS[text.lower()]
+        return PRESETS[text.lower()].replace(quant=quant_default)
     if "=" not in text:
         # jmp: a bare dtype name sets params, compute and output alike.
         try:
@@ -286,44 +360,62 @@ def _parse_dtypes(text: str, context: str) -> Policy:
                 f"({', '.join(PRESETS)}), a dtype name (f32, bf16, f16, half) or key=dtype "
                 "pairs like 'p=f32,c=bf16,o=f32'."
             ) from None
-        return Policy(d, d, d)
-    fields: dict[str, np.dtype] = {}
+        return Policy(d, d, d, quant=quant_default)
+    fields: dict[str, Any] = {}
     for part in text.split(","):
         if "=" not in part:
             raise ValueError(
                 f"Malformed part {part.strip()!r} in policy {context!r}: "
-                "expected key=dtype, e.g. 'p=f32,c=bf16'."
+                "expected key=dtype, e.g. 'p=f32,c=bf16' (a preset with quantization is "
+                "written 'bf16; q=w8a8')."
             )
         key, value = (s.strip() for s in part.split("=", 1))
         field = _KEYS.get(key.lower())
         if field is None:
             raise ValueError(
                 f"Unknown key {key!r} in policy {context!r}: use one of "
-                "p/params, c/compute, o/output, a/accum, u/update (nearest, stochastic, kahan)."
+                "p/params, c/compute, o/output, a/accum, u/update (nearest, stochastic, kahan), "
+                "q/quant (none, w8a8, w4a8, ...)."
             )
         if field in fields:
             raise ValueError(f"Key {key!r} given twice in policy {context!r}.")
         if field == "update_rule":
             fields[field] = _parse_rule(value, context)
-            continue
-        fields[field] = _parse_dtype(value, context)
+        elif field == "quant":
+            fields[field] = parse_quant(value, context)
+        else:
+            fields[field] = _parse_dtype(value, context)
+    quant = fields.get("quant", quant_default)
+    if base is not None and set(fields) == {"quant"}:
+        return base.replace(quant=quant, overrides=(), update_rule="nearest")
     param = fields.get("param_dtype", _F32)
     compute = fields.get("compute_dtype", param)  # jmp: compute follows params
     output = fields.get("output_dtype", compute)  # jmp: output follows compute
     accum = fields.get("accum_dtype", _F32)
-    return Policy(param, compute, output, accum, fields.get("update_rule", "nearest"))
+    rule = fields.get("update_rule", "nearest")
+    return Policy(param, compute, output, accum, rule, quant=quant)
 
 
 def get_policy(spec: str | Policy) -> Policy:
     """Parses a policy from a preset name or a policy string; a Policy is returned as is.
 
-    Grammar: `BASE [; REGEX->POLICY]...` where BASE and each POLICY is a preset name
-    (`fp32`, `bf16`, `bf16-pure`, `bf16-pure-sr`, `bf16-pure-kahan`, `fp16`), a jmp/Levanter
-    string of `key=dtype` pairs (keys p/params, c/compute, o/output, a/accum; dtypes
-    f32/float32/full, bf16/bfloat16, f16/float16, half; plus u/update=nearest|stochastic|kahan,
-    base policy only) or a bare dtype (all of params/compute/output). Unset keys follow jmp:
-    params f32, compute = params, output = compute, accum f32, update nearest. Example:
-    `bf16-pure-kahan; .*norm.*->fp32; .*head.*->p=f32,c=bf16`.
+    Grammar: `BASE [; q=QUANT] [; REGEX->POLICY]...` where BASE and each POLICY is a preset
+    name (`fp32`, `bf16`, `bf16-pure`, `bf16-pure-sr`, `bf16-pure-kahan`, `fp16`), a
+    jmp/Levanter string of `key=dtype` pairs (keys p/params, c/compute, o/output, a/accum;
+    dtypes f32/float32/full, bf16/bfloat16, f16/float16, half; plus u/update=nearest|stochastic|
+    kahan, base policy only, and q/quant) or a bare dtype (all of params/compute/output). Unset
+    keys follow jmp: params f32, compute = params, output = compute, accum f32, update nearest.
+    Example: `bf16-pure-kahan; .*norm.*->fp32; .*head.*->p=f32,c=bf16`.
+
+    Quantization-aware training (`bf16jax.quant`, LSQ learned step sizes): QUANT is `none`,
+    `w<b>a<b>` (weights per output channel and input activations per tensor, 2..8 bits, e.g.
+    `w8a8`, `w4a8`) or `w<b>` (weights only). It applies to every `layers.Linear` except the
+    edge layers (the first layer and the output logits: ViT `patch_embed`, every `head`), which
+    stay unquantized unless an override names them. An override `REGEX->q=QUANT` changes only
+    the quantization of the matching modules and keeps the base dtypes; an override with
+    dtypes and no `q` keeps the base quantization. `Embed` lookups and `Embed.attend` (tied
+    logits) are never quantized. Examples: `fp32; q=w8a8`, `bf16; q=w4a8; head->q=w8a8`,
+    `bf16; q=w4a8; blocks/0/.*->q=w8a8; .*norm.*->fp32`, `p=f32,c=bf16,q=w8a8`.
 
     Raises:
       ValueError: naming the bad part and the accepted values.
@@ -332,17 +424,27 @@ def get_policy(spec: str | Policy) -> Policy:
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"Policy must be a string or Policy, got {type(spec).__name__}.")
-    base, *rule_texts = spec.split(_RULE_SEP)
-    policy = _parse_dtypes(base, spec)
-    rules = []
-    for text in rule_texts:
-        if not text.strip():
-            continue
-        if _RULE_ARROW not in text:
+    base_text, *rule_texts = spec.split(_RULE_SEP)
+    policy = _parse_dtypes(base_text, spec)
+    quant_texts = [t for t in rule_texts if t.strip() and _RULE_ARROW not in t]
+    for text in quant_texts:
+        key, _, value = text.partition("=")
+        if _KEYS.get(key.strip().lower()) != "quant" or not value.strip():
             raise ValueError(
                 f"Malformed override {text.strip()!r} in policy {spec!r}: "
-                "write REGEX->POLICY, e.g. '.*norm.*->fp32'."
+                "write REGEX->POLICY, e.g. '.*norm.*->fp32', or q=QUANT, e.g. 'q=w8a8'."
             )
+        if len(quant_texts) > 1 or "quant" in _keys_of(base_text):
+            raise ValueError(f"Quantization given twice in policy {spec!r}: give q= once.")
+        policy = policy.replace(quant=parse_quant(value, spec))
+    rules = []
+    for text in rule_texts:
+        if not text.strip() or _RULE_ARROW not in text:
+            continue
         pattern, sub = text.rsplit(_RULE_ARROW, 1)
-        rules.append((pattern.strip(), _parse_dtypes(sub, spec)))
+        rules.append((pattern.strip(), _parse_dtypes(sub, spec, base=policy)))
     return dataclasses.replace(policy, overrides=tuple(rules)) if rules else policy
+
+
+def _keys_of(text: str) -> set[str]:
+    return {_KEYS.get(p.split("=", 1)[0].strip().lower()) for p in text.split(",") if "=" in p}

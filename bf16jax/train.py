@@ -379,6 +379,13 @@ def _graphdef(
     return graphdef, abstract_model
 
 
+def _fp32_reference(policy: Policy) -> Policy:
+    """FP32 everywhere, with `policy`'s quantization (the drift diagnostic's reference model
+    must hold the same params, LSQ step sizes included)."""
+    rules = tuple((pattern, Policy(quant=p.quant)) for pattern, p in policy.overrides)
+    return Policy(quant=policy.quant, overrides=rules)
+
+
 def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
     """Validates `config` and builds the Trainer (nothing is allocated on devices yet)."""
     config_lib.validate(config)
@@ -389,7 +396,7 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
         config.optim, total_steps=int(config.train.steps), update_rule=policy.update_rule
     )
     graphdef, abstract_model = _graphdef(config, policy)
-    fp32_graphdef, _ = _graphdef(config, get_policy("fp32"))
+    fp32_graphdef, _ = _graphdef(config, _fp32_reference(policy))
     # Stacked (scanned) layers would need the intermediates threaded through nnx.scan.
     tracking = not config.model.get("scan_layers", False)
     diag_graphdef, _ = _graphdef(config, policy, track_logits=tracking)

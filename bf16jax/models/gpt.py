@@ -175,6 +175,7 @@ class GPT(nnx.Module):
                 rngs=rngs,
                 use_bias=False,
                 kernel_axes=("embed", "vocab"),
+                edge=True,  # output logits: unquantized unless an override asks
             )
 
     def _hidden(self, inputs: jax.Array) -> jax.Array:

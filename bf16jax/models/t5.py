@@ -128,6 +128,7 @@ class T5(nnx.Module):
                 rngs=rngs,
                 use_bias=False,
                 kernel_axes=("embed", "vocab"),
+                edge=True,  # output logits: unquantized unless an override asks
             )
 
     @staticmethod

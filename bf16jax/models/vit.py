@@ -43,7 +43,13 @@ class ViT(nnx.Module):
         num_patches = (self.image_size // self.patch_size) ** 2
         patch_dim = self.patch_size**2 * self.channels
         self.patch_embed = Linear(
-            patch_dim, d, policy=policy, name="patch_embed", rngs=rngs, kernel_axes=(None, "embed")
+            patch_dim,
+            d,
+            policy=policy,
+            name="patch_embed",
+            rngs=rngs,
+            kernel_axes=(None, "embed"),
+            edge=True,  # first layer: unquantized unless an override asks
         )
         self.pos_embed = Embed(
             num_patches, d, policy=policy, name="pos_embed", rngs=rngs, axes=(None, "embed")
@@ -69,6 +75,7 @@ class ViT(nnx.Module):
             name="head",
             rngs=rngs,
             kernel_axes=("embed", None),
+            edge=True,  # output logits: unquantized unless an override asks
         )
 
     def _pooled(self, images: jax.Array) -> jax.Array:

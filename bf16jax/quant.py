@@ -1,0 +1,267 @@
+"""Quantization-aware training with learned step sizes (LSQ), real int8 inference and export.
+
+LSQ (Esser et al. 2020, arXiv:1902.08153): a tensor x is fake-quantized with a learned step size
+s as q = round(clip(x / s, Qn, Qp)) * s, with Qn, Qp = -2^(b-1), 2^(b-1) - 1 (signed) or 0,
+2^b - 1 (unsigned). Straight-through gradients: dq/dx = 1 for Qn < x/s < Qp, else 0; dq/ds =
+round(x/s) - x/s inside, Qn or Qp outside; the gradient of s is multiplied by g = 1/sqrt(N Qp)
+(N = elements per step size). Init s = 2 mean|x| / sqrt(Qp). Invariants owned here:
+
+- codes (`lsq_codes`) are exact integers held in FP32, so a dot of codes in any float compute
+  dtype with an FP32 accumulator equals the int8 x int8 -> int32 dot whenever partial sums stay
+  below 2^24: fake-quant and real-int8 evaluation agree (`quantized_dot`, `set_int8_mode`);
+- step sizes are FP32 nnx.Params (`w_scale` per output channel, `a_scale` per tensor) of
+  `layers.Linear`, trained with the model, sharded like the kernel's output axis, checkpointed;
+- `export_int8` / `load_int8` write and read int8 kernels + FP32 scales with Orbax.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bf16jax.precision import Policy, quant_bits
+
+__all__ = [
+    "quant_range",
+    "scale_grad",
+    "lsq_codes",
+    "fake_quant",
+    "init_step_size",
+    "activation_step_size",
+    "quantized_dot",
+    "quantized_layers",
+    "set_int8_mode",
+    "to_int8",
+    "export_int8",
+    "load_int8",
+]
+
+_F32 = jnp.float32
+# Data-independent activation step-size init: LSQ's 2 mean|x| / sqrt(Qp) for inputs of unit
+# RMS (LayerNorm outputs; E|x| = sqrt(2/pi) for a unit Gaussian). The step size then learns.
+_UNIT_MEAN_ABS = math.sqrt(2.0 / math.pi)
+
+
+def quant_range(bits: int, signed: bool = True) -> tuple[int, int]:
+    """(Qn, Qp): [-2^(b-1), 2^(b-1) - 1] if `signed`, else [0, 2^b - 1]."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits} is not supported: use 2..8 (int8 holds the codes).")
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scale_grad(x: jax.Array, g: float) -> jax.Array:
+    """Identity forward; multiplies the gradient by `g` (LSQ's step-size gradient scale)."""
+    return x
+
+
+def _scale_grad_fwd(x, g):
+    return x, None
+
+
+def _scale_grad_bwd(g, _, ct):
+    return (ct * jnp.asarray(g, ct.dtype),)
+
+
+scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums the broadcast dims of `x` away so that it has `shape` (right-aligned broadcast)."""
+    lead = x.ndim - len(shape)
+    x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def lsq_codes(x: jax.Array, s: jax.Array, qn: int, qp: int) -> jax.Array:
+    """round(clip(x / s, qn, qp)) as exact integers in FP32; `s` broadcasts against `x`.
+
+    The VJP is that of the STE, written so that `lsq_codes(x, s) * s` has LSQ's gradients:
+    d codes/dx = 1/s and d codes/ds = -x/s^2 inside (Qn < x/s < Qp), 0 outside. Rounding is
+    half-to-even (`jnp.round`).
+    """
+    return jnp.round(jnp.clip(x.astype(_F32) / s, qn, qp))
+
+
+def _codes_fwd(x, s, qn, qp):
+    v = x.astype(_F32) / s
+    return jnp.round(jnp.clip(v, qn, qp)), (v, s, jnp.zeros((), x.dtype))  # dtype carrier
+
+
+def _codes_bwd(qn, qp, res, ct):
+    v, s, like_x = res
+    inside = (v > qn) & (v < qp)
+    gx = jnp.where(inside, ct / s, 0.0).astype(like_x.dtype)
+    gs = _sum_to_shape(jnp.where(inside, -ct * v / s, 0.0), s.shape)
+    return gx, gs.astype(s.dtype)
+
+
+lsq_codes.defvjp(_codes_fwd, _codes_bwd)
+
+
+def fake_quant(
+    x: jax.Array,
+    s: jax.Array,
+    *,
+    bits: int,
+    signed: bool = True,
+    num_elements: int | None = None,
+) -> jax.Array:
+    """LSQ fake quantization q = round(clip(x/s, Qn, Qp)) * s in FP32, with LSQ gradients.
+
+    Args:
+      x: the tensor.
+      s: FP32 step size(s), broadcastable to `x` (scalar per tensor, [out] per channel).
+      bits: 2..8.
+      signed: signed range, or unsigned [0, 2^b - 1] for non-negative inputs.
+      num_elements: N in the gradient scale 1/sqrt(N Qp); default x.size / s.size.
+
+    Returns:
+      q in FP32, the shape of `x`.
+    """
+    qn, qp = quant_range(bits, signed)
+    n = num_elements or max(x.size // max(s.size, 1), 1)
+    s = scale_grad(s, 1.0 / math.sqrt(n * qp))
+    return lsq_codes(x, s, qn, qp) * s
+
+
+def init_step_size(w: jax.Array, bits: int, axis: int | tuple[int, ...] | None = None):
+    """LSQ init 2 mean|w| / sqrt(Qp) in FP32, reducing over `axis` (None: all elements)."""
+    _, qp = quant_range(bits)
+    mean_abs = jnp.mean(jnp.abs(w.astype(_F32)), axis=axis)
+    return 2.0 * jnp.maximum(mean_abs, 1e-8) / math.sqrt(qp)
+
+
+def activation_step_size(bits: int) -> float:
+    """Data-independent LSQ init for an activation of unit RMS: 2 sqrt(2/pi) / sqrt(Qp)."""
+    return 2.0 * _UNIT_MEAN_ABS / math.sqrt(quant_range(bits)[1])
+
+
+def quantized_dot(
+    x: jax.Array,
+    w: jax.Array,
+    w_scale: jax.Array,
+    a_scale: jax.Array | None,
+    *,
+    quant: str,
+    policy: Policy,
+    int8: bool = False,
+) -> jax.Array:
+    """x[..., K] @ w[K, N] with LSQ weights (per output channel) and activations (per tensor).
+
+    Fake-quant: codes of x and w in compute dtype (exact: |codes| <= 128), accumulated in accum
+    dtype, then times s_a * s_w. `int8`: the same codes as int8 operands, int32 accumulation
+    (`preferred_element_type=int32`), then times s_a * s_w; `w` may then already hold int8 codes
+    (an exported model). Weight-only settings (`w8`) dot x with the weight codes in compute dtype.
+
+    Returns:
+      [..., N] in accum dtype.
+    """
+    w_bits, a_bits = quant_bits(quant)
+    acc = policy.accum_dtype
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    wn, wp = quant_range(w_bits)
+    sw = scale_grad(w_scale, 1.0 / math.sqrt(w.shape[0] * wp))
+    kw = w if jnp.issubdtype(w.dtype, jnp.integer) else lsq_codes(w, sw, wn, wp)  # [K, N]
+    if a_bits is None:
+        y = jax.lax.dot_general(policy.cast_to_compute(x), policy.cast_to_compute(kw), dims,
+                                preferred_element_type=acc)  # fmt: skip
+        return y * sw.astype(acc)
+    an, ap = quant_range(a_bits)
+    per_example = x.size // x.shape[0] if x.ndim > 1 else x.size  # LSQ's N_F
+    sa = scale_grad(a_scale, 1.0 / math.sqrt(per_example * ap))
+    kx = lsq_codes(x, sa, an, ap)  # [..., K]
+    if int8:
+        y = jax.lax.dot_general(
+            kx.astype(jnp.int8), kw.astype(jnp.int8), dims, preferred_element_type=jnp.int32
+        ).astype(acc)
+    else:
+        # Codes are small integers: exact in bf16/f16, and the FP32 accumulator is exact too.
+        kx_c = kx.astype(policy.compute_dtype)
+        kw_c = kw.astype(policy.compute_dtype)
+        y = jax.lax.dot_general(kx_c, kw_c, dims, preferred_element_type=acc)
+    return y * (sa * sw).astype(acc)
+
+
+# ----------------------------------------------------------------------------- model helpers
+def quantized_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+    """(path, layer) for every `layers.Linear` in `model` that quantizes (has `w_scale`)."""
+    from bf16jax.layers import Linear
+
+    return [
+        (path, m)
+        for path, m in nnx.iter_modules(model)
+        if isinstance(m, Linear) and m.quant != "none"
+    ]
+
+
+def set_int8_mode(model: nnx.Module, on: bool = True) -> nnx.Module:
+    """Switches every quantized Linear to real int8 dots (`on`) or to fake-quant; in place."""
+    for _, layer in quantized_layers(model):
+        layer.int8 = bool(on)
+    return model
+
+
+def to_int8(model: nnx.Module) -> nnx.Module:
+    """Replaces each quantized kernel by its int8 codes and turns int8 mode on; in place.
+
+    Activation-quantized layers then run int8 x int8 -> int32 dots; weight-only layers dot the
+    int8 codes in compute dtype. Other params are left as they are.
+    """
+    for _, layer in quantized_layers(model):
+        w = layer.kernel[...]
+        if not jnp.issubdtype(w.dtype, jnp.integer):
+            wn, wp = quant_range(quant_bits(layer.quant)[0])
+            codes = jnp.round(jnp.clip(w.astype(_F32) / layer.w_scale[...], wn, wp))
+            layer.kernel = nnx.Param(codes.astype(jnp.int8))
+    return set_int8_mode(model, True)
+
+
+def export_int8(model: nnx.Module, directory: str | os.PathLike) -> None:
+    """Saves `model`'s params with int8 kernels + FP32 scales (Orbax) for inference.
+
+    `model` itself is not changed. Restore with `load_int8(directory, make_model)`.
+    """
+    import orbax.checkpoint as ocp
+
+    exported = to_int8(nnx.clone(model))
+    state = nnx.to_pure_dict(nnx.state(exported, nnx.Param))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(directory), state)
+
+
+def load_int8(directory: str | os.PathLike, make_model: Callable[[], nnx.Module]) -> nnx.Module:
+    """The int8 inference model saved by `export_int8`.
+
+    Args:
+      directory: the export directory.
+      make_model: builds the same (float, QAT) model, e.g.
+        `lambda: build_model(cfg.model, policy, rngs=nnx.Rngs(0))`; run under `nnx.eval_shape`,
+        so nothing is initialized.
+
+    Returns:
+      The model with int8 kernels, FP32 scales and int8 mode on.
+    """
+    import orbax.checkpoint as ocp
+
+    abstract = nnx.eval_shape(lambda: to_int8(make_model()))
+    graphdef, state = nnx.split(abstract)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(os.path.abspath(directory), target)
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
+
+
+def prediction_agreement(a: jax.Array, b: jax.Array) -> float:
+    """Fraction of rows whose argmax agrees between logits `a` and `b`."""
+    return float(np.mean(np.argmax(np.asarray(a), -1) == np.argmax(np.asarray(b), -1)))
