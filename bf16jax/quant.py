@@ -11,7 +11,10 @@ round(x/s) - x/s inside, Qn or Qp outside; the gradient of s is multiplied by g 
   below 2^24: fake-quant and real-int8 evaluation agree (`quantized_dot`, `set_int8_mode`);
 - step sizes are FP32 nnx.Params (`w_scale` per output channel, `a_scale` per tensor) of
   `layers.Linear`, trained with the model, sharded like the kernel's output axis, checkpointed;
-- `export_int8` / `load_int8` write and read int8 kernels + FP32 scales with Orbax.
+- `export_int8` / `load_int8` write and read int8 kernels + FP32 scales with Orbax;
+- FP8 delayed scaling (Micikevicius et al. 2022, arXiv:2209.05433; E4M3 forward, E5M2 gradients):
+  `fp8_qdq`, `update_amax_history`, `scale_from_history` are the pure bookkeeping functions
+  (not yet wired into `layers.Linear` or the train step).
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ __all__ = [
     "to_int8",
     "export_int8",
     "load_int8",
+    "prediction_agreement",
+    "FP8_FORWARD",
+    "FP8_BACKWARD",
+    "fp8_qdq",
+    "update_amax_history",
+    "scale_from_history",
 ]
 
 _F32 = jnp.float32
@@ -265,3 +274,39 @@ def load_int8(directory: str | os.PathLike, make_model: Callable[[], nnx.Module]
 def prediction_agreement(a: jax.Array, b: jax.Array) -> float:
     """Fraction of rows whose argmax agrees between logits `a` and `b`."""
     return float(np.mean(np.argmax(np.asarray(a), -1) == np.argmax(np.asarray(b), -1)))
+
+
+# ----------------------------------------------------------------------------- FP8 (delayed)
+FP8_FORWARD = jnp.float8_e4m3fn  # activations and weights: more mantissa, max 448
+FP8_BACKWARD = jnp.float8_e5m2  # gradients: more range, max 57344
+
+
+def fp8_qdq(x: jax.Array, scale: jax.Array, dtype=FP8_FORWARD) -> jax.Array:
+    """Quantize-dequantize through an FP8 `dtype`: cast(clip(x / scale)) * scale, in FP32.
+
+    `scale` (FP32, scalar) maps the representable range: x / scale is clipped to +-max(dtype)
+    so that an amax above the history's saturates instead of becoming inf/nan.
+    """
+    fmax = float(jnp.finfo(dtype).max)
+    y = jnp.clip(x.astype(_F32) / scale, -fmax, fmax).astype(dtype)
+    return y.astype(_F32) * scale
+
+
+def update_amax_history(history: jax.Array, x: jax.Array) -> jax.Array:
+    """Rolls the FP32 amax history [H] by one and puts max|x| in slot 0 (newest first)."""
+    amax = jnp.max(jnp.abs(x.astype(_F32)))
+    return jnp.roll(history, 1).at[0].set(amax)
+
+
+def scale_from_history(
+    history: jax.Array, previous: jax.Array, dtype=FP8_FORWARD, margin: int = 0
+) -> jax.Array:
+    """Delayed scaling: scale = max(history) * 2^margin / max(dtype) (FP32 scalar).
+
+    The scale used at step t comes from amaxes of steps < t. A zero or non-finite amax keeps
+    the `previous` scale.
+    """
+    amax = jnp.max(history)
+    scale = amax * (2.0**margin) / float(jnp.finfo(dtype).max)
+    ok = (amax > 0) & jnp.isfinite(amax)
+    return jnp.where(ok, scale, previous).astype(_F32)

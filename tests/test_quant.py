@@ -377,3 +377,33 @@ def test_qat_from_the_cli_on_every_model_family(tmp_path):
         assert final["step"] == 2 and math.isfinite(final["eval_loss"]), name
         assert "q=w" in stderr  # the logged policy names the quantization
         assert (tmp_path / name / "checkpoints" / "2" / "state").exists()
+
+
+# ----------------------------------------------------------------------------- FP8 bookkeeping
+@pytest.mark.parametrize("dtype, fmax", [(quant.FP8_FORWARD, 448.0), (quant.FP8_BACKWARD, 57344.0)])
+def test_fp8_quantize_dequantize(dtype, fmax):
+    x = jax.random.normal(jax.random.key(3), (256,)) * 5.0
+    history = quant.update_amax_history(jnp.zeros(4, jnp.float32), x)
+    scale = quant.scale_from_history(history, jnp.ones([], jnp.float32), dtype)
+    np.testing.assert_allclose(scale, jnp.max(jnp.abs(x)) / fmax, rtol=1e-6)
+    y = quant.fp8_qdq(x, scale, dtype)
+    np.testing.assert_array_equal(quant.fp8_qdq(y, scale, dtype), y)  # idempotent
+    mantissa = 3 if dtype == quant.FP8_FORWARD else 2
+    rel = np.abs(np.asarray(y - x)) / np.maximum(np.abs(np.asarray(x)), 1e-3)
+    assert rel[np.abs(np.asarray(x)) > 0.1].max() <= 2.0 ** -(mantissa + 1) + 1e-6
+    # An amax above the delayed scale's saturates at max(dtype) * scale: no inf or nan.
+    big = quant.fp8_qdq(jnp.asarray([1e6, -1e6]), scale, dtype)
+    np.testing.assert_allclose(big, [fmax * scale, -fmax * scale], rtol=1e-6)
+
+
+def test_amax_history_and_delayed_scale_bookkeeping():
+    h = jnp.zeros(3, jnp.float32)
+    for amax in (2.0, 8.0, 1.0, 0.5):
+        h = quant.update_amax_history(h, jnp.asarray([amax, -amax / 2]))
+    np.testing.assert_array_equal(h, [0.5, 1.0, 8.0])  # newest first; 2.0 rolled out
+    prev = jnp.asarray(0.25, jnp.float32)
+    np.testing.assert_allclose(quant.scale_from_history(h, prev), 8.0 / 448.0, rtol=1e-6)
+    np.testing.assert_allclose(quant.scale_from_history(h, prev, margin=1), 16.0 / 448.0)
+    assert quant.scale_from_history(jnp.zeros(3), prev) == prev  # no amax yet: keep the scale
+    nan = jnp.asarray([jnp.nan, 1.0])
+    assert quant.scale_from_history(nan, prev) == prev
