@@ -8,7 +8,9 @@ Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/att
   to `compute_dtype`; biases are added before that cast, in `accum_dtype`;
 - norm statistics, attention logits + softmax and output logits are FP32 islands (`accum_dtype`);
 - with a quantizing policy (`q=w8a8`, ...) `Linear` keeps LSQ step sizes (`bf16jax.quant`) as
-  FP32 params beside its kernel and dots integer codes; edge layers (`edge=True`) stay float;
+  FP32 params beside its kernel and dots integer codes; with `q=fp8` it dots E4M3 operands and
+  keeps delayed-scaling state (`quant.FP8Meta`, not a param); edge layers (`edge=True`) stay
+  float;
 - params carry logical axis names (`embed`, `mlp`, `heads`, `joined_kv`, `vocab`, ...) that
   `bf16jax.sharding` maps to mesh axes.
 """
@@ -24,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from bf16jax import quant as quant_lib
-from bf16jax.precision import Policy, quant_bits
+from bf16jax.precision import FP8, Policy, quant_bits
 
 __all__ = [
     "Linear",
@@ -83,7 +85,9 @@ class Linear(nnx.Module):
     FP32 LSQ step sizes: `w_scale` [out] (per output channel, LSQ init from the kernel, logical
     axis of the kernel's output dim) and, when activations are quantized, `a_scale` [] (per
     tensor, data-independent init `quant.activation_step_size`). `int8 = True` (set by
-    `quant.set_int8_mode`) runs real int8 x int8 -> int32 dots with the same codes.
+    `quant.set_int8_mode`) runs real int8 x int8 -> int32 dots with the same codes. With
+    `fp8` the layer holds `fp8_scale` [3] and `fp8_history` [3, H] (`quant.FP8Meta`, rows x, w,
+    gradient) and runs `quant.fp8_dot`.
 
     Args:
       in_features, out_features: sizes.
@@ -131,6 +135,10 @@ class Linear(nnx.Module):
         if bits is not None and bits[1] is not None:
             a_init = quant_lib.activation_step_size(bits[1])
             self.a_scale = _fixed_param(jnp.asarray(a_init, jnp.float32), ())
+        if self.quant == FP8:
+            scale, history = quant_lib.fp8_meta_init()
+            self.fp8_scale = quant_lib.FP8Meta(scale)
+            self.fp8_history = quant_lib.FP8Meta(history)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
         if x.shape[-1] != self.in_features:
@@ -139,6 +147,14 @@ class Linear(nnx.Module):
             )
         if self.quant == "none":
             y = dot(x, self.kernel[...], self.policy)  # accum dtype
+        elif self.quant == FP8:
+            y = quant_lib.fp8_dot(
+                x,
+                self.kernel[...],
+                self.fp8_scale[...],
+                self.fp8_history[...],
+                self.policy.accum_dtype,
+            )
         else:
             a_scale = self.a_scale[...] if hasattr(self, "a_scale") else None
             y = quant_lib.quantized_dot(

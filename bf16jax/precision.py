@@ -91,14 +91,16 @@ def _parse_rule(name: str, context: str) -> str:
     return key
 
 
-# Quantization settings (bf16jax.quant): "none", or w<bits>[a<bits>] with 2..8 bits each
-# (weights per output channel, input activations per tensor; no "a" = weights only).
+# Quantization settings (bf16jax.quant): "none", w<bits>[a<bits>] with 2..8 bits each
+# (LSQ; weights per output channel, input activations per tensor; no "a" = weights only), or
+# "fp8" (E4M3 operands, E5M2 gradients, delayed scaling; per-tensor scales from amax histories).
 _QUANT_RE = re.compile(r"w([2-8])(?:a([2-8]))?")
 _QUANT_NONE = ("none", "off", "fp", "")
+FP8 = "fp8"
 
 
 def parse_quant(text: str, context: str | None = None) -> str:
-    """Canonical quant setting ("none", "w8a8", "w4a8", "w8", ...) for `text`.
+    """Canonical quant setting ("none", "w8a8", "w4a8", "w8", "fp8", ...) for `text`.
 
     Raises:
       ValueError: naming the bad value and the accepted forms.
@@ -106,16 +108,18 @@ def parse_quant(text: str, context: str | None = None) -> str:
     key = str(text).strip().lower()
     if key in _QUANT_NONE:
         return "none"
+    if key == FP8:
+        return key
     if not _QUANT_RE.fullmatch(key):
         raise ValueError(
-            f"Unknown quantization {text!r} in policy {context or text!r}: use none, or "
-            "w<bits>a<bits> / w<bits> with 2..8 bits (e.g. q=w8a8, q=w4a8, q=w8)."
+            f"Unknown quantization {text!r} in policy {context or text!r}: use none, fp8, or "
+            "w<bits>a<bits> / w<bits> with 2..8 bits (e.g. q=w8a8, q=w4a8, q=w8, q=fp8)."
         )
     return key
 
 
 def quant_bits(quant: str) -> tuple[int, int | None] | None:
-    """(weight_bits, activation_bits or None) of a canonical quant setting; None for "none"."""
+    """(weight_bits, activation_bits or None) of an LSQ quant setting; None for "none"/"fp8"."""
     m = _QUANT_RE.fullmatch(quant)
     if m is None:
         return None
@@ -409,10 +413,12 @@ def get_policy(spec: str | Policy) -> Policy:
 
     Quantization-aware training (`bf16jax.quant`, LSQ learned step sizes): QUANT is `none`,
     `w<b>a<b>` (weights per output channel and input activations per tensor, 2..8 bits, e.g.
-    `w8a8`, `w4a8`) or `w<b>` (weights only). It applies to every `layers.Linear` except the
-    edge layers (the first layer and the output logits: ViT `patch_embed`, every `head`), which
-    stay unquantized unless an override names them. An override `REGEX->q=QUANT` changes only
-    the quantization of the matching modules and keeps the base dtypes; an override with
+    `w8a8`, `w4a8`), `w<b>` (weights only) or `fp8` (E4M3 weights and activations, E5M2
+    gradients, delayed scaling from amax histories: `bf16jax.quant.fp8_dot`). It applies to
+    every `layers.Linear` except the edge layers (the first layer and the output logits: ViT
+    `patch_embed`, every `head`), which stay unquantized unless an override names them. An
+    override `REGEX->q=QUANT` changes only the quantization of the matching modules and keeps
+    the base dtypes; an override with
     dtypes and no `q` keeps the base quantization. `Embed` lookups and `Embed.attend` (tied
     logits) are never quantized. Examples: `fp32; q=w8a8`, `bf16; q=w4a8; head->q=w8a8`,
     `bf16; q=w4a8; blocks/0/.*->q=w8a8; .*norm.*->fp32`, `p=f32,c=bf16,q=w8a8`.

@@ -13,8 +13,12 @@ round(x/s) - x/s inside, Qn or Qp outside; the gradient of s is multiplied by g 
   `layers.Linear`, trained with the model, sharded like the kernel's output axis, checkpointed;
 - `export_int8` / `load_int8` write and read int8 kernels + FP32 scales with Orbax;
 - FP8 delayed scaling (Micikevicius et al. 2022, arXiv:2209.05433; E4M3 forward, E5M2 gradients):
-  `fp8_qdq`, `update_amax_history`, `scale_from_history` are the pure bookkeeping functions
-  (not yet wired into `layers.Linear` or the train step).
+  `fp8_dot` runs x @ w on E4M3 operands and quantizes the incoming gradient to E5M2, each with
+  the per-tensor scale of the previous steps' amaxes. The scales [3] and amax histories [3, H]
+  (rows x, w, grad) are `FP8Meta` variables of `layers.Linear`, not params: the optimizer never
+  sees them. Their update leaves the pure train step as their "gradient" (Flax Linen's
+  overwrite-with-gradient trick, `flax/linen/fp8_ops.py`): `fp8_dot`'s VJP returns the new
+  scales and histories as the cotangents of the old ones, and `train.train_step` stores them.
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ __all__ = [
     "prediction_agreement",
     "FP8_FORWARD",
     "FP8_BACKWARD",
+    "FP8_HISTORY_LENGTH",
+    "FP8Meta",
+    "fp8_meta_init",
+    "fp8_quantize",
+    "fp8_dot",
     "fp8_qdq",
     "update_amax_history",
     "scale_from_history",
@@ -203,13 +212,13 @@ def quantized_dot(
 
 # ----------------------------------------------------------------------------- model helpers
 def quantized_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
-    """(path, layer) for every `layers.Linear` in `model` that quantizes (has `w_scale`)."""
+    """(path, layer) for every `layers.Linear` in `model` with LSQ quantization (has `w_scale`)."""
     from bf16jax.layers import Linear
 
     return [
         (path, m)
         for path, m in nnx.iter_modules(model)
-        if isinstance(m, Linear) and m.quant != "none"
+        if isinstance(m, Linear) and quant_bits(m.quant) is not None
     ]
 
 
@@ -310,3 +319,88 @@ def scale_from_history(
     scale = amax * (2.0**margin) / float(jnp.finfo(dtype).max)
     ok = (amax > 0) & jnp.isfinite(amax)
     return jnp.where(ok, scale, previous).astype(_F32)
+
+
+# ----------------------------------------------------------------------------- FP8 in the layers
+FP8_HISTORY_LENGTH = 16  # steps of amax kept per tensor (TE / Linen default 1024: long runs)
+_FP8_ROWS = (FP8_FORWARD, FP8_FORWARD, FP8_BACKWARD)  # rows of the meta: x, w, gradient
+
+
+class FP8Meta(nnx.Variable):
+    """FP8 delayed-scaling state of a Linear (scales [3], amax histories [3, H]); not a param.
+
+    Replicated (no logical axis names: a few floats), checkpointed with the train state, and
+    updated by the train step from `fp8_dot`'s VJP, never by the optimizer.
+    """
+
+
+def fp8_meta_init(history_length: int = FP8_HISTORY_LENGTH) -> tuple[jax.Array, jax.Array]:
+    """(scales [3] = 1, amax histories [3, H] = 0) in FP32 for the rows x, w, gradient."""
+    return jnp.ones([3], _F32), jnp.zeros([3, history_length], _F32)
+
+
+def fp8_quantize(x: jax.Array, scale: jax.Array, dtype=FP8_FORWARD) -> jax.Array:
+    """cast(clip(x / scale, +-max(dtype))) as `dtype`: the FP8 codes (see `fp8_qdq`)."""
+    fmax = float(jnp.finfo(dtype).max)
+    return jnp.clip(x.astype(_F32) / scale, -fmax, fmax).astype(dtype)
+
+
+def _fp8_new_meta(scale, history, amaxes):
+    """Rolls each row's history, records its amax, and takes the delayed scales from it."""
+    rows = [update_amax_history(history[i], amaxes[i]) for i in range(3)]
+    scales = [scale_from_history(rows[i], scale[i], dt) for i, dt in enumerate(_FP8_ROWS)]
+    return jnp.stack(scales), jnp.stack(rows)
+
+
+def _fp8_forward(x, w, scale, acc):
+    xq = fp8_quantize(x, scale[0])  # [..., K] e4m3
+    wq = fp8_quantize(w, scale[1])  # [K, N] e4m3
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    y = jax.lax.dot_general(xq, wq, dims, preferred_element_type=_F32)  # [..., N]
+    return (y * (scale[0] * scale[1])).astype(acc), xq, wq
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def fp8_dot(x: jax.Array, w: jax.Array, scale: jax.Array, history: jax.Array, acc=_F32):
+    """x[..., K] @ w[K, N] on E4M3 operands with delayed per-tensor scaling; result in `acc`.
+
+    Forward: x and w are quantized to E4M3 with `scale[0]`, `scale[1]` (from earlier steps'
+    amaxes), dotted with an FP32 accumulator (an FP8 GEMM on Hopper) and rescaled. Backward:
+    the cotangent is quantized to E5M2 with `scale[2]`; dx and dw are dots of FP8 operands
+    (straight-through: the quantizer's gradient is the identity). The cotangents returned for
+    `scale` and `history` are NOT derivatives: they are the new scales and histories after
+    recording max|x|, max|w| and max|dy| of this step (overwrite-with-gradient).
+
+    Args:
+      x: activations, any float dtype.
+      w: kernel [K, N].
+      scale: FP32 [3], the scales of x, w and the gradient.
+      history: FP32 [3, H], their amax histories (newest first).
+      acc: the result's dtype (the policy's accum dtype).
+    """
+    return _fp8_forward(x, w, scale, acc)[0]
+
+
+def _fp8_dot_fwd(x, w, scale, history, acc):
+    y, xq, wq = _fp8_forward(x, w, scale, acc)
+    amax_x = jnp.max(jnp.abs(x.astype(_F32)))
+    amax_w = jnp.max(jnp.abs(w.astype(_F32)))
+    carriers = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))  # dtype carriers
+    return y, (xq, wq, scale, history, amax_x, amax_w, carriers)
+
+
+def _fp8_dot_bwd(acc, res, ct):
+    xq, wq, scale, history, amax_x, amax_w, (like_x, like_w) = res
+    gq = fp8_quantize(ct, scale[2], FP8_BACKWARD)  # [..., N] e5m2
+    lead = tuple(range(ct.ndim - 1))
+    dx = jax.lax.dot_general(gq, wq, (((ct.ndim - 1,), (1,)), ((), ())),
+                             preferred_element_type=_F32)  # fmt: skip
+    dw = jax.lax.dot_general(xq, gq, ((lead, lead), ((), ())), preferred_element_type=_F32)
+    dx = (dx * (scale[2] * scale[1])).astype(like_x.dtype)  # [..., K]
+    dw = (dw * (scale[0] * scale[2])).astype(like_w.dtype)  # [K, N]
+    amax_g = jnp.max(jnp.abs(ct.astype(_F32)))
+    new_scale, new_history = _fp8_new_meta(scale, history, (amax_x, amax_w, amax_g))
+    return dx, dw, new_scale, new_history
+
+
+fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)

@@ -2,13 +2,16 @@
 
 `TrainState` holds everything that must survive a restart: step, params (nnx.State, in the
 policy's param dtypes), optimizer state (moments in their own dtypes, update-rule buffers), loss
-scale, PRNG key and the count of skipped steps; the data iterator's position is checkpointed
-beside it. `train_step(state, batch) -> (state, metrics)` is pure: the model's graphdef, the
-optimizer and the config are fixed outside (`Trainer`), randomness is `fold_in(key, step)`.
-Invariants: gradients are unscaled and accumulated in FP32 (accum dtype) whatever the params'
-dtype; k micro-batches give the gradient of the one big batch (each micro mean weighted by its
-token weight); a step whose gradients are not all finite changes nothing but the loss scale, the
-step and the skip counter; the state is built sharded (eval_shape -> shardings -> jit).
+scale, PRNG key, the count of skipped steps and the FP8 delayed-scaling state (`fp8_meta`: amax
+histories and scales of `q=fp8` layers, empty otherwise); the data iterator's position is
+checkpointed beside it. `train_step(state, batch) -> (state, metrics)` is pure: the model's
+graphdef, the optimizer and the config are fixed outside (`Trainer`), randomness is
+`fold_in(key, step)`. Invariants: gradients are unscaled and accumulated in FP32 (accum dtype)
+whatever the params' dtype; k micro-batches give the gradient of the one big batch (each micro
+mean weighted by its token weight); FP8 meta leaves the step as its overwrite-with-gradient
+"gradient" (the new amax histories / scales, `quant.fp8_dot`; max over micro-batches), never
+through the optimizer; a step whose gradients are not all finite changes nothing but the loss
+scale, the step and the skip counter; the state is built sharded (eval_shape -> shardings -> jit).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from bf16jax.layers import Attention
 from bf16jax.loss import cross_entropy
 from bf16jax.models import build_model, param_count
 from bf16jax.precision import Policy, get_policy
+from bf16jax.quant import FP8Meta
 
 __all__ = [
     "TrainState",
@@ -66,6 +70,7 @@ class TrainState:
     loss_scale: ls.LossScaleState
     key: jax.Array  # typed PRNG key; step randomness is fold_in(key, step)
     skipped: jax.Array  # int32 [], steps skipped because a gradient was not finite
+    fp8_meta: Any  # nnx.State of quant.FP8Meta (replicated); empty unless the policy has q=fp8
 
 
 def _global_norm(tree) -> jax.Array:
@@ -91,17 +96,23 @@ def _micro_batches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def _loss_and_grads(params, graphdef, batch, loss_scale, z_loss):
-    """(aux metrics, FP32 unscaled grads) of the weighted-mean loss on one (micro-)batch."""
+def _loss_and_grads(params, fp8_meta, graphdef, batch, loss_scale, z_loss):
+    """(aux metrics, FP32 unscaled grads, new FP8 meta) of the weighted-mean loss on one batch.
 
-    def loss_fn(p):
-        model = nnx.merge(graphdef, p)
+    The "gradient" of the FP8 meta is its updated value (overwrite-with-gradient, see
+    `quant.fp8_dot`): it is returned as the new meta, not unscaled, not an update direction.
+    """
+
+    def loss_fn(p, m):
+        model = nnx.merge(graphdef, p, m)
         logits, targets, weights = model.logits_and_targets(batch)
         loss, aux = cross_entropy(logits, targets, weights, z_loss=z_loss)
         return ls.scale_loss(loss_scale, loss), {**aux, "loss": loss}
 
-    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return aux, ls.unscale_grads(loss_scale, grads)
+    (_, aux), (grads, new_meta) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        params, fp8_meta
+    )
+    return aux, ls.unscale_grads(loss_scale, grads), new_meta
 
 
 def train_step(
@@ -125,26 +136,33 @@ def train_step(
       meaning below the smallest normal of `compute_dtype`.
     """
     k = grad_accum_steps
+    meta = state.fp8_meta
     if k == 1:
-        aux, grads = _loss_and_grads(state.params, graphdef, batch, state.loss_scale, z_loss)
+        aux, grads, new_meta = _loss_and_grads(
+            state.params, meta, graphdef, batch, state.loss_scale, z_loss
+        )
     else:
         micro = _micro_batches(batch, k)
 
         def body(carry, mb):
-            acc, totals = carry
-            aux, g = _loss_and_grads(state.params, graphdef, mb, state.loss_scale, z_loss)
+            acc, totals, meta_max = carry
+            aux, g, m = _loss_and_grads(state.params, meta, graphdef, mb, state.loss_scale, z_loss)
             w = aux["weight_sum"]
             # Accumulate sum_i w_i * grad(mean_i) in FP32; divided by sum_i w_i below.
             acc = jax.tree.map(lambda a, gi: a + w * gi, acc, g)
             totals = {key: totals[key] + w * aux[key] for key in totals} | {
                 "weight_sum": totals["weight_sum"] + w
             }
-            return (acc, totals), None
+            # Every micro-batch rolls the same old history: their max is the history whose
+            # newest amax is the step's (scales are monotone in it); all entries are >= 0.
+            meta_max = jax.tree.map(jnp.maximum, meta_max, m)
+            return (acc, totals, meta_max), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, _F32), state.params)
+        meta_zeros = jax.tree.map(jnp.zeros_like, meta)
         keys = ("loss", "nll", "z_loss", "accuracy", "log_z")
         init = {key: jnp.zeros([], _F32) for key in keys + ("weight_sum",)}
-        (acc, totals), _ = jax.lax.scan(body, (zeros, init), micro)
+        (acc, totals, new_meta), _ = jax.lax.scan(body, (zeros, init, meta_zeros), micro)
         denom = jnp.where(totals["weight_sum"] > 0, totals["weight_sum"], 1.0)  # as the loss
         grads = jax.tree.map(lambda a: a / denom, acc)
         aux = {key: totals[key] / denom for key in keys} | {"weight_sum": totals["weight_sum"]}
@@ -156,6 +174,7 @@ def train_step(
     )
     params = ls.select_tree(finite, new_params, state.params)
     opt_state = ls.select_tree(finite, new_opt, state.opt_state)
+    fp8_meta = ls.select_tree(finite, new_meta, meta)
     skipped = state.skipped + (~finite).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1,
@@ -163,6 +182,7 @@ def train_step(
         opt_state=opt_state,
         loss_scale=ls.adjust(state.loss_scale, finite),
         skipped=skipped,
+        fp8_meta=fp8_meta,
     )
     metrics = {
         "loss": aux["loss"],
@@ -183,18 +203,24 @@ def train_step(
 
 
 def shadow_fp32_step(
-    params, batch: dict, *, graphdef: nnx.GraphDef, fp32_graphdef: nnx.GraphDef
+    params,
+    batch: dict,
+    fp8_meta=None,
+    *,
+    graphdef: nnx.GraphDef,
+    fp32_graphdef: nnx.GraphDef,
 ) -> dict[str, jax.Array]:
     """BF16-vs-FP32 drift: the loss of the same params under the run's policy and under FP32.
 
     Returns FP32 scalars `loss`, `fp32_loss`, `rel_gap` = (loss - fp32_loss) / fp32_loss,
     `log_z` (mean |log Z| of the output logits under the policy) and, when `graphdef` tracks
-    them, `attn_logit_max` (the largest |attention logit| in any layer).
+    them, `attn_logit_max` (the largest |attention logit| in any layer). `fp8_meta`: the FP8
+    scales (`TrainState.fp8_meta`) of a `q=fp8` model, used by both models.
     """
     ref_params = jax.tree.map(lambda x: x.astype(_F32), params)
-    model = nnx.merge(graphdef, params)
+    model = _merge(graphdef, params, fp8_meta)
     ours, sown = nnx.capture(_eval_sums, nnx.Intermediate)(model, batch)
-    ref = eval_step(ref_params, batch, graphdef=fp32_graphdef)
+    ref = eval_step(ref_params, batch, fp8_meta, graphdef=fp32_graphdef)
     loss = ours["loss_sum"] / ours["weight"]
     ref_loss = ref["loss_sum"] / ref["weight"]
     out = {
@@ -209,9 +235,19 @@ def shadow_fp32_step(
     return out
 
 
-def eval_step(params, batch: dict, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
-    """Weighted sums over one eval batch: loss_sum, correct, weight (FP32 scalars), log_z."""
-    return _eval_sums(nnx.merge(graphdef, params), batch)
+def eval_step(
+    params, batch: dict, fp8_meta=None, *, graphdef: nnx.GraphDef
+) -> dict[str, jax.Array]:
+    """Weighted sums over one eval batch: loss_sum, correct, weight (FP32 scalars), log_z.
+
+    `fp8_meta` (`TrainState.fp8_meta`) is needed by a `q=fp8` model; eval does not update it.
+    """
+    return _eval_sums(_merge(graphdef, params, fp8_meta), batch)
+
+
+def _merge(graphdef: nnx.GraphDef, params, fp8_meta=None) -> nnx.Module:
+    """The model from its graphdef, params and (for `q=fp8`) FP8 meta."""
+    return nnx.merge(graphdef, params, *([] if fp8_meta is None else [fp8_meta]))
 
 
 def _eval_sums(model, batch: dict) -> dict[str, jax.Array]:
@@ -249,6 +285,7 @@ class Trainer:
         cfg = self.config
         model = build_model(cfg.model, self.policy, rngs=nnx.Rngs(cfg.seed))
         params = nnx.state(model, nnx.Param)
+        fp8_meta = nnx.state(model, FP8Meta)  # empty State unless q=fp8
         return TrainState(
             step=jnp.zeros([], jnp.int32),
             params=params,
@@ -256,6 +293,7 @@ class Trainer:
             loss_scale=ls.make_loss_scale(cfg.train),
             key=jax.random.fold_in(jax.random.key(cfg.seed), _KEY_SALT),
             skipped=jnp.zeros([], jnp.int32),
+            fp8_meta=fp8_meta,
         )
 
     @property
@@ -289,14 +327,16 @@ class Trainer:
     @functools.cached_property
     def _eval_fn(self):
         fn = functools.partial(eval_step, graphdef=self.graphdef)
-        return jax.jit(fn, in_shardings=(self.state_shardings.params, None))
+        sh = self.state_shardings
+        return jax.jit(fn, in_shardings=(sh.params, None, sh.fp8_meta))
 
     @functools.cached_property
     def _shadow_fn(self):
         fn = functools.partial(
             shadow_fp32_step, graphdef=self.diag_graphdef, fp32_graphdef=self.fp32_graphdef
         )
-        return jax.jit(fn, in_shardings=(self.state_shardings.params, None))
+        sh = self.state_shardings
+        return jax.jit(fn, in_shardings=(sh.params, None, sh.fp8_meta))
 
     @functools.cached_property
     def _drift_batch(self) -> dict:
@@ -308,10 +348,11 @@ class Trainer:
         )
         return self.global_batch(next(iter(ds)))
 
-    def drift(self, params) -> dict[str, float]:
+    def drift(self, params, fp8_meta=None) -> dict[str, float]:
         """The BF16-vs-FP32 drift on a fixed eval batch (see `shadow_fp32_step`)."""
+        fp8_meta = self._empty_meta if fp8_meta is None else fp8_meta
         with jax.set_mesh(self.mesh):
-            out = self._shadow_fn(params, self._drift_batch)
+            out = self._shadow_fn(params, self._drift_batch, fp8_meta)
         return {k: float(v) for k, v in jax.device_get(out).items()}
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -329,8 +370,21 @@ class Trainer:
     def global_batch(self, local_batch: dict) -> dict:
         return sharding.make_global_batch(local_batch, self.mesh)
 
-    def evaluate(self, params, num_batches: int | None = None) -> dict[str, float]:
-        """Loss, accuracy and perplexity on (the first `num_batches` of) the eval split."""
+    @property
+    def _empty_meta(self):
+        if jax.tree.leaves(self.abstract.fp8_meta):
+            raise ValueError(
+                f"Policy {self.policy} has FP8 layers: pass fp8_meta=state.fp8_meta to evaluate "
+                "the model with its delayed scales."
+            )
+        return self.abstract.fp8_meta
+
+    def evaluate(self, params, num_batches: int | None = None, fp8_meta=None) -> dict[str, float]:
+        """Loss, accuracy and perplexity on (the first `num_batches` of) the eval split.
+
+        `fp8_meta`: `state.fp8_meta`, required when the policy has `q=fp8`.
+        """
+        fp8_meta = self._empty_meta if fp8_meta is None else fp8_meta
         cfg = self.config
         ds = data_lib.make_dataset(
             cfg.data,
@@ -344,7 +398,7 @@ class Trainer:
             for i, local in enumerate(ds):
                 if i >= num_batches:
                     break
-                out = self._eval_fn(params, self.global_batch(local))
+                out = self._eval_fn(params, self.global_batch(local), fp8_meta)
                 out.pop("log_z")
                 totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         if totals is None:
@@ -373,9 +427,12 @@ def _graphdef(
         for _, module in nnx.iter_modules(abstract_model):
             if isinstance(module, Attention):
                 module.track_logits = True
-    graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
+    graphdef, _, _, rest = nnx.split(abstract_model, nnx.Param, FP8Meta, ...)
     if jax.tree.leaves(rest):
-        raise ValueError("bf16jax models may only hold nnx.Param state; found other variables.")
+        raise ValueError(
+            "bf16jax models may only hold nnx.Param and quant.FP8Meta state; found other "
+            f"variables: {[path for path, _ in nnx.to_flat_state(rest)]}."
+        )
     return graphdef, abstract_model
 
 
@@ -517,17 +574,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 _report(bar, step, row)
                 t0, steps_timed = time.perf_counter(), 0
             if step % config.train.eval_every == 0 or step == steps:
-                ev = writer.write(step, trainer.evaluate(state.params), prefix="eval/")
+                ev = trainer.evaluate(state.params, fp8_meta=state.fp8_meta)
+                ev = writer.write(step, ev, prefix="eval/")
                 result.update({k.replace("/", "_"): v for k, v in ev.items()})
                 _report(bar, step, ev)
             drift_every = config.train.drift_every or config.train.eval_every
             if trainer.policy != get_policy("fp32") and (step % drift_every == 0 or step == steps):
-                dr = writer.write(step, trainer.drift(state.params), prefix="drift/")
+                dr = trainer.drift(state.params, state.fp8_meta)
+                dr = writer.write(step, dr, prefix="drift/")
                 result.update({k.replace("/", "_"): v for k, v in dr.items()})
             ckpt.save(step, state, train_it, force=step == steps)
             result["step"] = step
         if start >= steps:
-            ev = trainer.evaluate(state.params)
+            ev = trainer.evaluate(state.params, fp8_meta=state.fp8_meta)
             result.update({f"eval_{k}": v for k, v in ev.items()})
     finally:
         if bar is not None:
@@ -562,7 +621,7 @@ def sample_text(trainer: Trainer, state: TrainState, num_tokens: int, prompt: st
     """Samples `num_tokens` bytes (temperature 0.8) from a GPT after `prompt`; returns the text."""
     from bf16jax.models.gpt import generate
 
-    model = nnx.merge(trainer.graphdef, jax.device_get(state.params))
+    model = _merge(trainer.graphdef, *jax.device_get((state.params, state.fp8_meta)))
     ids = np.asarray(data_lib.encode(prompt), np.int32)
     key = jax.random.fold_in(jax.random.key(trainer.config.seed), 0x5A)
     out = generate(
