@@ -17,6 +17,7 @@ Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/att
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -331,6 +332,11 @@ def attention(
     return (out, logit_max) if return_logit_max else out
 
 
+def _sublayer(parent: str, sub: str, din: int, dout: int, axes: Axes, **kw) -> Linear:
+    """The Linear `parent/sub`: its own path, so a policy override can target it alone."""
+    return Linear(din, dout, name=f"{parent}/{sub}", kernel_axes=axes, **kw)
+
+
 class Attention(nnx.Module):
     """Multi-head attention: self-attention, or cross-attention when `context` is given.
 
@@ -375,16 +381,7 @@ class Attention(nnx.Module):
         self.implementation = implementation
         inner = num_heads * head_dim
 
-        def proj(sub, din, dout, axes):
-            return Linear(
-                din,
-                dout,
-                policy=policy,
-                name=f"{name}/{sub}",
-                rngs=rngs,
-                use_bias=use_bias,
-                kernel_axes=axes,
-            )
+        proj = functools.partial(_sublayer, name, policy=policy, rngs=rngs, use_bias=use_bias)
 
         self.q = proj("q", embed_dim, inner, ("embed", "joined_kv"))
         self.k = proj("k", embed_dim, inner, ("embed", "joined_kv"))
@@ -446,16 +443,7 @@ class MLP(nnx.Module):
         self.policy = policy.for_module(name)
         self.activation = activation
 
-        def proj(sub, din, dout, axes):
-            return Linear(
-                din,
-                dout,
-                policy=policy,
-                name=f"{name}/{sub}",
-                rngs=rngs,
-                use_bias=use_bias,
-                kernel_axes=axes,
-            )
+        proj = functools.partial(_sublayer, name, policy=policy, rngs=rngs, use_bias=use_bias)
 
         if activation == "gelu":
             self.fc1 = proj("fc1", embed_dim, mlp_dim, ("embed", "mlp"))
