@@ -7,18 +7,14 @@ output is within E4M3's 3-mantissa-bit error of BF16, the amax histories roll an
 them exactly as a numpy re-implementation of delayed scaling, and an FP8 run resumes bit for bit.
 """
 
-import json
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_runs import TINY_OVERRIDES, final_metrics, run_main
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -29,7 +25,6 @@ from bf16jax.checkpoint import Checkpointer
 from bf16jax.layers import Linear
 from bf16jax.precision import get_policy
 
-REPO = Path(__file__).resolve().parents[1]
 E4M3_MAX, E5M2_MAX = 448.0, 57344.0
 FMAX = np.asarray([E4M3_MAX, E4M3_MAX, E5M2_MAX], np.float32)  # rows x, w, gradient
 
@@ -308,19 +303,11 @@ def test_grad_accumulation_takes_the_max_amax_over_micro_batches(fp8_run):
 @pytest.mark.slow
 def test_fp8_from_the_cli(tmp_path):
     """Two `q=fp8` steps of a tiny GPT through `python -m bf16jax.main`."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     args = (
         "--config=configs/gpt_tiny.py",
         f"--workdir={tmp_path / 'run'}",
         "--config.precision=bf16; q=fp8",
-        "--config.model.num_layers=1",
-        "--config.model.embed_dim=32",
-        "--config.model.num_heads=2",
-        "--config.model.mlp_dim=64",
-        "--config.model.max_len=32",
-        "--config.data.seq_len=32",
-        "--config.data.batch_size=8",
-        "--config.data.eval_batch_size=8",
+        *TINY_OVERRIDES["gpt_tiny"],
         "--config.train.steps=2",
         "--config.train.log_every=1",
         "--config.train.eval_every=2",
@@ -329,17 +316,9 @@ def test_fp8_from_the_cli(tmp_path):
         "--config.train.diagnostics=False",
         "--config.checkpoint.every_steps=2",
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "bf16jax.main", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_main(*args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith('{"final"'))
-    final = json.loads(line)["final"]
+    final = final_metrics(proc.stdout)
     assert final["step"] == 2 and math.isfinite(final["eval_loss"])
     assert "q=fp8" in proc.stderr  # the logged policy names it
     assert (tmp_path / "run" / "checkpoints" / "2" / "state").exists()

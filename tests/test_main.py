@@ -8,13 +8,12 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from cli_runs import REPO, TINY_OVERRIDES, cli_env, final_metrics, main_command, run_main
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 
 # Shrunk models; every run logs each step, evaluates at step 2 and 3, checkpoints at 2 and 3.
@@ -26,54 +25,9 @@ COMMON = (
     "--config.checkpoint.every_steps=2",
 )
 RUNS = {
-    "gpt_tiny": (
-        "--config.model.num_layers=1",
-        "--config.model.embed_dim=32",
-        "--config.model.num_heads=2",
-        "--config.model.mlp_dim=64",
-        "--config.model.max_len=32",
-        "--config.data.seq_len=32",
-        "--config.data.batch_size=8",
-        "--config.data.eval_batch_size=8",
-        "--config.train.sample_tokens=8",
-    ),
-    "t5_small": (
-        "--config.model.embed_dim=32",
-        "--config.model.num_heads=2",
-        "--config.model.head_dim=16",
-        "--config.model.mlp_dim=64",
-        "--config.model.num_encoder_layers=1",
-        "--config.model.num_decoder_layers=1",
-        "--config.data.enc_len=32",
-        "--config.data.dec_len=8",
-        "--config.data.batch_size=8",
-        "--config.data.eval_batch_size=8",
-    ),
-    "vit_digits": (
-        "--config.model.num_layers=1",
-        "--config.model.embed_dim=32",
-        "--config.model.num_heads=2",
-        "--config.model.mlp_dim=64",
-        "--config.data.batch_size=16",
-        "--config.data.eval_batch_size=40",
-    ),
+    name: overrides + (("--config.train.sample_tokens=8",) if name == "gpt_tiny" else ())
+    for name, overrides in TINY_OVERRIDES.items()
 }
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    return env
-
-
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bf16jax.main", *args]
-
-
-def run_main(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        _command(*args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
-    )
 
 
 class Finished(NamedTuple):
@@ -89,7 +43,9 @@ def run_concurrently(runs: dict[str, tuple[str, ...]], root: Path) -> dict[str, 
     for name, args in runs.items():
         (root / name).mkdir()
         with open(root / name / "stdout", "w") as out, open(root / name / "stderr", "w") as err:
-            proc = subprocess.Popen(_command(*args), cwd=REPO, env=_env(), stdout=out, stderr=err)
+            proc = subprocess.Popen(
+                main_command(*args), cwd=REPO, env=cli_env(), stdout=out, stderr=err
+            )
         started[name] = proc
     finished = {}
     for name, proc in started.items():
@@ -107,8 +63,7 @@ def check_run(name: str, run: Finished) -> None:
     assert run.returncode == 0, f"{name}: {run.stderr[-3000:]}"
     assert "Traceback" not in run.stderr, name
 
-    line = next(ln for ln in run.stdout.splitlines() if ln.startswith('{"final"'))
-    final = json.loads(line)["final"]
+    final = final_metrics(run.stdout)
     assert final["step"] == STEPS, name
     assert math.isfinite(final["loss"]) and math.isfinite(final["eval_loss"]), name
     assert final["skipped"] == 0 and final["finite"] == 1.0, name

@@ -5,17 +5,14 @@ clip regions and at rounding ties. A tiny ViT trained with w4a8 QAT on digits se
 training, int8-agreement, export, resume and sharding tests (compiles dominate the runtime).
 """
 
-import json
 import math
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_runs import REPO, TINY_OVERRIDES, cli_env, final_metrics, main_command
 from flax import nnx
 
 from bf16jax import config as config_lib
@@ -25,8 +22,6 @@ from bf16jax.checkpoint import Checkpointer
 from bf16jax.layers import Linear
 from bf16jax.models import build_model
 from bf16jax.precision import get_policy
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- LSQ numerics
@@ -309,47 +304,18 @@ def test_sharded_qat_equals_unsharded(qat_run):
 
 # ----------------------------------------------------------------------------- CLI
 CLI_RUNS = {
-    "gpt_tiny": (
-        "--config.precision=fp32; q=w8a8",
-        "--config.model.num_layers=1",
-        "--config.model.embed_dim=32",
-        "--config.model.num_heads=2",
-        "--config.model.mlp_dim=64",
-        "--config.model.max_len=32",
-        "--config.data.seq_len=32",
-        "--config.data.batch_size=8",
-        "--config.data.eval_batch_size=8",
-    ),
-    "t5_small": (
-        "--config.precision=bf16; q=w4a8; .*head->q=w8a8",
-        "--config.model.embed_dim=32",
-        "--config.model.num_heads=2",
-        "--config.model.head_dim=16",
-        "--config.model.mlp_dim=64",
-        "--config.model.num_encoder_layers=1",
-        "--config.model.num_decoder_layers=1",
-        "--config.data.enc_len=32",
-        "--config.data.dec_len=8",
-        "--config.data.batch_size=8",
-        "--config.data.eval_batch_size=8",
-    ),
-    "vit_digits": (
-        "--config.precision=bf16; q=w8a8",
-        "--config.model.num_layers=1",
-        "--config.model.embed_dim=32",
-        "--config.model.num_heads=2",
-        "--config.model.mlp_dim=64",
-        "--config.data.batch_size=16",
-        "--config.data.eval_batch_size=40",
-    ),
+    name: (f"--config.precision={precision}", *TINY_OVERRIDES[name])
+    for name, precision in (
+        ("gpt_tiny", "fp32; q=w8a8"),
+        ("t5_small", "bf16; q=w4a8; .*head->q=w8a8"),
+        ("vit_digits", "bf16; q=w8a8"),
+    )
 }
 
 
 @pytest.mark.slow
 def test_qat_from_the_cli_on_every_model_family(tmp_path):
     """Two QAT steps of each family through `python -m bf16jax.main`, run side by side."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     common = (
         "--config.train.steps=2",
         "--config.train.log_every=1",
@@ -362,9 +328,9 @@ def test_qat_from_the_cli_on_every_model_family(tmp_path):
     for name, overrides in CLI_RUNS.items():
         args = (f"--config=configs/{name}.py", f"--workdir={tmp_path / name}", *common, *overrides)
         procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "bf16jax.main", *args],
+            main_command(*args),
             cwd=REPO,
-            env=env,
+            env=cli_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -372,8 +338,7 @@ def test_qat_from_the_cli_on_every_model_family(tmp_path):
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-3000:]
-        line = next(ln for ln in stdout.splitlines() if ln.startswith('{"final"'))
-        final = json.loads(line)["final"]
+        final = final_metrics(stdout)
         assert final["step"] == 2 and math.isfinite(final["eval_loss"]), name
         assert "q=w" in stderr  # the logged policy names the quantization
         assert (tmp_path / name / "checkpoints" / "2" / "state").exists()

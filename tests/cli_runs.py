@@ -1,0 +1,73 @@
+"""Shared by the CLI tests: shrunk overrides of the real configs and a runner for bf16jax.main.
+
+Each command runs in a fresh process on 8 fake CPU devices, from the repository root.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny versions of configs/<name>.py: seconds per step on a CPU.
+TINY_OVERRIDES = {
+    "gpt_tiny": (
+        "--config.model.num_layers=1",
+        "--config.model.embed_dim=32",
+        "--config.model.num_heads=2",
+        "--config.model.mlp_dim=64",
+        "--config.model.max_len=32",
+        "--config.data.seq_len=32",
+        "--config.data.batch_size=8",
+        "--config.data.eval_batch_size=8",
+    ),
+    "t5_small": (
+        "--config.model.embed_dim=32",
+        "--config.model.num_heads=2",
+        "--config.model.head_dim=16",
+        "--config.model.mlp_dim=64",
+        "--config.model.num_encoder_layers=1",
+        "--config.model.num_decoder_layers=1",
+        "--config.data.enc_len=32",
+        "--config.data.dec_len=8",
+        "--config.data.batch_size=8",
+        "--config.data.eval_batch_size=8",
+    ),
+    "vit_digits": (
+        "--config.model.num_layers=1",
+        "--config.model.embed_dim=32",
+        "--config.model.num_heads=2",
+        "--config.model.mlp_dim=64",
+        "--config.data.batch_size=16",
+        "--config.data.eval_batch_size=40",
+    ),
+}
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    return env
+
+
+def main_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bf16jax.main", *args]
+
+
+def run_main(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        main_command(*args),
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def final_metrics(stdout: str) -> dict:
+    """The `{"final": {...}}` line bf16jax.main prints at the end."""
+    line = next(ln for ln in stdout.splitlines() if ln.startswith('{"final"'))
+    return json.loads(line)["final"]
