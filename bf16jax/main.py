@@ -34,12 +34,12 @@ def main(argv) -> None:
     sharding.maybe_initialize_distributed(config.mesh.distributed)
     import jax
 
-    from bf16jax import train
+    from bf16jax import loop
 
     # Orbax logs every save at INFO through absl; keep the terminal to bf16jax's own lines.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("bf16jax").setLevel(logging.INFO)
-    result = train.train_and_evaluate(config, _WORKDIR.value)
+    result = loop.train_and_evaluate(config, _WORKDIR.value)
     if jax.process_index() != 0:
         return
     summary = {

@@ -41,7 +41,7 @@ def run_one(args) -> dict:
     import jax
     import numpy as np
 
-    from bf16jax import data, metrics, train
+    from bf16jax import data, loop, metrics, train
 
     config = _load_config(args.config)
     config.precision = args.policy
@@ -70,9 +70,9 @@ def run_one(args) -> dict:
         state, m = trainer.step(state, batches[i % 2])
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - start) / args.steps
-    tokens = train._tokens_per_step(config)
+    tokens = loop.tokens_per_step(config)
     tps = tokens / step_s
-    flops_token = train._flops_per_token(config, trainer.n_params)
+    flops_token = loop.flops_per_token(config, trainer.n_params)
     peak = metrics.device_peak_flops()
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None

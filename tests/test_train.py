@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from bf16jax import config as config_lib
 from bf16jax import data as data_lib
-from bf16jax import optim, sharding, train
+from bf16jax import loop, optim, sharding, train
 from bf16jax.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,8 +285,8 @@ def resume(tmp_path_factory):
     config_path.write_text(RESUME_CONFIG)
     straight, resumed, cache = root / "straight", root / "resumed", str(root / "jax_cache")
     with persistent_compile_cache(cache):
-        train.train_and_evaluate(load_config(config_path), str(straight))
-        first = train.train_and_evaluate(load_config(config_path, steps=2), str(resumed))
+        loop.train_and_evaluate(load_config(config_path), str(straight))
+        first = loop.train_and_evaluate(load_config(config_path, steps=2), str(resumed))
     assert first["step"] == 2
     env = subprocess_env(
         JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
@@ -406,7 +406,7 @@ def test_workdir_that_is_a_file(tmp_path):
     path = tmp_path / "workdir"
     path.write_text("keep me")
     with pytest.raises(ValueError, match="is a file"):
-        train.train_and_evaluate(tiny_config(), str(path))
+        loop.train_and_evaluate(tiny_config(), str(path))
     assert path.read_text() == "keep me"
 
 
@@ -425,7 +425,7 @@ def test_checkpoint_of_another_model_is_refused_and_kept(saved, tmp_path):
     config = tiny_config()
     config.model.update(embed_dim=64, mlp_dim=128)
     with pytest.raises(ValueError, match=r"shape .*the configs differ"):
-        train.train_and_evaluate(config, str(workdir))
+        loop.train_and_evaluate(config, str(workdir))
     assert snapshot(workdir / "checkpoints") == before
     assert os.listdir(workdir / "checkpoints") == ["7"]
     assert os.listdir(workdir) == ["checkpoints"]  # no metrics or event files either
