@@ -17,8 +17,8 @@ import pytest
 from cli_runs import TINY_OVERRIDES, final_metrics, run_main
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from tiny import tiny_gpt_config
 
-from bf16jax import config as config_lib
 from bf16jax import data as data_lib
 from bf16jax import quant, sharding, train
 from bf16jax.checkpoint import Checkpointer
@@ -176,16 +176,7 @@ def test_amax_history_rolls_and_scale_follows_it_over_steps():
 
 
 # ----------------------------------------------------------------------------- the train step
-def tiny_gpt(policy: str = "bf16; q=fp8", **train_overrides):
-    c = config_lib.base_config("gpt")
-    c.precision = policy
-    c.model.update(num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64, max_len=32)
-    c.data.update(seq_len=32, batch_size=16, eval_batch_size=16)
-    c.optim.update(learning_rate=1e-2, warmup_steps=0, schedule="constant")
-    c.train.update(steps=4, log_every=1, eval_steps=1, diagnostics=False)
-    c.train.update(train_overrides)
-    c.lock()
-    return c
+FP8 = "bf16; q=fp8"
 
 
 def host(tree):
@@ -221,7 +212,7 @@ def one_device_mesh():
 @pytest.fixture(scope="module")
 def fp8_run():
     """4 steps of a 1-layer GPT under `bf16; q=fp8` on one device; states at steps 0, 2, 4."""
-    config = tiny_gpt()
+    config = tiny_gpt_config(FP8)
     mesh = one_device_mesh()
     trainer = train.create_trainer(config, mesh)
     it = iter(data_lib.make_dataset(config.data, "train"))
@@ -284,7 +275,7 @@ def test_fp8_resume_is_bit_exact(fp8_run, tmp_path):
 def test_grad_accumulation_takes_the_max_amax_over_micro_batches(fp8_run):
     """k = 2 micro-batches record the whole batch's x and w amaxes (max over micro-batches)."""
     _, batches, states, _, _ = fp8_run
-    config = tiny_gpt(grad_accum_steps=2)
+    config = tiny_gpt_config(FP8, grad_accum_steps=2)
     mesh = one_device_mesh()
     trainer = train.create_trainer(config, mesh)
     state, _ = trainer.step(trainer.init_state(), trainer.global_batch(batches[0]))

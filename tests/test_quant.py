@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from cli_runs import REPO, TINY_OVERRIDES, cli_env, final_metrics, main_command
 from flax import nnx
+from tiny import make_mesh
 
 from bf16jax import config as config_lib
 from bf16jax import data as data_lib
-from bf16jax import quant, sharding, train
+from bf16jax import quant, train
 from bf16jax.checkpoint import Checkpointer
 from bf16jax.layers import Linear
 from bf16jax.models import build_model
@@ -183,10 +184,6 @@ def tiny_vit(policy: str = "fp32; q=w4a8", **train_overrides):
     c.train.update(train_overrides)
     c.lock()
     return c
-
-
-def make_mesh(shape, devices=None):
-    return sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape, strict=True)), devices)
 
 
 def host(params):

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
+from tiny import make_mesh, tiny_gpt_config
 
 from bf16jax import config as config_lib
 from bf16jax import data as data_lib
@@ -36,24 +37,6 @@ MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2), "single": 
 # by all keys), so Adam turns reduction-order noise into O(lr) steps: not comparable across
 # meshes. Every other leaf agrees to ~1e-5 after 4 steps of lr 1e-2 (a wrong step is ~1e-2).
 NOISE_ONLY = ("['attn']['k']['bias']",)
-
-
-def tiny_config(policy: str = "fp32", **train_overrides):
-    """A locked GPT config small enough to compile in seconds; constant LR 1e-2 (no warmup)."""
-    c = config_lib.base_config("gpt")
-    c.precision = policy
-    c.model.update(num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64, max_len=32)
-    c.data.update(seq_len=32, batch_size=16, eval_batch_size=16)
-    c.optim.update(learning_rate=1e-2, warmup_steps=0, schedule="constant")
-    # Diagnostics only add metrics (tested in test_numerics) and ~40% compile time.
-    c.train.update(steps=STEPS, log_every=1, eval_steps=1, diagnostics=False)
-    c.train.update(train_overrides)
-    c.lock()
-    return c
-
-
-def make_mesh(shape, devices=None):
-    return sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape, strict=True)), devices)
 
 
 def host(tree):
@@ -120,7 +103,7 @@ def run_steps(config, shape, batches) -> Run:
 
 @pytest.fixture(scope="module")
 def batches():
-    it = iter(data_lib.make_dataset(tiny_config().data, "train"))
+    it = iter(data_lib.make_dataset(tiny_gpt_config().data, "train"))
     return [next(it) for _ in range(STEPS)]
 
 
@@ -166,17 +149,17 @@ def assert_rule_shardings(run: Run, shape) -> None:
 @pytest.mark.slow
 def test_training_is_invariant_to_how_the_batch_is_split(batches):
     """4 FP32 steps unsharded, on three meshes, and in 4 micro-batches: one result."""
-    ref = run_steps(tiny_config(), (1, 1, 1), batches)
+    ref = run_steps(tiny_gpt_config(), (1, 1, 1), batches)
     losses = [float(m["loss"]) for m in ref.metrics]
     assert losses[-1] < losses[0] - 0.1, losses  # it trains, so agreement is not trivial
     assert_rule_shardings(ref, (1, 1, 1))
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
-        run = run_steps(tiny_config(), shape, batches)
+        run = run_steps(tiny_gpt_config(), shape, batches)
         assert_same_run(run, ref, f"mesh {shape}")
         assert_rule_shardings(run, shape)
     # Gradient accumulation on a sharded mesh. grad_norm is the norm before clipping: it catches
     # a sum (4x) where a mean belongs, which clipped Adam updates would hide.
-    accum = run_steps(tiny_config(grad_accum_steps=4), (2, 2, 2), batches)
+    accum = run_steps(tiny_gpt_config(grad_accum_steps=4), (2, 2, 2), batches)
     assert_same_run(accum, run, "grad_accum_steps=4")
 
 
@@ -185,7 +168,7 @@ def test_training_is_invariant_to_how_the_batch_is_split(batches):
 def saved(tmp_path_factory):
     """A checkpoint (step 7) of a fresh (8, 1, 1) state with nonzero Adam moments, with the
     train iterator's position: `workdir/checkpoints/7` as `train_and_evaluate` writes it."""
-    config = tiny_config()
+    config = tiny_gpt_config()
     workdir = tmp_path_factory.mktemp("saved")
     state = train.create_trainer(config, make_mesh((8, 1, 1))).init_state()
     # Elementwise ops keep each leaf's sharding; zero moments would restore "right" by accident.
@@ -206,7 +189,7 @@ def saved(tmp_path_factory):
 
 def test_restore_onto_another_mesh_and_dtype(saved):
     workdir, state = saved
-    target = train.create_trainer(tiny_config(), make_mesh((2, 2, 2))).abstract
+    target = train.create_trainer(tiny_gpt_config(), make_mesh((2, 2, 2))).abstract
     ckpt = Checkpointer(workdir / "checkpoints")
     restored = ckpt.restore(7, target)
     assert_trees(restored, state, exact=True)
@@ -342,7 +325,9 @@ def poisoned(batch):
 
 
 def test_dynamic_loss_scale_skips_overflow_and_regrows(batches):
-    config = tiny_config("fp16", loss_scale="dynamic", loss_scale_init=2.0**8, loss_scale_period=2)
+    config = tiny_gpt_config(
+        "fp16", loss_scale="dynamic", loss_scale_init=2.0**8, loss_scale_period=2
+    )
     trainer = train.create_trainer(config, make_mesh((2, 1, 1), jax.devices()[:2]))
     state = trainer.init_state()
     scale0 = 2.0**8
@@ -368,7 +353,7 @@ def test_dynamic_loss_scale_skips_overflow_and_regrows(batches):
 
 
 def test_bf16_skips_non_finite_updates_without_loss_scale(batches):
-    trainer = train.create_trainer(tiny_config("bf16"), make_mesh((2, 1, 1), jax.devices()[:2]))
+    trainer = train.create_trainer(tiny_gpt_config("bf16"), make_mesh((2, 1, 1), jax.devices()[:2]))
     state = trainer.init_state()
     before = host((state.params, state.opt_state))
     state, m = trainer.step(state, trainer.global_batch(poisoned(batches[0])))
@@ -396,7 +381,7 @@ def test_bad_policy_and_mesh():
 
 
 def test_batch_not_divisible_by_data_times_fsdp(batches):
-    trainer = train.create_trainer(tiny_config(), make_mesh((2, 4, 1)))
+    trainer = train.create_trainer(tiny_gpt_config(), make_mesh((2, 4, 1)))
     local = {k: v[:12] for k, v in batches[0].items()}
     with pytest.raises(ValueError, match=r"batch size 12 .*data\*fsdp = 2\*4 = 8"):
         trainer.global_batch(local)
@@ -406,7 +391,7 @@ def test_workdir_that_is_a_file(tmp_path):
     path = tmp_path / "workdir"
     path.write_text("keep me")
     with pytest.raises(ValueError, match="is a file"):
-        loop.train_and_evaluate(tiny_config(), str(path))
+        loop.train_and_evaluate(tiny_gpt_config(), str(path))
     assert path.read_text() == "keep me"
 
 
@@ -422,7 +407,7 @@ def test_checkpoint_of_another_model_is_refused_and_kept(saved, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(saved[0] / "checkpoints", workdir / "checkpoints")
     before = snapshot(workdir / "checkpoints")
-    config = tiny_config()
+    config = tiny_gpt_config()
     config.model.update(embed_dim=64, mlp_dim=128)
     with pytest.raises(ValueError, match=r"shape .*the configs differ"):
         loop.train_and_evaluate(config, str(workdir))
