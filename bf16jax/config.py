@@ -3,10 +3,17 @@
 `configs/<name>.py` files start from `base_config(model=...)` and change what they need; the
 result is locked, so a misspelt key (`--config.optim.lrate=...`) fails instead of being ignored.
 `validate(config)` checks values that the type system cannot (names, divisibility, ranges) and
-raises `ValueError` naming the key and the fix.
+raises `ValueError` naming the key and the fix. `load_config(path, ["train.steps=10", ...])` is
+the same for scripts and notebooks: the file's `get_config()`, overrides parsed by the type of
+the value they replace, then locked.
 """
 
 from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from collections.abc import Iterable
 
 import ml_collections
 
@@ -155,3 +162,55 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.checkpoint.every_steps < 0 or config.checkpoint.max_to_keep < 1:
         raise ValueError("config.checkpoint.every_steps must be >= 0 and max_to_keep >= 1.")
+
+
+def _parse_override(text: str, current):
+    """`text` as the type of the value it replaces (bool, int, float, str, tuple)."""
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{text!r} is not a bool: use true or false")
+        return text.lower() in ("true", "1")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, (tuple, list)):
+        return tuple(ast.literal_eval(text))
+    return text
+
+
+def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `path`'s `get_config()`, applies `KEY=VALUE` overrides, returns it locked.
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ValueError: an override is not KEY=VALUE, names a key the config lacks, or has a value of
+        the wrong type.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config file {path!r} not found: pass a configs/*.py path.")
+    spec = importlib.util.spec_from_file_location("_bf16jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config(): config files return a ConfigDict.")
+    config = module.get_config()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"Override {item!r} is not KEY=VALUE (e.g. train.steps=100).")
+        node = config
+        *parents, leaf = key.split(".")
+        try:
+            for part in parents:
+                node = node[part]
+            current = node[leaf]
+        except (KeyError, AttributeError, TypeError):
+            raise ValueError(f"Override {item!r}: the config has no key {key!r}.") from None
+        try:
+            node[leaf] = _parse_override(text, current)
+        except (ValueError, SyntaxError, TypeError) as e:
+            kind = type(current).__name__
+            raise ValueError(f"Override {item!r}: {key} takes a {kind} value ({e}).") from None
+    config.lock()
+    return config

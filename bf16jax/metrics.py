@@ -1,4 +1,5 @@
-"""Training metrics: FLOPs and MFU (with the convention stated), device peaks, and metric writers.
+"""Metrics: FLOPs and MFU (with the convention stated), device peaks, metric writers, and the
+held-out quality metrics — accuracy, loss, calibration (ECE, reliability bins), agreement.
 
 MFU convention (PaLM, arXiv:2204.02311, appendix B; causal attention halved): training FLOPs per
 token = 6 * N + 6 * L * T * D, where N counts every parameter except position embeddings, L is
@@ -7,6 +8,12 @@ head_dim). The causal attention term is 6LTD, half of PaLM's 12LTD, because a ca
 skips half the score matrix. MFU = achieved FLOP/s / the device's dense BF16 peak, whatever the
 policy (an FP32 run is judged against the same peak). Unknown devices (CPU) report no MFU.
 Writers: one JSON object per line (`metrics.jsonl`) and TensorBoard event files (tensorboardX).
+
+Calibration follows Guo et al. 2017 (arXiv:1706.04599): confidence = the top softmax probability,
+M = 15 equal-width bins B_m = ((m-1)/M, m/M] (confidence 0 falls in the first), and
+ECE = sum_m |B_m|/n * |acc(B_m) - conf(B_m)|, weighted by the example weights (padding has
+weight 0; for language models every predicted token is one example). `prediction_stats` runs on
+device inside the jitted eval step and returns per-example arrays; the rest is NumPy on host.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
@@ -26,7 +34,16 @@ __all__ = [
     "mfu",
     "MetricWriter",
     "bytes_per_param",
+    "ECE_BINS",
+    "prediction_stats",
+    "calibration_bins",
+    "expected_calibration_error",
+    "agreement",
+    "summarize_predictions",
+    "plot_reliability",
 ]
+
+ECE_BINS = 15
 
 # Dense BF16 peak FLOP/s per chip (vendor datasheets; no sparsity).
 PEAK_BF16_FLOPS: dict[str, float] = {
@@ -128,3 +145,127 @@ def bytes_per_param(tree, n_params: int) -> float:
         if hasattr(x, "shape") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
     )
     return total / max(n_params, 1)
+
+
+# ----------------------------------------------------------------------------- held-out quality
+def prediction_stats(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+    """Per-example confidence, prediction, correctness and NLL (FP32), flattened to [N].
+
+    Args:
+      logits: [..., K] scores in any float dtype (promoted to FP32: an FP32 island).
+      targets: [...] integer labels.
+      weights: [...] example weights (0 = padding).
+
+    Returns:
+      Dict of [N] arrays: `confidence` (max softmax probability), `prediction` (argmax, int32),
+      `correct` (0/1 FP32), `nll` (-log p(target)) and `weight`.
+    """
+    logits = logits.astype(jnp.float32)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    target = jnp.take_along_axis(log_p, targets[..., None].astype(jnp.int32), -1)[..., 0]
+    prediction = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return {
+        "confidence": jnp.exp(jnp.max(log_p, axis=-1)).reshape(-1),
+        "prediction": prediction.reshape(-1),
+        "correct": (prediction == targets).astype(jnp.float32).reshape(-1),
+        "nll": (-target).reshape(-1),
+        "weight": weights.astype(jnp.float32).reshape(-1),
+    }
+
+
+def _weights(values: np.ndarray, weights) -> np.ndarray:
+    if weights is None:
+        return np.ones(np.shape(values), np.float64)
+    weights = np.asarray(weights, np.float64)
+    if weights.shape != np.shape(values):
+        raise ValueError(
+            f"weights {weights.shape} and values {np.shape(values)} must have the same shape."
+        )
+    return weights
+
+
+def calibration_bins(confidence, correct, weights=None, num_bins: int = ECE_BINS) -> dict:
+    """Reliability-diagram bins: equal-width confidence bins ((m-1)/M, m/M].
+
+    Returns:
+      Dict of NumPy arrays: `edges` [M+1], `weight` [M] (total example weight per bin),
+      `confidence` and `accuracy` [M] (weighted means per bin; NaN for an empty bin).
+    """
+    if num_bins < 1:
+        raise ValueError(f"num_bins={num_bins}: need at least one bin (Guo et al. use 15).")
+    confidence = np.asarray(confidence, np.float64)
+    correct = np.asarray(correct, np.float64)
+    if confidence.shape != correct.shape:
+        raise ValueError(f"confidence {confidence.shape} and correct {correct.shape} differ.")
+    if confidence.size and (confidence.min() < 0 or confidence.max() > 1):
+        raise ValueError("confidence must be probabilities in [0, 1] (the top softmax value).")
+    weights = _weights(confidence, weights)
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    # Right-closed bins ((m-1)/M, m/M]; confidence 0 goes to the first bin.
+    index = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+    weight = np.bincount(index, weights, minlength=num_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(index, weights * confidence, minlength=num_bins) / weight
+        acc = np.bincount(index, weights * correct, minlength=num_bins) / weight
+    return {"edges": edges, "weight": weight, "confidence": conf, "accuracy": acc}
+
+
+def expected_calibration_error(confidence, correct, weights=None, num_bins: int = ECE_BINS):
+    """ECE = sum over bins of (bin weight / total weight) * |accuracy - confidence|, in [0, 1]."""
+    bins = calibration_bins(confidence, correct, weights, num_bins)
+    total = bins["weight"].sum()
+    if total <= 0:
+        raise ValueError("ECE of no examples (all weights are 0).")
+    filled = bins["weight"] > 0
+    gap = np.abs(bins["accuracy"][filled] - bins["confidence"][filled])
+    return float(np.sum(bins["weight"][filled] * gap) / total)
+
+
+def agreement(prediction, reference, weights=None) -> float:
+    """Weighted fraction of examples where `prediction` equals `reference` (e.g. the FP32 run's)."""
+    prediction, reference = np.asarray(prediction), np.asarray(reference)
+    if prediction.shape != reference.shape:
+        raise ValueError(
+            f"predictions {prediction.shape} and reference {reference.shape} differ: compare "
+            "runs evaluated on the same examples (same config.data, eval_steps)."
+        )
+    weights = _weights(prediction, weights)
+    return float(np.sum(weights * (prediction == reference)) / max(weights.sum(), 1e-12))
+
+
+def summarize_predictions(stats: Mapping[str, Any], num_bins: int = ECE_BINS) -> dict[str, float]:
+    """Accuracy, loss (mean NLL), perplexity, ECE and mean confidence from `prediction_stats`."""
+    w = np.asarray(stats["weight"], np.float64)
+    total = w.sum()
+    if total <= 0:
+        raise ValueError("No weighted examples to summarize (all weights are 0).")
+    loss = float(np.sum(w * np.asarray(stats["nll"], np.float64)) / total)
+    return {
+        "accuracy": float(np.sum(w * np.asarray(stats["correct"])) / total),
+        "loss": loss,
+        "perplexity": float(np.exp(min(loss, 80.0))),
+        "ece": expected_calibration_error(stats["confidence"], stats["correct"], w, num_bins),
+        "confidence": float(np.sum(w * np.asarray(stats["confidence"])) / total),
+    }
+
+
+def plot_reliability(bins: Mapping[str, np.ndarray], ax=None, title: str = ""):
+    """Draws a reliability diagram (accuracy per confidence bin vs the diagonal) on `ax`.
+
+    Needs matplotlib (`pip install bf16jax[plots]`). Returns the axes.
+    """
+    import matplotlib.pyplot as plt  # optional dependency: only for plots
+
+    ax = ax if ax is not None else plt.gca()
+    edges = np.asarray(bins["edges"])
+    width = np.diff(edges)
+    filled = np.asarray(bins["weight"]) > 0
+    acc = np.where(filled, bins["accuracy"], 0.0)
+    ax.bar(edges[:-1], acc, width=width, align="edge", edgecolor="black", label="accuracy")
+    gap_bottom = np.where(filled, np.minimum(acc, bins["confidence"]), 0.0)
+    gap = np.where(filled, np.abs(bins["confidence"] - acc), 0.0)
+    ax.bar(edges[:-1], gap, bottom=gap_bottom, width=width, align="edge", color="tab:red",
+           alpha=0.3, label="gap to confidence")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
+    return ax

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bf16jax import metrics
 from bf16jax.precision import Policy, quant_bits
 
 __all__ = [
@@ -281,8 +282,8 @@ def load_int8(directory: str | os.PathLike, make_model: Callable[[], nnx.Module]
 
 
 def prediction_agreement(a: jax.Array, b: jax.Array) -> float:
-    """Fraction of rows whose argmax agrees between logits `a` and `b`."""
-    return float(np.mean(np.argmax(np.asarray(a), -1) == np.argmax(np.asarray(b), -1)))
+    """Fraction of rows whose argmax agrees between logits `a` and `b` (`metrics.agreement`)."""
+    return metrics.agreement(np.argmax(np.asarray(a), -1), np.argmax(np.asarray(b), -1))
 
 
 # ----------------------------------------------------------------------------- FP8 (delayed)

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from bf16jax import config as config_lib
 from bf16jax import data as data_lib
 from bf16jax import loss_scale as ls
+from bf16jax import metrics as metrics_lib
 from bf16jax import numerics, optim, sharding
 from bf16jax.layers import Attention
 from bf16jax.loss import cross_entropy
@@ -46,6 +47,7 @@ __all__ = [
     "create_trainer",
     "train_step",
     "eval_step",
+    "predict_step",
     "shadow_fp32_step",
 ]
 
@@ -239,6 +241,15 @@ def eval_step(
     return _eval_sums(_merge(graphdef, params, fp8_meta), batch)
 
 
+def predict_step(
+    params, batch: dict, fp8_meta=None, *, graphdef: nnx.GraphDef
+) -> dict[str, jax.Array]:
+    """Per-example confidence, prediction, correctness, NLL and weight for one eval batch
+    (`bf16jax.metrics.prediction_stats`), for calibration, robustness and agreement."""
+    logits, targets, weights = _merge(graphdef, params, fp8_meta).logits_and_targets(batch)
+    return metrics_lib.prediction_stats(logits, targets, weights)
+
+
 def _merge(graphdef: nnx.GraphDef, params, fp8_meta=None) -> nnx.Module:
     """The model from its graphdef, params and (for `q=fp8`) FP8 meta."""
     return nnx.merge(graphdef, params, *([] if fp8_meta is None else [fp8_meta]))
@@ -325,6 +336,14 @@ class Trainer:
         return jax.jit(fn, in_shardings=(sh.params, None, sh.fp8_meta))
 
     @functools.cached_property
+    def _predict_fn(self):
+        fn = functools.partial(predict_step, graphdef=self.graphdef)
+        sh = self.state_shardings
+        # Replicated outputs: every process can read all per-example stats.
+        out = NamedSharding(self.mesh, P())
+        return jax.jit(fn, in_shardings=(sh.params, None, sh.fp8_meta), out_shardings=out)
+
+    @functools.cached_property
     def _shadow_fn(self):
         fn = functools.partial(
             shadow_fp32_step, graphdef=self.diag_graphdef, fp32_graphdef=self.fp32_graphdef
@@ -377,25 +396,37 @@ class Trainer:
             )
         return self.abstract.fp8_meta
 
+    def eval_batches(self, num_batches: int | None = None):
+        """This process's first `num_batches` (default `train.eval_steps`) local eval batches."""
+        ds = data_lib.make_dataset(
+            self.config.data,
+            "eval",
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        num_batches = self.config.train.eval_steps if num_batches is None else num_batches
+        for i, local in enumerate(ds):
+            if i >= num_batches:
+                return
+            yield local
+
+    def predict(self, params, local_batch: dict, fp8_meta=None) -> dict[str, Any]:
+        """Per-example stats (NumPy, whole global batch) of one local eval batch: see
+        `predict_step`. `fp8_meta` is required for `q=fp8` policies."""
+        fp8_meta = self._empty_meta if fp8_meta is None else fp8_meta
+        with jax.set_mesh(self.mesh):
+            out = self._predict_fn(params, self.global_batch(local_batch), fp8_meta)
+        return jax.device_get(out)
+
     def evaluate(self, params, num_batches: int | None = None, fp8_meta=None) -> dict[str, float]:
         """Loss, accuracy and perplexity on (the first `num_batches` of) the eval split.
 
         `fp8_meta`: `state.fp8_meta`, required when the policy has `q=fp8`.
         """
         fp8_meta = self._empty_meta if fp8_meta is None else fp8_meta
-        cfg = self.config
-        ds = data_lib.make_dataset(
-            cfg.data,
-            "eval",
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        num_batches = cfg.train.eval_steps if num_batches is None else num_batches
         totals = None
         with jax.set_mesh(self.mesh):
-            for i, local in enumerate(ds):
-                if i >= num_batches:
-                    break
+            for local in self.eval_batches(num_batches):
                 out = self._eval_fn(params, self.global_batch(local), fp8_meta)
                 out.pop("log_z")
                 totals = out if totals is None else jax.tree.map(jnp.add, totals, out)

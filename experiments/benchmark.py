@@ -12,7 +12,6 @@ the process's max RSS on CPU. Each policy runs in its own process, so peaks do n
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -21,42 +20,20 @@ import sys
 import time
 
 
-def _load_config(path: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def run_one(args) -> dict:
     import jax
     import numpy as np
 
+    from bf16jax import config as config_lib
     from bf16jax import data, loop, metrics, train
 
-    config = _load_config(args.config)
-    config.precision = args.policy
-    config.data.name = "synthetic_tokens" if config.model.name == "gpt" else config.data.name
+    base = config_lib.load_config(args.config)
+    overrides = [f"precision={args.policy}", f"train.steps={args.steps + args.warmup}"]
+    if base.model.name == "gpt":
+        overrides.append("data.name=synthetic_tokens")
     if args.batch_size:
-        config.data.batch_size = args.batch_size
-    config.train.steps = args.steps + args.warmup
-    for item in args.set:
-        key, value = item.split("=", 1)
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = _parse_value(value)
-    config.lock()
+        overrides.append(f"data.batch_size={args.batch_size}")
+    config = config_lib.load_config(args.config, [*overrides, *args.set])
     trainer = train.create_trainer(config)
     it = iter(data.make_dataset(config.data, "train"))
     state = trainer.init_state()

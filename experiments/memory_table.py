@@ -10,7 +10,6 @@ mixed precision) are listed separately because they are transient.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 SETUPS = [
     ("fp32 AdamW", "fp32", dict()),
@@ -34,17 +33,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/gpt2_124m.py")
     args = parser.parse_args()
+    from bf16jax import config as config_lib
     from bf16jax import metrics, train
 
-    spec = importlib.util.spec_from_file_location("cfg", args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     print(f"config: {args.config}\n")
     print("| setup | params | optimizer state | total | + grads |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for label, policy, optim_changes in SETUPS:
-        config = module.get_config()
-        config.precision = policy
+        config = config_lib.load_config(args.config, [f"precision={policy}"])
         config.optim.update(optim_changes)
         trainer = train.create_trainer(config)
         a, n = trainer.abstract, trainer.n_params

@@ -127,3 +127,39 @@ def test_cli_rejects_a_workdir_that_is_a_file(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"--workdir={path} is a file" in proc.stderr
     assert path.read_text() == "keep me"
+
+
+def test_load_config_applies_typed_overrides():
+    from bf16jax.config import load_config
+
+    c = load_config(
+        str(REPO / "configs" / "gpt_tiny.py"),
+        ["train.steps=7", "optim.learning_rate=1", "train.diagnostics=false", "precision=fp32"],
+    )
+    assert c.train.steps == 7 and c.optim.learning_rate == 1.0
+    assert c.train.diagnostics is False and c.precision == "fp32"
+    with pytest.raises(AttributeError):
+        c.new_key = 1  # locked
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("train.stepz=3", "no key 'train.stepz'"),
+        ("train.steps", "not KEY=VALUE"),
+        ("train.steps=many", "takes a int value"),
+        ("train.diagnostics=maybe", "takes a bool value"),
+    ],
+)
+def test_load_config_names_a_bad_override(override, match):
+    from bf16jax.config import load_config
+
+    with pytest.raises(ValueError, match=match):
+        load_config(str(REPO / "configs" / "gpt_tiny.py"), [override])
+
+
+def test_load_config_of_a_missing_file():
+    from bf16jax.config import load_config
+
+    with pytest.raises(FileNotFoundError, match="configs/nope.py"):
+        load_config("configs/nope.py")

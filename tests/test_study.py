@@ -1,0 +1,66 @@
+"""experiments/precision_study.py --quick end to end: runs, tables, plots, agreement, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "precision_study.py")
+
+
+def _study(tmp_path, *extra):
+    cmd = [sys.executable, SCRIPT, "--quick", f"--runs={tmp_path / 'runs'}"]
+    cmd += [f"--out={tmp_path / 'out'}", *extra]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one device per run
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+@pytest.mark.slow
+def test_quick_study_writes_tables_plots_and_resumes(tmp_path):
+    args = ("--models=vit_digits,gpt_tiny", "--policies=fp32,bf16;q=w8a8")
+    proc = _study(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == [
+        "accuracy_vs_memory.png",
+        "loss_curves_gpt_tiny.png",
+        "loss_curves_vit_digits.png",
+        "reliability_gpt_tiny.png",
+        "reliability_vit_digits.png",
+    ]
+    assert all((out / p).stat().st_size > 5000 for p in pngs)
+    results = json.loads((out / "results.json").read_text())
+    assert "--quick" in results["command"]
+    vit = results["table"]["vit_digits"]
+    assert vit["fp32"]["clean/agreement"] == [1.0, 0.0]
+    assert set(k.split("/")[0] for k in vit["fp32"] if "/" in k) == {
+        "clean",
+        "noise",
+        "blur",
+        "rotate",
+    }
+    gpt = results["table"]["gpt_tiny"]
+    assert gpt["fp32"]["train_bytes_per_param"][0] == pytest.approx(12.0, abs=0.01)  # p + m + v
+    # int8 kernels deploy in 1 byte; embeddings and norms stay 2-byte (bf16 compute).
+    assert 1.0 < gpt["bf16;q=w8a8"]["inference_bytes_per_param"][0] < 2.0
+    assert 0.0 <= gpt["bf16;q=w8a8"]["clean/agreement"][0] <= 1.0
+    md = (out / "results.md").read_text()
+    assert "| `bf16;q=w8a8` | 1 |" in md and "![accuracy_vs_memory.png]" in md
+
+    # Resume: a finished run is read back, a lost result is recomputed (from its checkpoint).
+    os.remove(tmp_path / "runs" / "gpt_tiny" / "bf16_q-w8a8_seed0" / "result.json")
+    again = _study(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    launched = [ln for ln in again.stdout.splitlines() if " seed 0: acc " in ln]
+    assert len(launched) == 1 and launched[0].startswith("gpt_tiny   bf16;q=w8a8")
+    rerun = json.loads((tmp_path / "out" / "results.json").read_text())["table"]["gpt_tiny"]
+    assert rerun["bf16;q=w8a8"]["clean/loss"] == gpt["bf16;q=w8a8"]["clean/loss"]
+
+
+def test_unknown_model_is_refused(tmp_path):
+    proc = _study(tmp_path, "--models=vit_digits,resnet")
+    assert proc.returncode == 2 and "unknown model(s) ['resnet']" in proc.stderr
