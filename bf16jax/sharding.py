@@ -385,19 +385,38 @@ def _looks_multihost(env: Mapping[str, str]) -> bool:
     return False
 
 
+def _process_env(env: Mapping[str, str]) -> dict[str, int]:
+    """`num_processes` / `process_id` from JAX_NUM_PROCESSES / JAX_PROCESS_ID, where set.
+
+    jax 0.10 reads only JAX_COORDINATOR_ADDRESS (and JAX_LOCAL_DEVICE_IDS) from the environment;
+    without a detected cluster it then fails for want of the process count and id.
+    """
+    out = {}
+    for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        value = env.get(var, "").strip()
+        if not value:
+            continue
+        if not value.isdigit():
+            raise ValueError(f"{var}={value!r} must be a non-negative integer.")
+        out[arg] = int(value)
+    return out
+
+
 def maybe_initialize_distributed(mode: str = "auto") -> bool:
     """Calls `jax.distributed.initialize()` when running on several hosts.
 
     Call it first, before anything else touches JAX. "auto" initializes on a multi-host Cloud
     TPU slice (TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES with >1 host, TPU_ACCELERATOR_TYPE
     with >8 cores, MEGASCALE_COORDINATOR_ADDRESS), when JAX_COORDINATOR_ADDRESS is set, or
-    under SLURM / Open MPI with >1 task; "yes" always; "no" never (single process).
+    under SLURM / Open MPI with >1 task; "yes" always; "no" never (single process). Outside a
+    cluster JAX detects (e.g. processes started by hand), set JAX_COORDINATOR_ADDRESS=host:port,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
 
     Returns:
       Whether JAX runs distributed (initialized now or before).
 
     Raises:
-      ValueError: for an unknown mode.
+      ValueError: for an unknown mode, or a process count / id JAX cannot find.
     """
     if mode not in ("auto", "yes", "no"):
         raise ValueError(f"config.mesh.distributed={mode!r}: use 'auto', 'yes' or 'no'.")
@@ -407,8 +426,15 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
         return True
     if mode == "auto" and not _looks_multihost(os.environ):
         return False
+    given = _process_env(os.environ)
     try:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**given)
+    except ValueError as e:
+        raise ValueError(
+            f"jax.distributed.initialize: {e} No cluster JAX knows (Cloud TPU, SLURM, Open MPI, "
+            "k8s) supplied it: on every process set JAX_COORDINATOR_ADDRESS=host:port (process "
+            "0's), JAX_NUM_PROCESSES and JAX_PROCESS_ID (0 .. N-1, one per process)."
+        ) from e
     except RuntimeError as e:
         raise RuntimeError(
             f"{e}\nmaybe_initialize_distributed must run before any other JAX call "
