@@ -194,7 +194,12 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         """True on multiples of `save_interval_steps` and when a preemption was signalled."""
         periodic = self.save_interval_steps > 0 and step % self.save_interval_steps == 0
-        return periodic or self._manager.reached_preemption(step)
+        return periodic or self.reached_preemption(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once the host got a preemption notice (SIGTERM on a TPU VM / under
+        jax.distributed), agreed on by every process at this step: save now and stop."""
+        return bool(self._manager.reached_preemption(step))
 
     def save(
         self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False

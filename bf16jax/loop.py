@@ -4,7 +4,9 @@
 newest checkpoint in `workdir/checkpoints` (state and grain iterator position), logs train
 metrics every `train.log_every` steps (JSONL, TensorBoard, a progress bar on a terminal),
 evaluates every `train.eval_every` steps, runs the FP32 drift check, checkpoints, and samples
-text from GPT models at the end. Only process 0 writes metrics.
+text from GPT models at the end. Only process 0 writes metrics. On a preemption notice (Orbax's
+sync point: SIGTERM under jax.distributed) it saves the current step, waits for the save to
+commit and returns early with `preempted=True`.
 """
 
 from __future__ import annotations
@@ -134,6 +136,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 result.update({k.replace("/", "_"): v for k, v in dr.items()})
             ckpt.save(step, state, train_it, force=step == steps)
             result["step"] = step
+            if step < steps and ckpt.reached_preemption(step):
+                # The save above was forced by the notice; `close()` below waits for it.
+                log.warning("Preempted: saved step %d. Rerun the same command to resume.", step)
+                result["preempted"] = True
+                break
         if start >= steps:
             ev = trainer.evaluate(state.params, fp8_meta=state.fp8_meta)
             result.update({f"eval_{k}": v for k, v in ev.items()})
@@ -142,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             bar.close()
         ckpt.close()
         writer.close()
-    if config.model.name == "gpt" and config.train.sample_tokens > 0:
+    if config.model.name == "gpt" and config.train.sample_tokens > 0 and "preempted" not in result:
         result["sample"] = sample_text(trainer, state, config.train.sample_tokens)
     result["state"] = state
     return result

@@ -94,21 +94,36 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def _is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
 class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl` and TensorBoard events under `workdir/tb`.
 
     Only process 0 writes (the others get a writer that does nothing). JSON lines are appended,
-    so a resumed run continues the same file.
+    so a resumed run continues the same file. A URL workdir (gs://..., as on TPU pods) goes
+    through etils.epath: object stores cannot append, so the file is rewritten whole on each
+    write (metrics are small).
     """
 
     def __init__(self, workdir: str | None, *, tensorboard: bool = True):
         self.enabled = workdir is not None and jax.process_index() == 0
         self._jsonl = None
+        self._remote: tuple[Any, list[str]] | None = None
         self._tb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        if _is_url(workdir):
+            from etils import epath  # comes with orbax-checkpoint
+
+            path = epath.Path(workdir) / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+            self._remote = (path, lines)
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
         if tensorboard:
             from tensorboardX import SummaryWriter  # optional at import time: heavy
 
@@ -119,8 +134,14 @@ class MetricWriter:
         row = {f"{prefix}{k}": _scalar(v) for k, v in metrics.items()}
         if not self.enabled:
             return row
-        self._jsonl.write(json.dumps({"step": int(step), **row}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": int(step), **row}) + "\n"
+        if self._remote is not None:
+            path, lines = self._remote
+            lines.append(line)
+            path.write_text("".join(lines))
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         if self._tb is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and value is not None:

@@ -1,5 +1,7 @@
 """Held-out quality metrics: ECE and reliability bins, agreement, per-example prediction stats."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,3 +115,21 @@ def test_reliability_diagram_draws_the_bin_accuracies(tmp_path):
     fig.savefig(tmp_path / "r.png")
     plt.close(fig)
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("url", [False, True], ids=["local", "url"])
+def test_metric_writer_appends_across_restarts(tmp_path, monkeypatch, url):
+    # A gs:// workdir goes through etils.epath and rewrites the file; emulate it on disk.
+    monkeypatch.setattr(metrics, "_is_url", lambda path: url)
+    first = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    first.write(1, {"loss": np.float32(2.5)}, prefix="train/")
+    first.close()
+    second = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    row = second.write(2, {"loss": jnp.asarray(1.5), "hist": np.arange(2)}, prefix="train/")
+    second.close()
+    assert row == {"train/loss": 1.5, "train/hist": [0, 1]}
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [
+        {"step": 1, "train/loss": 2.5},
+        {"step": 2, "train/loss": 1.5, "train/hist": [0, 1]},
+    ]

@@ -414,3 +414,15 @@ def test_checkpoint_of_another_model_is_refused_and_kept(saved, tmp_path):
     assert snapshot(workdir / "checkpoints") == before
     assert os.listdir(workdir / "checkpoints") == ["7"]
     assert os.listdir(workdir) == ["checkpoints"]  # no metrics or event files either
+
+
+def test_preemption_saves_the_current_step_and_stops(tmp_path, monkeypatch):
+    # Orbax's sync point needs a real SIGTERM under jax.distributed; simulate its answer.
+    monkeypatch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 2)
+    config = tiny_gpt_config(steps=5)  # periodic saves: every 250 steps
+    result = loop.train_and_evaluate(config, str(tmp_path))
+    assert result["preempted"] is True and result["step"] == 2
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
+    monkeypatch.undo()
+    resumed = loop.train_and_evaluate(config, str(tmp_path))
+    assert resumed["step"] == 5 and "preempted" not in resumed
