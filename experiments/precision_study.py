@@ -5,6 +5,7 @@ shifted inputs, agreement with FP32, step time, throughput and memory — as tab
     python experiments/precision_study.py                       # the full study (CPU: ~1.5 h)
     python experiments/precision_study.py --quick               # CI smoke run (~1 min)
     python experiments/precision_study.py --models=vit_digits --seeds=0,1
+    python experiments/precision_study.py --collect_only      # tables + plots of finished runs
 
 Policies: fp32, bf16 (mixed), bf16-pure with round-to-nearest / stochastic rounding / Kahan
 updates, LSQ QAT w8a8 and w4a8 (BF16 compute), and `bf16;q=fp8` when JAX runs on a GPU. Models:
@@ -195,6 +196,8 @@ def _launch(model, policy, seed, args, overrides) -> dict | None:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
+    if args.collect_only:
+        return None
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, policy, str(seed)]
     cmd += ["--runs", args.runs, *[f"--set={kv}" for kv in overrides]]
     start = time.perf_counter()
@@ -343,6 +346,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="tiny models, 6 steps, 1 seed")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    parser.add_argument(
+        "--collect_only",
+        action="store_true",
+        help="train nothing: tabulate and plot the finished runs (missing ones are listed)",
+    )
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "POLICY", "SEED"))
     args = parser.parse_args()
     if args.worker:
@@ -391,7 +399,9 @@ def main() -> None:
         f.write("\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots))
         f.write("\n")
     print(md)
-    if failed:
+    if failed and args.collect_only:
+        print(f"Not finished (left out): {failed}", file=sys.stderr)
+    elif failed:
         sys.exit(f"{len(failed)} run(s) failed: {failed}; rerun the same command to retry them.")
 
 
