@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean aot-tpu
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,5 +27,20 @@ lint: $(STAMP)
 	$(BIN)/ruff check bf16jax tests configs experiments
 	$(BIN)/ruff format --check bf16jax tests configs experiments
 
+# Ahead-of-time compile gpt_1b / t5_base for TPU pods (v5e-64, v5p-128, v4-32) on this CPU
+# machine: libtpu (~1.3 GB, the `tpu` extra) goes into its own venv, never into $(VENV).
+TPU_VENV := .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.installed
+AOT_ARGS ?=
+
+$(TPU_STAMP): pyproject.toml
+	$(PY) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TPU_VENV)/bin/python -m pip install -q -e ".[tpu]"
+	touch $(TPU_STAMP)
+
+aot-tpu: $(TPU_STAMP)
+	$(TPU_VENV)/bin/python experiments/aot_tpu.py $(AOT_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TPU_VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,392 @@
+"""Ahead-of-time compiles bf16jax's sharded train step for TPU pod topologies on a CPU machine.
+
+    make aot-tpu   # = .venv-tpu/bin/python experiments/aot_tpu.py (needs the `tpu` extra)
+    .venv-tpu/bin/python experiments/aot_tpu.py --configs=gpt_1b --topologies=v5e-64 \
+        --policies=bf16,bf16-pure
+
+Owns the topology table (slice name -> libtpu topology and nominal HBM per chip) and
+`aot_compile(config, mesh)`: the real `create_trainer(config, mesh)` step, lowered and compiled
+for ShapeDtypeStruct inputs (`trainer.abstract`, a batch from `data.example_spec`), reported per
+device: argument / output / temp / code bytes from `compiled.memory_analysis()` (peak = argument
++ output - alias + temp + code), FLOPs from `compiled.cost_analysis()` (XLA counts a while loop's
+body once, so a scanned model is also compiled unrolled at 1 and 2 layers and extrapolated
+linearly) and the 6N + 6LTD model FLOPs (bf16jax.metrics). A setting that does not fit is
+reported as such, then grad accumulation is doubled until one does (same global batch).
+Writes results/aot_tpu/results.{json,md}, merged over runs, each row with its command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+GIB = 1024**3
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT_DIR = os.path.join(HERE, "results", "aot_tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice as libtpu names it; `hbm_gib` is the datasheet HBM per chip."""
+
+    name: str  # libtpu topology, e.g. "v5e:8x8"
+    hbm_gib: float
+    megacore: bool  # v4 / v5p: one JAX device per chip (both TensorCores), as on a real pod
+
+
+# Slice names count chips for v5e and TensorCores (2 per chip) for v4 / v5p.
+TOPOLOGIES = {
+    "v5e-64": Topology("v5e:8x8", 16, megacore=False),
+    "v5p-128": Topology("v5p:4x4x4", 95, megacore=True),
+    "v4-32": Topology("v4:2x2x4", 32, megacore=True),
+}
+
+
+def tpu_devices(slice_name: str) -> list:
+    """Compile-only devices of a TPU slice (needs libtpu: the `tpu` extra)."""
+    from jax.experimental import topologies
+
+    topo = TOPOLOGIES[slice_name]
+    kwargs = dict(chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    if topo.megacore:
+        kwargs["chip_config_name"] = "megacore"
+    return topologies.get_topology_desc(topology_name=topo.name, platform="tpu", **kwargs).devices
+
+
+def load_config(name_or_path: str):
+    """`gpt_1b` or `configs/gpt_1b.py` -> its (unlocked) config."""
+    path = name_or_path
+    if not path.endswith(".py"):
+        path = os.path.join(HERE, os.pardir, "configs", f"{name_or_path}.py")
+    spec = importlib.util.spec_from_file_location("aot_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def shard_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape)
+        total += int(np.prod(shape, dtype=np.int64)) * x.dtype.itemsize
+    return total
+
+
+def global_bytes(tree: Any) -> int:
+    """Bytes of a tree of arrays / ShapeDtypeStructs, unsharded."""
+    import jax
+    import numpy as np
+
+    return sum(
+        int(np.prod(x.shape, dtype=np.int64)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+    )
+
+
+def abstract_batch(config, mesh) -> dict:
+    """The global batch as sharded ShapeDtypeStructs (what `Trainer.global_batch` would make)."""
+    import jax
+
+    from bf16jax import data, sharding
+
+    b, sh = int(config.data.batch_size), sharding.batch_sharding(mesh)
+    return {
+        k: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sh)
+        for k, (shape, dtype) in data.example_spec(config.data).items()
+    }
+
+
+def _oom_message(err: Exception) -> str | None:
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None
+    lines = [ln for ln in text.splitlines() if "memory" in ln.lower() or "hbm" in ln.lower()]
+    return (lines[0] if lines else text.splitlines()[0]).strip()[:400]
+
+
+def _compile(config, mesh):
+    """(trainer, batch, compiled or OOM message, lower seconds, compile seconds)."""
+    import jax
+
+    from bf16jax import train
+
+    trainer = train.create_trainer(config, mesh=mesh)
+    batch = abstract_batch(config, mesh)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        # The jitted step with the Trainer's in/out shardings and donation: what a pod runs.
+        lowered = trainer._step_fn.lower(trainer.abstract, batch)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # libtpu reports "does not fit" as a compile error
+        if (msg := _oom_message(e)) is None:
+            raise
+        compiled = msg
+    return trainer, batch, compiled, lower_s, time.perf_counter() - start
+
+
+def _xla_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def unrolled_flops(config, mesh) -> dict[str, float]:
+    """Per-device XLA FLOPs of the GPT step at full depth, from unrolled 1- and 2-layer compiles.
+
+    XLA's cost analysis counts a while loop's body once, so a scanned model's figure misses
+    L - 1 layers; the step's FLOPs are A + L * B, exactly linear in L for identical layers.
+    """
+    flops = []
+    for layers in (1, 2):
+        c = config.copy_and_resolve_references()
+        c.model.update(num_layers=layers, scan_layers=False)
+        _, _, compiled, _, _ = _compile(c, mesh)
+        if isinstance(compiled, str):
+            raise RuntimeError(f"{layers}-layer FLOPs compile ran out of memory: {compiled}")
+        flops.append(_xla_flops(compiled))
+    per_layer = flops[1] - flops[0]
+    return {
+        "per_layer": per_layer,
+        "total": flops[0] + (int(config.model.num_layers) - 1) * per_layer,
+    }
+
+
+def aot_compile(
+    config, mesh, hbm_bytes: float | None = None, *, full_depth_flops: bool = True
+) -> dict:
+    """Lowers and compiles `config`'s train step on `mesh` and reports per-device memory and FLOPs.
+
+    Args:
+      config: a bf16jax config (its mesh section is ignored: `mesh` is used).
+      mesh: a ("data", "fsdp", "tensor") mesh, e.g. `sharding.make_mesh(config.mesh, devices)`
+        over a TPU topology's compile-only devices, or over CPU devices.
+      hbm_bytes: the chip's HBM, for `fits` and `hbm_used`; None on CPU.
+      full_depth_flops: for a scanned GPT, also compile it unrolled at 1 and 2 layers to count
+        the FLOPs of all layers (`unrolled_flops`); otherwise the full-depth figure is None.
+
+    Returns:
+      A JSON-able dict. Memory keys are bytes per device; `fits` is False when the compiler
+      refused the program (`oom` holds its message) or the peak exceeds `hbm_bytes`.
+    """
+    import jax
+
+    from bf16jax import loop, metrics
+
+    n_dev = mesh.devices.size
+    trainer, batch, compiled, lower_s, compile_s = _compile(config, mesh)
+    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    row = {
+        "policy": config.precision,
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "n_devices": int(n_dev),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "params": int(trainer.n_params),
+        "global_batch": int(config.data.batch_size),
+        "grad_accum_steps": int(config.train.grad_accum_steps),
+        "micro_batch_per_device": int(config.data.batch_size)
+        // shards
+        // int(config.train.grad_accum_steps),
+        "remat": bool(config.model.get("remat", False)),
+        "state_bytes_global": global_bytes(trainer.abstract),
+        "state_bytes_per_device": shard_bytes(trainer.abstract),
+        "batch_bytes_per_device": shard_bytes(batch),
+        "lower_s": round(lower_s, 2),
+        "compile_s": round(compile_s, 2),
+        "hbm_bytes": hbm_bytes,
+    }
+    if isinstance(compiled, str):
+        return row | {"fits": False, "oom": compiled}
+    mem = compiled.memory_analysis()
+    peak = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.generated_code_size_in_bytes
+    )
+    row |= {
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "code_bytes": int(mem.generated_code_size_in_bytes),
+        "peak_bytes": int(peak),
+        "fits": hbm_bytes is None or peak <= hbm_bytes,
+        "hbm_used": None if hbm_bytes is None else round(peak / hbm_bytes, 4),
+        "xla_flops_per_device": _xla_flops(compiled),
+    }
+    full = row["xla_flops_per_device"]
+    if config.model.get("scan_layers", False) and config.model.name == "gpt":
+        full = unrolled_flops(config, mesh)["total"] if full_depth_flops else None
+    per_token = loop.flops_per_token(config, trainer.n_params)
+    peak_flops = metrics.device_peak_flops(mesh.devices.flat[0])
+    row |= {
+        "xla_flops_per_device_full_depth": full,
+        "xla_flops_per_step": None if full is None else full * n_dev,
+        "model_flops_per_step": (
+            None if per_token is None else per_token * loop.tokens_per_step(config)
+        ),
+        # The step time at 100% of the chip's dense BF16 peak, from XLA's FLOPs.
+        "step_s_at_peak": full / peak_flops if (full and peak_flops) else None,
+    }
+    row["jax"] = jax.__version__
+    return row
+
+
+def _with(config, **train):
+    c = config.copy_and_resolve_references()
+    c.train.update(train)
+    return c
+
+
+def run_case(
+    config_name: str, slice_name: str, policy: str, max_accum: int, full_depth_flops: bool = True
+) -> list[dict]:
+    """Rows for one case: the config as is and, if it does not fit, the first grad accumulation
+    (same global batch, smaller per-device micro-batch) that does."""
+    from bf16jax import sharding
+
+    topo = TOPOLOGIES[slice_name]
+    config = load_config(config_name)
+    config.precision = policy
+    mesh = sharding.make_mesh(config.mesh, devices=tpu_devices(slice_name))
+    base = {"config": config_name, "topology": slice_name, "libtpu_topology": topo.name}
+    rows, accum = [], int(config.train.grad_accum_steps)
+    while True:
+        c = _with(config, grad_accum_steps=accum)
+        row = base | {"variant": "as configured" if not rows else f"grad_accum={accum}"}
+        row |= aot_compile(c, mesh, hbm_bytes=topo.hbm_gib * GIB, full_depth_flops=full_depth_flops)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        accum *= 2
+        if row["fits"] or row["micro_batch_per_device"] <= 1 or accum > max_accum:
+            return rows
+
+
+# ----------------------------------------------------------------------------- results
+def _key(row: dict) -> tuple:
+    return (row["config"], row["topology"], row["policy"], row["variant"])
+
+
+def _gb(x) -> str:
+    return "—" if x is None else f"{x / 1e9:.2f}"
+
+
+def to_markdown(rows: list[dict]) -> str:
+    head = (
+        "| config | topology (chip, HBM) | policy | setting | µbatch/dev | state GB/dev "
+        "(global) | args GB | temp GB | code GB | peak GB/dev | fits | HBM used | XLA TFLOP/dev "
+        "(full depth) | XLA / model FLOPs | step at peak (s) | compile s |\n"
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: "
+        "| ---: | ---: | ---: |"
+    )
+    lines = [head]
+    for r in rows:
+        chip = (
+            f"{r['topology']} ({r['n_devices']}× {r['device_kind']}, {r['hbm_bytes'] / GIB:g} GiB)"
+        )
+        state = f"{_gb(r['state_bytes_per_device'])} ({_gb(r['state_bytes_global'])})"
+        compile_s = f"{r['lower_s'] + r['compile_s']:.0f}"
+        if not r.get("argument_bytes"):
+            fits = f"**no**: {r['oom']}"
+            lines.append(
+                f"| {r['config']} | {chip} | {r['policy']} | {r['variant']} | "
+                f"{r['micro_batch_per_device']} | {state} | — | — | — | — | {fits} | — | — | — "
+                f"| — | {compile_s} |"
+            )
+            continue
+        model, xla, full = r["model_flops_per_step"], r["xla_flops_per_step"], None
+        ratio = "—" if not (model and xla) else f"{xla / model:.2f}"
+        if r["xla_flops_per_device_full_depth"] is not None:
+            full = f"{r['xla_flops_per_device_full_depth'] / 1e12:.1f}"
+        at_peak = r["step_s_at_peak"]
+        lines.append(
+            f"| {r['config']} | {chip} | {r['policy']} | {r['variant']} | "
+            f"{r['micro_batch_per_device']} | {state} | {_gb(r['argument_bytes'])} | "
+            f"{_gb(r['temp_bytes'])} | {_gb(r['code_bytes'])} | {_gb(r['peak_bytes'])} | "
+            f"{'yes' if r['fits'] else '**no**'} | {100 * r['hbm_used']:.1f}% | "
+            f"{full or '—'} | {ratio} | "
+            f"{'—' if at_peak is None else f'{at_peak:.2f}'} | {compile_s} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], command: str, out_dir: str = OUT_DIR) -> None:
+    """Merges `rows` into out_dir/results.json (by config, topology, policy, setting), rewrites
+    results.md."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    merged = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = {_key(r): r for r in json.load(f)["rows"]}
+    for r in rows:
+        merged[_key(r)] = r | {"command": command}
+    ordered = sorted(merged.values(), key=_key)
+    commands = sorted({r["command"] for r in ordered})
+    with open(path, "w") as f:
+        json.dump({"commands": commands, "rows": ordered}, f, indent=1)
+    notes = (
+        "# Ahead-of-time compiled train steps on TPU pod topologies (CPU machine, libtpu)\n\n"
+        "Produced by:\n\n" + "\n".join(f"    {c}" for c in commands) + "\n\n"
+        "Per device. peak = argument + output − alias (donated state) + temp + generated code, "
+        "from `compiled.memory_analysis()`; HBM = the datasheet figure per chip (libtpu refuses "
+        "programs above its usable HBM, e.g. 15.25 GiB on v5e, at compile time: `fits` = no). "
+        "XLA FLOPs from `compiled.cost_analysis()` per device; for scanned GPT models "
+        "extrapolated to full depth from unrolled 1- and 2-layer compiles (XLA counts a loop "
+        "body once). Model FLOPs: 6N + 6LTD per token (bf16jax.metrics; GPT only), so the "
+        "ratio shows remat's recompute and the FP32 loss / optimizer work. Step at peak: XLA "
+        "FLOPs / dense BF16 peak of the chip (a lower bound on step time). Compile s = lower + "
+        "compile of the main step on a 2-core CPU (the FLOPs compiles not included).\n\n"
+    )
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(notes + to_markdown(ordered) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="gpt_1b,t5_base")
+    parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    parser.add_argument("--policies", default="bf16,bf16-pure")
+    parser.add_argument("--max_accum", type=int, default=16, help="largest grad accumulation")
+    parser.add_argument(
+        "--skip_full_depth_flops",
+        action="store_true",
+        help="skip the 1- and 2-layer unrolled compiles of scanned models (FLOPs only)",
+    )
+    parser.add_argument("--out", default=OUT_DIR)
+    args = parser.parse_args()
+    for name in args.topologies.split(","):
+        if name not in TOPOLOGIES:
+            raise SystemExit(f"Unknown topology {name!r}: use one of {', '.join(TOPOLOGIES)}.")
+    script = os.path.relpath(__file__, os.path.join(HERE, os.pardir))
+    command = shlex.join(["python", script, *sys.argv[1:]])
+    for config_name in args.configs.split(","):
+        for slice_name in args.topologies.split(","):
+            for policy in args.policies.split(","):
+                rows = run_case(
+                    config_name,
+                    slice_name,
+                    policy,
+                    args.max_accum,
+                    full_depth_flops=not args.skip_full_depth_flops,
+                )
+                write_results(rows, command, args.out)  # after each case: resumable output
+    print(f"wrote {os.path.join(args.out, 'results.md')}")
+
+
+if __name__ == "__main__":
+    main()
