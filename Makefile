@@ -24,8 +24,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check bf16jax tests configs experiments
-	$(BIN)/ruff format --check bf16jax tests configs experiments
+	$(BIN)/ruff check bf16jax tests configs experiments colab
+	$(BIN)/ruff format --check bf16jax tests configs experiments colab
 
 # Ahead-of-time compile gpt_1b / t5_base for TPU pods (v5e-64, v5p-128, v4-32) on this CPU
 # machine: libtpu (~1.3 GB, the `tpu` extra) goes into its own venv, never into $(VENV).
