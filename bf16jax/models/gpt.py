@@ -18,6 +18,7 @@ from flax import nnx
 
 from bf16jax.layers import MLP, Attention, Embed, LayerNorm, Linear
 from bf16jax.precision import Policy
+from bf16jax.sharding import constrain_batch
 
 __all__ = ["Block", "GPT", "stack_layers", "run_layers", "generate"]
 
@@ -85,7 +86,7 @@ def run_layers(layers, x: jax.Array, *, scan: bool, remat: bool, **kwargs) -> ja
     """
 
     def apply(layer, h):
-        return layer(h, **kwargs)
+        return constrain_batch(layer(h, **kwargs))
 
     if remat:
         # Inside scan, CSE cannot merge recomputation across iterations: prevent_cse is not
@@ -190,7 +191,7 @@ class GPT(nnx.Module):
             )
         x = self.policy.cast_to_compute(self.embed(inputs))  # [B, T, D]
         pos = self.policy.cast_to_compute(self.pos_embed(jnp.arange(seq_len)))  # [T, D]
-        x = x + pos[None]
+        x = constrain_batch(x + pos[None])
         x = run_layers(self.blocks, x, scan=self.scan_layers, remat=self.remat)
         return self.policy.cast_to_compute(self.norm_f(x))
 
@@ -202,8 +203,8 @@ class GPT(nnx.Module):
         """Logits [B, T, V] in accum dtype (FP32 island) for token ids `inputs` [B, T]."""
         h = self._hidden(inputs)
         if self.tie_embeddings:
-            return self.embed.attend(h)
-        return self.policy.cast_to_accum(self.head(h))
+            return constrain_batch(self.embed.attend(h))
+        return constrain_batch(self.policy.cast_to_accum(self.head(h)))
 
     def logits_and_targets(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, T, V], targets int32 [B, T], weights f32 [B, T]) for an LM batch."""

@@ -19,6 +19,7 @@ from flax import nnx
 
 from bf16jax.layers import MLP, Attention, Embed, Linear, RelativePositionBias, RMSNorm
 from bf16jax.precision import Policy
+from bf16jax.sharding import constrain_batch
 
 __all__ = ["T5", "T5Stack"]
 
@@ -100,9 +101,10 @@ class T5Stack(nnx.Module):
         t = x.shape[1]
         # T5 computes the position bias once (first layer) and reuses it in every layer.
         bias = self.relpos(t, t)  # [1, H, T, T] accum
-        x = self.policy.cast_to_compute(x)
+        x = constrain_batch(self.policy.cast_to_compute(x))
         for layer in self.layers:
             x = layer(x, bias=bias, mask=mask, context=context, context_mask=context_mask)
+            x = constrain_batch(x)
         return self.policy.cast_to_compute(self.norm(x))
 
 
@@ -159,8 +161,8 @@ class T5(nnx.Module):
         h = self.decode(self.encode(encoder_inputs), encoder_inputs, decoder_inputs)
         if self.tie_embeddings:
             # T5 rescales before the tied projection so logits do not grow with sqrt(D).
-            return self.embed.attend(h * self.embed_dim**-0.5)
-        return self.policy.cast_to_accum(self.head(h))
+            return constrain_batch(self.embed.attend(h * self.embed_dim**-0.5))
+        return constrain_batch(self.policy.cast_to_accum(self.head(h)))
 
     def logits_and_targets(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, Td, V], targets int32 [B, Td], weights f32 [B, Td]) for a span batch."""

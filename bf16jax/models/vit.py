@@ -18,6 +18,7 @@ from flax import nnx
 from bf16jax.layers import Embed, LayerNorm, Linear
 from bf16jax.models.gpt import Block
 from bf16jax.precision import Policy
+from bf16jax.sharding import constrain_batch
 
 __all__ = ["ViT", "patchify"]
 
@@ -89,9 +90,9 @@ class ViT(nnx.Module):
         patches = patchify(self.policy.cast_to_compute(images), self.patch_size)
         x = self.policy.cast_to_compute(self.patch_embed(patches))  # [B, N, D]
         pos = self.policy.cast_to_compute(self.pos_embed(jnp.arange(x.shape[1])))  # [N, D]
-        x = x + pos[None]
+        x = constrain_batch(x + pos[None])
         for block in self.blocks:
-            x = block(x)
+            x = constrain_batch(block(x))
         x = self.norm(x)
         # Mean over tokens in accum dtype: a bf16 sum over N tokens would lose low bits.
         return self.policy.cast_to_compute(jnp.mean(self.policy.cast_to_accum(x), axis=1))
@@ -102,7 +103,7 @@ class ViT(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """Class logits [B, num_classes] in accum dtype (FP32 island)."""
-        return self.policy.cast_to_accum(self.head(self._pooled(images)))
+        return constrain_batch(self.policy.cast_to_accum(self.head(self._pooled(images))))
 
     def logits_and_targets(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, K], labels int32 [B], weights ones f32 [B]) for an image batch."""
