@@ -119,7 +119,7 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
             z_loss=0.0,
             sample_tokens=0,
             diagnostics=True,  # swamping + gradient health in the step metrics (cheap)
-            drift_every=0,  # shadow FP32 eval of a fixed batch every N steps (0: at each eval)
+            drift_every=0,  # shadow FP32 eval of a fixed batch: every N steps, 0 each eval, -1 off
         )
     )
     c.mesh = ml_collections.ConfigDict(
@@ -160,6 +160,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.data.batch_size={config.data.batch_size} is not divisible by "
             f"config.train.grad_accum_steps={config.train.grad_accum_steps}: change one of them."
         )
+    if config.train.drift_every < -1:
+        raise ValueError(
+            f"config.train.drift_every={config.train.drift_every}: use N > 0 (every N steps), "
+            "0 (at each eval) or -1 (off)."
+        )
     if config.checkpoint.every_steps < 0 or config.checkpoint.max_to_keep < 1:
         raise ValueError("config.checkpoint.every_steps must be >= 0 and max_to_keep >= 1.")
 
@@ -177,6 +182,28 @@ def _parse_override(text: str, current):
     if isinstance(current, (tuple, list)):
         return tuple(ast.literal_eval(text))
     return text
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def config_path(name: str) -> str:
+    """The path of the repository's `configs/NAME.py` (e.g. "gpt_tiny").
+
+    The configs live beside the package in the repository, so this works from a clone (an
+    editable install, or `sys.path` pointing at the clone), not from a wheel.
+    """
+    path = os.path.join(CONFIG_DIR, f"{name}.py")
+    if not os.path.isfile(path):
+        files = os.listdir(CONFIG_DIR) if os.path.isdir(CONFIG_DIR) else []
+        known = sorted(f[:-3] for f in files if f.endswith(".py"))
+        if not known:
+            raise FileNotFoundError(
+                f"No configs/ folder beside bf16jax ({CONFIG_DIR}): the configs ship with the "
+                "repository; clone it and `pip install -e .` (or add the clone to sys.path)."
+            )
+        raise FileNotFoundError(f"No config {name!r} in {CONFIG_DIR}: use one of {known}.")
+    return path
 
 
 def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:

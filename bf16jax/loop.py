@@ -24,7 +24,6 @@ import numpy as np
 from bf16jax import data as data_lib
 from bf16jax import metrics as metrics_lib
 from bf16jax.checkpoint import Checkpointer
-from bf16jax.precision import get_policy
 from bf16jax.train import Trainer, TrainState, create_trainer
 
 log = logging.getLogger(__name__)
@@ -130,7 +129,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 result.update({k.replace("/", "_"): v for k, v in ev.items()})
                 _report(bar, step, ev)
             drift_every = config.train.drift_every or config.train.eval_every
-            if trainer.policy != get_policy("fp32") and (step % drift_every == 0 or step == steps):
+            drift_on = drift_every > 0 and trainer.has_drift_reference
+            if drift_on and (step % drift_every == 0 or step == steps):
                 dr = trainer.drift(state.params, state.fp8_meta)
                 dr = writer.write(step, dr, prefix="drift/")
                 result.update({k.replace("/", "_"): v for k, v in dr.items()})

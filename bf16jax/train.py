@@ -361,6 +361,11 @@ class Trainer:
         )
         return self.global_batch(next(iter(ds)))
 
+    @property
+    def has_drift_reference(self) -> bool:
+        """False when the policy is its own FP32 reference (fp32, fp32 + QAT): no drift check."""
+        return self.policy != _fp32_reference(self.policy)
+
     def drift(self, params, fp8_meta=None) -> dict[str, float]:
         """The BF16-vs-FP32 drift on a fixed eval batch (see `shadow_fp32_step`)."""
         fp8_meta = self._empty_meta if fp8_meta is None else fp8_meta

@@ -30,23 +30,28 @@ def badge(filename: str) -> str:
 
 
 def install_cell(extras: str = "plots") -> str:
-    return f"""# On Colab: install bf16jax from GitHub, with the JAX build for the runtime's device.
-# Elsewhere this does nothing: run the notebook from a clone with `pip install -e ".[{extras}]"`.
+    return f"""# On Colab: clone bf16jax (its configs/ live in the repository) and install it
+# with the JAX build for the runtime's device. Elsewhere this does nothing: run the
+# notebook from a clone after `pip install -e ".[{extras}]"`.
 import os
 import shutil
 import subprocess
 import sys
 
 if "google.colab" in sys.modules:
+    CLONE = "/content/bf16jax"
+    URL = "https://github.com/{REPO}"
+    if not os.path.isdir(CLONE):
+        subprocess.run(["git", "clone", "--depth=1", URL, CLONE], check=True)
     if os.environ.get("COLAB_TPU_ADDR") or os.path.exists("/dev/accel0"):
         jax_spec = ["jax[tpu]"]
     elif shutil.which("nvidia-smi"):
         jax_spec = ["jax[cuda12]"]
     else:
         jax_spec = []
-    package = "bf16jax[{extras}] @ git+https://github.com/{REPO}"
     pip = [sys.executable, "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, package, *jax_spec], check=True)"""
+    subprocess.run([*pip, f"{{CLONE}}[{extras}]", *jax_spec], check=True)
+    sys.path.insert(0, CLONE)  # import the clone, so bf16jax.config.config_path finds configs/"""
 
 
 def steps_cell(default: int, meaning: str) -> str:

@@ -36,7 +36,7 @@ import jax
 import matplotlib.pyplot as plt
 
 import bf16jax
-from bf16jax.config import base_config
+from bf16jax.config import config_path, load_config
 from bf16jax.loop import train_and_evaluate
 
 print("bf16jax", bf16jax.__version__, "| jax", jax.__version__, "| devices:", jax.devices())""",
@@ -45,27 +45,29 @@ print("bf16jax", bf16jax.__version__, "| jax", jax.__version__, "| devices:", ja
         "markdown",
         """## The config
 
-The same settings as `configs/gpt_tiny.py` (the `configs/` folder is not part of the installed
-package, so they are spelled out here), built from `bf16jax.config.base_config`. Only
-`precision` differs between the two runs. The config is locked, so a misspelt key fails.""",
+`configs/gpt_tiny.py` from the repository, loaded with `bf16jax.config.load_config`: it applies
+`KEY=VALUE` overrides (typed by the value they replace) and locks the config, so a misspelt key
+fails. Only `precision` differs between the two runs.""",
     ),
     (
         "code",
         '''def gpt_tiny(precision: str):
     """configs/gpt_tiny.py for STEPS steps under `precision`."""
-    c = base_config("gpt")
-    c.precision = precision
-    c.model.update(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, max_len=128)
-    c.data.update(seq_len=128, batch_size=32, eval_batch_size=32)
-    c.optim.update(learning_rate=3e-3, warmup_steps=min(30, STEPS // 10), weight_decay=0.1)
-    c.train.update(steps=STEPS, log_every=max(1, STEPS // 12), eval_every=STEPS, eval_steps=8)
-    c.train.sample_tokens = 200
-    c.checkpoint.every_steps = 0  # only the final checkpoint
-    c.lock()
-    return c
+    return load_config(
+        config_path("gpt_tiny"),
+        [
+            f"precision={precision}",
+            f"train.steps={STEPS}",
+            f"train.log_every={max(1, STEPS // 12)}",
+            f"train.eval_every={STEPS}",
+            f"optim.warmup_steps={min(30, STEPS // 10)}",
+            "checkpoint.every_steps=0",  # only the final checkpoint
+        ],
+    )
 
 
-print(gpt_tiny("bf16").precision, bf16jax.get_policy(gpt_tiny("bf16").precision))''',
+config = gpt_tiny("bf16")
+print(config.precision, bf16jax.get_policy(config.precision))''',
     ),
     (
         "markdown",
@@ -356,7 +358,7 @@ from flax import nnx
 
 import bf16jax
 from bf16jax import quant
-from bf16jax.config import base_config
+from bf16jax.config import config_path, load_config
 from bf16jax.data import digits_split
 from bf16jax.loop import train_and_evaluate
 from bf16jax.models import build_model
@@ -368,16 +370,17 @@ print("bf16jax", bf16jax.__version__, "| jax", jax.__version__, "| devices:", ja
         "code",
         '''def vit_digits(precision: str):
     """configs/vit_digits.py for STEPS steps under `precision`."""
-    c = base_config("vit")
-    c.precision = precision
-    c.model.update(image_size=8, patch_size=2, embed_dim=64, num_layers=4, num_heads=4, mlp_dim=128)
-    c.data.update(batch_size=64, eval_batch_size=120)
-    c.optim.update(learning_rate=2e-3, warmup_steps=min(50, STEPS // 10), weight_decay=0.05)
-    c.optim.b2 = 0.999
-    c.train.update(steps=STEPS, log_every=max(1, STEPS // 12), eval_every=STEPS, eval_steps=3)
-    c.checkpoint.every_steps = 0  # only the final checkpoint
-    c.lock()
-    return c''',
+    return load_config(
+        config_path("vit_digits"),
+        [
+            f"precision={precision}",
+            f"train.steps={STEPS}",
+            f"train.log_every={max(1, STEPS // 12)}",
+            f"train.eval_every={STEPS}",
+            f"optim.warmup_steps={min(50, STEPS // 10)}",
+            "checkpoint.every_steps=0",  # only the final checkpoint
+        ],
+    )''',
     ),
     (
         "markdown",

@@ -70,6 +70,7 @@ QUICK_SETTINGS = {
     "t5": ["model.num_encoder_layers=1", "model.num_decoder_layers=1", "model.embed_dim=32"],
     "all": [
         "train.diagnostics=false",
+        "train.drift_every=-1",
         "train.steps=6",
         "train.log_every=2",
         "train.eval_every=6",

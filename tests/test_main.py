@@ -163,3 +163,14 @@ def test_load_config_of_a_missing_file():
 
     with pytest.raises(FileNotFoundError, match="configs/nope.py"):
         load_config("configs/nope.py")
+
+
+def test_config_path_finds_the_repository_configs(monkeypatch, tmp_path):
+    from bf16jax import config as config_lib
+
+    assert config_lib.config_path("gpt_tiny") == str(REPO / "configs" / "gpt_tiny.py")
+    with pytest.raises(FileNotFoundError, match="No config 'gpt_huge'.*'vit_digits'"):
+        config_lib.config_path("gpt_huge")
+    monkeypatch.setattr(config_lib, "CONFIG_DIR", str(tmp_path / "site-packages" / "configs"))
+    with pytest.raises(FileNotFoundError, match="clone it"):
+        config_lib.config_path("gpt_tiny")

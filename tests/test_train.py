@@ -426,3 +426,12 @@ def test_preemption_saves_the_current_step_and_stops(tmp_path, monkeypatch):
     monkeypatch.undo()
     resumed = loop.train_and_evaluate(config, str(tmp_path))
     assert resumed["step"] == 5 and "preempted" not in resumed
+
+
+def test_drift_check_can_be_turned_off(tmp_path):
+    config = tiny_gpt_config("bf16", steps=2, drift_every=-1)
+    result = loop.train_and_evaluate(config, str(tmp_path))
+    assert "eval_loss" in result and not any(k.startswith("drift") for k in result)
+    bad = tiny_gpt_config("bf16", drift_every=-2)
+    with pytest.raises(ValueError, match="drift_every=-2.*-1 \\(off\\)"):
+        config_lib.validate(bad)
