@@ -12,7 +12,8 @@ device: argument / output / temp / code bytes from `compiled.memory_analysis()` 
 body once, so a scanned model is also compiled unrolled at 1 and 2 layers and extrapolated
 linearly) and the 6N + 6LTD model FLOPs (bf16jax.metrics). A setting that does not fit is
 reported as such, then grad accumulation is doubled until one does (same global batch).
-Writes results/aot_tpu/results.{json,md}, merged over runs, each row with its command.
+Writes results/aot_tpu/results.{json,md}, merged over runs (a rerun of a config x topology x
+policy replaces all of that case's rows), each row with its command and git revision.
 """
 
 from __future__ import annotations
@@ -114,7 +115,15 @@ def _oom_message(err: Exception) -> str | None:
     return (lines[0] if lines else text.splitlines()[0]).strip()[:400]
 
 
-def _compile(config, mesh):
+# XLA backend (LLVM) options that halve CPU compile time and leave the optimized HLO, which
+# memory_analysis() and cost_analysis() read, as it is: for tests on CPU devices.
+FAST_CPU_COMPILE = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
+
+
+def _compile(config, mesh, compiler_options: dict | None = None):
     """(trainer, batch, compiled or OOM message, lower seconds, compile seconds)."""
     import jax
 
@@ -129,12 +138,30 @@ def _compile(config, mesh):
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options)
     except Exception as e:  # libtpu reports "does not fit" as a compile error
         if (msg := _oom_message(e)) is None:
             raise
         compiled = msg
     return trainer, batch, compiled, lower_s, time.perf_counter() - start
+
+
+def _git_revision() -> str | None:
+    """The library's commit (`-dirty` with uncommitted changes): which code a row measured."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def _xla_flops(compiled) -> float:
@@ -143,7 +170,7 @@ def _xla_flops(compiled) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def unrolled_flops(config, mesh) -> dict[str, float]:
+def unrolled_flops(config, mesh, compiler_options: dict | None = None) -> dict[str, float]:
     """Per-device XLA FLOPs of the GPT step at full depth, from unrolled 1- and 2-layer compiles.
 
     XLA's cost analysis counts a while loop's body once, so a scanned model's figure misses
@@ -153,7 +180,7 @@ def unrolled_flops(config, mesh) -> dict[str, float]:
     for layers in (1, 2):
         c = config.copy_and_resolve_references()
         c.model.update(num_layers=layers, scan_layers=False)
-        _, _, compiled, _, _ = _compile(c, mesh)
+        _, _, compiled, _, _ = _compile(c, mesh, compiler_options)
         if isinstance(compiled, str):
             raise RuntimeError(f"{layers}-layer FLOPs compile ran out of memory: {compiled}")
         flops.append(_xla_flops(compiled))
@@ -165,7 +192,12 @@ def unrolled_flops(config, mesh) -> dict[str, float]:
 
 
 def aot_compile(
-    config, mesh, hbm_bytes: float | None = None, *, full_depth_flops: bool = True
+    config,
+    mesh,
+    hbm_bytes: float | None = None,
+    *,
+    full_depth_flops: bool = True,
+    compiler_options: dict | None = None,
 ) -> dict:
     """Lowers and compiles `config`'s train step on `mesh` and reports per-device memory and FLOPs.
 
@@ -176,6 +208,7 @@ def aot_compile(
       hbm_bytes: the chip's HBM, for `fits` and `hbm_used`; None on CPU.
       full_depth_flops: for a scanned GPT, also compile it unrolled at 1 and 2 layers to count
         the FLOPs of all layers (`unrolled_flops`); otherwise the full-depth figure is None.
+      compiler_options: XLA options for every compile, e.g. FAST_CPU_COMPILE in tests.
 
     Returns:
       A JSON-able dict. Memory keys are bytes per device; `fits` is False when the compiler
@@ -186,7 +219,7 @@ def aot_compile(
     from bf16jax import loop, metrics
 
     n_dev = mesh.devices.size
-    trainer, batch, compiled, lower_s, compile_s = _compile(config, mesh)
+    trainer, batch, compiled, lower_s, compile_s = _compile(config, mesh, compiler_options)
     shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
     row = {
         "policy": config.precision,
@@ -206,6 +239,7 @@ def aot_compile(
         "lower_s": round(lower_s, 2),
         "compile_s": round(compile_s, 2),
         "hbm_bytes": hbm_bytes,
+        "git": _git_revision(),
     }
     if isinstance(compiled, str):
         return row | {"fits": False, "oom": compiled}
@@ -230,7 +264,9 @@ def aot_compile(
     }
     full = row["xla_flops_per_device"]
     if config.model.get("scan_layers", False) and config.model.name == "gpt":
-        full = unrolled_flops(config, mesh)["total"] if full_depth_flops else None
+        full = None
+        if full_depth_flops:
+            full = unrolled_flops(config, mesh, compiler_options)["total"]
     per_token = loop.flops_per_token(config, trainer.n_params)
     peak_flops = metrics.device_peak_flops(mesh.devices.flat[0])
     row |= {
@@ -289,7 +325,7 @@ def to_markdown(rows: list[dict]) -> str:
     head = (
         "| config | topology (chip, HBM) | policy | setting | µbatch/dev | state GB/dev "
         "(global) | args GB | temp GB | code GB | peak GB/dev | fits | HBM used | XLA TFLOP/dev "
-        "(full depth) | XLA / model FLOPs | step at peak (s) | compile s |\n"
+        "(full depth) | XLA / model FLOPs | step at peak (ms) | compile s |\n"
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: "
         "| ---: | ---: | ---: |"
     )
@@ -311,7 +347,7 @@ def to_markdown(rows: list[dict]) -> str:
         model, xla, full = r["model_flops_per_step"], r["xla_flops_per_step"], None
         ratio = "—" if not (model and xla) else f"{xla / model:.2f}"
         if r["xla_flops_per_device_full_depth"] is not None:
-            full = f"{r['xla_flops_per_device_full_depth'] / 1e12:.1f}"
+            full = f"{r['xla_flops_per_device_full_depth'] / 1e12:.3g}"
         at_peak = r["step_s_at_peak"]
         lines.append(
             f"| {r['config']} | {chip} | {r['policy']} | {r['variant']} | "
@@ -319,20 +355,24 @@ def to_markdown(rows: list[dict]) -> str:
             f"{_gb(r['temp_bytes'])} | {_gb(r['code_bytes'])} | {_gb(r['peak_bytes'])} | "
             f"{'yes' if r['fits'] else '**no**'} | {100 * r['hbm_used']:.1f}% | "
             f"{full or '—'} | {ratio} | "
-            f"{'—' if at_peak is None else f'{at_peak:.2f}'} | {compile_s} |"
+            f"{'—' if at_peak is None else f'{1e3 * at_peak:.3g}'} | {compile_s} |"
         )
     return "\n".join(lines)
 
 
 def write_results(rows: list[dict], command: str, out_dir: str = OUT_DIR) -> None:
-    """Merges `rows` into out_dir/results.json (by config, topology, policy, setting), rewrites
-    results.md."""
+    """Merges `rows` into out_dir/results.json, replacing every earlier row of their cases
+    (config, topology, policy), and rewrites results.md."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
     merged = {}
     if os.path.exists(path):
         with open(path) as f:
             merged = {_key(r): r for r in json.load(f)["rows"]}
+    # A case's rows replace all its earlier ones: a rerun that fits as configured must not
+    # leave the grad-accumulation fallbacks of an older run behind as if current.
+    cases = {_key(r)[:3] for r in rows}
+    merged = {k: r for k, r in merged.items() if k[:3] not in cases}
     for r in rows:
         merged[_key(r)] = r | {"command": command}
     ordered = sorted(merged.values(), key=_key)
@@ -344,13 +384,15 @@ def write_results(rows: list[dict], command: str, out_dir: str = OUT_DIR) -> Non
         "Produced by:\n\n" + "\n".join(f"    {c}" for c in commands) + "\n\n"
         "Per device. peak = argument + output − alias (donated state) + temp + generated code, "
         "from `compiled.memory_analysis()`; HBM = the datasheet figure per chip (libtpu refuses "
-        "programs above its usable HBM, e.g. 15.25 GiB on v5e, at compile time: `fits` = no). "
+        "programs above its usable HBM, e.g. 15.75 GB on v5e, at compile time: `fits` = no). "
         "XLA FLOPs from `compiled.cost_analysis()` per device; for scanned GPT models "
         "extrapolated to full depth from unrolled 1- and 2-layer compiles (XLA counts a loop "
-        "body once). Model FLOPs: 6N + 6LTD per token (bf16jax.metrics; GPT only), so the "
-        "ratio shows remat's recompute and the FP32 loss / optimizer work. Step at peak: XLA "
-        "FLOPs / dense BF16 peak of the chip (a lower bound on step time). Compile s = lower + "
-        "compile of the main step on a 2-core CPU (the FLOPs compiles not included).\n\n"
+        "body once; — where skipped with --skip_full_depth_flops). Model FLOPs: 6N + 6LTD per "
+        "token (bf16jax.metrics; GPT only), so the ratio shows remat's recompute and the FP32 "
+        "loss / optimizer work. Step at peak: XLA FLOPs / dense BF16 peak of the chip, in ms "
+        "(a lower bound on step time). Compile s = lower + compile of the main step on a "
+        "shared 2-core CPU (the FLOPs compiles not included). results.json gives each row's "
+        "command, jax version and git revision.\n\n"
     )
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(notes + to_markdown(ordered) + "\n")
