@@ -310,10 +310,12 @@ def test_sharded_equals_unsharded_and_replicas_agree(policy):
     eight = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     _, s1, m1 = _train(config, one, steps=4)
     _, s8, m8 = _train(config, eight, steps=4)
-    # Another mesh sums gradients in another order, so later steps differ in the last bits
-    # (and Adam turns a near-zero gradient's sign flip into a full +-lr step): the losses agree
-    # to BF16 accuracy. The rule itself is bit-identical across meshes (test below).
-    assert m1[0]["loss"] == m8[0]["loss"]
+    # Each device runs its own rows (activations are sharded over the batch), so its dots have
+    # other shapes and FP32 accumulation orders, and a few BF16 activations round the other way:
+    # the first loss differs by ~5e-6 relative (measured). Another mesh also sums gradients in
+    # another order (and Adam turns a near-zero gradient's sign flip into a full +-lr step): the
+    # losses agree to BF16 accuracy. The rule itself is bit-identical across meshes (test below).
+    np.testing.assert_allclose(m1[0]["loss"], m8[0]["loss"], rtol=2e-5)
     np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-4)
     copies = 0
     for leaf in jax.tree.leaves(s8.params) + jax.tree.leaves(s8.opt_state.rule_state):
