@@ -243,6 +243,29 @@ def add_agreement(args, results: list[dict]) -> None:
         r["agreement"] = evaluation.agreement_with(preds, cache[ref_key])
 
 
+def seed_agreement(args, results: list[dict]) -> dict[str, float]:
+    """Per model, the mean agreement between FP32 runs of different seeds (clean eval): how much
+    a change of seed alone moves the predictions, the yardstick for `agree w/ fp32`."""
+    from bf16jax import metrics as metrics_lib
+
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in results):
+        seeds = sorted(
+            r["seed"] for r in results if (r["model"], r["policy"]) == (model, REFERENCE)
+        )
+        preds = {s: _load_predictions(args, model, REFERENCE, s)["clean"] for s in seeds}
+        pairs = [
+            metrics_lib.agreement(
+                preds[a]["prediction"], preds[b]["prediction"], preds[a]["weight"]
+            )
+            for i, a in enumerate(seeds)
+            for b in seeds[i + 1 :]
+        ]
+        if pairs:
+            out[model] = float(np.mean(pairs))
+    return out
+
+
 def pooled_bins(args, results: list[dict], model: str, policy: str) -> dict:
     """Reliability bins of the clean eval predictions pooled over seeds."""
     from bf16jax import metrics as metrics_lib
@@ -299,7 +322,7 @@ def _pm(entry: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
     return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
 
 
-def markdown(table: dict) -> str:
+def markdown(table: dict, baseline: dict[str, float]) -> str:
     """One table per model: quality, robustness, agreement, cost."""
     lines: list[str] = []
     for model, by_policy in table.items():
@@ -333,6 +356,11 @@ def markdown(table: dict) -> str:
                 _pm(e, "inference_bytes_per_param", 1, 2).split(" ±")[0],
             ]
             lines.append("| " + " | ".join(cells) + " |")
+        if model in baseline:
+            lines.append(
+                f"\nFor scale: FP32 runs of different seeds agree on {100 * baseline[model]:.2f}% "
+                "of the predictions."
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -387,14 +415,19 @@ def main() -> None:
         sys.exit("No run finished; see the errors above.")
     add_agreement(args, results)
     table = summarize(results)
+    baseline = seed_agreement(args, results)
     command = " ".join(["python", *sys.argv])
     from study_plots import write_plots  # experiments/ is on sys.path when run as a script
 
     plots = write_plots(args, results, table)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         slim = [{k: v for k, v in r.items() if k != "curve"} for r in results]
-        json.dump({"command": command, "table": table, "runs": slim}, f, indent=1)
-    md = markdown(table)
+        json.dump(
+            {"command": command, "table": table, "fp32_seed_agreement": baseline, "runs": slim},
+            f,
+            indent=1,
+        )
+    md = markdown(table, baseline)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"Produced by `{command}` ({_device()}).\n\n{md}\n")
         f.write("\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots))
