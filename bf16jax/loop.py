@@ -65,7 +65,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Writes `workdir/metrics.jsonl`, TensorBoard events in `workdir/tb` and checkpoints in
     `workdir/checkpoints`. Returns the last train metrics, the final eval metrics ("eval_*"),
-    "step", "compile_s", "tokens_per_s" and, for GPT models with a sample length, "sample".
+    "step", "compile_s", "tokens_per_s", for GPT models with a sample length "sample", and
+    the final "state" with the "trainer" that ran it (`trainer.host_model(state)`, evaluation).
     """
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir={workdir} is a file: pass a directory (it is created).")
@@ -152,6 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.model.name == "gpt" and config.train.sample_tokens > 0 and "preempted" not in result:
         result["sample"] = sample_text(trainer, state, config.train.sample_tokens)
     result["state"] = state
+    result["trainer"] = trainer
     return result
 
 

@@ -362,7 +362,6 @@ from bf16jax.config import config_path, load_config
 from bf16jax.data import digits_split
 from bf16jax.loop import train_and_evaluate
 from bf16jax.models import build_model
-from bf16jax.train import create_trainer
 
 print("bf16jax", bf16jax.__version__, "| jax", jax.__version__, "| devices:", jax.devices())""",
     ),
@@ -436,11 +435,11 @@ after training.""",
     }
 
 
-trainers, learned, initial = {}, {}, {}
+learned, initial = {}, {}
 for precision in PRECISIONS[1:]:
     config = vit_digits(precision)
-    trainers[precision] = create_trainer(config)
-    model = trainers[precision].host_model(runs[precision]["result"]["state"])
+    result = runs[precision]["result"]
+    model = result["trainer"].host_model(result["state"])  # the trainer that ran it
     runs[precision]["model"] = model
     learned[precision] = step_sizes(model)
     initial[precision] = step_sizes(build_model(config.model, precision, rngs=nnx.Rngs(0)))

@@ -137,7 +137,7 @@ def _inference_bytes(trainer) -> float:
 def run_one(model: str, policy: str, seed: int, runs: str, overrides: list[str]) -> dict:
     """Trains (or resumes) one run, evaluates it clean and shifted, writes result.json."""
     from bf16jax import config as config_lib
-    from bf16jax import evaluation, loop, train
+    from bf16jax import evaluation, loop
     from bf16jax import metrics as metrics_lib
 
     workdir = os.path.join(runs, model, run_name(policy, seed))
@@ -147,8 +147,7 @@ def run_one(model: str, policy: str, seed: int, runs: str, overrides: list[str])
     )
     start = time.perf_counter()
     out = loop.train_and_evaluate(config, workdir)
-    state = out.pop("state")
-    trainer = train.create_trainer(config)
+    state, trainer = out.pop("state"), out.pop("trainer")
     summary, preds = evaluation.evaluate_quality(
         trainer, state.params, state.fp8_meta, seed=EVAL_SEED
     )
