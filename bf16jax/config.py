@@ -30,6 +30,11 @@ MODEL_DEFAULTS = {
         scan_layers=False,
         remat=False,
         attention_impl="",
+        norm_eps=1e-5,
+        mlp_activation="gelu",
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        mlp_dropout_rate=0.0,
     ),
     "t5": dict(
         vocab_size=384,
@@ -43,6 +48,11 @@ MODEL_DEFAULTS = {
         relpos_buckets=32,
         relpos_max_distance=128,
         attention_impl="",
+        norm_eps=1e-6,
+        mlp_activation="gated-gelu",  # T5 v1.1 / FLAN-T5; "relu" is T5 v1.0
+        dropout_rate=0.0,  # FLAN-T5 fine-tuning uses 0.1 (residual, embeddings)
+        attention_dropout_rate=0.0,
+        mlp_dropout_rate=0.0,
     ),
     "vit": dict(
         image_size=8,
@@ -54,6 +64,11 @@ MODEL_DEFAULTS = {
         num_heads=4,
         mlp_dim=128,
         attention_impl="",
+        norm_eps=1e-5,
+        mlp_activation="gelu",
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        mlp_dropout_rate=0.0,
     ),
 }
 
