@@ -86,6 +86,9 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.precision = "bf16"
     c.seed = 0
+    # A directory written by `python -m bf16jax.convert import`: a fresh run starts from its
+    # params (fresh optimizer state, step 0) and takes its architecture; "" = random init.
+    c.init_from = ""
     c.model = ml_collections.ConfigDict(dict(name=model, **MODEL_DEFAULTS[model]))
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -118,6 +121,10 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
             mean_noise_span=3.0,
             seed=0,
             num_workers=0,
+            # "" = bytes (tokenizer.py); a directory / file with spiece.model or tokenizer.json;
+            # "init_from" = the tokenizer of config.init_from's directory.
+            tokenizer="",
+            prompt="continue: ",  # kjv_continuation: the text-to-text task's input prefix
         )
     )
     c.train = ml_collections.ConfigDict(
@@ -179,6 +186,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.train.drift_every={config.train.drift_every}: use N > 0 (every N steps), "
             "0 (at each eval) or -1 (off)."
+        )
+    if config.data.get("tokenizer") == "init_from" and not config.get("init_from"):
+        raise ValueError(
+            "config.data.tokenizer='init_from' reads the tokenizer of config.init_from, which is "
+            "empty: pass --config.init_from=DIR (a `python -m bf16jax.convert import` output)."
         )
     if config.checkpoint.every_steps < 0 or config.checkpoint.max_to_keep < 1:
         raise ValueError("config.checkpoint.every_steps must be >= 0 and max_to_keep >= 1.")

@@ -297,10 +297,11 @@ class Trainer:
     abstract: TrainState  # sharded ShapeDtypeStructs: the restore target
     n_params: int
 
-    def _init(self) -> TrainState:
+    def _init(self, params=None) -> TrainState:
         cfg = self.config
         model = build_model(cfg.model, self.policy, rngs=nnx.Rngs(cfg.seed))
-        params = nnx.state(model, nnx.Param)
+        if params is None:
+            params = nnx.state(model, nnx.Param)
         fp8_meta = nnx.state(model, FP8Meta)  # empty State unless q=fp8
         return TrainState(
             step=jnp.zeros([], jnp.int32),
@@ -319,6 +320,19 @@ class Trainer:
     def init_state(self) -> TrainState:
         """A fresh state, created directly in its shardings."""
         return sharding.create_sharded(self._init, self.abstract)
+
+    def init_state_from(self, directory: str) -> TrainState:
+        """A fresh state (step 0, fresh optimizer state) around the params of a converted
+        checkpoint directory (`bf16jax.convert`), restored in their shardings and cast to the
+        policy's param dtypes. The model config must be the directory's (see
+        `convert.resolve_init_from`)."""
+        from bf16jax import convert  # convert imports the checkpoint stack; keep it lazy
+
+        params = convert.restore_params(directory, self.abstract.params)
+        sh = self.state_shardings
+        with jax.set_mesh(self.mesh), nnx.use_eager_sharding(False):
+            init = jax.jit(self._init, in_shardings=(sh.params,), out_shardings=sh)
+            return init(params)
 
     @functools.cached_property
     def _step_fn(self):
