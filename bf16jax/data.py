@@ -8,7 +8,8 @@ and "synthetic_tokens" / "synthetic_images" (random, for benchmarks). Invariants
 fixed (KJV by book, digits by a fixed-seed stratified split) and never depend on `data.seed`;
 the global stream of examples does not depend on the number of processes (process p of n reads
 positions p, p+n, ... of it, so the n local batches of step k together hold the examples of the
-one-process batch k); every random choice is a function of (seed, example position), so `get_state`/`set_state` resume exactly.
+one-process batch k); every random choice is a function of (seed, example position), so
+`get_state`/`set_state` resume exactly.
 """
 
 from __future__ import annotations
