@@ -139,6 +139,8 @@ def import_hf(hf_dir: str, out_dir: str, *, precision: str = "bf16") -> dict[str
         not match the config.
     """
     policy = get_policy(precision)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"{out_dir} exists and is not empty: pass a new directory.")
     hf_config = hf.read_json(os.path.join(hf_dir, "config.json"))
     model_cfg = hf.model_config_from_hf(hf_config)
     tensors, layout = hf.read_safetensors(hf_dir)
@@ -172,9 +174,6 @@ def import_hf(hf_dir: str, out_dir: str, *, precision: str = "bf16") -> dict[str
                 "builds from this config.json; refusing rather than dropping it."
             )
     params = _fill(abstract_params(model_cfg, str(policy)), arrays)
-
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise ValueError(f"{out_dir} exists and is not empty: pass a new directory.")
     os.makedirs(out_dir, exist_ok=True)
     with Checkpointer(os.path.join(out_dir, CHECKPOINTS), max_to_keep=1) as ckpt:
         ckpt.save(0, {"params": params}, force=True)
