@@ -156,8 +156,9 @@ def test_t5_attention_unscaled_with_q_init_scaled():
 
 def test_gpt2_vocabulary_50257_builds_and_shards():
     """GPT-2's exact vocabulary: not a multiple of the tensor axis, so its dim is replicated."""
-    from bf16jax import sharding
     from tiny import make_mesh
+
+    from bf16jax import sharding
 
     cfg = _tiny("gpt", vocab_size=50257)
     mesh = make_mesh((4, 1, 2))
