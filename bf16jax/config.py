@@ -30,6 +30,11 @@ MODEL_DEFAULTS = {
         scan_layers=False,
         remat=False,
         attention_impl="",
+        norm_eps=1e-5,
+        mlp_activation="gelu",
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        mlp_dropout_rate=0.0,
     ),
     "t5": dict(
         vocab_size=384,
@@ -43,6 +48,11 @@ MODEL_DEFAULTS = {
         relpos_buckets=32,
         relpos_max_distance=128,
         attention_impl="",
+        norm_eps=1e-6,
+        mlp_activation="gated-gelu",  # T5 v1.1 / FLAN-T5; "relu" is T5 v1.0
+        dropout_rate=0.0,  # FLAN-T5 fine-tuning uses 0.1 (residual, embeddings)
+        attention_dropout_rate=0.0,
+        mlp_dropout_rate=0.0,
     ),
     "vit": dict(
         image_size=8,
@@ -54,6 +64,11 @@ MODEL_DEFAULTS = {
         num_heads=4,
         mlp_dim=128,
         attention_impl="",
+        norm_eps=1e-5,
+        mlp_activation="gelu",
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        mlp_dropout_rate=0.0,
     ),
 }
 
@@ -71,6 +86,9 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.precision = "bf16"
     c.seed = 0
+    # A directory written by `python -m bf16jax.convert import`: a fresh run starts from its
+    # params (fresh optimizer state, step 0) and takes its architecture; "" = random init.
+    c.init_from = ""
     c.model = ml_collections.ConfigDict(dict(name=model, **MODEL_DEFAULTS[model]))
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -103,6 +121,10 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
             mean_noise_span=3.0,
             seed=0,
             num_workers=0,
+            # "" = bytes (tokenizer.py); a directory / file with spiece.model or tokenizer.json;
+            # "init_from" = the tokenizer of config.init_from's directory.
+            tokenizer="",
+            prompt="continue: ",  # kjv_continuation: the text-to-text task's input prefix
         )
     )
     c.train = ml_collections.ConfigDict(
@@ -164,6 +186,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.train.drift_every={config.train.drift_every}: use N > 0 (every N steps), "
             "0 (at each eval) or -1 (off)."
+        )
+    if config.data.get("tokenizer") == "init_from" and not config.get("init_from"):
+        raise ValueError(
+            "config.data.tokenizer='init_from' reads the tokenizer of config.init_from, which is "
+            "empty: pass --config.init_from=DIR (a `python -m bf16jax.convert import` output)."
         )
     if config.checkpoint.every_steps < 0 or config.checkpoint.max_to_keep < 1:
         raise ValueError("config.checkpoint.every_steps must be >= 0 and max_to_keep >= 1.")

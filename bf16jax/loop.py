@@ -11,6 +11,7 @@ commit and returns early with `preempted=True`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from bf16jax import convert
 from bf16jax import data as data_lib
 from bf16jax import metrics as metrics_lib
 from bf16jax.checkpoint import Checkpointer
@@ -67,9 +69,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     `workdir/checkpoints`. Returns the last train metrics, the final eval metrics ("eval_*"),
     "step", "compile_s", "tokens_per_s", for GPT models with a sample length "sample", and
     the final "state" with the "trainer" that ran it (`trainer.host_model(state)`, evaluation).
+    With `config.init_from` a fresh run starts from that converted checkpoint's params (its
+    architecture replaces config.model's, each change logged); a resumed run ignores it.
     """
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir={workdir} is a file: pass a directory (it is created).")
+    config = convert.resolve_init_from(config)  # a pretrained model's architecture, if any
     trainer = create_trainer(config)
     steps = int(config.train.steps)
     train_it = iter(
@@ -81,8 +86,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     )
     ckpt = Checkpointer.from_config(config.checkpoint, os.path.join(workdir, "checkpoints"))
+    init = trainer.init_state
+    if config.get("init_from"):  # only for a fresh run: a checkpoint in workdir resumes instead
+        init = functools.partial(trainer.init_state_from, config.init_from)
     try:
-        state, start = ckpt.restore_or_init(trainer.abstract, trainer.init_state, train_it)
+        state, start = ckpt.restore_or_init(trainer.abstract, init, train_it)
     except BaseException:
         ckpt.close()  # e.g. a checkpoint of another config: refused, and nothing was written
         raise
@@ -101,6 +109,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bar = _progress(steps, start)
     result: dict[str, Any] = {"step": start}
     try:
+        if config.get("init_from") and start == 0:
+            # The pretrained model's own held-out loss: the baseline the fine-tuning improves.
+            ev = trainer.evaluate(state.params, fp8_meta=state.fp8_meta)
+            ev = writer.write(0, ev, prefix="eval/")
+            result.update({"init_" + k.replace("/", "_"): v for k, v in ev.items()})
+            _report(bar, 0, ev)
         batch = trainer.global_batch(next(train_it)) if start < steps else None
         if batch is not None:
             result["compile_s"] = trainer.compile(state, batch)

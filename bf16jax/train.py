@@ -54,6 +54,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 _F32 = jnp.float32
 _KEY_SALT = 0x7A1  # the state's key is independent of the param-init stream of the same seed
+# Dropout keys are fold_in(step_key, _DROPOUT_SALT[, micro-batch]): apart from the update
+# rule's per-leaf keys fold_in(step_key, leaf index).
+_DROPOUT_SALT = 0x0D5A_0000
 
 
 @struct.dataclass
@@ -92,8 +95,10 @@ def _micro_batches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def _loss_and_grads(params, fp8_meta, graphdef, batch, loss_scale, z_loss):
+def _loss_and_grads(params, fp8_meta, graphdef, batch, loss_scale, z_loss, dropout_key):
     """(aux metrics, FP32 unscaled grads, new FP8 meta) of the weighted-mean loss on one batch.
+
+    `dropout_key` turns the model's dropout on (models with all rates 0 ignore it).
 
     The "gradient" of the FP8 meta is its updated value (overwrite-with-gradient, see
     `quant.fp8_dot`): it is returned as the new meta, not unscaled, not an update direction.
@@ -101,7 +106,7 @@ def _loss_and_grads(params, fp8_meta, graphdef, batch, loss_scale, z_loss):
 
     def loss_fn(p, m):
         model = nnx.merge(graphdef, p, m)
-        logits, targets, weights = model.logits_and_targets(batch)
+        logits, targets, weights = model.logits_and_targets(batch, dropout_key=dropout_key)
         loss, aux = cross_entropy(logits, targets, weights, z_loss=z_loss)
         return ls.scale_loss(loss_scale, loss), {**aux, "loss": loss}
 
@@ -133,16 +138,22 @@ def train_step(
     """
     k = grad_accum_steps
     meta = state.fp8_meta
+    step_key = jax.random.fold_in(state.key, state.step)
+    dropout_key = jax.random.fold_in(step_key, _DROPOUT_SALT)
     if k == 1:
         aux, grads, new_meta = _loss_and_grads(
-            state.params, meta, graphdef, batch, state.loss_scale, z_loss
+            state.params, meta, graphdef, batch, state.loss_scale, z_loss, dropout_key
         )
     else:
         micro = _micro_batches(batch, k)
 
-        def body(carry, mb):
+        def body(carry, xs):
             acc, totals, meta_max = carry
-            aux, g, m = _loss_and_grads(state.params, meta, graphdef, mb, state.loss_scale, z_loss)
+            mb, i = xs
+            key = jax.random.fold_in(dropout_key, i)
+            aux, g, m = _loss_and_grads(
+                state.params, meta, graphdef, mb, state.loss_scale, z_loss, key
+            )
             w = aux["weight_sum"]
             # Accumulate sum_i w_i * grad(mean_i) in FP32; divided by sum_i w_i below.
             acc = jax.tree.map(lambda a, gi: a + w * gi, acc, g)
@@ -158,13 +169,13 @@ def train_step(
         meta_zeros = jax.tree.map(jnp.zeros_like, meta)
         keys = ("loss", "nll", "z_loss", "accuracy", "log_z")
         init = {key: jnp.zeros([], _F32) for key in keys + ("weight_sum",)}
-        (acc, totals, new_meta), _ = jax.lax.scan(body, (zeros, init, meta_zeros), micro)
+        xs = (micro, jnp.arange(k))
+        (acc, totals, new_meta), _ = jax.lax.scan(body, (zeros, init, meta_zeros), xs)
         denom = jnp.where(totals["weight_sum"] > 0, totals["weight_sum"], 1.0)  # as the loss
         grads = jax.tree.map(lambda a: a / denom, acc)
         aux = {key: totals[key] / denom for key in keys} | {"weight_sum": totals["weight_sum"]}
 
     finite = ls.all_finite(grads)
-    step_key = jax.random.fold_in(state.key, state.step)
     new_params, new_opt, updates = optimizer.update(
         grads, state.opt_state, state.params, key=step_key, return_updates=True
     )
@@ -286,10 +297,11 @@ class Trainer:
     abstract: TrainState  # sharded ShapeDtypeStructs: the restore target
     n_params: int
 
-    def _init(self) -> TrainState:
+    def _init(self, params=None) -> TrainState:
         cfg = self.config
         model = build_model(cfg.model, self.policy, rngs=nnx.Rngs(cfg.seed))
-        params = nnx.state(model, nnx.Param)
+        if params is None:
+            params = nnx.state(model, nnx.Param)
         fp8_meta = nnx.state(model, FP8Meta)  # empty State unless q=fp8
         return TrainState(
             step=jnp.zeros([], jnp.int32),
@@ -308,6 +320,19 @@ class Trainer:
     def init_state(self) -> TrainState:
         """A fresh state, created directly in its shardings."""
         return sharding.create_sharded(self._init, self.abstract)
+
+    def init_state_from(self, directory: str) -> TrainState:
+        """A fresh state (step 0, fresh optimizer state) around the params of a converted
+        checkpoint directory (`bf16jax.convert`), restored in their shardings and cast to the
+        policy's param dtypes. The model config must be the directory's (see
+        `convert.resolve_init_from`)."""
+        from bf16jax import convert  # convert imports the checkpoint stack; keep it lazy
+
+        params = convert.restore_params(directory, self.abstract.params)
+        sh = self.state_shardings
+        with jax.set_mesh(self.mesh), nnx.use_eager_sharding(False):
+            init = jax.jit(self._init, in_shardings=(sh.params,), out_shardings=sh)
+            return init(params)
 
     @functools.cached_property
     def _step_fn(self):

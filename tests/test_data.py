@@ -311,7 +311,7 @@ def test_multiprocess_workers_match_in_process():
 
 # ----------------------------------------------------------------------------- errors
 def test_bad_input_errors(monkeypatch):
-    with pytest.raises(ValueError, match="kjv_bytes, kjv_span, digits"):
+    with pytest.raises(ValueError, match="kjv_bytes, kjv_span, kjv_continuation, digits"):
         data.make_dataset(cfg("digits", name="mnist"), "train")
     with pytest.raises(ValueError, match="train, eval"):
         data.make_dataset(cfg("digits"), "validation")

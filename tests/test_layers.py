@@ -566,7 +566,7 @@ def test_layer_input_errors():
     embed = Embed(V, D, policy=policy, name="embed", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="integer ids, got dtype float32"):
         embed(jnp.zeros((2, 3)))
-    with pytest.raises(ValueError, match="'relu'"):
-        MLP(D, 16, policy=policy, name="mlp", rngs=nnx.Rngs(0), activation="relu")
+    with pytest.raises(ValueError, match="'swish'"):
+        MLP(D, 16, policy=policy, name="mlp", rngs=nnx.Rngs(0), activation="swish")
     with pytest.raises(ValueError, match="embed_dim=8 is not divisible by num_heads=3"):
         Attention(D, 3, policy=policy, name="a", rngs=nnx.Rngs(0))

@@ -45,9 +45,7 @@ def kernel_env() -> dict[str, str]:
 
 def test_every_notebook_is_built_and_tested():
     assert NOTEBOOKS == sorted(BUILD.NOTEBOOKS), "run python colab/build_notebooks.py"
-    assert {"01_quickstart.ipynb", "02_precision_policies.ipynb", "03_quantization.ipynb"} <= set(
-        NOTEBOOKS
-    )
+    assert {"01_quickstart.ipynb", "03_quantization.ipynb", "04_pretrained.ipynb"} <= set(NOTEBOOKS)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from bf16jax.layers import MLP_ACTIVATIONS
 from bf16jax.models.gpt import GPT
 from bf16jax.models.t5 import T5
 from bf16jax.models.vit import ViT
@@ -44,16 +45,28 @@ _REQUIRED = {
         "mlp_dim",
     ),
 }
+_DROPOUT = dict(dropout_rate=0.0, attention_dropout_rate=0.0, mlp_dropout_rate=0.0)
 _OPTIONAL = {
-    "gpt": dict(scan_layers=False, remat=False, attention_impl=None, tie_embeddings=True),
+    "gpt": dict(
+        scan_layers=False,
+        remat=False,
+        attention_impl=None,
+        tie_embeddings=True,
+        norm_eps=1e-5,
+        mlp_activation="gelu",
+        **_DROPOUT,
+    ),
     "t5": dict(
         head_dim=None,
         tie_embeddings=False,
         relpos_buckets=32,
         relpos_max_distance=128,
         attention_impl=None,
+        norm_eps=1e-6,
+        mlp_activation="gated-gelu",
+        **_DROPOUT,
     ),
-    "vit": dict(channels=1, attention_impl=None),
+    "vit": dict(channels=1, attention_impl=None, norm_eps=1e-5, mlp_activation="gelu", **_DROPOUT),
 }
 MODEL_NAMES = tuple(_REQUIRED)
 ATTENTION_IMPLS = ("xla", "cudnn")  # plus None / "" for JAX's default (XLA)
@@ -70,7 +83,10 @@ def build_model(
         remat, attention_impl, tie_embeddings]. t5: vocab_size, embed_dim, num_heads, mlp_dim,
         num_encoder_layers, num_decoder_layers [, head_dim, tie_embeddings, relpos_buckets,
         relpos_max_distance, attention_impl]. vit: image_size, patch_size, num_classes,
-        embed_dim, num_layers, num_heads, mlp_dim [, channels, attention_impl].
+        embed_dim, num_layers, num_heads, mlp_dim [, channels, attention_impl]. Every family
+        also takes norm_eps (gpt/vit 1e-5, t5 1e-6), mlp_activation (one of
+        `layers.MLP_ACTIVATIONS`; t5 "gated-gelu", others "gelu") and dropout_rate,
+        attention_dropout_rate, mlp_dropout_rate (default 0; active only with a dropout key).
       policy: a Policy or policy string (resolved per module path by the layers).
       rngs: parameter RNGs.
 
@@ -117,6 +133,7 @@ def _read_config(name: str, model_cfg: Mapping) -> dict[str, Any]:
         value = model_cfg.get(key, default)
         cfg[key] = default if value is None else value
     cfg["attention_impl"] = _attention_impl(cfg["attention_impl"])
+    _check_regularization(cfg)
     d, h = cfg["embed_dim"], cfg["num_heads"]
     if name == "t5":
         if cfg["head_dim"] is None or cfg["head_dim"] == 0:
@@ -137,6 +154,24 @@ def _read_config(name: str, model_cfg: Mapping) -> dict[str, Any]:
         cfg["channels"] = _positive_int(cfg["channels"], "channels")
         _check_divides(cfg["patch_size"], cfg["image_size"], "patch_size", "image_size")
     return cfg
+
+
+def _check_regularization(cfg: dict) -> None:
+    """norm_eps > 0, dropout rates in [0, 1), a known MLP activation; floats made floats."""
+    eps = cfg["norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"model.norm_eps={eps!r} must be a number in (0, 1), e.g. 1e-6.")
+    cfg["norm_eps"] = float(eps)
+    for key in _DROPOUT:
+        rate = cfg[key]
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"model.{key}={rate!r} must lie in [0, 1) (0 = no dropout).")
+        cfg[key] = float(rate)
+    if cfg["mlp_activation"] not in MLP_ACTIVATIONS:
+        raise ValueError(
+            f"model.mlp_activation={cfg['mlp_activation']!r} is not valid: use one of "
+            f"{', '.join(map(repr, MLP_ACTIVATIONS))}."
+        )
 
 
 def _positive_int(value, key: str) -> int:

@@ -6,17 +6,21 @@ tied token embedding (`Embed.attend`). The residual stream is kept in the model'
 logits leave in accum_dtype (FP32 island). `scan_layers=True` stacks the blocks with `nnx.vmap`
 (params get a leading "layers" logical axis) and runs them with `nnx.scan`, so compile time does
 not grow with depth; `remat=True` wraps each block in `nnx.remat` (activations recomputed in the
-backward pass). Policy paths: embed, pos_embed, blocks/{i}/{norm1,attn,norm2,mlp}, norm_f, head.
+backward pass). Dropout (GPT-2's embd/resid/attn pdrop, plus an optional MLP-hidden rate) is
+active only when `dropout_key` is passed (training); each layer gets `fold_in(key, i)`.
+Policy paths: embed, pos_embed, blocks/{i}/{norm1,attn,norm2,mlp}, norm_f, head.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bf16jax.layers import MLP, Attention, Embed, LayerNorm, Linear
+from bf16jax.layers import MLP, Attention, Embed, LayerNorm, Linear, dropout, dropout_keys
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
 
@@ -26,7 +30,11 @@ LAYERS_AXIS = "layers"  # logical axis name of the stacked-layer dimension
 
 
 class Block(nnx.Module):
-    """Pre-LN transformer block: x + attn(norm1(x)), then + mlp(norm2(x)). Shared with ViT."""
+    """Pre-LN transformer block: x + attn(norm1(x)), then + mlp(norm2(x)). Shared with ViT.
+
+    `dropout_rate` drops each sub-layer's output before the residual add (GPT-2's resid_pdrop),
+    `attention_dropout_rate` the attention probabilities, `mlp_dropout_rate` the MLP hidden.
+    """
 
     def __init__(
         self,
@@ -39,9 +47,16 @@ class Block(nnx.Module):
         rngs: nnx.Rngs,
         causal: bool,
         attention_impl: str | None = None,
+        norm_eps: float = 1e-5,
+        mlp_activation: str = "gelu",
+        dropout_rate: float = 0.0,
+        attention_dropout_rate: float = 0.0,
+        mlp_dropout_rate: float = 0.0,
     ):
         self.policy = policy.for_module(name)
-        self.norm1 = LayerNorm(embed_dim, policy=policy, name=f"{name}/norm1", rngs=rngs)
+        self.dropout_rate = dropout_rate
+        norm = functools.partial(LayerNorm, embed_dim, policy=policy, rngs=rngs, eps=norm_eps)
+        self.norm1 = norm(name=f"{name}/norm1")
         self.attn = Attention(
             embed_dim,
             num_heads,
@@ -50,18 +65,30 @@ class Block(nnx.Module):
             rngs=rngs,
             causal=causal,
             implementation=attention_impl,
+            dropout_rate=attention_dropout_rate,
         )
-        self.norm2 = LayerNorm(embed_dim, policy=policy, name=f"{name}/norm2", rngs=rngs)
+        self.norm2 = norm(name=f"{name}/norm2")
         self.mlp = MLP(
-            embed_dim, mlp_dim, policy=policy, name=f"{name}/mlp", rngs=rngs, activation="gelu"
+            embed_dim,
+            mlp_dim,
+            policy=policy,
+            name=f"{name}/mlp",
+            rngs=rngs,
+            activation=mlp_activation,
+            dropout_rate=mlp_dropout_rate,
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
-        # Sub-layers may be overridden to another dtype (".*attn.*->fp32"): cast their outputs
-        # back so the residual stream stays in this block's compute dtype (strict promotion).
-        x = self.policy.cast_to_compute(x)
-        x = x + self.policy.cast_to_compute(self.attn(self.norm1(x)))
-        return x + self.policy.cast_to_compute(self.mlp(self.norm2(x)))
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        # [B, T, D] -> [B, T, D]. Sub-layers may be overridden to another dtype
+        # (".*attn.*->fp32"): cast their outputs back so the residual stream stays in this
+        # block's compute dtype (strict promotion).
+        c = self.policy.cast_to_compute
+        k_attn, k_res1, k_mlp, k_res2 = dropout_keys(dropout_key, 4)
+        x = c(x)
+        h = c(self.attn(self.norm1(x), dropout_key=k_attn))
+        x = x + dropout(h, self.dropout_rate, k_res1)
+        h = c(self.mlp(self.norm2(x), dropout_key=k_mlp))
+        return x + dropout(h, self.dropout_rate, k_res2)
 
 
 def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -79,33 +106,49 @@ def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
     return create(rngs)
 
 
-def run_layers(layers, x: jax.Array, *, scan: bool, remat: bool, **kwargs) -> jax.Array:
+def run_layers(
+    layers,
+    x: jax.Array,
+    *,
+    scan: bool,
+    remat: bool,
+    num_layers: int,
+    dropout_key: jax.Array | None = None,
+    **kwargs,
+) -> jax.Array:
     """Applies `layers` (an nnx.List, or a stacked module when `scan`) to `x` in order.
 
-    `kwargs` (masks, biases) are passed unchanged to every layer.
+    `kwargs` (masks, biases) are passed unchanged to every layer; layer i gets the dropout key
+    `fold_in(dropout_key, i)` (the same with and without scan), or None.
     """
 
-    def apply(layer, h):
-        return constrain_batch(layer(h, **kwargs))
+    def apply(layer, h, key):
+        return constrain_batch(layer(h, dropout_key=key, **kwargs))
 
     if remat:
         # Inside scan, CSE cannot merge recomputation across iterations: prevent_cse is not
         # needed there and costs performance (jax.checkpoint docs).
         apply = nnx.remat(apply, prevent_cse=not scan)
     if not scan:
-        for layer in layers:
-            x = apply(layer, x)
+        for i, layer in enumerate(layers):
+            x = apply(layer, x, None if dropout_key is None else jax.random.fold_in(dropout_key, i))
         return x
+    scan_kw = dict(out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    if dropout_key is None:
 
-    @nnx.scan(
-        in_axes=(nnx.Carry, 0),
-        out_axes=nnx.Carry,
-        transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS},
-    )
-    def body(h, layer):
-        return apply(layer, h)
+        @nnx.scan(in_axes=(nnx.Carry, 0), **scan_kw)
+        def body(h, layer):
+            return apply(layer, h, None)
 
-    return body(x, layers)
+        return body(x, layers)
+
+    keys = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(num_layers))
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), **scan_kw)
+    def body_dropout(h, layer, key):
+        return apply(layer, h, key)
+
+    return body_dropout(x, layers, keys)
 
 
 class GPT(nnx.Module):
@@ -119,6 +162,11 @@ class GPT(nnx.Module):
       remat: rematerialize each block in the backward pass.
       attention_impl: passed to `jax.nn.dot_product_attention` ("xla", "cudnn" or None).
       tie_embeddings: logits from the token embedding (GPT-2) or a separate "head".
+      norm_eps: LayerNorm epsilon (GPT-2: 1e-5).
+      mlp_activation: one of `layers.MLP_ACTIVATIONS` (GPT-2: "gelu", the tanh form).
+      dropout_rate: embedding and residual dropout (GPT-2's embd_pdrop = resid_pdrop).
+      attention_dropout_rate: attention-probability dropout (attn_pdrop).
+      mlp_dropout_rate: dropout of the MLP hidden activations (0 in GPT-2).
     """
 
     def __init__(
@@ -136,8 +184,14 @@ class GPT(nnx.Module):
         remat: bool = False,
         attention_impl: str | None = None,
         tie_embeddings: bool = True,
+        norm_eps: float = 1e-5,
+        mlp_activation: str = "gelu",
+        dropout_rate: float = 0.0,
+        attention_dropout_rate: float = 0.0,
+        mlp_dropout_rate: float = 0.0,
     ):
         self.policy = policy
+        self.dropout_rate = dropout_rate
         self.max_len = max_len
         self.num_layers = num_layers
         self.scan_layers = scan_layers
@@ -158,6 +212,11 @@ class GPT(nnx.Module):
                 rngs=rngs,
                 causal=True,
                 attention_impl=attention_impl,
+                norm_eps=norm_eps,
+                mlp_activation=mlp_activation,
+                dropout_rate=dropout_rate,
+                attention_dropout_rate=attention_dropout_rate,
+                mlp_dropout_rate=mlp_dropout_rate,
             )
 
         if scan_layers:
@@ -166,7 +225,7 @@ class GPT(nnx.Module):
             self.blocks = stack_layers(lambda r: make_block("blocks", r), num_layers, rngs)
         else:
             self.blocks = nnx.List(make_block(f"blocks/{i}", rngs) for i in range(num_layers))
-        self.norm_f = LayerNorm(embed_dim, policy=policy, name="norm_f", rngs=rngs)
+        self.norm_f = LayerNorm(embed_dim, policy=policy, name="norm_f", rngs=rngs, eps=norm_eps)
         if not tie_embeddings:
             self.head = Linear(
                 embed_dim,
@@ -179,7 +238,7 @@ class GPT(nnx.Module):
                 edge=True,  # output logits: unquantized unless an override asks
             )
 
-    def _hidden(self, inputs: jax.Array) -> jax.Array:
+    def _hidden(self, inputs: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states [B, T, D] in compute dtype."""
         if inputs.ndim != 2:
             raise ValueError(f"GPT inputs must be [batch, seq] token ids, got {inputs.shape}.")
@@ -191,24 +250,37 @@ class GPT(nnx.Module):
             )
         x = self.policy.cast_to_compute(self.embed(inputs))  # [B, T, D]
         pos = self.policy.cast_to_compute(self.pos_embed(jnp.arange(seq_len)))  # [T, D]
-        x = constrain_batch(x + pos[None])
-        x = run_layers(self.blocks, x, scan=self.scan_layers, remat=self.remat)
+        k_embed, k_layers = dropout_keys(dropout_key, 2)
+        x = constrain_batch(dropout(x + pos[None], self.dropout_rate, k_embed))
+        x = run_layers(
+            self.blocks,
+            x,
+            scan=self.scan_layers,
+            remat=self.remat,
+            num_layers=self.num_layers,
+            dropout_key=k_layers,
+        )
         return self.policy.cast_to_compute(self.norm_f(x))
 
     def features(self, inputs: jax.Array) -> jax.Array:
         """Final hidden states [B, T, D] in output dtype for token ids `inputs` [B, T]."""
         return self.policy.cast_to_output(self._hidden(inputs))
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        """Logits [B, T, V] in accum dtype (FP32 island) for token ids `inputs` [B, T]."""
-        h = self._hidden(inputs)
+    def __call__(self, inputs: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] in accum dtype (FP32 island) for token ids `inputs` [B, T].
+
+        `dropout_key` turns dropout on (training); without it the model is deterministic.
+        """
+        h = self._hidden(inputs, dropout_key)
         if self.tie_embeddings:
             return constrain_batch(self.embed.attend(h))
         return constrain_batch(self.policy.cast_to_accum(self.head(h)))
 
-    def logits_and_targets(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def logits_and_targets(
+        self, batch: dict, *, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, T, V], targets int32 [B, T], weights f32 [B, T]) for an LM batch."""
-        logits = self(batch["inputs"])
+        logits = self(batch["inputs"], dropout_key=dropout_key)
         targets = jnp.asarray(batch["targets"], jnp.int32)
         weights = batch.get("weights")
         if weights is None:

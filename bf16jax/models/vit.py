@@ -65,10 +65,15 @@ class ViT(nnx.Module):
                 rngs=rngs,
                 causal=False,
                 attention_impl=cfg["attention_impl"],
+                norm_eps=cfg["norm_eps"],
+                mlp_activation=cfg["mlp_activation"],
+                dropout_rate=cfg["dropout_rate"],
+                attention_dropout_rate=cfg["attention_dropout_rate"],
+                mlp_dropout_rate=cfg["mlp_dropout_rate"],
             )
             for i in range(cfg["num_layers"])
         )
-        self.norm = LayerNorm(d, policy=policy, name="norm", rngs=rngs)
+        self.norm = LayerNorm(d, policy=policy, name="norm", rngs=rngs, eps=cfg["norm_eps"])
         self.head = Linear(
             d,
             cfg["num_classes"],
@@ -79,7 +84,7 @@ class ViT(nnx.Module):
             edge=True,  # output logits: unquantized unless an override asks
         )
 
-    def _pooled(self, images: jax.Array) -> jax.Array:
+    def _pooled(self, images: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """Mean-pooled final-norm features [B, D] in compute dtype."""
         expected = (self.image_size, self.image_size, self.channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
@@ -91,8 +96,9 @@ class ViT(nnx.Module):
         x = self.policy.cast_to_compute(self.patch_embed(patches))  # [B, N, D]
         pos = self.policy.cast_to_compute(self.pos_embed(jnp.arange(x.shape[1])))  # [N, D]
         x = constrain_batch(x + pos[None])
-        for block in self.blocks:
-            x = constrain_batch(block(x))
+        for i, block in enumerate(self.blocks):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            x = constrain_batch(block(x, dropout_key=key))
         x = self.norm(x)
         # Mean over tokens in accum dtype: a bf16 sum over N tokens would lose low bits.
         return self.policy.cast_to_compute(jnp.mean(self.policy.cast_to_accum(x), axis=1))
@@ -101,12 +107,15 @@ class ViT(nnx.Module):
         """Pooled features [B, D] in output dtype for images [B, H, W, C]."""
         return self.policy.cast_to_output(self._pooled(images))
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """Class logits [B, num_classes] in accum dtype (FP32 island)."""
-        return constrain_batch(self.policy.cast_to_accum(self.head(self._pooled(images))))
+    def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Class logits [B, num_classes] in accum dtype (FP32 island); `dropout_key` = training."""
+        pooled = self._pooled(images, dropout_key)
+        return constrain_batch(self.policy.cast_to_accum(self.head(pooled)))
 
-    def logits_and_targets(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def logits_and_targets(
+        self, batch: dict, *, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, K], labels int32 [B], weights ones f32 [B]) for an image batch."""
-        logits = self(batch["image"])
+        logits = self(batch["image"], dropout_key=dropout_key)
         targets = jnp.asarray(batch["label"], jnp.int32)
         return logits, targets, jnp.ones(targets.shape, jnp.float32)
