@@ -65,8 +65,12 @@ def main(argv) -> None:
 
     from bf16jax import loop
 
-    # Orbax logs every save at INFO through absl; keep the terminal to bf16jax's own lines.
+    # Orbax logs every save at INFO through absl, and the tracebacks of its background threads
+    # at ERROR; its errors reach bf16jax as exceptions (one line each, see `run`). Keep the
+    # terminal to bf16jax's own lines.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Orbax's unretrieved futures
     logging.getLogger("bf16jax").setLevel(logging.INFO)
     result = loop.train_and_evaluate(config, _WORKDIR.value)
     if jax.process_index() == 0:
@@ -155,9 +159,12 @@ def _message(e: BaseException, argv: list[str]) -> tuple[int, str] | None:
             # ml_collections defers a --config file that failed to load to its first use.
             text = f"--config: {str(e).splitlines()[0]}"
         return (BAD_INPUT_EXIT, text) if text else None
+    disk = _disk_error_in(e)
+    if disk is not None:
+        return disk
     if isinstance(e, (ValueError, CheckpointDamaged)):  # config / data / checkpoint errors
         return BAD_INPUT_EXIT, str(e).replace("\n", " ")
-    return _disk_error_in(e)
+    return None
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -201,11 +208,25 @@ def _disk_error_in(e: BaseException) -> tuple[int, str] | None:
         if isinstance(e, OSError) and _os_error(e):
             return BAD_INPUT_EXIT, _os_error(e)
         text = str(e)
-        for code, what in _DISK.items():
-            if errno.errorcode[code] in text or what in text.lower():
+        for code, what in _DISK.items():  # TensorStore: "... [os_error_code='28']"
+            if f"os_error_code='{code}'" in text or errno.errorcode[code] in text:
                 return BAD_INPUT_EXIT, _os_error(OSError(code, what))
         e = e.__cause__ or e.__context__
     return None
+
+
+def _quiet_unraisable(hook):
+    """TensorStore completes futures of a failed Orbax read/write after Orbax closed its event
+    loop; each prints a "RuntimeError: Event loop is closed" traceback (hundreds after a full
+    disk or a damaged checkpoint). The error itself reaches bf16jax as an exception."""
+
+    def quiet(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return quiet
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -215,11 +236,14 @@ def run(argv: list[str] | None = None) -> None:
     is a bug and keeps its traceback.
     """
     argv = list(sys.argv if argv is None else argv)
-    if flags.FLAGS.is_parsed():  # called again in one process (tests): forget the last flags
+    # Called again in one process (tests): forget the last flags, and the override flags that
+    # config_flags defined for the last config (even if that parse failed half-way).
+    if flags.FLAGS.is_parsed():
         flags.FLAGS.unparse_flags()
-        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-            delattr(flags.FLAGS, name)  # the overrides config_flags defined for the last config
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)
     saved_argv, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv
+    saved_hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable(sys.unraisablehook)
     try:
         app.run(main, argv=argv, flags_parser=_parse_flags)
     except SystemExit:
@@ -233,7 +257,7 @@ def run(argv: list[str] | None = None) -> None:
         print(f"error: {text}", file=sys.stderr, flush=True)
         sys.exit(code)
     finally:
-        sys.argv = saved_argv
+        sys.argv, sys.unraisablehook = saved_argv, saved_hook
 
 
 if __name__ == "__main__":

@@ -82,10 +82,32 @@ class Harness:
         cmd = [sys.executable, "-m", "bf16jax.main", f"--config={CONFIG}", f"--workdir={workdir}"]
         with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
             proc = subprocess.Popen(
-                [*cmd, *OVERRIDES, *extra], cwd=self.code, env=self.env(), stdout=out, stderr=err
+                [*cmd, *OVERRIDES, *extra],
+                cwd=self.code,
+                env=self.env(),
+                stdout=out,
+                stderr=err,
             )
         proc.log = log  # type: ignore[attr-defined]
         return proc
+
+    def run_piped(self, workdir: Path, *extra: str, file_limit: int | None = None) -> Finished:
+        """A run whose output goes through pipes; `file_limit`: no file it writes may grow past
+        that many bytes (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG, a full disk)."""
+        self.runs += 1
+        args = [f"--config={CONFIG}", f"--workdir={workdir}", *OVERRIDES, *extra]
+        cmd = [sys.executable, "-m", "bf16jax.main", *args]
+        if file_limit is not None:  # set in a wrapper that execs: no fork of a threaded process
+            wrap = (
+                "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_limit}, {file_limit})); "
+                "os.execv(sys.executable, [sys.executable, '-m', 'bf16jax.main', *sys.argv[1:]])"
+            )
+            cmd = [sys.executable, "-c", wrap, *args]
+        proc = subprocess.run(
+            cmd, cwd=self.code, env=self.env(), capture_output=True, text=True, timeout=300
+        )
+        return Finished(proc.returncode, proc.stdout, proc.stderr)
 
     def run(self, workdir: Path, *extra: str, name: str = "run", timeout: int = 300) -> Finished:
         proc = self.start(workdir, *extra, name=name)
@@ -454,7 +476,8 @@ def damage_trials(ref: Path, work: Path, counts: dict[str, int], seed: int = 0) 
     from bf16jax.train import create_trainer
 
     overrides = [o.removeprefix("--config.") for o in OVERRIDES]
-    config = load_config(str(Path.cwd() / CONFIG), overrides)  # the checkout under test
+    code = Path.cwd() if (Path.cwd() / CONFIG).exists() else REPO  # the checkout under test
+    config = load_config(str(code / CONFIG), overrides)
     trainer = create_trainer(config)
     newest, older = STEPS, STEPS - EVERY
     truth = {s: saved_state(ref / "checkpoints" / str(s)) for s in (older, newest)}
@@ -556,7 +579,7 @@ def nonfinite_trial(h: Harness) -> dict:
         "steps_skipped": max((r.get("train/skipped", 0) for r in rows.values()), default=0),
         "checkpoints": saved,
         "nonfinite_checkpoints": nonfinite_ckpts,
-        "message": last_line[0][-300:],
+        "message": last_line[0],
         "traceback_lines": traceback_lines(done.stderr),
     }
 
