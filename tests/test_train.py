@@ -445,14 +445,16 @@ def test_sigterm_saves_the_current_step_stops_and_resumes(tmp_path, monkeypatch)
 
     monkeypatch.setattr(train.Trainer, "step", step)
     handler = signal.getsignal(signal.SIGTERM)
-    result = loop.train_and_evaluate(config, str(tmp_path))
-    assert result["preempted"] is True and result["step"] == 2
-    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
-    assert signal.getsignal(signal.SIGTERM) is handler  # the handler is put back
-    monkeypatch.undo()
-    resumed = loop.train_and_evaluate(config, str(tmp_path))
+    workdir = tmp_path / "run"
+    with persistent_compile_cache(str(tmp_path / "jax_cache")):  # the rerun compiles nothing
+        result = loop.train_and_evaluate(config, str(workdir))
+        assert result["preempted"] is True and result["step"] == 2
+        assert Checkpointer(workdir / "checkpoints").all_steps() == [2]
+        assert signal.getsignal(signal.SIGTERM) is handler  # the handler is put back
+        monkeypatch.undo()
+        resumed = loop.train_and_evaluate(config, str(workdir))
     assert resumed["step"] == 5 and "preempted" not in resumed
-    assert sorted(train_rows(tmp_path)) == [1, 2, 3, 4, 5]
+    assert sorted(train_rows(workdir)) == [1, 2, 3, 4, 5]
 
 
 def test_rollback_skips_the_data_of_a_non_finite_window(tmp_path, monkeypatch, caplog):
@@ -472,17 +474,21 @@ def test_rollback_skips_the_data_of_a_non_finite_window(tmp_path, monkeypatch, c
         return real_batch(self, poisoned(local) if 4 <= len(fetched) <= 6 else local)
 
     monkeypatch.setattr(train.Trainer, "global_batch", global_batch)
-    result = loop.train_and_evaluate(config, str(tmp_path))
-    assert result["step"] == 7 and result["skipped"] == 0
-    assert "Rollback 1 of 1: steps 4-6 were skipped (non-finite); restored step 2" in caplog.text
-    assert sorted(train_rows(tmp_path)) == list(range(1, 8))  # each step once
-    quarantined = sorted(os.listdir(tmp_path / "checkpoints" / ".quarantine"))
-    assert quarantined == ["4.rolled-back", "6.rolled-back"]
-    assert len(fetched) == 12  # batches 1-8 before the rollback (8: fetched ahead), 9-12 after
-    fetched.clear()
-    no_rollback = with_train(config, nonfinite_rollbacks=0)
-    with pytest.raises(loop.TrainingDiverged, match=r"steps 4-6: 3 steps in a row.* step 2 "):
-        loop.train_and_evaluate(no_rollback, str(tmp_path / "no_rollback"))
+    workdir = tmp_path / "run"
+    with persistent_compile_cache(str(tmp_path / "jax_cache")):  # the 2nd run compiles nothing
+        result = loop.train_and_evaluate(config, str(workdir))
+        assert result["step"] == 7 and result["skipped"] == 0
+        assert "Rollback 1 of 1: steps 4-6 were skipped (non-finite); restored step 2" in (
+            caplog.text
+        )
+        assert sorted(train_rows(workdir)) == list(range(1, 8))  # each step once
+        quarantined = sorted(os.listdir(workdir / "checkpoints" / ".quarantine"))
+        assert quarantined == ["4.rolled-back", "6.rolled-back"]
+        assert len(fetched) == 12  # batches 1-8 before the rollback (8 fetched ahead), 9-12 after
+        fetched.clear()
+        no_rollback = with_train(config, nonfinite_rollbacks=0)
+        with pytest.raises(loop.TrainingDiverged, match=r"steps 4-6: 3 steps in a row.* step 2 "):
+            loop.train_and_evaluate(no_rollback, str(tmp_path / "no_rollback"))
 
 
 def with_train(config, **train):
