@@ -116,7 +116,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         text = str(e).splitlines()[0]
         if "--config" in text and "Failed loading config file" in text:
             raise _BadInput(f"--config: {text}") from None
-        raise _BadInput(f"{text}. Run with --help for the flags.") from None
+        raise _BadInput(f"{text.rstrip('.')}. Run with --help for the flags.") from None
 
 
 _DISK = {

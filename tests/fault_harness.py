@@ -28,21 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from cli_runs import REPO, TINY_OVERRIDES
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/gpt_tiny.py"
 STEPS, EVERY = 30, 3
 # gpt_tiny shrunk to ~22k params; fp32 (no BF16-vs-FP32 drift program to compile); a constant LR,
 # so a run's schedule does not depend on where it was resumed.
 OVERRIDES = (
-    "--config.model.num_layers=1",
-    "--config.model.embed_dim=32",
-    "--config.model.num_heads=2",
-    "--config.model.mlp_dim=64",
-    "--config.model.max_len=32",
-    "--config.data.seq_len=32",
-    "--config.data.batch_size=8",
-    "--config.data.eval_batch_size=8",
+    *TINY_OVERRIDES["gpt_tiny"],
     "--config.precision=fp32",
     "--config.optim.schedule=constant",
     "--config.optim.warmup_steps=0",

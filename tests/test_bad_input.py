@@ -17,21 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_runs import REPO, TINY_OVERRIDES
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/gpt_tiny.py"
-# The shrunk gpt_tiny of the CLI tests (tests/cli_runs.py); a resumable workdir is made from it.
-SHRUNK = (
-    "--config.model.num_layers=1",
-    "--config.model.embed_dim=32",
-    "--config.model.num_heads=2",
-    "--config.model.mlp_dim=64",
-    "--config.model.max_len=32",
-    "--config.data.seq_len=32",
-    "--config.data.batch_size=8",
-    "--config.data.eval_batch_size=8",
-    "--config.train.steps=4",
-)
+# The shrunk gpt_tiny of the CLI tests; a resumable workdir is made from it.
+SHRUNK = (*TINY_OVERRIDES["gpt_tiny"], "--config.train.steps=4")
 
 
 @dataclass
