@@ -284,8 +284,13 @@ TRAJECTORY_KEYS = frozenset(
         "train.grad_accum_steps",
         "train.loss_scale_period",
         "train.loss_scale_min",
+        "model.dropout_rate",
+        "model.attention_dropout_rate",
+        "model.mlp_dropout_rate",
     }
 )
+# Read only when a run starts from step 0 (a resumed run ignores it).
+HARMLESS_KEYS = frozenset({"init_from"})
 
 
 def flatten(config) -> dict:
@@ -317,10 +322,12 @@ def resume_changes(saved: dict, config) -> dict[str, list[tuple[str, object, obj
     for key in sorted(set(saved) & set(new)):
         if saved[key] == new[key]:
             continue
-        if key in STATE_KEYS or (key.startswith(STATE_PREFIXES) and key not in NOT_STATE):
-            kind = "state"
-        elif key in TRAJECTORY_KEYS:
+        if key in TRAJECTORY_KEYS:
             kind = "trajectory"
+        elif key in HARMLESS_KEYS:
+            kind = "harmless"
+        elif key in STATE_KEYS or (key.startswith(STATE_PREFIXES) and key not in NOT_STATE):
+            kind = "state"
         else:
             kind = "harmless"
         out[kind].append((key, saved[key], new[key]))

@@ -32,13 +32,14 @@ def _step_of(line: str) -> int | None:
 
 
 def truncate_lines(lines: list[str], step: int) -> tuple[list[str], list[str]]:
-    """(kept, dropped) JSON lines: kept are whole rows with "step" <= `step`."""
+    """(kept, dropped) JSON lines: kept are whole rows with "step" <= `step`; with step 0 (a
+    fresh start: no checkpoint wrote them) none is kept."""
     kept, dropped = [], []
     for line in lines:
         if not line.strip():
             continue
         s = _step_of(line)
-        (kept if s is not None and s <= step else dropped).append(line)
+        (kept if s is not None and s <= step and step > 0 else dropped).append(line)
     return kept, dropped
 
 
@@ -81,7 +82,7 @@ def _truncate_events(path: str, step: int) -> int:
     for start, end, payload in _records(data):
         covered = end
         event = event_pb2.Event.FromString(payload)
-        if event.HasField("summary") and event.step > step:
+        if event.HasField("summary") and (event.step > step or step == 0):
             dropped += 1
         else:
             kept.append(data[start:end])

@@ -29,10 +29,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from bf16jax import convert
+from bf16jax import convert, preflight
 from bf16jax import data as data_lib
 from bf16jax import metrics as metrics_lib
-from bf16jax import preflight
 from bf16jax import workdir as workdir_lib
 from bf16jax.checkpoint import Checkpointer
 from bf16jax.preemption import StopRequest

@@ -24,6 +24,8 @@ def vocab_needed(data_cfg) -> int | None:
     """The smallest model vocabulary that covers every token id the data yields (None: no
     token ids, i.e. images)."""
     name = data_cfg.name
+    if data_cfg.get("tokenizer"):
+        return None  # a pretrained tokenizer's ids: the imported model's vocabulary covers them
     if name == "kjv_bytes":
         return int(max(data_lib.kjv_tokens(s).max() for s in data_lib.SPLITS)) + 1
     if name == "kjv_span":
