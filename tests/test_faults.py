@@ -16,15 +16,13 @@ from fault_harness import (
     EVERY,
     STEPS,
     Harness,
-    committed_steps,
     damage_trials,
     kill_chain,
     nonfinite_trial,
     reference,
-    saved_state,
     summarize_damage,
-    traceback_lines,
 )
+from fault_reading import committed_steps, saved_state, traceback_lines
 
 
 @pytest.fixture(scope="module")
