@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import math
 import os
 from collections.abc import Iterable
 
@@ -142,12 +144,28 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
             sample_tokens=0,
             diagnostics=True,  # swamping + gradient health in the step metrics (cheap)
             drift_every=0,  # shadow FP32 eval of a fixed batch: every N steps, 0 each eval, -1 off
+            # Stop (exit 3) after this many skipped (non-finite) steps in a row; 0 = never.
+            max_skips_in_a_row=25,
+            # Instead of stopping: roll back to the last good checkpoint and skip the data the
+            # skipped steps consumed, at most this many times per run (0 = stop).
+            nonfinite_rollbacks=0,
+            preemption_grace_s=25.0,  # SIGTERM/SIGINT -> save -> exit 75 within this time
         )
     )
     c.mesh = ml_collections.ConfigDict(
         dict(data=-1, fsdp=1, tensor=1, rules=(), distributed="auto")
     )
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=250, max_to_keep=2, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(
+            every_steps=250,
+            max_to_keep=2,
+            async_save=True,
+            verify_saves=True,  # read each save back and check its checksums once committed
+            # Keys allowed to differ from the checkpoint's config on resume (see
+            # `resume_changes`): "" (none), "all", or e.g. "precision,optim.mu_dtype".
+            allow_config_change="",
+        )
+    )
     return c
 
 
@@ -193,7 +211,139 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "empty: pass --config.init_from=DIR (a `python -m bf16jax.convert import` output)."
         )
     if config.checkpoint.every_steps < 0 or config.checkpoint.max_to_keep < 1:
-        raise ValueError("config.checkpoint.every_steps must be >= 0 and max_to_keep >= 1.")
+        raise ValueError(
+            f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 0 and "
+            f"max_to_keep={config.checkpoint.max_to_keep} >= 1."
+        )
+    _validate_more(config)
+
+
+def _validate_more(config: ml_collections.ConfigDict) -> None:
+    lr = config.optim.learning_rate
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"config.optim.learning_rate={lr} must be a finite number >= 0.")
+    for key in ("max_skips_in_a_row", "nonfinite_rollbacks"):
+        if config.train.get(key, 0) < 0:
+            raise ValueError(f"config.train.{key}={config.train[key]} must be >= 0 (0 = off).")
+    grace = config.train.get("preemption_grace_s", 0.0)
+    if not math.isfinite(grace) or grace < 0:
+        raise ValueError(f"config.train.preemption_grace_s={grace} must be >= 0 (0 = no limit).")
+    for key in ("batch_size", "eval_batch_size"):
+        if config.data[key] < 1:
+            raise ValueError(f"config.data.{key}={config.data[key]} must be >= 1.")
+    m, d = config.model, config.data
+    if m.name == "gpt" and d.get("seq_len", 0) > m.max_len:
+        raise ValueError(
+            f"config.data.seq_len={d.seq_len} is longer than config.model.max_len={m.max_len} "
+            "(the position table): raise model.max_len or lower data.seq_len."
+        )
+    allowed = config.checkpoint.get("allow_config_change", "")
+    if allowed and allowed != "all":
+        known = set(flatten(config))
+        for key in (k.strip() for k in allowed.split(",") if k.strip()):
+            if key not in known and not any(k.startswith(key + ".") for k in known):
+                raise ValueError(
+                    f"config.checkpoint.allow_config_change names {key!r}, not a config key: "
+                    "list keys like precision,optim.mu_dtype (or 'all')."
+                )
+
+
+# ----------------------------------------------------------------------------- resume changes
+# What a change of each key does to a resumed run. STATE: the saved state would mean something
+# else (its dtypes, shapes, optimizer statistics, loss scale, or the data position's meaning):
+# refused unless `checkpoint.allow_config_change` names it. TRAJECTORY: the state still means
+# the same but training continues differently: allowed, with a warning. Anything else (steps,
+# logging, evaluation, checkpoint cadence, mesh) is harmless: allowed and logged.
+STATE_PREFIXES = ("model.", "data.")
+STATE_KEYS = frozenset(
+    {
+        "precision",
+        "optim.name",
+        "optim.b1",
+        "optim.b2",
+        "optim.eps",
+        "optim.momentum",
+        "optim.mu_dtype",
+        "optim.nu_dtype",
+        "optim.update_rule",
+        "optim.moment_rounding",
+        "train.loss_scale",
+    }
+)
+NOT_STATE = frozenset({"data.eval_batch_size", "data.eval_repeat"})
+TRAJECTORY_KEYS = frozenset(
+    {
+        "seed",
+        "optim.learning_rate",
+        "optim.schedule",
+        "optim.warmup_steps",
+        "optim.min_lr_ratio",
+        "optim.weight_decay",
+        "optim.clip_norm",
+        "train.z_loss",
+        "train.grad_accum_steps",
+        "train.loss_scale_period",
+        "train.loss_scale_min",
+        "model.dropout_rate",
+        "model.attention_dropout_rate",
+        "model.mlp_dropout_rate",
+    }
+)
+# Read only when a run starts from step 0 (a resumed run ignores it).
+HARMLESS_KEYS = frozenset({"init_from"})
+
+
+def flatten(config) -> dict:
+    """{"optim.learning_rate": 0.003, ...}: a config (or its JSON dict) as dotted leaf keys,
+    values JSON-normalized (tuples as lists)."""
+    tree = config.to_dict() if hasattr(config, "to_dict") else config
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = json.loads(json.dumps(value))
+
+    walk(tree, "")
+    return out
+
+
+def resume_changes(saved: dict, config) -> dict[str, list[tuple[str, object, object]]]:
+    """The differences between a checkpoint's config (`saved`, flattened) and `config`, by kind.
+
+    Returns:
+      {"state": [...], "trajectory": [...], "harmless": [...]} of (key, old, new); keys that
+      only one side has (another bf16jax version) are ignored.
+    """
+    new = flatten(config)
+    out: dict[str, list] = {"state": [], "trajectory": [], "harmless": []}
+    for key in sorted(set(saved) & set(new)):
+        if saved[key] == new[key]:
+            continue
+        if key in TRAJECTORY_KEYS:
+            kind = "trajectory"
+        elif key in HARMLESS_KEYS:
+            kind = "harmless"
+        elif key in STATE_KEYS or (key.startswith(STATE_PREFIXES) and key not in NOT_STATE):
+            kind = "state"
+        else:
+            kind = "harmless"
+        out[kind].append((key, saved[key], new[key]))
+    return out
+
+
+def allowed_changes(config) -> set[str] | None:
+    """The keys `checkpoint.allow_config_change` lets differ (None = all)."""
+    text = config.checkpoint.get("allow_config_change", "")
+    if text.strip() == "all":
+        return None
+    return {k.strip() for k in text.split(",") if k.strip()}
+
+
+def is_allowed(key: str, allowed: set[str] | None) -> bool:
+    return allowed is None or any(key == a or key.startswith(a + ".") for a in allowed)
 
 
 def _parse_override(text: str, current):

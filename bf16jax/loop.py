@@ -1,19 +1,26 @@
 """The training loop around `bf16jax.train.Trainer`: data, checkpoints, metrics, eval, samples.
 
-`train_and_evaluate(config, workdir)` is what `python -m bf16jax.main` runs: it resumes from the
-newest checkpoint in `workdir/checkpoints` (state and grain iterator position), logs train
-metrics every `train.log_every` steps (JSONL, TensorBoard, a progress bar on a terminal),
-evaluates every `train.eval_every` steps, runs the FP32 drift check, checkpoints, and samples
-text from GPT models at the end. Only process 0 writes metrics. On a preemption notice (Orbax's
-sync point: SIGTERM under jax.distributed) it saves the current step, waits for the save to
-commit and returns early with `preempted=True`.
+`train_and_evaluate(config, workdir)` is what `python -m bf16jax.main` runs. Start-up refuses
+what it can before anything is written (`start_run`: the workdir, the config, every batch's
+sharding, the eval split, a config change against the checkpoint's), then resumes from the
+newest checkpoint that verifies (state and data position). The loop logs train metrics every
+`train.log_every` steps (JSONL, TensorBoard, a progress bar on a terminal), evaluates every
+`train.eval_every` steps, runs the FP32 drift check, checkpoints, and samples text from GPT
+models at the end. Only process 0 writes metrics.
+
+Exactness: a checkpoint of step k holds the data position of the first batch step k+1 consumes
+(captured before the next batch is fetched ahead), so a resume from any checkpoint is bit-exact.
+Faults: SIGTERM / SIGINT finish the step, save it and return `preempted=True`
+(`bf16jax.preemption`); `train.max_skips_in_a_row` skipped (non-finite) steps raise
+`TrainingDiverged`, or with `train.nonfinite_rollbacks` roll back to the last good checkpoint
+and skip the data those steps consumed (as large runs do after a loss spike).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-import os
 import sys
 import time
 from typing import Any
@@ -22,15 +29,28 @@ import jax
 import ml_collections
 import numpy as np
 
-from bf16jax import convert
+from bf16jax import convert, preflight
 from bf16jax import data as data_lib
 from bf16jax import metrics as metrics_lib
+from bf16jax import workdir as workdir_lib
 from bf16jax.checkpoint import Checkpointer
+from bf16jax.preemption import StopRequest
 from bf16jax.train import Trainer, TrainState, create_trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_and_evaluate", "tokens_per_step", "flops_per_token", "sample_text"]
+__all__ = [
+    "train_and_evaluate",
+    "TrainingDiverged",
+    "tokens_per_step",
+    "flops_per_token",
+    "sample_text",
+]
+
+
+class TrainingDiverged(RuntimeError):
+    """`train.max_skips_in_a_row` steps in a row were skipped (non-finite); nothing was saved
+    after the last good checkpoint. `bf16jax.main` exits with code 3."""
 
 
 def tokens_per_step(config) -> int:
@@ -62,21 +82,43 @@ def _progress(total: int, initial: int):
     return tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains `config` in `workdir` (resuming from its newest checkpoint) and evaluates.
+@dataclasses.dataclass
+class Run:
+    """A started run: what the loop reads and advances."""
 
-    Writes `workdir/metrics.jsonl`, TensorBoard events in `workdir/tb` and checkpoints in
-    `workdir/checkpoints`. Returns the last train metrics, the final eval metrics ("eval_*"),
-    "step", "compile_s", "tokens_per_s", for GPT models with a sample length "sample", and
-    the final "state" with the "trainer" that ran it (`trainer.host_model(state)`, evaluation).
-    With `config.init_from` a fresh run starts from that converted checkpoint's params (its
-    architecture replaces config.model's, each change logged); a resumed run ignores it.
+    config: ml_collections.ConfigDict
+    workdir: str
+    trainer: Trainer
+    ckpt: Checkpointer
+    writer: metrics_lib.MetricWriter
+    train_it: Any
+    state: TrainState
+    start: int  # the step restored from (0: fresh)
+    rollbacks: int = 0
+
+    @property
+    def steps(self) -> int:
+        return int(self.config.train.steps)
+
+    def close(self) -> None:
+        try:
+            self.ckpt.close()
+        finally:
+            self.writer.close()
+
+
+def start_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Checks everything it can, then restores (or initializes) the run in `workdir`.
+
+    Raises:
+      ValueError: bad config / workdir / batches, a config change that the checkpoint refuses,
+        no checkpoint that verifies, or `train.steps` below the restored step. Nothing in
+        `workdir` is changed then (beyond moving unfinished saves to the quarantine).
     """
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ValueError(f"--workdir={workdir} is a file: pass a directory (it is created).")
+    workdir_lib.check_workdir(workdir)
     config = convert.resolve_init_from(config)  # a pretrained model's architecture, if any
     trainer = create_trainer(config)
-    steps = int(config.train.steps)
+    preflight.check_data(config, trainer.mesh)
     train_it = iter(
         data_lib.make_dataset(
             config.data,
@@ -85,16 +127,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             process_count=jax.process_count(),
         )
     )
-    ckpt = Checkpointer.from_config(config.checkpoint, os.path.join(workdir, "checkpoints"))
-    init = trainer.init_state
-    if config.get("init_from"):  # only for a fresh run: a checkpoint in workdir resumes instead
-        init = functools.partial(trainer.init_state_from, config.init_from)
+    ckpt = Checkpointer.from_config(config.checkpoint, f"{workdir.rstrip('/')}/checkpoints")
     try:
+        resuming = ckpt.latest_step() is not None
+        workdir_lib.check_config_change(config, workdir, resuming)
+        init = trainer.init_state
+        if config.get("init_from"):  # only for a fresh run: a checkpoint in workdir resumes
+            init = functools.partial(trainer.init_state_from, config.init_from)
         state, start = ckpt.restore_or_init(trainer.abstract, init, train_it)
+        steps = int(config.train.steps)
+        if start > steps:
+            raise ValueError(
+                f"config.train.steps={steps} is below step {start}, where the checkpoint in "
+                f"{ckpt.directory} resumes: pass --config.train.steps={start} or more, or a new "
+                "--workdir."
+            )
+        workdir_lib.write_config(config, workdir)
     except BaseException:
         ckpt.close()  # e.g. a checkpoint of another config: refused, and nothing was written
         raise
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start)
     log.info(
         "%s: %s params, policy %s, mesh %s, starting at step %d",
         config.model.name,
@@ -103,72 +155,199 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         dict(trainer.mesh.shape),
         start,
     )
-    tokens = tokens_per_step(config)
-    flops_token = flops_per_token(config, trainer.n_params)
-    peak = metrics_lib.device_peak_flops()
-    bar = _progress(steps, start)
-    result: dict[str, Any] = {"step": start}
+    return Run(config, workdir, trainer, ckpt, writer, train_it, state, start)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming from its newest good checkpoint) and evaluates.
+
+    Writes `workdir/config.json`, `workdir/metrics.jsonl`, TensorBoard events in `workdir/tb`
+    and checkpoints in `workdir/checkpoints`. Returns the last train metrics, the final eval
+    metrics ("eval_*"), "step", "compile_s", "tokens_per_s", for GPT models with a sample
+    length "sample", the final "state" with the "trainer" that ran it, and `preempted=True`
+    when a signal stopped it (the step it reached is saved).
+
+    Raises:
+      TrainingDiverged: too many skipped steps in a row (see the module docstring).
+      ValueError: bad input, refused at start-up (see `start_run`).
+    """
+    run = start_run(config, workdir)
+    grace = float(config.train.get("preemption_grace_s", 25.0))
     try:
-        if config.get("init_from") and start == 0:
+        with StopRequest(grace) as stop:
+            result = _train(run, stop)
+    finally:
+        run.close()
+    if config.model.name == "gpt" and config.train.sample_tokens > 0 and "preempted" not in result:
+        result["sample"] = sample_text(run.trainer, run.state, config.train.sample_tokens)
+    result["state"] = run.state
+    result["trainer"] = run.trainer
+    return result
+
+
+def _train(run: Run, stop: StopRequest) -> dict[str, Any]:
+    config, trainer, steps = run.config, run.trainer, run.steps
+    result: dict[str, Any] = {"step": run.start}
+    if run.start >= steps:
+        ev = trainer.evaluate(run.state.params, fp8_meta=run.state.fp8_meta)
+        result.update({f"eval_{k}": v for k, v in ev.items()})
+        return result
+    timer = _Throughput(tokens_per_step(config), flops_per_token(config, trainer.n_params))
+    bar = _progress(steps, run.start)
+    try:
+        if config.get("init_from") and run.start == 0:
             # The pretrained model's own held-out loss: the baseline the fine-tuning improves.
-            ev = trainer.evaluate(state.params, fp8_meta=state.fp8_meta)
-            ev = writer.write(0, ev, prefix="eval/")
+            ev = trainer.evaluate(run.state.params, fp8_meta=run.state.fp8_meta)
+            ev = run.writer.write(0, ev, prefix="eval/")
             result.update({"init_" + k.replace("/", "_"): v for k, v in ev.items()})
             _report(bar, 0, ev)
-        batch = trainer.global_batch(next(train_it)) if start < steps else None
-        if batch is not None:
-            result["compile_s"] = trainer.compile(state, batch)
-        t0, steps_timed = time.perf_counter(), 0
-        for step in range(start + 1, steps + 1):
-            state, metrics = trainer.step(state, batch)
-            steps_timed += 1
+        batch = trainer.global_batch(next(run.train_it))
+        result["compile_s"] = trainer.compile(run.state, batch)
+        timer.reset()
+        step, previous, tick = run.start, None, run.start
+        while step < steps:
+            run.state, metrics = trainer.step(run.state, batch)
+            step, tick = step + 1, tick + 1
+            # Where the data resumes after `step`: taken before the batch of step + 1 is fetched.
+            position = run.train_it.get_state()
             if step < steps:
-                batch = trainer.global_batch(next(train_it))  # overlaps with the step
+                batch = trainer.global_batch(next(run.train_it))  # overlaps with the step
+            if previous is not None and _diverged(run, *previous):
+                step = _roll_back(run, previous[0], step, bar)
+                previous = None
+                timer.reset()
+                continue
+            previous = (step, metrics)
+            timer.steps += 1
             if bar is not None:
                 bar.update(1)
-            if step % config.train.log_every == 0 or step == steps:
-                metrics = jax.device_get(metrics)
-                dt = (time.perf_counter() - t0) / steps_timed
-                tps = tokens / dt
-                row = {**metrics, "step_time_s": dt, "tokens_per_s": tps}
-                util = metrics_lib.mfu(tps, flops_token, peak, jax.device_count())
-                if flops_token is not None and util is not None:
-                    row["mfu"] = util
-                row = writer.write(step, row, prefix="train/")
-                result.update({k.removeprefix("train/"): v for k, v in row.items()})
-                _report(bar, step, row)
-                t0, steps_timed = time.perf_counter(), 0
-            if step % config.train.eval_every == 0 or step == steps:
-                ev = trainer.evaluate(state.params, fp8_meta=state.fp8_meta)
-                ev = writer.write(step, ev, prefix="eval/")
-                result.update({k.replace("/", "_"): v for k, v in ev.items()})
-                _report(bar, step, ev)
-            drift_every = config.train.drift_every or config.train.eval_every
-            drift_on = drift_every > 0 and trainer.has_drift_reference
-            if drift_on and (step % drift_every == 0 or step == steps):
-                dr = trainer.drift(state.params, state.fp8_meta)
-                dr = writer.write(step, dr, prefix="drift/")
-                result.update({k.replace("/", "_"): v for k, v in dr.items()})
-            ckpt.save(step, state, train_it, force=step == steps)
+            _log_and_evaluate(run, step, metrics, timer, bar, result)
+            # Every process asks at every iteration (multi-host: they agree on one).
+            stopping = step < steps and stop.requested(tick, run.ckpt)
+            _save(run, step, metrics, position, force=step == steps or stopping)
             result["step"] = step
-            if step < steps and ckpt.reached_preemption(step):
-                # The save above was forced by the notice; `close()` below waits for it.
-                log.warning("Preempted: saved step %d. Rerun the same command to resume.", step)
+            if stopping:
+                run.ckpt.wait()  # the save above was forced: wait for it to commit
+                log.warning(
+                    "Stopped by %s: saved step %d. Rerun the same command to resume.",
+                    stop.signal,
+                    step,
+                )
                 result["preempted"] = True
                 break
-        if start >= steps:
-            ev = trainer.evaluate(state.params, fp8_meta=state.fp8_meta)
-            result.update({f"eval_{k}": v for k, v in ev.items()})
+        if previous is not None and "preempted" not in result:
+            _diverged(run, *previous, final=True)
     finally:
         if bar is not None:
             bar.close()
-        ckpt.close()
-        writer.close()
-    if config.model.name == "gpt" and config.train.sample_tokens > 0 and "preempted" not in result:
-        result["sample"] = sample_text(trainer, state, config.train.sample_tokens)
-    result["state"] = state
-    result["trainer"] = trainer
     return result
+
+
+class _Throughput:
+    def __init__(self, tokens: int, flops_token: float | None):
+        self.tokens, self.flops_token = tokens, flops_token
+        self.peak = metrics_lib.device_peak_flops()
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.steps = time.perf_counter(), 0
+
+    def row(self) -> dict[str, float]:
+        dt = (time.perf_counter() - self.t0) / max(self.steps, 1)
+        tps = self.tokens / dt
+        row = {"step_time_s": dt, "tokens_per_s": tps}
+        util = metrics_lib.mfu(tps, self.flops_token, self.peak, jax.device_count())
+        if self.flops_token is not None and util is not None:
+            row["mfu"] = util
+        return row
+
+
+def _log_and_evaluate(run: Run, step: int, metrics, timer: _Throughput, bar, result) -> None:
+    config, trainer, state = run.config, run.trainer, run.state
+    steps = run.steps
+    if step % config.train.log_every == 0 or step == steps:
+        row = {**jax.device_get(metrics), **timer.row()}
+        row = run.writer.write(step, row, prefix="train/")
+        result.update({k.removeprefix("train/"): v for k, v in row.items()})
+        _report(bar, step, row)
+        timer.reset()
+    if step % config.train.eval_every == 0 or step == steps:
+        ev = trainer.evaluate(state.params, fp8_meta=state.fp8_meta)
+        ev = run.writer.write(step, ev, prefix="eval/")
+        result.update({k.replace("/", "_"): v for k, v in ev.items()})
+        _report(bar, step, ev)
+    drift_every = config.train.drift_every or config.train.eval_every
+    if drift_every > 0 and trainer.has_drift_reference:
+        if step % drift_every == 0 or step == steps:
+            dr = trainer.drift(state.params, state.fp8_meta)
+            dr = run.writer.write(step, dr, prefix="drift/")
+            result.update({k.replace("/", "_"): v for k, v in dr.items()})
+
+
+def _save(run: Run, step: int, metrics, position, force: bool) -> None:
+    if not (force or run.ckpt.should_save(step)):
+        return
+    healthy = int(jax.device_get(metrics["skips_in_a_row"])) == 0
+    run.ckpt.save(step, run.state, position, force=force, healthy=healthy)
+
+
+def _diverged(run: Run, step: int, metrics, final: bool = False) -> bool:
+    """Checks step `step`'s skip counter (read a step late, so the host never waits on the
+    device); True to roll back. Raises TrainingDiverged to stop."""
+    limit = int(run.config.train.get("max_skips_in_a_row", 0))
+    if limit <= 0:
+        return False
+    in_a_row = int(jax.device_get(metrics["skips_in_a_row"]))
+    if in_a_row < limit:
+        return False
+    first = step - in_a_row + 1
+    allowed = int(run.config.train.get("nonfinite_rollbacks", 0))
+    good = run.ckpt.newest_good(before=first)
+    if run.rollbacks < allowed and good is not None and not final:
+        return True
+    where = (
+        f"the newest good checkpoint is step {good} in {run.ckpt.directory}"
+        if good is not None
+        else "no checkpoint was saved before they started"
+    )
+    fix = (
+        f"rollbacks used up ({run.rollbacks} of train.nonfinite_rollbacks={allowed})"
+        if allowed
+        else "set train.nonfinite_rollbacks=N to roll back and skip their data instead"
+    )
+    raise TrainingDiverged(
+        f"steps {first}-{step}: {in_a_row} steps in a row were skipped (non-finite gradients "
+        f"or updates; train.max_skips_in_a_row={limit}), stopped; {where}. Lower "
+        f"optim.learning_rate, check the data and the precision policy, or {fix}."
+    )
+
+
+def _roll_back(run: Run, bad_step: int, current: int, bar) -> int:
+    """Restores the last good checkpoint before the skipped steps that ended at `bad_step`.
+    The data stays where it is, so the batches of those steps (up to `current`) are skipped.
+    Returns the step resumed from."""
+    first = bad_step - int(run.config.train.max_skips_in_a_row) + 1
+    good = run.ckpt.newest_good(before=first)
+    run.rollbacks += 1
+    run.ckpt.set_aside_newer(good, "rolled-back")
+    run.state = run.ckpt.restore(good, run.trainer.abstract)
+    run.writer.truncate(good)
+    log.warning(
+        "Rollback %d of %d: steps %d-%d were skipped (non-finite); restored step %d from %s; the "
+        "batches of steps %d-%d are skipped.",
+        run.rollbacks,
+        run.config.train.nonfinite_rollbacks,
+        first,
+        bad_step,
+        good,
+        run.ckpt.directory,
+        good + 1,
+        current,
+    )
+    if bar is not None:
+        bar.reset(total=run.steps)
+        bar.update(good)
+    return good
 
 
 def _report(bar, step: int, row: dict) -> None:

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bf16jax import history
+
 __all__ = [
     "PEAK_BF16_FLOPS",
     "device_peak_flops",
@@ -102,32 +104,52 @@ class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl` and TensorBoard events under `workdir/tb`.
 
     Only process 0 writes (the others get a writer that does nothing). JSON lines are appended,
-    so a resumed run continues the same file. A URL workdir (gs://..., as on TPU pods) goes
-    through etils.epath: object stores cannot append, so the file is rewritten whole on each
-    write (metrics are small).
+    so a resumed run continues the same file; `resume_step=S` (or `truncate(S)`) first drops
+    what was logged after step S (`bf16jax.history`), so each step is logged once. A URL workdir
+    (gs://..., as on TPU pods) goes through etils.epath: object stores cannot append, so the
+    file is rewritten whole on each write (metrics are small).
     """
 
-    def __init__(self, workdir: str | None, *, tensorboard: bool = True):
+    def __init__(
+        self, workdir: str | None, *, tensorboard: bool = True, resume_step: int | None = None
+    ):
         self.enabled = workdir is not None and jax.process_index() == 0
+        self.workdir = workdir
+        self._tensorboard = tensorboard
         self._jsonl = None
         self._remote: tuple[Any, list[str]] | None = None
         self._tb = None
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._open(resume_step)
+
+    def _open(self, resume_step: int | None) -> None:
+        workdir = self.workdir
         if _is_url(workdir):
             from etils import epath  # comes with orbax-checkpoint
 
             path = epath.Path(workdir) / "metrics.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+            if resume_step is not None:
+                lines, _ = history.truncate_lines(lines, resume_step)
+                path.write_text("".join(lines))
             self._remote = (path, lines)
         else:
+            if resume_step is not None:
+                history.truncate_history(workdir, resume_step)
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-        if tensorboard:
+        if self._tensorboard:
             from tensorboardX import SummaryWriter  # optional at import time: heavy
 
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def truncate(self, step: int) -> None:
+        """Drops every row and event logged after `step` (a rollback); keeps writing."""
+        if not self.enabled:
+            return
+        self.close()
+        self._open(step)
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         """Writes `metrics` (arrays become Python numbers) at `step`; returns the converted dict."""

@@ -2,16 +2,17 @@
 
 `TrainState` holds everything that must survive a restart: step, params (nnx.State, in the
 policy's param dtypes), optimizer state (moments in their own dtypes, update-rule buffers), loss
-scale, PRNG key, the count of skipped steps and the FP8 delayed-scaling state (`fp8_meta`: amax
-histories and scales of `q=fp8` layers, empty otherwise); the data iterator's position is
-checkpointed beside it. `train_step(state, batch) -> (state, metrics)` is pure: the model's
-graphdef, the optimizer and the config are fixed outside (`Trainer`), randomness is
-`fold_in(key, step)`. Invariants: gradients are unscaled and accumulated in FP32 (accum dtype)
-whatever the params' dtype; k micro-batches give the gradient of the one big batch (each micro
-mean weighted by its token weight); FP8 meta leaves the step as its overwrite-with-gradient
-"gradient" (the new amax histories / scales, `quant.fp8_dot`; max over micro-batches), never
-through the optimizer; a step whose gradients are not all finite changes nothing but the loss
-scale, the step and the skip counter; the state is built sharded (eval_shape -> shardings -> jit).
+scale, PRNG key, the counts of skipped steps (total, and in a row) and the FP8 delayed-scaling
+state (`fp8_meta`: amax histories and scales of `q=fp8` layers, empty otherwise); the data
+iterator's position is checkpointed beside it. `train_step(state, batch) -> (state, metrics)` is
+pure: the model's graphdef, the optimizer and the config are fixed outside (`Trainer`),
+randomness is `fold_in(key, step)`. Invariants: gradients are unscaled and accumulated in FP32
+(accum dtype) whatever the params' dtype; k micro-batches give the gradient of the one big batch
+(each micro mean weighted by its token weight); FP8 meta leaves the step as its
+overwrite-with-gradient "gradient" (the new amax histories / scales, `quant.fp8_dot`; max over
+micro-batches), never through the optimizer; a step whose gradients, or whose new params /
+optimizer state, are not all finite changes nothing but the loss scale, the step and the skip
+counters; the state is built sharded (eval_shape -> shardings -> jit).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class TrainState:
     opt_state: optim.OptimizerState
     loss_scale: ls.LossScaleState
     key: jax.Array  # typed PRNG key; step randomness is fold_in(key, step)
-    skipped: jax.Array  # int32 [], steps skipped because a gradient was not finite
+    skipped: jax.Array  # int32 [], steps skipped: a gradient or the update was not finite
+    skips_in_a_row: jax.Array  # int32 [], consecutive skipped steps up to this one (0: applied)
     fp8_meta: Any  # nnx.State of quant.FP8Meta (replicated); empty unless the policy has q=fp8
 
 
@@ -131,7 +133,8 @@ def train_step(
 
     Returns:
       (new_state, metrics): FP32 scalars loss, nll, accuracy, log_z (mean |log Z| of the output
-      logits), grad_norm, param_norm, learning_rate, loss_scale, finite (1/0), skipped (total).
+      logits), grad_norm, param_norm, learning_rate, loss_scale, finite (1/0: the gradients),
+      applied (1/0: the update was finite and taken), skipped (total), skips_in_a_row.
       With `diagnostics`: `swamped/<group>` (nonzero update, unchanged weight; see
       `numerics.swamping_fractions`) and `grad/{zero,subnormal,nonfinite}` fractions, subnormal
       meaning below the smallest normal of `compute_dtype`.
@@ -179,16 +182,22 @@ def train_step(
     new_params, new_opt, updates = optimizer.update(
         grads, state.opt_state, state.params, key=step_key, return_updates=True
     )
-    params = ls.select_tree(finite, new_params, state.params)
-    opt_state = ls.select_tree(finite, new_opt, state.opt_state)
-    fp8_meta = ls.select_tree(finite, new_meta, meta)
-    skipped = state.skipped + (~finite).astype(jnp.int32)
+    # Finite gradients can still give an Inf/NaN update (a huge learning rate, an overflowing
+    # BF16 moment): such a step is skipped like a non-finite gradient.
+    applied = finite & ls.all_finite((new_params, new_opt))
+    params = ls.select_tree(applied, new_params, state.params)
+    opt_state = ls.select_tree(applied, new_opt, state.opt_state)
+    fp8_meta = ls.select_tree(applied, new_meta, meta)
+    skipped = state.skipped + (~applied).astype(jnp.int32)
+    in_a_row = jnp.where(applied, 0, state.skips_in_a_row + 1).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1,
         params=params,
         opt_state=opt_state,
+        # The loss scale reacts to gradient overflow only (its job), not to a bad update.
         loss_scale=ls.adjust(state.loss_scale, finite),
         skipped=skipped,
+        skips_in_a_row=in_a_row,
         fp8_meta=fp8_meta,
     )
     metrics = {
@@ -201,7 +210,9 @@ def train_step(
         "learning_rate": optimizer.learning_rate(state.opt_state),
         "loss_scale": state.loss_scale.scale,
         "finite": finite.astype(_F32),
+        "applied": applied.astype(_F32),
         "skipped": skipped,
+        "skips_in_a_row": in_a_row,
     }
     if diagnostics:
         metrics |= numerics.swamping_fractions(state.params, new_params, updates)
@@ -310,6 +321,7 @@ class Trainer:
             loss_scale=ls.make_loss_scale(cfg.train),
             key=jax.random.fold_in(jax.random.key(cfg.seed), _KEY_SALT),
             skipped=jnp.zeros([], jnp.int32),
+            skips_in_a_row=jnp.zeros([], jnp.int32),
             fp8_meta=fp8_meta,
         )
 

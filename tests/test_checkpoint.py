@@ -1,5 +1,6 @@
 """Tests for bf16jax.checkpoint: bit-exact round trips, other meshes, dtype casts, bad dirs."""
 
+import json
 import os
 import shutil
 
@@ -202,20 +203,27 @@ def test_bad_directories(tmp_path, saved):
         Checkpointer(foreign)
 
 
-def test_uncommitted_steps_are_ignored(saved, tmp_path):
+def test_unfinished_saves_are_moved_aside_at_start_up(saved, tmp_path, caplog):
     directory = tmp_path / "run"
     shutil.copytree(saved[0], directory)
     shutil.copytree(directory / "3", directory / "9.orbax-checkpoint-tmp-1234")  # crashed save
     shutil.copytree(directory / "3", directory / "11")
-    os.remove(directory / "11" / "commit_success.txt")  # never committed
+    os.remove(directory / "11" / "commit_success.txt")  # never committed (object stores)
     ckpt = Checkpointer(directory)
     assert ckpt.all_steps() == [3] and ckpt.latest_step() == 3
+    with pytest.raises(ValueError, match="never committed"):
+        ckpt.save(11, saved[1], force=True)  # in the way of a save, before start-up
     target = sharding.abstract_state(make_init(), mesh_of(8, 1, 1))
     _, step = ckpt.restore_or_init(target, lambda: pytest.fail("must not init"))
     assert step == 3
-    with pytest.raises(ValueError, match="never committed"):
-        ckpt.save(11, saved[1], force=True)
-    assert sorted(os.listdir(directory)) == ["11", "3", "9.orbax-checkpoint-tmp-1234"]
+    assert sorted(os.listdir(directory)) == [".quarantine", "3"]
+    assert sorted(os.listdir(directory / ".quarantine")) == [
+        "11.unfinished",
+        "9.orbax-checkpoint-tmp-1234.unfinished",
+    ]
+    assert "11 was never committed (an interrupted save): moved to" in caplog.text
+    assert ckpt.save(11, saved[1], force=True)  # no longer in the way
+    ckpt.close()
 
 
 def test_save_schedule_no_overwrite_and_init(tmp_path):
@@ -236,3 +244,118 @@ def test_save_schedule_no_overwrite_and_init(tmp_path):
     assert int(restored["step"]) == 5
     with pytest.raises(ValueError, match="save_interval_steps=-1"):
         Checkpointer(tmp_path / "other", save_interval_steps=-1)
+
+
+# ----------------------------------------------------------------------------- integrity
+def _flip(path, offset=None):
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _data_files(step_dir):
+    """A step's array-data files (OCDBT's `d/` files: some hold the tree, some the arrays)."""
+    return sorted(p for p in (step_dir / "state").rglob("d/*") if p.is_file())
+
+
+def _with_nan(state):
+    def poison(x):
+        return x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return dict(state, params=jax.tree.map(poison, state["params"]))
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory, saved):
+    """Steps 3 and 5 of one run (5 = 3 with its step counter moved on)."""
+    directory = tmp_path_factory.mktemp("two") / "run"
+    shutil.copytree(saved[0], directory)
+    state5 = dict(saved[1], step=jnp.asarray(5, jnp.int32))
+    with Checkpointer(directory) as ckpt:
+        assert ckpt.save(5, state5, dataset_iter())
+    return directory, saved[1], state5
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "data-position", "manifest"])
+def test_damaged_newest_falls_back_to_one_that_verifies(two_steps, tmp_path, caplog, damage):
+    src, state3, _ = two_steps
+    directory = tmp_path / "run"
+    shutil.copytree(src, directory)
+    step5 = directory / "5"
+    for path in _data_files(step5) if damage in ("flip", "truncate", "delete") else ():
+        if damage == "flip":
+            _flip(path)
+        elif damage == "truncate":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        else:
+            path.unlink()
+    if damage == "data-position":  # valid JSON, another position
+        pos = step5 / "data" / "process_0-of-1.json"
+        position = json.loads(pos.read_text())
+        key = next(k for k, v in position.items() if isinstance(v, int))
+        pos.write_text(json.dumps({**position, key: position[key] + 1}, indent=4))
+    if damage == "manifest":
+        _flip(step5 / "manifest" / "metadata", 20)
+    target = sharding.abstract_state(make_init(), mesh_of(8, 1, 1))
+    it = dataset_iter()
+    ckpt = Checkpointer(directory)
+    restored, step = ckpt.restore_or_init(target, lambda: pytest.fail("must not init"), it)
+    assert step == 3
+    assert_same(restored, state3)
+    assert f"checkpoint step 5 in {directory}/5 is damaged" in caplog.text
+    assert f"moved to {directory}/.quarantine/5.damaged. Resumed from step 3" in caplog.text
+    assert sorted(os.listdir(directory)) == [".quarantine", "3"]
+    ckpt.close()
+
+
+def test_no_checkpoint_that_verifies_is_refused_and_left_alone(two_steps, tmp_path):
+    directory = tmp_path / "run"
+    shutil.copytree(two_steps[0], directory)
+    for step in ("3", "5"):
+        for path in _data_files(directory / step):
+            _flip(path)
+    before = sorted(str(p) for p in directory.rglob("*"))
+    target = sharding.abstract_state(make_init(), mesh_of(8, 1, 1))
+    with pytest.raises(ValueError, match=r"No checkpoint in .* verifies: step 5 \(damaged: .*\), "
+                       r"3 \(damaged: .*Nothing was moved or deleted"):  # fmt: skip
+        Checkpointer(directory).restore_or_init(target, lambda: pytest.fail("must not init"))
+    assert sorted(str(p) for p in directory.rglob("*")) == before
+
+
+def test_non_finite_checkpoint_is_skipped_and_retention_keeps_the_last_good(saved, tmp_path):
+    state = saved[1]
+    bad = _with_nan(state)
+    ckpt = Checkpointer(tmp_path / "run", max_to_keep=1, async_save=True)
+    assert ckpt.save(2, state) and ckpt.save(4, state, healthy=False)
+    ckpt.wait()
+    assert ckpt.manifest(4)["healthy"] is False and ckpt.all_steps() == [2, 4]
+    assert ckpt.save(6, bad)
+    ckpt.wait()
+    assert ckpt.manifest(6)["finite"] is False
+    # max_to_keep=1 keeps 6, and 2: the newest finite, healthy one; 4 goes.
+    assert ckpt.all_steps() == [2, 6]
+    target = sharding.abstract_state(make_init(), mesh_of(8, 1, 1))
+    restored, step = Checkpointer(tmp_path / "run").restore_or_init(target, pytest.fail)
+    assert step == 2
+    assert_same(restored, state)
+    assert os.listdir(tmp_path / "run" / ".quarantine") == ["6.non-finite"]
+    assert ckpt.save(8, state)
+    ckpt.close()
+    assert Checkpointer(tmp_path / "run").all_steps() == [8]
+
+
+def test_a_save_is_read_back_before_older_ones_are_deleted(saved, tmp_path, caplog):
+    state = saved[1]
+    ckpt = Checkpointer(tmp_path / "run", max_to_keep=1, async_save=True)
+    assert ckpt.save(2, state)
+    ckpt.wait()
+    assert ckpt.save(4, state)
+    ckpt._manager.wait_until_finished()  # committed, not yet read back
+    for path in _data_files(tmp_path / "run" / "4"):
+        _flip(path)
+    ckpt.wait()
+    assert "Checkpoint step 4 did not read back as saved (ValueError: DATA_LOSS" in caplog.text
+    assert ckpt.all_steps() == [2]  # the good one is kept; the bad one quarantined
+    assert os.listdir(tmp_path / "run" / ".quarantine") == ["4.damaged"]
+    ckpt.close()

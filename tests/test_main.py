@@ -105,7 +105,10 @@ TINY = "--config=configs/gpt_tiny.py"
     [
         ((TINY, "--config.train.stepz=3"), ["config.train.stepz", "did you mean 'steps'"]),
         ((TINY, "--config.precision=bf61"), ["config.precision", "'bf61'"]),
-        (("--config=configs/nope.py", "--config.train.steps=3"), ["configs/nope.py", "No such"]),
+        (
+            ("--config=configs/nope.py", "--config.train.steps=3"),
+            ["configs/nope.py", "no such file"],
+        ),
     ],
     ids=["unknown-key", "bad-policy", "missing-config-file"],
 )

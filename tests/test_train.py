@@ -13,6 +13,7 @@ import json
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -352,18 +353,32 @@ def test_dynamic_loss_scale_skips_overflow_and_regrows(batches):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(host(state.params)))
 
 
-def test_bf16_skips_non_finite_updates_without_loss_scale(batches):
+def test_bf16_skips_non_finite_gradients_and_updates_without_loss_scale(batches):
     trainer = train.create_trainer(tiny_gpt_config("bf16"), make_mesh((2, 1, 1), jax.devices()[:2]))
     state = trainer.init_state()
     before = host((state.params, state.opt_state))
     state, m = trainer.step(state, trainer.global_batch(poisoned(batches[0])))
     assert float(m["finite"]) == 0.0 and int(m["skipped"]) == 1
+    assert float(m["applied"]) == 0.0 and int(state.skips_in_a_row) == 1
     assert_trees((state.params, state.opt_state), before, exact=True)
     assert float(state.loss_scale.scale) == 1.0
     assert fc1_kernel(state.params).dtype == jnp.float32  # bf16 policy: FP32 master weights
     state, m = trainer.step(state, trainer.global_batch(batches[0]))
     assert float(m["finite"]) == 1.0 and int(m["skipped"]) == 1
+    assert int(state.skips_in_a_row) == 0 and int(m["skips_in_a_row"]) == 0
     assert not np.array_equal(fc1_kernel(host(state.params)), fc1_kernel(before[0]))
+
+    # Finite gradients, but an update that overflows: first moments near the FP32 maximum make
+    # Adam's bias-corrected m / (sqrt(v) + eps) infinite. Skipped like a non-finite gradient.
+    adam = adam_moments(state)
+    huge = adam._replace(mu=jax.tree.map(lambda x: jnp.full_like(x, 3e38), adam.mu))
+    tx_state = tuple(huge if s is adam else s for s in state.opt_state.tx_state)
+    state = state.replace(opt_state=state.opt_state._replace(tx_state=tx_state))
+    before = host((state.params, state.opt_state))
+    state, m = trainer.step(state, trainer.global_batch(batches[1]))
+    assert float(m["finite"]) == 1.0 and float(m["applied"]) == 0.0
+    assert int(m["skipped"]) == 2 and int(state.skips_in_a_row) == 1
+    assert_trees((state.params, state.opt_state), before, exact=True)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -416,16 +431,72 @@ def test_checkpoint_of_another_model_is_refused_and_kept(saved, tmp_path):
     assert os.listdir(workdir) == ["checkpoints"]  # no metrics or event files either
 
 
-def test_preemption_saves_the_current_step_and_stops(tmp_path, monkeypatch):
-    # Orbax's sync point needs a real SIGTERM under jax.distributed; simulate its answer.
-    monkeypatch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 2)
+def test_sigterm_saves_the_current_step_stops_and_resumes(tmp_path, monkeypatch):
+    """A real SIGTERM during step 2 (delivered to this process): step 2 is finished, saved and
+    committed; the run returns `preempted`; rerun, it resumes at step 2 and logs each step once."""
     config = tiny_gpt_config(steps=5)  # periodic saves: every 250 steps
-    result = loop.train_and_evaluate(config, str(tmp_path))
-    assert result["preempted"] is True and result["step"] == 2
-    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
-    monkeypatch.undo()
-    resumed = loop.train_and_evaluate(config, str(tmp_path))
+    real_step, calls = train.Trainer.step, []
+
+    def step(self, state, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, state, batch)
+
+    monkeypatch.setattr(train.Trainer, "step", step)
+    handler = signal.getsignal(signal.SIGTERM)
+    workdir = tmp_path / "run"
+    with persistent_compile_cache(str(tmp_path / "jax_cache")):  # the rerun compiles nothing
+        result = loop.train_and_evaluate(config, str(workdir))
+        assert result["preempted"] is True and result["step"] == 2
+        assert Checkpointer(workdir / "checkpoints").all_steps() == [2]
+        assert signal.getsignal(signal.SIGTERM) is handler  # the handler is put back
+        monkeypatch.undo()
+        resumed = loop.train_and_evaluate(config, str(workdir))
     assert resumed["step"] == 5 and "preempted" not in resumed
+    assert sorted(train_rows(workdir)) == [1, 2, 3, 4, 5]
+
+
+def test_rollback_skips_the_data_of_a_non_finite_window(tmp_path, monkeypatch, caplog):
+    """Batches 4-6 are poisoned: steps 4-6 are skipped; at 3 in a row the run rolls back to the
+    checkpoint of step 2 and goes on with the data after batch 6 (or 7, fetched ahead), as large
+    runs do after a loss spike. Without rollbacks left it stops with TrainingDiverged."""
+    config = tiny_gpt_config(
+        steps=7, max_skips_in_a_row=3, nonfinite_rollbacks=1, eval_every=100, drift_every=-1
+    )
+    config.unlock()
+    config.checkpoint.every_steps = 2
+    config.lock()
+    real_batch, fetched = train.Trainer.global_batch, []
+
+    def global_batch(self, local):
+        fetched.append(1)
+        return real_batch(self, poisoned(local) if 4 <= len(fetched) <= 6 else local)
+
+    monkeypatch.setattr(train.Trainer, "global_batch", global_batch)
+    workdir = tmp_path / "run"
+    with persistent_compile_cache(str(tmp_path / "jax_cache")):  # the 2nd run compiles nothing
+        result = loop.train_and_evaluate(config, str(workdir))
+        assert result["step"] == 7 and result["skipped"] == 0
+        assert "Rollback 1 of 1: steps 4-6 were skipped (non-finite); restored step 2" in (
+            caplog.text
+        )
+        assert sorted(train_rows(workdir)) == list(range(1, 8))  # each step once
+        quarantined = sorted(os.listdir(workdir / "checkpoints" / ".quarantine"))
+        assert quarantined == ["4.rolled-back", "6.rolled-back"]
+        assert len(fetched) == 12  # batches 1-8 before the rollback (8 fetched ahead), 9-12 after
+        fetched.clear()
+        no_rollback = with_train(config, nonfinite_rollbacks=0)
+        with pytest.raises(loop.TrainingDiverged, match=r"steps 4-6: 3 steps in a row.* step 2 "):
+            loop.train_and_evaluate(no_rollback, str(tmp_path / "no_rollback"))
+
+
+def with_train(config, **train):
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    config.train.update(train)
+    config.lock()
+    return config
 
 
 def test_drift_check_can_be_turned_off(tmp_path):

@@ -1,0 +1,406 @@
+"""The bad-input table: every case exits 2 with one line `error: ...` naming the problem and the
+fix, prints no traceback, and changes nothing already written.
+
+The CLI's entry function (`bf16jax.main.run(argv)`) runs in this process: no case gets as far as
+compiling a step, so no subprocess is needed. `python tests/test_bad_input.py` prints the table
+(case -> message -> exit code) for the README.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cli_runs import REPO, TINY_OVERRIDES
+
+TINY = "configs/gpt_tiny.py"
+# The shrunk gpt_tiny of the CLI tests; a resumable workdir is made from it.
+SHRUNK = (*TINY_OVERRIDES["gpt_tiny"], "--config.train.steps=4")
+
+
+@dataclass
+class Case:
+    name: str
+    args: tuple[str, ...]  # after the program name; "{workdir}" / "{cfg}" are filled in
+    expect: tuple[str, ...]  # substrings of the error line (the problem, then the fix)
+    workdir: str = "fresh"  # fresh | file | resumable | junk | damaged | bad-config-json | proc
+    config_file: str | None = None  # a config file written for the case
+
+
+CASES = [
+    # --- the command line
+    Case("no --config", ("--workdir={workdir}",), ("--config is required", "--config=configs/")),
+    Case("no --workdir", (f"--config={TINY}",), ("--workdir must have a value", "--help")),
+    Case("misspelt flag", (f"--config={TINY}", "--wrkdir={workdir}"), ("'wrkdir'", "workdir")),
+    Case(
+        "stray argument",
+        (f"--config={TINY}", "--workdir={workdir}", "now"),
+        ("unexpected arguments now", "pass flags only"),
+    ),
+    Case(
+        "missing config file",
+        ("--config=configs/nope.py", "--workdir={workdir}"),
+        ("configs/nope.py: no such file", "configs/*.py"),
+    ),
+    Case(
+        "config syntax error",
+        ("--config={cfg}", "--workdir={workdir}"),
+        ("syntax error at line 1", "Fix the file"),
+        config_file="def get_config(:\n",
+    ),
+    Case(
+        "config without get_config",
+        ("--config={cfg}", "--workdir={workdir}"),
+        ("defines no get_config()", "ConfigDict"),
+        config_file="X = 1\n",
+    ),
+    Case(
+        "get_config raises",
+        ("--config={cfg}", "--workdir={workdir}"),
+        ("get_config() raised RuntimeError: boom", "Fix the file"),
+        config_file="def get_config():\n    raise RuntimeError('boom')\n",
+    ),
+    Case(
+        "get_config returns a dict",
+        ("--config={cfg}", "--workdir={workdir}"),
+        ("returned a dict", "ml_collections.ConfigDict"),
+        config_file="def get_config():\n    return {'a': 1}\n",
+    ),
+    Case(
+        "config imports a missing module",
+        ("--config={cfg}", "--workdir={workdir}"),
+        ("No module named 'nonexistent_mod'", "imports"),
+        config_file="import nonexistent_mod\n\ndef get_config():\n    pass\n",
+    ),
+    # --- overrides
+    Case(
+        "unknown key",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.train.stepz=3"),
+        ("unknown config key config.train.stepz", "did you mean 'steps'"),
+    ),
+    Case(
+        "unknown key among many",
+        (f"--config={TINY}", "--workdir={workdir}", *SHRUNK, "--config.optim.lrate=1"),
+        ("unknown config key config.optim.lrate:", "--helpfull"),
+    ),
+    Case(
+        "int key given text",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.train.steps=abc"),
+        ("--config.train.steps=abc", "invalid literal"),
+    ),
+    Case(
+        "float key given text",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.optim.learning_rate=fast"),
+        ("learning_rate=fast", "float"),
+    ),
+    # --- values
+    Case(
+        "unknown policy",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.precision=bf61"),
+        ("config.precision", "'bf61'", "use a preset"),
+    ),
+    Case(
+        "unknown model",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.model.name=rnn"),
+        ("config.model.name='rnn'", "use one of"),
+    ),
+    Case(
+        "unknown optimizer",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.optim.name=lion"),
+        ("config.optim.name='lion'", "'adamw'"),
+    ),
+    Case(
+        "unknown loss scale",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.train.loss_scale=auto"),
+        ("train.loss_scale='auto'", "'dynamic'"),
+    ),
+    Case(
+        "unknown moment dtype",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.optim.mu_dtype=f7"),
+        ("config.optim.mu_dtype", "'f7'"),
+    ),
+    Case(
+        "zero steps",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.train.steps=0"),
+        ("config.train.steps=0", ">= 1"),
+    ),
+    Case(
+        "NaN learning rate",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.optim.learning_rate=nan"),
+        ("learning_rate=nan", "finite number"),
+    ),
+    Case(
+        "accumulation does not divide the batch",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.train.grad_accum_steps=3"),
+        ("batch_size=32 is not divisible", "change one"),
+    ),
+    Case(
+        "max_to_keep 0",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.checkpoint.max_to_keep=0"),
+        ("max_to_keep=0", ">= 1"),
+    ),
+    Case(
+        "allow_config_change names no key",
+        (
+            f"--config={TINY}",
+            "--workdir={workdir}",
+            "--config.checkpoint.allow_config_change=optim.mu",
+        ),
+        ("'optim.mu', not a config key", "precision,optim.mu_dtype"),
+    ),
+    Case(
+        "sequence longer than positions",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.data.seq_len=512"),
+        ("seq_len=512 is longer than", "raise model.max_len"),
+    ),
+    Case(
+        "mesh does not match devices",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.mesh.data=3"),
+        ("multiply to 3", "8 devices"),
+    ),
+    # --- data against model and mesh, at start-up
+    Case(
+        "vocabulary too small for the data",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.model.vocab_size=100"),
+        ("vocab_size=100 is too small", "vocab_size >= "),
+    ),
+    Case(
+        "train batch not divisible by the mesh",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.data.batch_size=12"),
+        ("batch_size=12 is not divisible by data*fsdp", "multiple of 8"),
+    ),
+    Case(
+        "eval batch not divisible by the mesh",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.data.eval_batch_size=12"),
+        ("eval_batch_size=12 is not divisible", "multiple of 8"),
+    ),
+    Case(
+        "eval batch larger than the eval split",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.data.eval_batch_size=1048576"),
+        ("eval split", "lower config.data.eval_batch_size"),
+    ),
+    Case(
+        "unknown dataset",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.data.name=imagenet"),
+        ("data.name='imagenet'", "use one of"),
+    ),
+    Case(
+        "images of another size",
+        ("--config=configs/vit_digits.py", "--workdir={workdir}", "--config.model.image_size=16"),
+        ("(8, 8, 1)", "model.image_size=8"),
+    ),
+    # --- the workdir
+    Case(
+        "workdir is a file",
+        (f"--config={TINY}", "--workdir={workdir}"),
+        ("is a file", "pass a directory"),
+        workdir="file",
+    ),
+    Case(
+        "workdir cannot be written",
+        (f"--config={TINY}", "--workdir=/proc/bf16jax_run"),
+        ("cannot be written", "writable directory"),
+        workdir="none",
+    ),
+    Case(
+        "checkpoint dir holds other files",
+        (f"--config={TINY}", "--workdir={workdir}", *SHRUNK),
+        ("not checkpoint steps: notes.txt", "nothing was changed"),
+        workdir="junk",
+    ),
+    Case(
+        "checkpoint of another model",
+        (f"--config={TINY}", "--workdir={workdir}", *SHRUNK, "--config.model.embed_dim=64"),
+        (
+            "changes the meaning of its checkpoint: model.embed_dim 32 -> 64",
+            "allow_config_change=model.embed_dim",
+        ),
+        workdir="resumable",
+    ),
+    Case(
+        "resume under another policy",
+        (f"--config={TINY}", "--workdir={workdir}", *SHRUNK, "--config.precision=bf16-pure"),
+        ('precision "bf16" -> "bf16-pure"', "--config.checkpoint.allow_config_change=precision"),
+        workdir="resumable",
+    ),
+    Case(
+        "resume with fp16 loss scaling",
+        (
+            f"--config={TINY}",
+            "--workdir={workdir}",
+            *SHRUNK,
+            "--config.precision=fp16",
+            "--config.train.loss_scale=dynamic",
+        ),
+        ('train.loss_scale "none" -> "dynamic"', "a new --workdir"),
+        workdir="resumable",
+    ),
+    Case(
+        "resume with other optimizer dtypes",
+        (f"--config={TINY}", "--workdir={workdir}", *SHRUNK, "--config.optim.nu_dtype=bf16"),
+        ('optim.nu_dtype "f32" -> "bf16"', "allow_config_change=optim.nu_dtype"),
+        workdir="resumable",
+    ),
+    Case(
+        "resume with another data pipeline",
+        (f"--config={TINY}", "--workdir={workdir}", *SHRUNK, "--config.data.seed=1"),
+        ("data.seed 0 -> 1", "config.json"),
+        workdir="resumable",
+    ),
+    Case(
+        "steps below the restored step",
+        (f"--config={TINY}", "--workdir={workdir}", *SHRUNK, "--config.train.steps=1"),
+        ("steps=1 is below step 2", "--config.train.steps=2 or more"),
+        workdir="resumable",
+    ),
+    Case(
+        "every checkpoint damaged",
+        (f"--config={TINY}", "--workdir={workdir}", *SHRUNK),
+        ("No checkpoint in", "verifies", "use a new --workdir"),
+        workdir="damaged",
+    ),
+    Case(
+        "config record unreadable",
+        (f"--config={TINY}", "--workdir={workdir}", *SHRUNK),
+        ("config.json cannot be read", "delete it"),
+        workdir="bad-config-json",
+    ),
+]
+
+
+# ----------------------------------------------------------------------------- workdirs
+def make_resumable(root: Path) -> Path:
+    """A workdir of the shrunk config holding a committed checkpoint of step 2 and config.json
+    (the initial state saved as step 2: nothing is compiled but the init and the checksums)."""
+    from bf16jax import data as data_lib
+    from bf16jax import workdir as workdir_lib
+    from bf16jax.checkpoint import Checkpointer
+    from bf16jax.config import load_config
+    from bf16jax.train import create_trainer
+
+    workdir = root / "resumable"
+    config = load_config(str(REPO / TINY), [a.removeprefix("--config.") for a in SHRUNK])
+    trainer = create_trainer(config)
+    state = trainer.init_state()
+    state = state.replace(step=state.step + 2)
+    it = iter(data_lib.make_dataset(config.data, "train"))
+    next(it), next(it)
+    with Checkpointer.from_config(config.checkpoint, workdir / "checkpoints") as ckpt:
+        ckpt.save(2, state, it.get_state(), force=True)
+    workdir_lib.write_config(config, str(workdir))
+    return workdir
+
+
+def prepare(case: Case, root: Path, resumable: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    workdir = root / case.name.replace(" ", "_")
+    if case.workdir == "file":
+        workdir.write_text("keep me")
+    elif case.workdir in ("resumable", "damaged", "bad-config-json"):
+        shutil.copytree(resumable, workdir)
+        if case.workdir == "damaged":
+            for path in (workdir / "checkpoints" / "2" / "state").rglob("d/*"):
+                data = bytearray(path.read_bytes())
+                data[len(data) // 2] ^= 0xFF
+                path.write_bytes(bytes(data))
+        if case.workdir == "bad-config-json":
+            (workdir / "config.json").write_text("{not json")
+    elif case.workdir == "junk":
+        (workdir / "checkpoints").mkdir(parents=True)
+        (workdir / "checkpoints" / "notes.txt").write_text("keep me")
+    return workdir
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    if path.is_file():
+        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+        for p in sorted(path.rglob("*"))
+    }
+
+
+def run_case(
+    case: Case, root: Path, resumable: Path, capture: bool = True
+) -> tuple[int | None, str, Path]:
+    """Runs the CLI in this process; returns (exit code, stderr if `capture`, workdir)."""
+    from absl import logging as absl_logging
+
+    from bf16jax import main
+
+    workdir = prepare(case, root, resumable)
+    cfg = root / f"{case.name.replace(' ', '_')}_config.py"
+    if case.config_file is not None:
+        cfg.write_text(case.config_file)
+    argv = ["bf16jax.main", *(a.format(workdir=workdir, cfg=cfg) for a in case.args)]
+    # absl's log handler keeps the stream it was created with: give it the current one.
+    absl_logging.get_absl_handler().python_handler.stream = sys.stderr
+    # ml_collections loads every --config file as module "config_config", into the module
+    # object of the last load if there is one: a file without get_config() would inherit it.
+    sys.modules.pop("config_config", None)
+    err = io.StringIO()
+    code = None
+    with contextlib.redirect_stderr(err) if capture else contextlib.nullcontext():
+        try:
+            main.run(argv)
+        except SystemExit as e:
+            code = e.code
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+    return code, err.getvalue(), workdir
+
+
+# ----------------------------------------------------------------------------- the test
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory):
+    return make_resumable(tmp_path_factory.mktemp("bad_input"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_exits_2_with_one_line(case, resumable, tmp_path, capfd, monkeypatch):
+    from bf16jax import loop
+
+    # Every case must be refused at start-up: training would be a failure (and slow).
+    monkeypatch.setattr(loop, "_train", lambda *a: pytest.fail("start-up accepted it"))
+    before_dir = prepare(case, tmp_path / "before", resumable) if case.workdir != "fresh" else None
+    before = snapshot(before_dir) if before_dir is not None and before_dir.exists() else None
+    code, _, workdir = run_case(case, tmp_path, resumable, capture=False)
+    _, err = capfd.readouterr()
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    line = errors[0]
+    for text in case.expect:
+        assert text in line, line
+    if case.workdir == "fresh":
+        assert not workdir.exists()  # nothing is created before the input is known good
+    elif before is not None:
+        assert snapshot(workdir) == before  # nothing already written changed
+
+
+def test_the_table_has_at_least_30_cases():
+    assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
+
+
+if __name__ == "__main__":  # the README's table
+    import os
+    import tempfile
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    root = Path(tempfile.mkdtemp(prefix="bf16jax_bad_input_"))
+    res = make_resumable(root / "src")
+    print("| case | message (stderr, one line) | exit |\n| --- | --- | --- |")
+    for c in CASES:
+        code, err, _ = run_case(c, root, res)
+        line = next((ln for ln in err.splitlines() if ln.startswith("error: ")), err[-200:])
+        line = line.replace(str(root), "…").replace("|", "\\|")
+        print(f"| {c.name} | `{line}` | {code} |")
+        sys.stdout.flush()
