@@ -562,8 +562,9 @@ WORK = tempfile.mkdtemp(prefix="bf16jax_ft_")
 if "google.colab" in sys.modules:
     from huggingface_hub import snapshot_download
 
-    HF_DIR = snapshot_download("google/flan-t5-small", allow_patterns=["*.json", "*.model",
-                                                                       "*.safetensors"])
+    HF_DIR = snapshot_download(
+        "google/flan-t5-small", allow_patterns=["*.json", "*.model", "*.safetensors"]
+    )
 else:  # offline: the tiny random FLAN-T5-shaped checkpoint the tests use
     HF_DIR = str(pathlib.Path(config_path("flan_t5_small_ft")).parents[1] / "tests/golden/t5_v1_1")
 print(HF_DIR, sorted(os.listdir(HF_DIR)))""",
