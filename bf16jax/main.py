@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -50,36 +48,11 @@ def main(argv) -> None:
         print("\n--- sample ---\n" + result["sample"] + "\n--------------")
 
 
-def _unknown_key(argv: list[str], error: Exception) -> str:
-    """The message for an `--config.X=...` override naming a key the config does not have."""
-    overrides = [a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--config.")]
-    guess = re.search(r'Did you mean "([^"]+)"', str(error))
-    hint = f" (did you mean {guess.group(1)!r}?)" if guess else ""
-    return (
-        f"unknown config key among {', '.join(overrides)}{hint}: the config is locked. "
-        "Run with --helpfull to list every config.* flag."
-    )
-
-
 def run() -> None:
-    try:
-        app.run(main)
-    except (AttributeError, KeyError) as e:
-        # ml_collections raises these while parsing an override of a key that does not exist.
-        if not any(a.startswith("--config.") for a in sys.argv):
-            raise
-        print(f"error: {_unknown_key(sys.argv, e)}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        # ml_collections defers a --config file that failed to load (missing, unreadable) to
-        # the first use of the config; its message names the path.
-        if "Failed loading config file" not in str(e):
-            raise
-        print(f"error: --config: {e}", file=sys.stderr)
-        sys.exit(2)
-    except ValueError as e:  # config / data / checkpoint errors: the message says the fix
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """`main` under absl with bf16jax's bad-input handling (`bf16jax.cli.run`)."""
+    from bf16jax import cli
+
+    cli.run(main)
 
 
 if __name__ == "__main__":
