@@ -14,8 +14,8 @@ input). Checks, all paired on identical examples:
   how far the candidate's probabilities moved, which catches regressions (a 16-bit softmax)
   long before they flip enough argmaxes to move accuracy.
 
-Default thresholds come from measured honest exports (README: "Regression gate"); every one is
-a flag, or a JSON file (`--thresholds=FILE`).
+Default thresholds sit between measured honest exports and planted regressions (README:
+"Serving"); every one is a flag, or a JSON file (`--thresholds=FILE`).
 """
 
 from __future__ import annotations
@@ -39,13 +39,15 @@ __all__ = [
     "softmax_bf16_policy",
 ]
 
-# Keys: the check names above. Calibrated on gpt_tiny / vit_digits (README "Regression gate").
+# Keys: the check names above. On gpt_tiny (w8a8 QAT, 4 layers) honest bf16 / int8 exports
+# measured agreement 98.9% and NLL drift 0.016 nats; planted regressions 89.8-90.8% and
+# 0.15-0.16 (experiments/results/serving/gate_table.md).
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "max_accuracy_drop": 0.01,
     "max_shifted_accuracy_drop": 0.02,
     "max_ece_increase": 0.01,
     "min_agreement": 0.97,
-    "max_nll_drift": 0.02,
+    "max_nll_drift": 0.05,
 }
 
 
