@@ -175,8 +175,7 @@ class Registry:
         with self._locked():
             state = self.state()
             manifest = artifact_lib.verify(artifact)
-            ref = self.state()["reference"]
-            artifact_lib.verify(self.reference_dir, ref["manifest_sha256"])
+            artifact_lib.verify(self.reference_dir, state["reference"]["manifest_sha256"])
             report = gate_fn(artifact, self.reference_dir, **gate_kwargs)
             checks = {c["check"]: c for c in report["checks"]}
             if not report["passed"]:

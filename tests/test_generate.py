@@ -218,3 +218,39 @@ def test_t5_generate_program_equals_recomputed_greedy():
             if i + 1 < n:
                 dec[0, i + 1] = expected[-1]
         np.testing.assert_array_equal(out["tokens"][row, : len(expected)], expected)
+
+
+def test_t5_and_vit_artifacts_round_trip(tmp_path):
+    from bf16jax import artifact, export
+    from bf16jax.generate import ProgramRunner
+
+    t5_cfg = _t5_config("bf16")
+    t5_cfg.lock()
+    t5 = build_model(t5_cfg.model, "bf16", rngs=nnx.Rngs(0))
+    export.export_artifact(t5_cfg, nnx.state(t5, nnx.Param), None, str(tmp_path / "t5"),
+                           precision="bf16", source={"random_init": True}, platforms=("cpu",),
+                           eval_batches=0)  # fmt: skip
+    art = artifact.Artifact(str(tmp_path / "t5"))
+    serving = inference.serving_model(t5_cfg, nnx.state(t5, nnx.Param), None, "bf16")
+    local = ProgramRunner(inference.Programs(serving, t5_cfg), {})
+    prompts = ["In the", "And"]
+    assert art.generate(prompts, max_tokens=5) == local.generate(prompts, max_tokens=5)
+    rows = art.score(["In the start"], ["God"])
+    assert rows[0]["tokens"] == 4 and rows[0]["logprob"] < 0  # "God" + EOS
+    with pytest.raises(ValueError, match="T5 scoring needs one target"):
+        art.score(["x"])
+    vit_cfg = config_lib.base_config("vit")
+    vit_cfg.precision = "fp32"
+    vit_cfg.model.update(embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32)
+    vit_cfg.lock()
+    vit = build_model(vit_cfg.model, "fp32", rngs=nnx.Rngs(0))
+    export.export_artifact(vit_cfg, nnx.state(vit, nnx.Param), None, str(tmp_path / "vit"),
+                           precision="fp32", source={"random_init": True}, platforms=("cpu",),
+                           eval_batches=0)  # fmt: skip
+    art = artifact.Artifact(str(tmp_path / "vit"))
+    assert art.programs == ("score",)
+    images = np.random.RandomState(0).rand(3, 8, 8, 1).astype(np.float32)
+    probs = np.asarray([r["probs"] for r in art.classify(images)])
+    np.testing.assert_allclose(probs, jax.nn.softmax(vit(jnp.asarray(images)), -1), atol=1e-5)
+    with pytest.raises(ValueError, match="images must be"):
+        art.classify(images[:, :4])
