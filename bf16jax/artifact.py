@@ -209,12 +209,18 @@ class Runner:
         """Token ids of `text` under the manifest's tokenizer (UTF-8 bytes + offset)."""
         tok = self.tokenizer
         if tok.get("kind") != "bytes":
-            raise ValueError(f"Tokenizer {tok.get('kind')!r} is not supported by this loader.")
+            raise ValueError(
+                f"This model's tokenizer is {tok.get('kind')} ({tok.get('source')}): encode "
+                "text with it (bf16jax.tokenizer.load_tokenizer) and pass token ids "
+                "(generate_arrays / score_ids); this loader encodes bytes only."
+            )
         raw = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
         return raw + np.int32(tok["byte_offset"])
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of byte ids; special ids (PAD, EOS, sentinels) are dropped."""
+        if self.tokenizer.get("kind") != "bytes":
+            self.encode("")  # raises, naming the model's tokenizer
         off = self.tokenizer["byte_offset"]
         raw = bytes(i - off for i in ids if off <= i < off + 256)
         return raw.decode("utf-8", errors="replace")

@@ -163,7 +163,7 @@ def _write(tmp, config, model, programs, precision, source, platforms) -> dict[s
         "platforms": list(platforms),
         "batch": "symbolic (any batch size)",
         "limits": limits,
-        "tokenizer": inference.tokenizer_info() if config.model.name != "vit" else None,
+        "tokenizer": programs.tokenizer,
         "programs": entries,
         "export_seconds": timings,
         "params": {

@@ -30,7 +30,7 @@ class ProgramRunner(Runner):
     def __init__(self, programs: inference.Programs, description: dict[str, Any]):
         self.family = programs.family
         self.limits = programs.limits
-        self.tokenizer = inference.tokenizer_info()
+        self.tokenizer = programs.tokenizer
         self.description = description
         self._programs = programs
 

@@ -33,7 +33,6 @@ from bf16jax import quant
 from bf16jax import sampling as sampling_lib
 from bf16jax.models import build_model
 from bf16jax.precision import FP8, Policy, fp32_reference, get_policy, quant_bits
-from bf16jax.tokenizer import EOS_ID, PAD_ID
 
 __all__ = [
     "PRECISIONS",
@@ -206,17 +205,27 @@ def _flatten(tree: dict, prefix: tuple = ()) -> dict[str, Any]:
 
 def flatten_params(model: nnx.Module) -> dict[str, np.ndarray]:
     """{"path/to/leaf": host array} of every variable of `model` (params, FP8 scales)."""
-    return {_join(p): np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(
-        nnx.state(model))}  # fmt: skip
+    flat = nnx.to_flat_state(nnx.state(model))
+    return {_join(p): np.asarray(jax.device_get(v[...])) for p, v in flat}
 
 
-def tokenizer_info() -> dict[str, Any]:
-    """The byte tokenizer's constants, as an artifact's manifest records them."""
+def tokenizer_info(config=None) -> dict[str, Any]:
+    """The run's tokenizer (`config.data.tokenizer`) as an artifact's manifest records it.
+
+    Bytes (the default) carry their constants, so `bf16jax.artifact` encodes text with JAX
+    alone; a SentencePiece / BPE tokenizer is named (kind, source) with its special ids, and
+    text requests then need its package (token-id requests work anywhere).
+    """
     from bf16jax import tokenizer as t
 
-    return {"kind": "bytes", "pad_id": t.PAD_ID, "eos_id": t.EOS_ID,
-            "byte_offset": t.BYTE_OFFSET, "sentinel_offset": t.SENTINEL_OFFSET,
-            "num_sentinels": t.NUM_SENTINELS, "vocab_size": t.VOCAB_SIZE}  # fmt: skip
+    spec = config.data.get("tokenizer", "") if config is not None else ""
+    if not spec:
+        return {"kind": "bytes", "pad_id": t.PAD_ID, "eos_id": t.EOS_ID,
+                "byte_offset": t.BYTE_OFFSET, "sentinel_offset": t.SENTINEL_OFFSET,
+                "num_sentinels": t.NUM_SENTINELS, "vocab_size": t.VOCAB_SIZE}  # fmt: skip
+    tok = t.load_tokenizer(spec)
+    return {"kind": type(tok).__name__, "source": os.path.abspath(spec), "pad_id": tok.pad_id,
+            "eos_id": tok.eos_id, "vocab_size": tok.vocab_size}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- programs
@@ -233,6 +242,7 @@ class Programs:
         self.graphdef, self.template = nnx.split(model)
         self.params = flatten_params(model)
         self.limits = _limits(config, decode_len)
+        self.tokenizer = tokenizer_info(config) if self.family != "vit" else None
         self.names = ("score",) if self.family == "vit" else (
             "score", "prefill", "decode_step", "generate")  # fmt: skip
 
@@ -261,7 +271,7 @@ class Programs:
             last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
             return last.astype(jnp.float32), cache, prompt_len.astype(jnp.int32)
         cache = model.init_cache(prompt, self.limits["decode_len"])
-        start = jnp.full((b, 1), PAD_ID, jnp.int32)
+        start = jnp.full((b, 1), self.tokenizer["pad_id"], jnp.int32)  # T5's start token
         logits, cache = model.decode_step(start, cache, jnp.zeros([b], jnp.int32))
         return logits[:, 0].astype(jnp.float32), cache, jnp.ones([b], jnp.int32)
 
@@ -297,8 +307,8 @@ class Programs:
             top_p=top_p,
             max_tokens=max_tokens,
             stop=stop,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
+            eos_id=self.tokenizer["eos_id"],
+            pad_id=self.tokenizer["pad_id"],
         )
 
     # ----------------------------------------------------------------- shapes
