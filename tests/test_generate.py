@@ -254,3 +254,25 @@ def test_t5_and_vit_artifacts_round_trip(tmp_path):
     np.testing.assert_allclose(probs, jax.nn.softmax(vit(jnp.asarray(images)), -1), atol=1e-5)
     with pytest.raises(ValueError, match="images must be"):
         art.classify(images[:, :4])
+
+
+def test_fp8_artifact_holds_e4m3_codes_and_computes_the_fp8_forward(tmp_path):
+    from bf16jax import artifact, export
+    from bf16jax.quant import FP8Meta
+
+    cfg, model = _gpt("bf16; q=fp8")
+    params, meta = nnx.state(model, nnx.Param), nnx.state(model, FP8Meta)
+    with pytest.raises(ValueError, match="fp8 serving needs the delayed FP8 scales"):
+        inference.serving_policy("bf16; q=w8a8", "fp8")
+    export.export_artifact(cfg, params, meta, str(tmp_path / "fp8"), precision="fp8",
+                           source={"random_init": True}, platforms=("cpu",),
+                           eval_batches=0)  # fmt: skip
+    art = artifact.Artifact(str(tmp_path / "fp8"))
+    assert "float8_e4m3fn" in art.manifest["params"]["dtypes"]
+    assert art.params["blocks/0/mlp/fc1/kernel"].dtype == jnp.float8_e4m3fn
+    tokens = np.random.RandomState(3).randint(2, 300, (2, 32)).astype(np.int32)
+    # The training model's forward (its fp8_dot quantizes the float kernel on the fly).
+    trained = inference.Programs(inference.serving_model(cfg, params, meta, "train"), cfg)
+    reference = jax.jit(trained.score)(trained.params, tokens)
+    np.testing.assert_allclose(art.call("score", tokens), reference,
+                               atol=0.05 * float(jnp.max(jnp.abs(reference))))  # fmt: skip
