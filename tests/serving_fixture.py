@@ -12,6 +12,8 @@ import dataclasses
 import fcntl
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,7 +47,25 @@ class Served:
 
 
 def _build(root: Path) -> None:
+    """Trains and exports in a fresh process: a pytest worker that already ran other tests
+    (thread pools, compiled programs on 8 fake devices) once aborted inside XLA here."""
+    from cli_runs import REPO, cli_env
+
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import serving_fixture; "
+        "serving_fixture.build(sys.argv[1])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the serving fixture failed:\n{proc.stderr[-4000:]}")
+
+
+def build(root: str) -> None:
+    """Trains the fixture's run under `root` and exports it (run by `_build` in a subprocess)."""
     from bf16jax import export, inference, loop
+
+    root = Path(root)
 
     config = serving_config()
     workdir = str(root / "run")
