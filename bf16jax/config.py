@@ -37,6 +37,7 @@ MODEL_DEFAULTS = {
         dropout_rate=0.0,
         attention_dropout_rate=0.0,
         mlp_dropout_rate=0.0,
+        tie_embeddings=True,
     ),
     "t5": dict(
         vocab_size=384,

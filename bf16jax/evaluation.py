@@ -13,14 +13,31 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import jax
 import numpy as np
 
+from bf16jax import data as data_lib
 from bf16jax import metrics as metrics_lib
 from bf16jax import shifts as shifts_lib
 
-__all__ = ["CLEAN", "collect_predictions", "evaluate_quality", "agreement_with"]
+__all__ = ["CLEAN", "eval_batches", "collect_predictions", "evaluate_quality", "agreement_with"]
 
 CLEAN = "clean"
+
+
+def eval_batches(config, num_batches: int | None = None):
+    """This process's first `num_batches` (default `train.eval_steps`) local eval batches."""
+    ds = data_lib.make_dataset(
+        config.data,
+        "eval",
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    num_batches = config.train.eval_steps if num_batches is None else num_batches
+    for i, local in enumerate(ds):
+        if i >= num_batches:
+            return
+        yield local
 
 
 def collect_predictions(
@@ -33,6 +50,10 @@ def collect_predictions(
     num_batches: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-example stats over the first `num_batches` eval batches, with `shift` applied.
+
+    `trainer` is anything with `config`, `eval_batches(num_batches)` and
+    `predict(params, local_batch, fp8_meta)`: a `train.Trainer`, or `bf16jax.evaluate.Scorer`
+    (a serving artifact or program, which ignores `params`).
 
     Returns:
       Dict of [N] NumPy arrays (`confidence`, `prediction`, `correct`, `nll`, `weight`).

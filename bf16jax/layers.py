@@ -11,6 +11,8 @@ Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/att
   FP32 params beside its kernel and dots integer codes; with `q=fp8` it dots E4M3 operands and
   keeps delayed-scaling state (`quant.FP8Meta`, not a param); edge layers (`edge=True`) stay
   float;
+- `Attention.decode` / `attend` / `kv` are the KV-cache path of the same attention (generation:
+  keys and values written once into a fixed-size cache, queries attend to the written prefix);
 - params carry logical axis names (`embed`, `mlp`, `heads`, `joined_kv`, `vocab`, ...) that
   `bf16jax.sharding` maps to mesh axes;
 - dropout (attention probabilities, MLP hidden, residual) is active only when a PRNG key is passed
@@ -29,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from bf16jax import quant as quant_lib
+from bf16jax.kv_cache import CachedAttention, KVCache
 from bf16jax.precision import FP8, Policy, quant_bits
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "Attention",
     "MLP",
     "RelativePositionBias",
+    "KVCache",
     "dot",
     "attention",
     "dropout",
@@ -124,6 +128,8 @@ class Linear(nnx.Module):
       kernel_axes: logical names of the kernel's two dims (bias gets the last one).
       kernel_init: defaults to LeCun normal (variance 1/in_features).
       edge: the model's first layer or output logits: unquantized unless an override names it.
+      logits: an output-logits layer: the result stays in accum dtype (the FP32 logits island)
+        instead of being rounded to compute dtype.
     """
 
     int8: bool = False
@@ -140,9 +146,11 @@ class Linear(nnx.Module):
         kernel_axes: Axes = ("embed", "mlp"),
         kernel_init: Initializer | None = None,
         edge: bool = False,
+        logits: bool = False,
     ):
         self.policy = policy.for_module(name)
         self.in_features = in_features
+        self.logits = logits
         init = kernel_init or nnx.initializers.lecun_normal()
         dtype = self.policy.param_dtype
         self.kernel = _param(init, (in_features, out_features), kernel_axes, dtype, rngs)
@@ -194,7 +202,8 @@ class Linear(nnx.Module):
             )
         if self.bias is not None:
             y = y + self.policy.cast_to_accum(self.bias[...])
-        return self.policy.cast_to_compute(y)
+        # why: logits feed softmax + loss; rounding them to 16 bits costs ~2^-9 |z| each.
+        return y if self.logits else self.policy.cast_to_compute(y)
 
 
 class Embed(nnx.Module):
@@ -381,7 +390,7 @@ def _sublayer(parent: str, sub: str, din: int, dout: int, axes: Axes, **kw) -> L
     return Linear(din, dout, name=f"{parent}/{sub}", kernel_axes=axes, **kw)
 
 
-class Attention(nnx.Module):
+class Attention(CachedAttention, nnx.Module):
     """Multi-head attention: self-attention, or cross-attention when `context` is given.
 
     Projections q, k, v ([D, H*Dh], logical ("embed", "joined_kv")) and o ([H*Dh, D]) are
@@ -393,6 +402,7 @@ class Attention(nnx.Module):
     `scale_logits=False` is T5 / Mesh TensorFlow: scores are not multiplied by 1/sqrt(head_dim);
     q's initialisation is scaled by head_dim**-0.5 instead (the same function at init, and a
     T5 checkpoint's q loads unchanged). `dropout_rate` drops attention probabilities in training.
+    `decode`, `attend` and `kv` are the KV-cache path used for generation (see there).
     """
 
     track_logits: bool = False
@@ -451,21 +461,27 @@ class Attention(nnx.Module):
         bias: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:  # x [B, T, D], context [B, S, D] -> [B, T, D] compute
-        kv_in = x if context is None else context
+        kv = self.kv(x if context is None else context)
+        return self._attend(x, kv, mask=mask, bias=bias, causal=self.causal,
+                            implementation=self.implementation,
+                            dropout_key=dropout_key)  # fmt: skip
 
-        def heads(y):  # [B, L, H*Dh] -> [B, L, H, Dh]
-            return y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
+    def _heads(self, y: jax.Array) -> jax.Array:  # [B, L, H*Dh] -> [B, L, H, Dh]
+        return y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
 
-        q, k, v = heads(self.q(x)), heads(self.k(kv_in)), heads(self.v(kv_in))
+    def _attend(
+        self, x, kv: KVCache, *, mask, bias, causal, implementation, dropout_key=None
+    ) -> jax.Array:
+        k, v = kv
         out = attention(
-            q,
+            self._heads(self.q(x)),
             k,
             v,
             self.policy,
             bias=bias,
             mask=mask,
-            causal=self.causal,
-            implementation=self.implementation,
+            causal=causal,
+            implementation=implementation,
             return_logit_max=self.track_logits,
             scale=None if self.scale_logits else 1.0,
             dropout_rate=self.dropout_rate,

@@ -27,6 +27,7 @@ import numpy as np
 __all__ = [
     "Policy",
     "get_policy",
+    "fp32_reference",
     "parse_dtype",
     "parse_quant",
     "quant_bits",
@@ -450,6 +451,14 @@ def get_policy(spec: str | Policy) -> Policy:
         pattern, sub = text.rsplit(_RULE_ARROW, 1)
         rules.append((pattern.strip(), _parse_dtypes(sub, spec, base=policy)))
     return dataclasses.replace(policy, overrides=tuple(rules)) if rules else policy
+
+
+def fp32_reference(policy: Policy) -> Policy:
+    """FP32 everywhere, with `policy`'s quantization: the reference that a lower-precision
+    model is compared with (the drift diagnostic, serving gates). It holds the same params,
+    LSQ step sizes included."""
+    rules = tuple((pattern, Policy(quant=p.quant)) for pattern, p in policy.overrides)
+    return Policy(quant=policy.quant, overrides=rules)
 
 
 def _keys_of(text: str) -> set[str]:

@@ -11,7 +11,8 @@ round(x/s) - x/s inside, Qn or Qp outside; the gradient of s is multiplied by g 
   below 2^24: fake-quant and real-int8 evaluation agree (`quantized_dot`, `set_int8_mode`);
 - step sizes are FP32 nnx.Params (`w_scale` per output channel, `a_scale` per tensor) of
   `layers.Linear`, trained with the model, sharded like the kernel's output axis, checkpointed;
-- `export_int8` / `load_int8` write and read int8 kernels + FP32 scales with Orbax;
+- `export_int8` / `load_int8` write and read int8 kernels + FP32 scales with Orbax; `to_int8` /
+  `to_fp8` turn a model's kernels into their int8 / E4M3 codes in place (`bf16jax.export`);
 - FP8 delayed scaling (Micikevicius et al. 2022, arXiv:2209.05433; E4M3 forward, E5M2 gradients):
   `fp8_dot` runs x @ w on E4M3 operands and quantizes the incoming gradient to E5M2, each with
   the per-tensor scale of the previous steps' amaxes. The scales [3] and amax histories [3, H]
@@ -47,6 +48,8 @@ __all__ = [
     "quantized_layers",
     "set_int8_mode",
     "to_int8",
+    "fp8_layers",
+    "to_fp8",
     "export_int8",
     "load_int8",
     "prediction_agreement",
@@ -245,6 +248,28 @@ def to_int8(model: nnx.Module) -> nnx.Module:
     return set_int8_mode(model, True)
 
 
+def fp8_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+    """(path, layer) for every `layers.Linear` in `model` that runs `fp8_dot` (`q=fp8`)."""
+    from bf16jax.layers import Linear
+    from bf16jax.precision import FP8
+
+    return [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and m.quant == FP8]
+
+
+def to_fp8(model: nnx.Module) -> nnx.Module:
+    """Replaces each FP8 Linear's kernel by its E4M3 codes at the layer's weight scale; in place.
+
+    The codes are what `fp8_dot`'s forward computes from the float kernel (the scale of row w,
+    `fp8_scale[1]`, from the training run's amax history), so the forward is unchanged while
+    the kernel takes 1 byte per weight. For inference: the codes carry no gradient.
+    """
+    for _, layer in fp8_layers(model):
+        w = layer.kernel[...]
+        if w.dtype != FP8_FORWARD:
+            layer.kernel = nnx.Param(fp8_quantize(w, layer.fp8_scale[...][1]))
+    return model
+
+
 def export_int8(model: nnx.Module, directory: str | os.PathLike) -> None:
     """Saves `model`'s params with int8 kernels + FP32 scales (Orbax) for inference.
 
@@ -355,7 +380,8 @@ def _fp8_new_meta(scale, history, amaxes):
 
 def _fp8_forward(x, w, scale, acc):
     xq = fp8_quantize(x, scale[0])  # [..., K] e4m3
-    wq = fp8_quantize(w, scale[1])  # [K, N] e4m3
+    # An exported model (`to_fp8`) holds the kernel's E4M3 codes already.
+    wq = w if w.dtype == FP8_FORWARD else fp8_quantize(w, scale[1])  # [K, N] e4m3
     dims = (((x.ndim - 1,), (0,)), ((), ()))
     y = jax.lax.dot_general(xq, wq, dims, preferred_element_type=_F32)  # [..., N]
     return (y * (scale[0] * scale[1])).astype(acc), xq, wq

@@ -33,13 +33,13 @@ from jax.sharding import PartitionSpec as P
 
 from bf16jax import config as config_lib
 from bf16jax import data as data_lib
+from bf16jax import evaluation, numerics, optim, sharding
 from bf16jax import loss_scale as ls
 from bf16jax import metrics as metrics_lib
-from bf16jax import numerics, optim, sharding
 from bf16jax.layers import Attention
 from bf16jax.loss import cross_entropy
 from bf16jax.models import build_model, param_count
-from bf16jax.precision import Policy, get_policy
+from bf16jax.precision import Policy, fp32_reference, get_policy
 from bf16jax.quant import FP8Meta
 
 __all__ = [
@@ -401,7 +401,7 @@ class Trainer:
     @property
     def has_drift_reference(self) -> bool:
         """False when the policy is its own FP32 reference (fp32, fp32 + QAT): no drift check."""
-        return self.policy != _fp32_reference(self.policy)
+        return self.policy != fp32_reference(self.policy)
 
     def drift(self, params, fp8_meta=None) -> dict[str, float]:
         """The BF16-vs-FP32 drift on a fixed eval batch (see `shadow_fp32_step`)."""
@@ -440,17 +440,7 @@ class Trainer:
 
     def eval_batches(self, num_batches: int | None = None):
         """This process's first `num_batches` (default `train.eval_steps`) local eval batches."""
-        ds = data_lib.make_dataset(
-            self.config.data,
-            "eval",
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        num_batches = self.config.train.eval_steps if num_batches is None else num_batches
-        for i, local in enumerate(ds):
-            if i >= num_batches:
-                return
-            yield local
+        return evaluation.eval_batches(self.config, num_batches)
 
     def predict(self, params, local_batch: dict, fp8_meta=None) -> dict[str, Any]:
         """Per-example stats (NumPy, whole global batch) of one local eval batch: see
@@ -507,13 +497,6 @@ def _graphdef(
     return graphdef, abstract_model
 
 
-def _fp32_reference(policy: Policy) -> Policy:
-    """FP32 everywhere, with `policy`'s quantization (the drift diagnostic's reference model
-    must hold the same params, LSQ step sizes included)."""
-    rules = tuple((pattern, Policy(quant=p.quant)) for pattern, p in policy.overrides)
-    return Policy(quant=policy.quant, overrides=rules)
-
-
 def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
     """Validates `config` and builds the Trainer (nothing is allocated on devices yet)."""
     config_lib.validate(config)
@@ -524,7 +507,7 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
         config.optim, total_steps=int(config.train.steps), update_rule=policy.update_rule
     )
     graphdef, abstract_model = _graphdef(config, policy)
-    fp32_graphdef, _ = _graphdef(config, _fp32_reference(policy))
+    fp32_graphdef, _ = _graphdef(config, fp32_reference(policy))
     # Stacked (scanned) layers would need the intermediates threaded through nnx.scan.
     tracking = not config.model.get("scan_layers", False)
     diag_graphdef, _ = _graphdef(config, policy, track_logits=tracking)

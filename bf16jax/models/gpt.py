@@ -8,6 +8,7 @@ logits leave in accum_dtype (FP32 island). `scan_layers=True` stacks the blocks 
 not grow with depth; `remat=True` wraps each block in `nnx.remat` (activations recomputed in the
 backward pass). Dropout (GPT-2's embd/resid/attn pdrop, plus an optional MLP-hidden rate) is
 active only when `dropout_key` is passed (training); each layer gets `fold_in(key, i)`.
+`init_cache` / `decode_step` run the same blocks with a KV cache for generation.
 Policy paths: embed, pos_embed, blocks/{i}/{norm1,attn,norm2,mlp}, norm_f, head.
 """
 
@@ -20,11 +21,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bf16jax.layers import MLP, Attention, Embed, LayerNorm, Linear, dropout, dropout_keys
+from bf16jax.layers import (
+    MLP,
+    Attention,
+    Embed,
+    KVCache,
+    LayerNorm,
+    Linear,
+    dropout,
+    dropout_keys,
+)
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
 
-__all__ = ["Block", "GPT", "stack_layers", "run_layers", "generate"]
+__all__ = ["Block", "GPT", "stack_layers", "run_layers", "generate", "cache_dtype"]
 
 LAYERS_AXIS = "layers"  # logical axis name of the stacked-layer dimension
 
@@ -79,16 +89,25 @@ class Block(nnx.Module):
         )
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        # [B, T, D] -> [B, T, D]. Sub-layers may be overridden to another dtype
-        # (".*attn.*->fp32"): cast their outputs back so the residual stream stays in this
-        # block's compute dtype (strict promotion).
+        # [B, T, D] -> [B, T, D]
+        k_attn, *keys = dropout_keys(dropout_key, 4)
+        return self._forward(x, lambda h: (self.attn(h, dropout_key=k_attn), None), keys)[0]
+
+    def decode(self, x: jax.Array, cache: KVCache, index: jax.Array) -> tuple[jax.Array, KVCache]:
+        """The block on new tokens `x` [B, T, D] at positions index[b] + t, reading and writing
+        the attention's KV cache (`layers.Attention.decode`); returns (y, new cache)."""
+        return self._forward(x, lambda h: self.attn.decode(h, cache, index), (None,) * 3)
+
+    def _forward(self, x, attend, keys):
+        # Sub-layers may be overridden to another dtype (".*attn.*->fp32"): cast their outputs
+        # back so the residual stream stays in this block's compute dtype (strict promotion).
         c = self.policy.cast_to_compute
-        k_attn, k_res1, k_mlp, k_res2 = dropout_keys(dropout_key, 4)
+        k_res1, k_mlp, k_res2 = keys
         x = c(x)
-        h = c(self.attn(self.norm1(x), dropout_key=k_attn))
-        x = x + dropout(h, self.dropout_rate, k_res1)
+        y, aux = attend(self.norm1(x))
+        x = x + dropout(c(y), self.dropout_rate, k_res1)
         h = c(self.mlp(self.norm2(x), dropout_key=k_mlp))
-        return x + dropout(h, self.dropout_rate, k_res2)
+        return x + dropout(h, self.dropout_rate, k_res2), aux
 
 
 def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -194,6 +213,8 @@ class GPT(nnx.Module):
         self.dropout_rate = dropout_rate
         self.max_len = max_len
         self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
         self.scan_layers = scan_layers
         self.remat = remat
         self.tie_embeddings = tie_embeddings
@@ -236,6 +257,7 @@ class GPT(nnx.Module):
                 use_bias=False,
                 kernel_axes=("embed", "vocab"),
                 edge=True,  # output logits: unquantized unless an override asks
+                logits=True,
             )
 
     def _hidden(self, inputs: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -272,9 +294,75 @@ class GPT(nnx.Module):
         `dropout_key` turns dropout on (training); without it the model is deterministic.
         """
         h = self._hidden(inputs, dropout_key)
+        return self._logits(h)
+
+    def _logits(self, h: jax.Array) -> jax.Array:
         if self.tie_embeddings:
             return constrain_batch(self.embed.attend(h))
         return constrain_batch(self.policy.cast_to_accum(self.head(h)))
+
+    # ----------------------------------------------------------------- KV-cache decoding
+    def init_cache(self, batch_size: int) -> dict:
+        """A zero KV cache for `batch_size` sequences of up to `max_len` tokens.
+
+        {"k": ..., "v": ...}: per layer [B, max_len, H, Dh] (a tuple), or stacked
+        [L, B, max_len, H, Dh] with `scan_layers`, in the widest compute dtype of the attention
+        layers (so a per-layer FP32 override keeps FP32 keys).
+        """
+        shape = (batch_size, self.max_len, self.num_heads, self.head_dim)
+        dtype = cache_dtype(self)
+        if self.scan_layers:
+            zeros = jnp.zeros((self.num_layers, *shape), dtype)
+            return {"k": zeros, "v": zeros}
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(self.num_layers))
+        return {"k": zeros, "v": zeros}
+
+    def decode_step(
+        self, tokens: jax.Array, cache: dict, index: jax.Array
+    ) -> tuple[jax.Array, dict]:
+        """Logits for new tokens with a KV cache: the prompt at once, then one token per step.
+
+        Args:
+          tokens: [B, T] ids at positions index[b] .. index[b] + T - 1 (T = the prompt length
+            for prefill from index 0, or 1 per generated token).
+          cache: from `init_cache` or the previous call.
+          index: [B] int32, the position of each row's first new token; index[b] + T must not
+            exceed max_len (rows past it are clamped and produce garbage, never an error).
+
+        Returns:
+          (logits [B, T, V] in accum dtype, the updated cache). The logits equal `self(inputs)`
+          at the same positions up to float rounding (tests/test_generate.py checks it).
+        """
+        if tokens.ndim != 2 or index.shape != tokens.shape[:1]:
+            raise ValueError(
+                f"GPT.decode_step needs tokens [batch, T] and index [batch], got {tokens.shape} "
+                f"and {index.shape}."
+            )
+        c = self.policy.cast_to_compute
+        t = tokens.shape[1]
+        index = index.astype(jnp.int32)
+        pos = jnp.minimum(index[:, None] + jnp.arange(t, dtype=jnp.int32), self.max_len - 1)
+        x = c(self.embed(tokens)) + c(self.pos_embed(pos))  # [B, T, D]
+        if self.scan_layers:
+
+            @nnx.scan(
+                in_axes=(nnx.Carry, 0, 0, 0),
+                out_axes=(nnx.Carry, 0, 0),
+                transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS},
+            )
+            def body(h, layer, k, v):
+                h, (k, v) = layer.decode(h, (k, v), index)
+                return h, k, v
+
+            x, k, v = body(x, self.blocks, cache["k"], cache["v"])
+        else:
+            k, v = [], []
+            for block, k_i, v_i in zip(self.blocks, cache["k"], cache["v"], strict=True):
+                x, (k_i, v_i) = block.decode(x, (k_i, v_i), index)
+                k.append(k_i)
+                v.append(v_i)
+            k, v = tuple(k), tuple(v)
+        return self._logits(c(self.norm_f(x))), {"k": k, "v": v}
 
     def logits_and_targets(
         self, batch: dict, *, dropout_key: jax.Array | None = None
@@ -288,6 +376,14 @@ class GPT(nnx.Module):
         return logits, targets, jnp.asarray(weights, jnp.float32)
 
 
+def cache_dtype(model: nnx.Module):
+    """The widest compute dtype among `model`'s attention layers (the KV cache's dtype)."""
+    dtypes = [
+        m.policy.compute_dtype for _, m in nnx.iter_modules(model) if isinstance(m, Attention)
+    ]
+    return max(dtypes, key=lambda d: np.dtype(d).itemsize)
+
+
 def generate(
     model: GPT,
     prompt: np.ndarray,
@@ -299,10 +395,11 @@ def generate(
 ) -> np.ndarray:
     """Samples `num_tokens` ids after `prompt` (1-D int ids); returns prompt + samples.
 
-    Recomputes the whole window each token (no KV cache): meant for demos and eval samples of
-    small models. The window slides once the text is longer than `model.max_len`.
-    `temperature=0` is greedy; `vocab_limit` keeps only ids below it (e.g. the tokenizer's
-    vocabulary when the model's is padded).
+    Recomputes the whole window each token (no KV cache): the reference that the KV-cache
+    generation (`bf16jax.sampling`) is tested against, and the sampler of `loop.sample_text`.
+    The window slides once the text is longer than `model.max_len`. `temperature=0` is greedy;
+    `vocab_limit` keeps only ids below it (e.g. the tokenizer's vocabulary when the model's is
+    padded).
     """
     window = model.max_len
     graphdef, params = nnx.split(model)

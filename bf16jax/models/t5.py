@@ -11,6 +11,7 @@ q's initialisation instead, so checkpoints load unchanged), and a separate LM he
 the embeddings, attention probabilities, the MLP hidden, each sub-layer's output and the final
 norm's output, only when a `dropout_key` is passed. Encoder padding (PAD=0) is masked as
 attention keys in the encoder self-attention and the decoder cross-attention.
+`init_cache` (runs the encoder once) and `decode_step` generate with a KV cache.
 Policy paths: embed, {encoder,decoder}/relpos, {encoder,decoder}/layers_{i}/..., {..}/norm, head.
 """
 
@@ -26,12 +27,14 @@ from bf16jax.layers import (
     MLP,
     Attention,
     Embed,
+    KVCache,
     Linear,
     RelativePositionBias,
     RMSNorm,
     dropout,
     dropout_keys,
 )
+from bf16jax.models.gpt import cache_dtype
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
 
@@ -83,18 +86,34 @@ class _Layer(nnx.Module):
         )
 
     def __call__(self, x, *, bias, mask=None, context=None, context_mask=None, dropout_key=None):
-        c = self.policy.cast_to_compute
         keys = dropout_keys(dropout_key, 6)
+        return self._forward(
+            x,
+            lambda h: (self.self_attn(h, mask=mask, bias=bias, dropout_key=keys[0]), None),
+            lambda h: self.cross_attn(h, context, mask=context_mask, dropout_key=keys[2]),
+            keys,
+        )[0]
+
+    def decode(self, x, cache: KVCache, index, *, bias, context_kv: KVCache, context_mask):
+        """A decoder layer on new tokens with a self-attention KV cache and the cross-attention
+        keys/values of the encoder output precomputed; returns (y, new cache)."""
+        return self._forward(
+            x,
+            lambda h: self.self_attn.decode(h, cache, index, bias=bias),
+            lambda h: self.cross_attn.attend(h, context_kv, mask=context_mask),
+            (None,) * 6,
+        )
+
+    def _forward(self, x, self_attend, cross_attend, keys):
+        c = self.policy.cast_to_compute
         x = c(x)
-        h = self.self_attn(self.self_attn_norm(x), mask=mask, bias=bias, dropout_key=keys[0])
+        h, aux = self_attend(self.self_attn_norm(x))
         x = x + dropout(c(h), self.dropout_rate, keys[1])
         if self.decoder:
-            h = self.cross_attn(
-                self.cross_attn_norm(x), context, mask=context_mask, dropout_key=keys[2]
-            )
+            h = cross_attend(self.cross_attn_norm(x))
             x = x + dropout(c(h), self.dropout_rate, keys[3])
         h = self.mlp(self.mlp_norm(x), dropout_key=keys[4])
-        return x + dropout(c(h), self.dropout_rate, keys[5])
+        return x + dropout(c(h), self.dropout_rate, keys[5]), aux
 
 
 class T5Stack(nnx.Module):
@@ -144,6 +163,33 @@ class T5Stack(nnx.Module):
         x = self.policy.cast_to_compute(self.norm(x))
         return dropout(x, self.dropout_rate, keys[n + 1])
 
+    def decode(self, x, cache: dict, index, *, context_mask):
+        """The decoder stack on new tokens x [B, T, D] at positions index[b] + t with KV caches.
+
+        `cache` holds per layer the self-attention "k"/"v" [B, S, H, Dh] and the encoder's
+        "cross_k"/"cross_v". The relative position bias of each query row is the row of the
+        full [S, S] bias at its position, so it equals the uncached bias exactly.
+        Returns ([B, T, D] after the final norm, the updated cache).
+        """
+        t, s = x.shape[1], cache["k"][0].shape[1]
+        full = self.relpos(s, s)[0]  # [H, S, S] accum
+        q_pos = jnp.minimum(index[:, None] + jnp.arange(t, dtype=index.dtype), s - 1)  # [B, T]
+        bias = jnp.transpose(jnp.take(full, q_pos, axis=1), (1, 0, 2, 3))  # [B, H, T, S]
+        x = self.policy.cast_to_compute(x)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer.decode(
+                x,
+                (cache["k"][i], cache["v"][i]),
+                index,
+                bias=bias,
+                context_kv=(cache["cross_k"][i], cache["cross_v"][i]),
+                context_mask=context_mask,
+            )
+            ks.append(k)
+            vs.append(v)
+        return self.policy.cast_to_compute(self.norm(x)), {**cache, "k": tuple(ks), "v": tuple(vs)}
+
 
 class T5(nnx.Module):
     """T5 v1.1 encoder-decoder. `cfg` holds the sizes read by `build_model` (see there)."""
@@ -168,6 +214,7 @@ class T5(nnx.Module):
                 use_bias=False,
                 kernel_axes=("embed", "vocab"),
                 edge=True,  # output logits: unquantized unless an override asks
+                logits=True,
             )
 
     @staticmethod
@@ -215,10 +262,50 @@ class T5(nnx.Module):
         k_enc, k_dec = dropout_keys(dropout_key, 2)
         encoded = self.encode(encoder_inputs, k_enc)
         h = self.decode(encoded, encoder_inputs, decoder_inputs, k_dec)
+        return self._logits(h)
+
+    def _logits(self, h: jax.Array) -> jax.Array:
         if self.tie_embeddings:
             # T5 rescales before the tied projection so logits do not grow with sqrt(D).
             return constrain_batch(self.embed.attend(h * self.embed_dim**-0.5))
         return constrain_batch(self.policy.cast_to_accum(self.head(h)))
+
+    # ----------------------------------------------------------------- KV-cache decoding
+    def init_cache(self, encoder_inputs: jax.Array, length: int) -> dict:
+        """Runs the encoder once and returns the decoding cache for up to `length` tokens.
+
+        Returns a dict: per decoder layer (tuples) zero self-attention "k"/"v"
+        [B, length, H, Dh] and the encoder output's cross-attention "cross_k"/"cross_v"
+        [B, Te, H, Dh]; "encoder_mask" [B, Te] (False at PAD).
+        """
+        encoded = self.encode(encoder_inputs)
+        layers = self.decoder.layers
+        cross = [layer.cross_attn.kv(encoded) for layer in layers]
+        attn = layers[0].self_attn
+        shape = (encoder_inputs.shape[0], length, attn.num_heads, attn.head_dim)
+        zeros = tuple(jnp.zeros(shape, cache_dtype(self.decoder)) for _ in layers)
+        return {
+            "k": zeros,
+            "v": zeros,
+            "cross_k": tuple(k.astype(zeros[0].dtype) for k, _ in cross),
+            "cross_v": tuple(v.astype(zeros[0].dtype) for _, v in cross),
+            "encoder_mask": encoder_inputs != PAD_ID,
+        }
+
+    def decode_step(
+        self, tokens: jax.Array, cache: dict, index: jax.Array
+    ) -> tuple[jax.Array, dict]:
+        """Decoder logits for new tokens `tokens` [B, T] at positions index[b] + t.
+
+        Start with `init_cache` and the start token PAD at index 0; then one token per step.
+        Returns (logits [B, T, V] in accum dtype, the updated cache); the logits equal
+        `self(encoder_inputs, decoder_inputs)` at the same positions up to float rounding.
+        """
+        _check_ids(tokens, "decoder tokens")
+        y = self.policy.cast_to_compute(self.embed(tokens))
+        mask = cache["encoder_mask"][:, None, None, :]  # keys only, as `_padding_mask`
+        h, cache = self.decoder.decode(y, cache, index.astype(jnp.int32), context_mask=mask)
+        return self._logits(h), cache
 
     def logits_and_targets(
         self, batch: dict, *, dropout_key: jax.Array | None = None

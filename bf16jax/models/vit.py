@@ -82,6 +82,7 @@ class ViT(nnx.Module):
             rngs=rngs,
             kernel_axes=("embed", None),
             edge=True,  # output logits: unquantized unless an override asks
+            logits=True,
         )
 
     def _pooled(self, images: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:

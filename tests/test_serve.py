@@ -1,0 +1,201 @@
+"""The HTTP server (bf16jax.serve + bf16jax.engine), in process through aiohttp's test client,
+plus one real loopback run of the load test. Uses the trained fixture's artifacts."""
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from cli_runs import REPO, cli_env
+from serving_fixture import served  # noqa: F401 (the fixture)
+
+from bf16jax import artifact, registry, serve
+from bf16jax.engine import Engine
+
+
+def _passing(candidate, reference, **kw):  # the gate itself is tested in test_serving.py
+    return {"passed": True, "checks": [{"check": "agreement", "value": 1.0, "passed": True}]}
+
+
+@pytest.fixture(scope="module")
+def reg_dir(served, tmp_path_factory):  # noqa: F811
+    reg = registry.Registry(str(tmp_path_factory.mktemp("serve") / "reg"))
+    reg.init(served.artifacts["fp32"])
+    reg.promote(served.artifacts["bf16"], _passing)  # v0001
+    reg.promote(served.artifacts["int8"], _passing)  # v0002, active
+    return reg.directory
+
+
+def _run(scenario, **engine_kw):
+    async def main():
+        engine = Engine(**engine_kw)
+        async with TestClient(TestServer(serve.make_app(engine))) as client:
+            return await scenario(client, engine)
+
+    return asyncio.run(main())
+
+
+def _metric(text: str, name: str, **labels) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + ("{" if labels else " ")) and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_generate_batches_versions_shadow_and_metrics(served, reg_dir):  # noqa: F811
+    int8 = artifact.Artifact(served.artifacts["int8"])
+    prompts = [f"And he said unto {name}" for name in ("Moses", "Aaron", "them", "me", "Ruth")]
+    expected = int8.generate(prompts, max_tokens=10)
+
+    async def scenario(client, engine):
+        health = await (await client.get("/healthz")).json()
+        assert health["version"] == "v0002" and health["precision"] == "int8"
+        replies = await asyncio.gather(
+            *(client.post("/generate", json={"prompt": p, "max_tokens": 10}) for p in prompts)
+        )
+        bodies = [await r.json() for r in replies]
+        assert [r.status for r in replies] == [200] * 5
+        assert [b["tokens"] for b in bodies] == [e["tokens"] for e in expected]
+        assert {b["version"] for b in bodies} == {"v0002"}
+        pinned = await client.post("/generate", json={"prompt": prompts[0], "max_tokens": 10,
+                                                      "version": "v0001"})  # fmt: skip
+        assert (await pinned.json())["version"] == "v0001"
+        score = await (await client.post("/score", json={"text": "And God said"})).json()
+        assert score["tokens"] == 11 and score["logprob"] == pytest.approx(
+            int8.score(["And God said"])[0]["logprob"], abs=1e-5
+        )
+        sampled = {"prompt": prompts[0], "max_tokens": 10, "temperature": 1.0, "top_k": 50,
+                   "top_p": 0.95, "seed": 11, "stop": ["\n", " the"]}  # fmt: skip
+        a = await (await client.post("/generate", json=sampled)).json()
+        b = await (await client.post("/generate", json=sampled)).json()
+        assert a == b and a["finish_reason"] in ("length", "stop")
+        for _ in range(50):  # shadow comparisons run after the replies
+            await asyncio.sleep(0.1)
+            if not engine._tasks:
+                break
+        return await (await client.get("/metrics")).text()
+
+    metrics = _run(scenario, registry=reg_dir, max_batch=4, max_wait_ms=50, shadow_rate=1.0,
+                   warmup=False)  # fmt: skip
+    # 5 concurrent generate requests ran in fewer than 5 batches.
+    assert _metric(metrics, "bf16jax_batch_size_count", endpoint="generate") < 5 + 3
+    assert _metric(metrics, "bf16jax_batch_size_sum", endpoint="generate") == 5 + 3
+    assert _metric(metrics, "bf16jax_active_version", version="v0002", precision="int8") == 1
+    assert _metric(metrics, "bf16jax_request_seconds_count", endpoint="generate",
+                   version="v0002") == 7  # fmt: skip
+    assert _metric(metrics, "bf16jax_generated_tokens_total", version="v0002") >= 50
+    assert _metric(metrics, "bf16jax_tokens_per_second") > 0
+    assert _metric(metrics, "bf16jax_shadow_requests_total") >= 8
+    assert 0.9 < _metric(metrics, "bf16jax_shadow_agreement_mean") <= 1.0
+    assert 0.0 < _metric(metrics, "bf16jax_shadow_logprob_drift_mean") < 0.1
+    assert _metric(metrics, "bf16jax_requests_total", endpoint="generate", status="200") == 8
+
+
+def test_bad_requests_get_4xx_with_a_message_and_the_server_survives(served, reg_dir):  # noqa: F811
+    async def scenario(client, engine):
+        async def post(path, data=None, **kw):
+            r = await client.post(path, data=data, **kw)
+            return r.status, (await r.json())["error"] if r.status != 200 else None
+
+        cases = {
+            "malformed": (await post("/generate", data=b'{"prompt": "a",'), 400, "malformed JSON"),
+            "array": (await post("/generate", json=["a"]), 400, "JSON object"),
+            "type": (
+                await post("/generate", json={"prompt": "a", "max_tokens": "5"}),
+                400,
+                "'max_tokens' must be an int",
+            ),
+            "bool": (
+                await post("/generate", json={"prompt": "a", "max_tokens": True}),
+                400,
+                "must be an int",
+            ),
+            "range": (await post("/generate", json={"prompt": "a", "top_p": 0}), 400, "top_p"),
+            "nan": (
+                await post("/generate", data=b'{"prompt": "a", "temperature": NaN}'),
+                400,
+                "finite",
+            ),
+            "missing": (
+                await post("/generate", json={"max_tokens": 3}),
+                400,
+                "'prompt' is required",
+            ),
+            "unknown": (
+                await post("/generate", json={"prompt": "a", "temp": 1}),
+                400,
+                "Unknown field(s) ['temp']",
+            ),
+            "long": (await post("/generate", json={"prompt": "x" * 33}), 413, "at most 32"),
+            "stop": (await post("/generate", json={"prompt": "a", "stop": [1]}), 400, "stop"),
+            "version": (
+                await post("/generate", json={"prompt": "a", "version": "v0099"}),
+                404,
+                "Unknown version 'v0099'",
+            ),
+            "family": (await post("/classify", json={"image": [[0]]}), 404, "image model"),
+            "score": (await post("/score", json={"text": "a"}), 400, "at least 2 tokens"),
+            "body": (await post("/score", data=b"x" * (serve.MAX_BODY_BYTES + 10)), 413, ""),
+            "route": ((await client.get("/nope")).status, 404, None),
+        }
+        for name, (got, status, message) in cases.items():
+            code, error = got if isinstance(got, tuple) else (got, None)
+            assert code == status, (name, code, error)
+            if message:
+                assert message in error, (name, error)
+        # An unexpected failure inside a batch: 500 with the reason; the server keeps serving.
+        engine._compute_batch = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+        code, error = await post("/generate", json={"prompt": "a", "max_tokens": 2})
+        assert code == 500 and "boom" in error
+        return (await client.get("/healthz")).status
+
+    assert _run(scenario, registry=reg_dir, max_batch=4, warmup=False) == 200
+
+
+def test_promote_and_rollback_switch_without_dropping_requests(served, reg_dir):  # noqa: F811
+    reg = registry.Registry(reg_dir)
+
+    async def scenario(client, engine):
+        async def one(i):
+            r = await client.post("/generate", json={"prompt": f"And {i}", "max_tokens": 8})
+            return r.status, (await r.json()).get("version")
+
+        first = asyncio.gather(*(one(i) for i in range(12)))
+        await asyncio.sleep(0.05)
+        reg.rollback()  # v0002 -> v0001 while requests are in flight
+        results = await first
+        for _ in range(100):
+            if engine.active.name == "v0001":
+                break
+            await asyncio.sleep(0.1)
+        later = await asyncio.gather(*(one(i) for i in range(4)))
+        reg.rollback(to="v0002")
+        metrics = await (await client.get("/metrics")).text()
+        return results, later, engine.active.name, metrics
+
+    results, later, active, metrics = _run(scenario, registry=reg_dir, max_batch=4,
+                                           poll_s=0.05, warmup=False)  # fmt: skip
+    assert [s for s, _ in results + later] == [200] * 16
+    assert {v for _, v in later} == {"v0001"} and active == "v0001"
+    assert _metric(metrics, "bf16jax_version_switches_total") == 1
+    assert _metric(metrics, "bf16jax_active_version", version="v0001", precision="bf16") == 1
+
+
+def test_load_test_on_loopback(served, tmp_path):  # noqa: F811
+    cmd = [sys.executable, "experiments/load_test.py",
+           f"--artifacts=int8={served.artifacts['int8']}", "--requests=12", "--concurrency=4",
+           "--max_tokens=8", "--max_batch=4", "--warmup=0", f"--out={tmp_path}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.splitlines()[0])
+    assert row["requests"] == 12 and row["errors"] == 0 and row["precision"] == "int8"
+    assert 0 < row["p50_ms"] <= row["p99_ms"] and row["tokens_per_s"] > 0
+    assert row["mean_batch"] > 1  # concurrent clients were batched
+    assert "| int8 |" in (tmp_path / "table.md").read_text()
+    assert np.isfinite(json.loads((tmp_path / "results.json").read_text())["rows"][0]["wall_s"])
