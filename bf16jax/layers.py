@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bf16jax import matmul
 from bf16jax import quant as quant_lib
+from bf16jax.matmul import dot
 from bf16jax.precision import FP8, Policy, quant_bits
 
 __all__ = [
@@ -71,17 +73,6 @@ def _fixed_param(value: jax.Array, axes: Axes) -> nnx.Param:
     init = nnx.with_partitioning(lambda *_: value, tuple(axes))
     with nnx.use_eager_sharding(False):
         return nnx.Param(init(None, value.shape, value.dtype))
-
-
-def dot(x: jax.Array, w: jax.Array, policy: Policy, contract: int = 1) -> jax.Array:
-    """x[..., K] @ w[K, ...] with operands in compute dtype and the result in accum dtype.
-
-    `contract` is the number of trailing dims of `x` (leading dims of `w`) contracted.
-    """
-    x = policy.cast_to_compute(x)
-    w = policy.cast_to_compute(w)
-    dims = (tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract)))
-    return jax.lax.dot_general(x, w, (dims, ((), ())), preferred_element_type=policy.accum_dtype)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -166,7 +157,12 @@ class Linear(nnx.Module):
             self.fp8_scale = quant_lib.FP8Meta(scale)
             self.fp8_history = quant_lib.FP8Meta(history)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out] compute
+        return self.policy.cast_to_compute(self.logits(x))
+
+    def logits(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out] accum
+        """x @ kernel (+ bias) left in accum dtype, not cast to compute: for output heads,
+        whose logits are an FP32 island (`__call__` is this, cast to compute dtype)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"Linear expects inputs [..., {self.in_features}], got shape {tuple(x.shape)}."
@@ -194,7 +190,7 @@ class Linear(nnx.Module):
             )
         if self.bias is not None:
             y = y + self.policy.cast_to_accum(self.bias[...])
-        return self.policy.cast_to_compute(y)
+        return y
 
 
 class Embed(nnx.Module):
@@ -231,10 +227,8 @@ class Embed(nnx.Module):
 
     def attend(self, h: jax.Array) -> jax.Array:  # [..., D] -> [..., V] accum
         # why: logits feed softmax + loss; they stay FP32 (accum dtype) from the accumulator on.
-        table = self.policy.cast_to_compute(self.embedding[...])
-        h = self.policy.cast_to_compute(h)
         dims = (((h.ndim - 1,), (1,)), ((), ()))
-        return jax.lax.dot_general(h, table, dims, preferred_element_type=self.policy.accum_dtype)
+        return matmul.dot_general(h, self.embedding[...], dims, self.policy)
 
 
 class _Norm(nnx.Module):
@@ -333,7 +327,7 @@ def attention(
 
     def scores():
         # why: logits and softmax are an FP32 island; exp() of BF16 logits loses the small ones.
-        logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=acc) * scale
+        logits = matmul.einsum("bthd,bshd->bhts", q, k, policy) * scale
         return logits if bias is None else logits + policy.cast_to_accum(bias)
 
     if implementation == "cudnn":
@@ -364,9 +358,7 @@ def attention(
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.asarray(jnp.finfo(acc).min, acc))
     probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key)
-    out = jnp.einsum(
-        "bhts,bshd->bthd", policy.cast_to_compute(probs), v, preferred_element_type=acc
-    )
+    out = matmul.einsum("bhts,bshd->bthd", policy.cast_to_compute(probs), v, policy)
     out = policy.cast_to_compute(out)
     return (out, logit_max) if return_logit_max else out
 
