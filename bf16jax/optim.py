@@ -41,6 +41,8 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "scale_by_adam",
+    "clip_by_global_norm",
+    "global_norm",
     "trace_momentum",
     "weight_decay_mask",
     "register_update_rule",
@@ -188,16 +190,44 @@ def trace_momentum(decay: float, *, dtype=_F32) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _fp32_inputs(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+def global_norm(tree) -> jax.Array:
+    """sqrt(sum of squares) over every leaf of `tree`, in FP32 whatever the leaves' dtype."""
+    # why: a sum of squares over millions of BF16 entries needs an FP32 accumulator.
+    leaves = [jnp.sum(jnp.square(x.astype(_F32))) for x in jax.tree.leaves(tree)]
+    return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros([], _F32)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm (same state, same arithmetic) that can reuse a norm the caller
+    already has: `update(..., grad_norm=n)`. The train step computes the gradient norm once and
+    shares it between clipping and its metrics instead of reducing the gradients twice."""
+    max_norm = float(max_norm)
+
+    def update_fn(updates, state, params=None, *, grad_norm=None, **extra):
+        del params, extra
+        norm = global_norm(updates) if grad_norm is None else grad_norm
+        trigger = norm < max_norm
+
+        def clip(t):
+            return jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def _fp32_inputs(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Runs `tx` on FP32 copies of grads and params, so its state and math are FP32."""
+    tx = optax.with_extra_args_support(tx)
 
     def init_fn(params):
         return tx.init(_to_f32(params))
 
-    def update_fn(updates, state, params=None):
-        return tx.update(_to_f32(updates), state, None if params is None else _to_f32(params))
+    def update_fn(updates, state, params=None, **extra):
+        params = None if params is None else _to_f32(params)
+        return tx.update(_to_f32(updates), state, params, **extra)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def weight_decay_mask(params):
@@ -396,7 +426,16 @@ class Optimizer:
         """The learning rate the next `update` with `state` uses."""
         return self.schedule(state.count)
 
-    def update(self, grads, state: OptimizerState, params, *, key=None, return_updates=False):
+    def update(
+        self,
+        grads,
+        state: OptimizerState,
+        params,
+        *,
+        key=None,
+        return_updates=False,
+        grad_norm=None,
+    ):
         """One optimizer step; pure, so call it inside the jitted train step.
 
         Args:
@@ -405,11 +444,13 @@ class Optimizer:
           params: current params; new params keep their dtypes.
           key: PRNG key for the update rule (needed by stochastic rounding only).
           return_updates: also return the FP32 updates the rule added (for diagnostics).
+          grad_norm: `global_norm(grads)` if the caller has it (clipping reuses it).
 
         Returns:
           `(new_params, new_state)`, plus the updates when `return_updates`.
         """
-        direction, tx_state = self.tx.update(grads, state.tx_state, params)
+        extra = {} if grad_norm is None else {"grad_norm": grad_norm}
+        direction, tx_state = self.tx.update(grads, state.tx_state, params, **extra)
         lr = self.schedule(state.count)
         updates = jax.tree.map(lambda d: -lr * d, direction)
         new_params, rule_state = apply_updates(
@@ -472,7 +513,7 @@ def make_optimizer(optim_cfg, *, total_steps: int, update_rule: str | None = Non
     mu_dtype, nu_dtype = _dtype(cfg, "mu_dtype"), _dtype(cfg, "nu_dtype")
     chain = []
     if cfg.clip_norm > 0:
-        chain.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
+        chain.append(clip_by_global_norm(cfg.clip_norm))
     if cfg.name == "adamw":
         if not stochastic_moments:  # unbiased rounding keeps a 16-bit average moving
             _check_storage(mu_dtype, cfg.b1, "mu_dtype", "b1")

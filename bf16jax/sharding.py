@@ -43,6 +43,7 @@ __all__ = [
     "batch_sharding",
     "make_global_batch",
     "constrain_batch",
+    "batch_shards",
     "maybe_initialize_distributed",
 ]
 
@@ -385,6 +386,15 @@ def constrain_batch(x: jax.Array) -> jax.Array:
         return x
     spec = P(BATCH_AXES, *([P.UNCONSTRAINED] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def batch_shards() -> int:
+    """How many ways the current mesh (`jax.set_mesh`) splits the batch: data * fsdp; 1 without
+    a mesh with the bf16jax axes. Read at trace time, e.g. to size per-device chunks."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return 1
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from bf16jax.layers import MLP, Attention, Embed, LayerNorm, Linear, dropout, dropout_keys
+from bf16jax.loss import head_logits
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
 
@@ -266,26 +267,37 @@ class GPT(nnx.Module):
         """Final hidden states [B, T, D] in output dtype for token ids `inputs` [B, T]."""
         return self.policy.cast_to_output(self._hidden(inputs))
 
+    @property
+    def output_head(self) -> Embed | Linear:
+        """The output projection: the tied token embedding or the separate "head"."""
+        return self.embed if self.tie_embeddings else self.head
+
     def __call__(self, inputs: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, V] in accum dtype (FP32 island) for token ids `inputs` [B, T].
 
         `dropout_key` turns dropout on (training); without it the model is deterministic.
         """
         h = self._hidden(inputs, dropout_key)
-        if self.tie_embeddings:
-            return constrain_batch(self.embed.attend(h))
-        return constrain_batch(self.policy.cast_to_accum(self.head(h)))
+        return constrain_batch(head_logits(h, self.output_head))
+
+    def head_and_targets(
+        self, batch: dict, *, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, Embed | Linear, jax.Array, jax.Array]:
+        """(hidden [B, T, D] compute, output head, targets int32 [B, T], weights f32 [B, T]):
+        what `loss.fused_cross_entropy` takes instead of the [B, T, V] logits."""
+        targets = jnp.asarray(batch["targets"], jnp.int32)
+        weights = batch.get("weights")
+        if weights is None:
+            weights = jnp.ones(targets.shape, jnp.float32)
+        hidden = self._hidden(batch["inputs"], dropout_key)
+        return hidden, self.output_head, targets, jnp.asarray(weights, jnp.float32)
 
     def logits_and_targets(
         self, batch: dict, *, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, T, V], targets int32 [B, T], weights f32 [B, T]) for an LM batch."""
-        logits = self(batch["inputs"], dropout_key=dropout_key)
-        targets = jnp.asarray(batch["targets"], jnp.int32)
-        weights = batch.get("weights")
-        if weights is None:
-            weights = jnp.ones(targets.shape, jnp.float32)
-        return logits, targets, jnp.asarray(weights, jnp.float32)
+        hidden, head, targets, weights = self.head_and_targets(batch, dropout_key=dropout_key)
+        return constrain_batch(head_logits(hidden, head)), targets, weights
 
 
 def generate(

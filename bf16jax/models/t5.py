@@ -32,6 +32,7 @@ from bf16jax.layers import (
     dropout,
     dropout_keys,
 )
+from bf16jax.loss import head_logits
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
 
@@ -204,6 +205,19 @@ class T5(nnx.Module):
         encoded = self.encode(encoder_inputs)
         return self.policy.cast_to_output(self.decode(encoded, encoder_inputs, decoder_inputs))
 
+    @property
+    def output_head(self) -> Embed | Linear:
+        """The output projection: the tied token embedding or the separate "head"."""
+        return self.embed if self.tie_embeddings else self.head
+
+    def _head_input(self, encoder_inputs, decoder_inputs, dropout_key=None) -> jax.Array:
+        """The decoder's final hidden states [B, Td, D] as the output head reads them."""
+        k_enc, k_dec = dropout_keys(dropout_key, 2)
+        encoded = self.encode(encoder_inputs, k_enc)
+        h = self.decode(encoded, encoder_inputs, decoder_inputs, k_dec)
+        # T5 rescales before the tied projection so logits do not grow with sqrt(D).
+        return h * self.embed_dim**-0.5 if self.tie_embeddings else h
+
     def __call__(
         self,
         encoder_inputs: jax.Array,
@@ -212,24 +226,27 @@ class T5(nnx.Module):
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         """Logits [B, Td, V] in accum dtype (FP32 island); `dropout_key` = training."""
-        k_enc, k_dec = dropout_keys(dropout_key, 2)
-        encoded = self.encode(encoder_inputs, k_enc)
-        h = self.decode(encoded, encoder_inputs, decoder_inputs, k_dec)
-        if self.tie_embeddings:
-            # T5 rescales before the tied projection so logits do not grow with sqrt(D).
-            return constrain_batch(self.embed.attend(h * self.embed_dim**-0.5))
-        return constrain_batch(self.policy.cast_to_accum(self.head(h)))
+        h = self._head_input(encoder_inputs, decoder_inputs, dropout_key)
+        return constrain_batch(head_logits(h, self.output_head))
+
+    def head_and_targets(
+        self, batch: dict, *, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, Embed | Linear, jax.Array, jax.Array]:
+        """(head input [B, Td, D] compute, output head, targets int32 [B, Td], weights f32
+        [B, Td]): what `loss.fused_cross_entropy` takes instead of the [B, Td, V] logits."""
+        targets = jnp.asarray(batch["targets"], jnp.int32)
+        weights = batch.get("weights")
+        if weights is None:
+            weights = (targets != PAD_ID).astype(jnp.float32)
+        hidden = self._head_input(batch["encoder_inputs"], batch["decoder_inputs"], dropout_key)
+        return hidden, self.output_head, targets, jnp.asarray(weights, jnp.float32)
 
     def logits_and_targets(
         self, batch: dict, *, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, Td, V], targets int32 [B, Td], weights f32 [B, Td]) for a span batch."""
-        logits = self(batch["encoder_inputs"], batch["decoder_inputs"], dropout_key=dropout_key)
-        targets = jnp.asarray(batch["targets"], jnp.int32)
-        weights = batch.get("weights")
-        if weights is None:
-            weights = (targets != PAD_ID).astype(jnp.float32)
-        return logits, targets, jnp.asarray(weights, jnp.float32)
+        hidden, head, targets, weights = self.head_and_targets(batch, dropout_key=dropout_key)
+        return constrain_batch(head_logits(hidden, head)), targets, weights
 
 
 def _check_ids(ids: jax.Array, key: str) -> None:
