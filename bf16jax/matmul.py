@@ -169,9 +169,10 @@ def accumulating_dot(a: jax.Array, b: jax.Array, dimension_numbers, accum) -> ja
     """`lax.dot_general(a, b, dims, preferred_element_type=accum)` with the operands first laid
     out as a GEMM wants them: `a` as (batch, free, contracted), `b` as (batch, contracted, free).
 
-    Same result and output axis order. Why: XLA:CPU runs BF16 x BF16 -> F32 dots only in that
-    canonical form (others fail with "Unsupported element type for DotThunk"); GPU and TPU
-    compilers fold such transposes into the GEMM. For backward GEMMs of 16-bit operands.
+    Same result and output axis order. Why: XLA:CPU cannot run some BF16 x BF16 -> F32 dots
+    that contract non-minor axes, e.g. the key gradient of attention scores ("Unsupported
+    element type for DotThunk"); in this layout it can. GPU and TPU compilers fold such
+    transposes into the GEMM. For backward GEMMs of 16-bit operands.
     """
     (ac, bc), (ab, bb) = _normalize(dimension_numbers)
     a_free = _remaining(range(a.ndim), ac, ab)
@@ -192,9 +193,9 @@ def _lhs_cotangent(g, y, dims, x_ndim, accum, swap_ans=False):
     `_dot_general_transpose_lhs`) with our accumulator dtype.
 
     Of the two operand orders, dot(g, y) and dot(y, g), the one whose output is already in x's
-    axis order is used: XLA:CPU rewrites transpose(dot(a, b)) as a dot it cannot run on BF16
-    operands with an F32 result ("Unsupported element type for DotThunk"), and everywhere else
-    a GEMM that writes its result in place is no worse.
+    axis order is used (e.g. a Linear's dW = x^T g): XLA:CPU rewrites transpose(dot(a, b)) as a
+    dot it cannot run on BF16 operands with an F32 result ("Unsupported element type for
+    DotThunk"), and everywhere else a GEMM that writes its result in place is no worse.
     """
     (x_contract, y_contract), (x_batch, y_batch) = dims
     x_kept = _remaining(range(x_ndim), x_contract, x_batch)

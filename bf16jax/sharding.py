@@ -44,6 +44,7 @@ __all__ = [
     "make_global_batch",
     "constrain_batch",
     "batch_shards",
+    "target_platform",
     "maybe_initialize_distributed",
 ]
 
@@ -395,6 +396,16 @@ def batch_shards() -> int:
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return 1
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def target_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") the current trace compiles for: the mesh's under
+    `jax.set_mesh` (an AOT compile for a TPU pod on a CPU host says "tpu"), else the default
+    backend. For choices made at trace time that depend on the hardware."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = None if mesh.empty else getattr(mesh, "platform", None)
+    platform = platform or jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -69,7 +69,9 @@ _OPTIONAL = {
     "vit": dict(channels=1, attention_impl=None, norm_eps=1e-5, mlp_activation="gelu", **_DROPOUT),
 }
 MODEL_NAMES = tuple(_REQUIRED)
-ATTENTION_IMPLS = ("xla", "cudnn")  # plus None / "" for JAX's default (XLA)
+# "xla" (and None / ""): bf16jax's own XLA attention (layers.attention); "cudnn": cuDNN through
+# jax.nn.dot_product_attention.
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 def build_model(
@@ -194,6 +196,6 @@ def _attention_impl(value) -> str | None:
     if value not in ATTENTION_IMPLS:
         raise ValueError(
             f"model.attention_impl={value!r} is not valid: use one of "
-            f"{', '.join(map(repr, ATTENTION_IMPLS))} or '' for JAX's default."
+            f"{', '.join(map(repr, ATTENTION_IMPLS))} or '' for bf16jax's XLA attention."
         )
     return value

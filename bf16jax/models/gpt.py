@@ -161,7 +161,9 @@ class GPT(nnx.Module):
       rngs: parameter RNGs.
       scan_layers: stack blocks and run them with `nnx.scan`.
       remat: rematerialize each block in the backward pass.
-      attention_impl: passed to `jax.nn.dot_product_attention` ("xla", "cudnn" or None).
+      attention_impl: None / "" / "xla": bf16jax's own XLA attention (`layers.attention`:
+        FP32 logits and softmax, 16-bit GEMMs forward and backward); "cudnn":
+        `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only).
       tie_embeddings: logits from the token embedding (GPT-2) or a separate "head".
       norm_eps: LayerNorm epsilon (GPT-2: 1e-5).
       mlp_activation: one of `layers.MLP_ACTIVATIONS` (GPT-2: "gelu", the tanh form).
