@@ -2,7 +2,8 @@
 
 `make_optimizer(config.optim, total_steps=...)` builds AdamW (arXiv:1711.05101), Adafactor as T5
 used it (factored second moments, arXiv:1804.04235) or SGD + heavy-ball momentum, behind optional
-global-norm clipping (arXiv:1211.5063) and decoupled, masked weight decay. Invariants:
+global-norm clipping (arXiv:1211.5063; it reuses the train step's gradient norm when given one)
+and decoupled, masked weight decay. Invariants:
 - The chain sees FP32 grads and params; moment math is FP32 with Python-float decays; moments are
   *stored* in `mu_dtype` / `nu_dtype`. (optax.adam keeps nu in the param dtype, where
   bf16(0.999) == 1.0 and nu stops being an average; that cannot happen here.)

@@ -13,6 +13,10 @@ overwrite-with-gradient "gradient" (the new amax histories / scales, `quant.fp8_
 micro-batches), never through the optimizer; a step whose gradients, or whose new params /
 optimizer state, are not all finite changes nothing but the loss scale, the step and the skip
 counters; the state is built sharded (eval_shape -> shardings -> jit).
+The loss is `loss.fused_cross_entropy` (no [B, T, V] logits) or the materialised
+`loss.cross_entropy` (`config.train.loss_impl`, `LossOptions`). The Trainer jits two variants of
+the step with the same shardings and donation: the plain one, and one that adds the per-step
+diagnostics (`train.diagnostics`), which the loop runs on logging steps only.
 """
 
 from __future__ import annotations

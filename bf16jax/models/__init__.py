@@ -3,8 +3,10 @@
 `build_model(model_cfg, policy, rngs=...)` dispatches on `model_cfg.name` ("gpt", "t5", "vit"),
 checks the sizes it reads (all positive integers, heads dividing widths, patches tiling images)
 and raises ValueError naming the key and the fix. Every model has `features(...)` (hidden states
-in the policy's output_dtype) and `logits_and_targets(batch)` (logits in accum_dtype, targets
-int32, weights float32). `param_count(model)` is N in the 6N FLOPs-per-token MFU convention.
+in the policy's output_dtype), `logits_and_targets(batch)` (logits in accum_dtype, targets
+int32, weights float32), `head_and_targets(batch)` (the output head's input and the head itself,
+for `loss.fused_cross_entropy`) and `output_head`. `param_count(model)` is N in the 6N
+FLOPs-per-token MFU convention.
 """
 
 from __future__ import annotations
