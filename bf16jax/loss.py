@@ -8,6 +8,7 @@ arXiv:2204.02311), which keeps log Z near 0 and BF16 logits well-conditioned.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -25,6 +26,10 @@ __all__ = [
     "head_logits",
     "fusable",
     "DEFAULT_CHUNK_TOKENS",
+    "LossOptions",
+    "loss_options",
+    "model_loss",
+    "materialize",
 ]
 
 _F32 = jnp.float32
@@ -85,6 +90,63 @@ def cross_entropy(
 
 # ----------------------------------------------------------------------------- fused head + loss
 DEFAULT_CHUNK_TOKENS = 1024  # tokens per device per chunk: [1024, V] FP32 logits live at once
+# Model families with a token axis and a vocabulary: where the fused loss pays ("auto").
+_FUSED_BY_DEFAULT = ("gpt", "t5")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """How the train step computes its loss (static; `loss_options` reads it from a config).
+
+    Attributes:
+      z_loss: coefficient of the log(Z)^2 auxiliary loss.
+      fused: `fused_cross_entropy` on the model's `head_and_targets` (no [B, T, V] logits)
+        instead of `cross_entropy` on its `logits_and_targets`.
+      chunk_tokens: tokens per device per chunk of the fused loss.
+    """
+
+    z_loss: float = 0.0
+    fused: bool = False
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+
+
+def loss_options(config, head) -> LossOptions:
+    """`config.train.loss_impl` resolved for a model whose output head is `head`: "auto" fuses
+    GPT and T5 when `fusable(head)`; "fused" with a head that is not raises ValueError."""
+    impl = config.train.get("loss_impl", "auto")
+    why_not = fusable(head)
+    if impl == "fused" and why_not is not None:
+        raise ValueError(
+            f"config.train.loss_impl='fused': {why_not}. Use loss_impl='materialized' (or "
+            "'auto', which picks it for such heads)."
+        )
+    fused = impl == "fused" or (
+        impl == "auto" and why_not is None and config.model.name in _FUSED_BY_DEFAULT
+    )
+    chunk = int(config.train.get("loss_chunk_tokens", DEFAULT_CHUNK_TOKENS))
+    return LossOptions(z_loss=float(config.train.z_loss), fused=fused, chunk_tokens=chunk)
+
+
+def model_loss(model, batch: dict, options: LossOptions, *, grad_scale=None, dropout_key=None):
+    """(loss, aux) of a bf16jax model on `batch`, fused or materialised as `options` say.
+
+    `grad_scale` is the loss scale the caller multiplies the loss by (see
+    `fused_cross_entropy`); `dropout_key` turns the model's dropout on.
+    """
+    if not options.fused:
+        logits, targets, weights = model.logits_and_targets(batch, dropout_key=dropout_key)
+        return cross_entropy(logits, targets, weights, z_loss=options.z_loss)
+    hidden, head, targets, weights = model.head_and_targets(batch, dropout_key=dropout_key)
+    return fused_cross_entropy(
+        hidden, head, targets, weights, z_loss=options.z_loss, grad_scale=grad_scale,
+        chunk_tokens=options.chunk_tokens,
+    )  # fmt: skip
+
+
+def materialize(hidden, head, targets, weights) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A model's `head_and_targets` made `logits_and_targets`: the logits materialised (accum
+    dtype, pinned to the batch sharding), targets and weights as they are."""
+    return constrain_batch(head_logits(hidden, head)), targets, weights
 
 
 def head_logits(hidden: jax.Array, head) -> jax.Array:

@@ -14,9 +14,9 @@ micro-batches), never through the optimizer; a step whose gradients, or whose ne
 optimizer state, are not all finite changes nothing but the loss scale, the step and the skip
 counters; the state is built sharded (eval_shape -> shardings -> jit).
 The loss is `loss.fused_cross_entropy` (no [B, T, V] logits) or the materialised
-`loss.cross_entropy` (`config.train.loss_impl`, `LossOptions`). The Trainer jits two variants of
-the step with the same shardings and donation: the plain one, and one that adds the per-step
-diagnostics (`train.diagnostics`), which the loop runs on logging steps only.
+`loss.cross_entropy` (`config.train.loss_impl`, `loss.LossOptions`). The Trainer jits two
+variants of the step with the same shardings and donation: the plain one, and one that adds the
+per-step diagnostics (`train.diagnostics`), which the loop runs on logging steps only.
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ from jax.sharding import PartitionSpec as P
 
 from bf16jax import config as config_lib
 from bf16jax import data as data_lib
+from bf16jax import loss as loss_lib
 from bf16jax import loss_scale as ls
 from bf16jax import metrics as metrics_lib
 from bf16jax import numerics, optim, sharding
 from bf16jax.layers import Attention
-from bf16jax.loss import DEFAULT_CHUNK_TOKENS, cross_entropy, fusable, fused_cross_entropy
+from bf16jax.loss import LossOptions, cross_entropy
 from bf16jax.models import build_model, param_count
 from bf16jax.precision import Policy, get_policy
 from bf16jax.quant import FP8Meta
@@ -49,7 +50,6 @@ from bf16jax.quant import FP8Meta
 __all__ = [
     "TrainState",
     "Trainer",
-    "LossOptions",
     "create_trainer",
     "train_step",
     "eval_step",
@@ -65,6 +65,7 @@ _KEY_SALT = 0x7A1  # the state's key is independent of the param-init stream of 
 _DROPOUT_SALT = 0x0D5A_0000
 # Name scope of the per-step diagnostics in the lowered program (tests count what is inside).
 DIAGNOSTICS_SCOPE = "bf16jax_diagnostics"
+_DEFAULT_LOSS = LossOptions()  # the materialised cross-entropy, no z-loss
 
 
 @struct.dataclass
@@ -98,22 +99,6 @@ def _micro_batches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-@dataclasses.dataclass(frozen=True)
-class LossOptions:
-    """How the train step computes its loss (static).
-
-    Attributes:
-      z_loss: coefficient of the log(Z)^2 auxiliary loss.
-      fused: `loss.fused_cross_entropy` on the model's head inputs (no [B, T, V] logits) instead
-        of `loss.cross_entropy` on `logits_and_targets`.
-      chunk_tokens: tokens per device per chunk of the fused loss.
-    """
-
-    z_loss: float = 0.0
-    fused: bool = False
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-
-
 def _loss_and_grads(
     params, fp8_meta, graphdef, batch, loss_scale, loss_opts: LossOptions, dropout_key
 ):
@@ -127,20 +112,9 @@ def _loss_and_grads(
 
     def loss_fn(p, m):
         model = nnx.merge(graphdef, p, m)
-        if loss_opts.fused:
-            hidden, head, targets, weights = model.head_and_targets(batch, dropout_key=dropout_key)
-            loss, aux = fused_cross_entropy(
-                hidden,
-                head,
-                targets,
-                weights,
-                z_loss=loss_opts.z_loss,
-                grad_scale=loss_scale.scale,
-                chunk_tokens=loss_opts.chunk_tokens,
-            )
-        else:
-            logits, targets, weights = model.logits_and_targets(batch, dropout_key=dropout_key)
-            loss, aux = cross_entropy(logits, targets, weights, z_loss=loss_opts.z_loss)
+        loss, aux = loss_lib.model_loss(
+            model, batch, loss_opts, grad_scale=loss_scale.scale, dropout_key=dropout_key
+        )
         return ls.scale_loss(loss_scale, loss), {**aux, "loss": loss}
 
     (_, aux), (grads, new_meta) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
@@ -156,7 +130,7 @@ def train_step(
     graphdef: nnx.GraphDef,
     optimizer: optim.Optimizer,
     grad_accum_steps: int = 1,
-    loss: LossOptions = LossOptions(),
+    loss: LossOptions = _DEFAULT_LOSS,
     diagnostics: bool = False,
     compute_dtype=jnp.bfloat16,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -346,7 +320,7 @@ class Trainer:
     optimizer: optim.Optimizer
     abstract: TrainState  # sharded ShapeDtypeStructs: the restore target
     n_params: int
-    loss: LossOptions = LossOptions()  # resolved from config.train (loss_impl "auto" decided)
+    loss: LossOptions = _DEFAULT_LOSS  # from config.train (loss_impl "auto" decided)
 
     def _init(self, params=None) -> TrainState:
         cfg = self.config
@@ -476,6 +450,20 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return fn(state, batch)
 
+    def lower(self, *, diagnostics: bool = False) -> jax.stages.Lowered:
+        """The jitted step (or its diagnostic variant) lowered on abstract inputs: the sharded
+        state and a global batch of `config.data`'s shapes; nothing is allocated. Read what XLA
+        gets (`.as_text()`, `matmul.dot_dtypes`) or compile it (`.compile().memory_analysis()`).
+        """
+        b, sh = int(self.config.data.batch_size), sharding.batch_sharding(self.mesh)
+        batch = {
+            k: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sh)
+            for k, (shape, dtype) in data_lib.example_spec(self.config.data).items()
+        }
+        fn = self._diagnostic_step_fn if diagnostics else self._step_fn
+        with jax.set_mesh(self.mesh):
+            return fn.lower(self.abstract, batch)
+
     def compile(self, state: TrainState, batch: dict) -> float:
         """Compiles the train step (both variants when diagnostics are on) for these shapes;
         returns the seconds it took."""
@@ -573,29 +561,6 @@ def _fp32_reference(policy: Policy) -> Policy:
     return Policy(quant=policy.quant, overrides=rules)
 
 
-# Model families with a token axis and a vocabulary: where the fused loss pays ("auto").
-_FUSED_BY_DEFAULT = ("gpt", "t5")
-
-
-def _loss_options(config, abstract_model) -> LossOptions:
-    """`config.train.loss_impl` resolved: "auto" fuses language models whose head allows it."""
-    impl = config.train.get("loss_impl", "auto")
-    why_not = fusable(abstract_model.output_head)
-    if impl == "fused" and why_not is not None:
-        raise ValueError(
-            f"config.train.loss_impl='fused': {why_not}. Use loss_impl='materialized' (or "
-            "'auto', which picks it for such heads)."
-        )
-    fused = impl == "fused" or (
-        impl == "auto" and why_not is None and config.model.name in _FUSED_BY_DEFAULT
-    )
-    return LossOptions(
-        z_loss=float(config.train.z_loss),
-        fused=fused,
-        chunk_tokens=int(config.train.get("loss_chunk_tokens", DEFAULT_CHUNK_TOKENS)),
-    )
-
-
 def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
     """Validates `config` and builds the Trainer (nothing is allocated on devices yet)."""
     config_lib.validate(config)
@@ -606,7 +571,7 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
         config.optim, total_steps=int(config.train.steps), update_rule=policy.update_rule
     )
     graphdef, abstract_model = _graphdef(config, policy)
-    loss = _loss_options(config, abstract_model)
+    loss = loss_lib.loss_options(config, abstract_model.output_head)
     fp32_graphdef, _ = _graphdef(config, _fp32_reference(policy))
     # Stacked (scanned) layers would need the intermediates threaded through nnx.scan.
     tracking = not config.model.get("scan_layers", False)

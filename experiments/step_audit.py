@@ -25,18 +25,11 @@ import time
 def _lower(config, diagnostics: bool):
     import jax
 
-    from bf16jax import data, sharding, train
+    from bf16jax import sharding, train
 
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     trainer = train.create_trainer(config, mesh=mesh)
-    b, sh = int(config.data.batch_size), sharding.batch_sharding(mesh)
-    batch = {
-        k: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sh)
-        for k, (shape, dtype) in data.example_spec(config.data).items()
-    }
-    fn = trainer._diagnostic_step_fn if diagnostics else trainer._step_fn
-    with jax.set_mesh(mesh):
-        return trainer, fn.lower(trainer.abstract, batch)
+    return trainer, trainer.lower(diagnostics=diagnostics)
 
 
 def _reductions(text: str) -> int:

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from bf16jax import config as config_lib
-from bf16jax import data, layers, sharding, train
+from bf16jax import layers, sharding, train
 from bf16jax.matmul import dot_dtypes
 
 # Fewer layers and shorter sequences: the dots per layer, and their dtypes, are the same.
@@ -49,19 +49,11 @@ def lowered(
     config = config_lib.load_config(
         path, [f"precision={policy}", "mesh.data=1", *SHRINK[name], *overrides]
     )
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    trainer = train.create_trainer(config, mesh=mesh)
-    b, sh = int(config.data.batch_size), sharding.batch_sharding(mesh)
-    batch = {
-        k: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sh)
-        for k, (shape, dtype) in data.example_spec(config.data).items()
-    }
-    fn = trainer._diagnostic_step_fn if diagnostics else trainer._step_fn
+    trainer = train.create_trainer(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
     default = layers.Attention.fuse_projections
     layers.Attention.fuse_projections = fuse_qkv  # the GPU / TPU choice; CPU's is separate
     try:
-        with jax.set_mesh(mesh):
-            return fn.lower(trainer.abstract, batch).as_text(debug_info=True)
+        return trainer.lower(diagnostics=diagnostics).as_text(debug_info=True)
     finally:
         layers.Attention.fuse_projections = default
 

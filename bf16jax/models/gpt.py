@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from bf16jax.layers import MLP, Attention, Embed, LayerNorm, Linear, dropout, dropout_keys
-from bf16jax.loss import head_logits
+from bf16jax.loss import head_logits, materialize
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
 
@@ -298,8 +298,7 @@ class GPT(nnx.Module):
         self, batch: dict, *, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, T, V], targets int32 [B, T], weights f32 [B, T]) for an LM batch."""
-        hidden, head, targets, weights = self.head_and_targets(batch, dropout_key=dropout_key)
-        return constrain_batch(head_logits(hidden, head)), targets, weights
+        return materialize(*self.head_and_targets(batch, dropout_key=dropout_key))
 
 
 def generate(

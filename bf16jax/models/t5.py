@@ -32,7 +32,7 @@ from bf16jax.layers import (
     dropout,
     dropout_keys,
 )
-from bf16jax.loss import head_logits
+from bf16jax.loss import head_logits, materialize
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
 
@@ -245,8 +245,7 @@ class T5(nnx.Module):
         self, batch: dict, *, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, Td, V], targets int32 [B, Td], weights f32 [B, Td]) for a span batch."""
-        hidden, head, targets, weights = self.head_and_targets(batch, dropout_key=dropout_key)
-        return constrain_batch(head_logits(hidden, head)), targets, weights
+        return materialize(*self.head_and_targets(batch, dropout_key=dropout_key))
 
 
 def _check_ids(ids: jax.Array, key: str) -> None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bf16jax.layers import Embed, LayerNorm, Linear
+from bf16jax.loss import materialize
 from bf16jax.models.gpt import Block
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
@@ -129,5 +130,4 @@ class ViT(nnx.Module):
         self, batch: dict, *, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, K], labels int32 [B], weights ones f32 [B]) for an image batch."""
-        hidden, head, targets, weights = self.head_and_targets(batch, dropout_key=dropout_key)
-        return constrain_batch(head.logits(hidden)), targets, weights
+        return materialize(*self.head_and_targets(batch, dropout_key=dropout_key))
