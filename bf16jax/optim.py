@@ -7,16 +7,16 @@ and decoupled, masked weight decay. Invariants:
 - The chain sees FP32 grads and params; moment math is FP32 with Python-float decays; moments are
   *stored* in `mu_dtype` / `nu_dtype`. (optax.adam keeps nu in the param dtype, where
   bf16(0.999) == 1.0 and nu stops being an average; that cannot happen here.)
-- Updates leave the chain in FP32; an `UpdateRule` ("nearest" now; "stochastic" and "kahan" slot
-  into the registry) computes w + update in FP32 and rounds to each param's dtype. Its state is
-  part of `OptimizerState`, so it is checkpointed with the rest.
+- Updates leave the chain in FP32; an `UpdateRule` (`bf16jax.update_rules`: nearest, stochastic,
+  kahan; re-exported here) computes w + update in FP32 and rounds to each param's dtype. Its
+  state is part of `OptimizerState`, so it is checkpointed with the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,18 @@ import optax
 
 from bf16jax import numerics
 from bf16jax.precision import parse_dtype
+from bf16jax.update_rules import (
+    KahanRule,
+    KahanState,
+    NearestRule,
+    StochasticRule,
+    UpdateRule,
+    apply_updates,
+    get_update_rule,
+    map_unzip,
+    register_update_rule,
+    update_rules,
+)
 
 __all__ = [
     "OPTIMIZERS",
@@ -76,14 +88,6 @@ def _to_f32(tree):
 
 def _increment(count: jax.Array) -> jax.Array:
     return jnp.where(count < _INT32_MAX, count + 1, count)
-
-
-def _map_unzip(fn, n: int, tree, *rest):
-    """Maps `fn` (returning an n-tuple) over leaves; returns n trees shaped like `tree`."""
-    leaves, treedef = jax.tree.flatten(tree)
-    others = [treedef.flatten_up_to(t) for t in rest]
-    outs = [fn(*xs) for xs in zip(leaves, *others, strict=True)]
-    return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(n))
 
 
 # ------------------------------------------------------------------- FP32 transforms
@@ -153,7 +157,7 @@ def scale_by_adam(
             return u, store(m, mu_dtype, km), store(v, nu_dtype, kv)
 
         key_tree = jax.tree.structure(updates).unflatten(keys)
-        out, mu, nu = _map_unzip(leaf, 3, updates, state.mu, state.nu, key_tree)
+        out, mu, nu = map_unzip(leaf, 3, updates, state.mu, state.nu, key_tree)
         return out, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -185,7 +189,7 @@ def trace_momentum(decay: float, *, dtype=_F32) -> optax.GradientTransformation:
             m = g.astype(_F32) + decay * m.astype(_F32)
             return m, m.astype(dtype)
 
-        out, trace = _map_unzip(leaf, 2, updates, state.trace)
+        out, trace = map_unzip(leaf, 2, updates, state.trace)
         return out, TraceState(trace=trace)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -252,144 +256,6 @@ def _key_name(key) -> str:
         if hasattr(key, attr):
             return str(getattr(key, attr))
     return str(key)
-
-
-# ------------------------------------------------------------------- update rules
-class UpdateRule(Protocol):
-    """Adds FP32 updates to params and rounds to each param's dtype.
-
-    `init(params)` returns the rule's state (e.g. Kahan compensation buffers; may be empty);
-    `apply(params, updates, rule_state, key, step)` returns `(new_params, new_rule_state)`.
-    `key` is a PRNG key (None allowed when `requires_key` is False); `step` an int32 scalar.
-    """
-
-    requires_key: bool
-
-    def init(self, params) -> Any: ...
-
-    def apply(self, params, updates, rule_state, key, step) -> tuple[Any, Any]: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class NearestRule:
-    """w <- round_to_nearest(w + update), the sum taken in FP32; stateless."""
-
-    requires_key: bool = False
-
-    def init(self, params) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
-    def apply(self, params, updates, rule_state, key, step):
-        del key, step
-
-        def leaf(w, u):
-            return (w.astype(_F32) + u.astype(_F32)).astype(w.dtype)  # sum in FP32, round once
-
-        return jax.tree.map(leaf, params, updates), rule_state
-
-
-@dataclasses.dataclass(frozen=True)
-class StochasticRule:
-    """w <- SR(w + update): the FP32 sum stochastically rounded to a BF16 param (unbiased).
-
-    FP32 params get the plain sum. Keys: `fold_in(key, leaf_index)`, where the caller's `key` is
-    the train state's key folded with the step, so every data-parallel replica draws the same
-    bits and replicas stay identical.
-    """
-
-    requires_key: bool = True
-
-    def init(self, params) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
-    def apply(self, params, updates, rule_state, key, step):
-        del step
-        leaves, treedef = jax.tree.flatten(params)
-        keys = numerics.leaf_keys(key, params)
-        new = [
-            numerics.stochastic_round(w.astype(_F32) + u.astype(_F32), k, w.dtype)
-            if w.dtype == _BF16
-            else (w.astype(_F32) + u.astype(_F32)).astype(w.dtype)
-            for w, u, k in zip(leaves, treedef.flatten_up_to(updates), keys, strict=True)
-        ]
-        return treedef.unflatten(new), rule_state
-
-
-class KahanState(NamedTuple):
-    compensation: Any  # per param, in the param's dtype: the update the weight could not take
-
-
-@dataclasses.dataclass(frozen=True)
-class KahanRule:
-    """Kahan-compensated w + update with a compensation buffer per param in the param dtype.
-
-    Halves the memory of an FP32 master copy (16 + 16 bits instead of 32) and keeps updates far
-    below half an ulp of w (see `numerics.kahan_add`). The buffer is optimizer state, so it is
-    checkpointed and sharded like its param.
-    """
-
-    requires_key: bool = False
-
-    def init(self, params) -> KahanState:
-        return KahanState(jax.tree.map(jnp.zeros_like, params))
-
-    def apply(self, params, updates, rule_state, key, step):
-        del key, step
-        new, comp = _map_unzip(numerics.kahan_add, 2, params, updates, rule_state.compensation)
-        return new, KahanState(comp)
-
-
-_UPDATE_RULES: dict[str, UpdateRule] = {
-    "nearest": NearestRule(),
-    "stochastic": StochasticRule(),
-    "kahan": KahanRule(),
-}
-
-
-def register_update_rule(name: str, rule: UpdateRule) -> None:
-    """Makes `rule` available as `optim.update_rule=name` (numerics.py registers its rules)."""
-    _UPDATE_RULES[name] = rule
-
-
-def update_rules() -> tuple[str, ...]:
-    """Names of the registered update rules."""
-    return tuple(_UPDATE_RULES)
-
-
-def get_update_rule(name: str | UpdateRule) -> UpdateRule:
-    """The rule registered as `name`; an UpdateRule is returned as is."""
-    if not isinstance(name, str):
-        return name
-    if name not in _UPDATE_RULES:
-        raise ValueError(
-            f"Unknown update rule {name!r} (config.optim.update_rule): use one of "
-            f"{', '.join(map(repr, _UPDATE_RULES))}."
-        )
-    return _UPDATE_RULES[name]
-
-
-def apply_updates(params, updates, *, rule="nearest", rule_state=None, key=None, step=0):
-    """Applies FP32 `updates` to `params` with an update rule.
-
-    Args:
-      params: pytree of params (any float dtypes).
-      updates: pytree of FP32 updates, same structure.
-      rule: a registered rule name or an UpdateRule.
-      rule_state: the rule's state; `rule.init(params)` when None.
-      key: PRNG key, required by rules with `requires_key` (e.g. stochastic rounding).
-      step: the update count (int scalar).
-
-    Returns:
-      `(new_params, new_rule_state)`; every new param keeps its dtype.
-    """
-    rule = get_update_rule(rule)
-    if rule.requires_key and key is None:
-        raise ValueError(f"Update rule {rule!r} needs a PRNG key: pass key=...")
-    if rule_state is None:
-        rule_state = rule.init(params)
-    return rule.apply(params, updates, rule_state, key, jnp.asarray(step, jnp.int32))
 
 
 # ------------------------------------------------------------------- optimizer
