@@ -4,7 +4,8 @@ Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/att
 `policy.for_module(name)`, so per-module overrides apply. Invariants each layer keeps:
 
 - params are created in `param_dtype` and cast to `compute_dtype` at use;
-- every matmul accumulates in `accum_dtype` (`preferred_element_type`), then the result is cast
+- every matmul goes through `bf16jax.matmul` (16-bit operands forward and backward) and
+  accumulates in `accum_dtype` (`preferred_element_type`), then the result is cast
   to `compute_dtype`; biases are added before that cast, in `accum_dtype`;
 - norm statistics, attention logits + softmax and output logits are FP32 islands (`accum_dtype`);
 - with a quantizing policy (`q=w8a8`, ...) `Linear` keeps LSQ step sizes (`bf16jax.quant`) as

@@ -14,6 +14,9 @@ heads, LSQ code dots) goes through `dot_general` here. Invariants it owns:
   accumulator: an FP32 master weight gets an FP32 gradient that was never rounded to 16 bits;
 - when `compute_dtype == accum_dtype` (fp32, or an `->fp32` override) it is the plain dot.
 
+A `custom_vjp` supports reverse mode (grad, vjp) only: forward-mode `jax.jvp` / `jacfwd` through
+a 16-bit model raises; use an fp32 policy for those.
+
 FP16: the cotangent cast to float16 is where gradients can underflow (below 2^-24) or overflow
 (above 65504). Loss scaling (`bf16jax.loss_scale`) exists for exactly this cast: it scales the
 cotangent up before it, and an overflow becomes a non-finite gradient, so the step is skipped and
