@@ -381,13 +381,13 @@ class Trainer:
 
     @functools.cached_property
     def _step_fn(self):
-        """The step every iteration runs: no per-step diagnostics."""
+        """The step every iteration runs: no diagnostics."""
         return self._jit_step(diagnostics=False)
 
     @functools.cached_property
     def _diagnostic_step_fn(self):
-        """The same step plus swamping / gradient-health reductions (`train.diagnostics`); the
-        loop runs it on logging steps only. The step itself when diagnostics are off."""
+        """The step + swamping / gradient-health reductions, for logging steps (`_step_fn` itself
+        when `train.diagnostics` is off)."""
         return self._jit_step(diagnostics=True) if self.config.train.diagnostics else self._step_fn
 
     @functools.cached_property
@@ -441,20 +441,15 @@ class Trainer:
     def step(
         self, state: TrainState, batch: dict, *, diagnostics: bool = False
     ) -> tuple[TrainState, dict]:
-        """One jitted train step; `state` is donated (do not use it afterwards).
-
-        `diagnostics=True` runs the variant that adds `swamped/*` and `grad/*` metrics when
-        `config.train.diagnostics` is on (use it on the steps whose metrics are logged).
-        """
+        """One jitted train step; `state` is donated (do not use it afterwards). `diagnostics`:
+        the variant with `swamped/*`, `grad/*` metrics (`train.diagnostics`), for logged steps."""
         fn = self._diagnostic_step_fn if diagnostics else self._step_fn
         with jax.set_mesh(self.mesh):
             return fn(state, batch)
 
     def lower(self, *, diagnostics: bool = False) -> jax.stages.Lowered:
-        """The jitted step (or its diagnostic variant) lowered on abstract inputs: the sharded
-        state and a global batch of `config.data`'s shapes; nothing is allocated. Read what XLA
-        gets (`.as_text()`, `matmul.dot_dtypes`) or compile it (`.compile().memory_analysis()`).
-        """
+        """The jitted step (or its diagnostic variant) lowered on the abstract sharded state and
+        batch, nothing allocated: `.as_text()` is what XLA gets, `.compile()` the program."""
         b, sh = int(self.config.data.batch_size), sharding.batch_sharding(self.mesh)
         batch = {
             k: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sh)
