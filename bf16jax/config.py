@@ -79,6 +79,7 @@ DATA_FOR_MODEL = {"gpt": "kjv_bytes", "t5": "kjv_span", "vit": "digits"}
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("cosine", "constant")
 LOSS_SCALES = ("none", "static", "dynamic")
+LOSS_IMPLS = ("auto", "fused", "materialized")
 DISTRIBUTED = ("auto", "yes", "no")
 
 
@@ -142,8 +143,12 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
             loss_scale_period=2000,
             loss_scale_min=1.0,
             z_loss=0.0,
+            # "auto": the fused chunked loss (no [B, T, V] logits) for gpt / t5 with an
+            # unquantized head, else the materialized one; or "fused" / "materialized".
+            loss_impl="auto",
+            loss_chunk_tokens=1024,  # fused loss: tokens per device per chunk
             sample_tokens=0,
-            diagnostics=True,  # swamping + gradient health in the step metrics (cheap)
+            diagnostics=True,  # swamping + gradient health in the metrics of logged steps
             drift_every=0,  # shadow FP32 eval of a fixed batch: every N steps, 0 each eval, -1 off
             # Stop (exit 3) after this many skipped (non-finite) steps in a row; 0 = never.
             max_skips_in_a_row=25,
@@ -187,13 +192,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of(config.optim.name, OPTIMIZERS, "optim.name")
     _one_of(config.optim.schedule, SCHEDULES, "optim.schedule")
     _one_of(config.train.loss_scale, LOSS_SCALES, "train.loss_scale")
+    _one_of(config.train.loss_impl, LOSS_IMPLS, "train.loss_impl")
     _one_of(config.mesh.distributed, DISTRIBUTED, "mesh.distributed")
     for key in ("mu_dtype", "nu_dtype"):
         try:
             parse_dtype(config.optim[key])
         except ValueError as e:
             raise ValueError(f"config.optim.{key}: {e}") from None
-    for key in ("steps", "grad_accum_steps", "log_every", "eval_every", "eval_steps"):
+    keys = ("steps", "grad_accum_steps", "log_every", "eval_every", "eval_steps")
+    for key in (*keys, "loss_chunk_tokens"):
         if config.train[key] < 1:
             raise ValueError(f"config.train.{key}={config.train[key]} must be >= 1.")
     if config.data.batch_size % config.train.grad_accum_steps:

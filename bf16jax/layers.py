@@ -4,7 +4,8 @@ Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/att
 `policy.for_module(name)`, so per-module overrides apply. Invariants each layer keeps:
 
 - params are created in `param_dtype` and cast to `compute_dtype` at use;
-- every matmul accumulates in `accum_dtype` (`preferred_element_type`), then the result is cast
+- every matmul goes through `bf16jax.matmul` (16-bit operands forward and backward) and
+  accumulates in `accum_dtype` (`preferred_element_type`), then the result is cast
   to `compute_dtype`; biases are added before that cast, in `accum_dtype`;
 - norm statistics, attention logits + softmax and output logits are FP32 islands (`accum_dtype`);
 - with a quantizing policy (`q=w8a8`, ...) `Linear` keeps LSQ step sizes (`bf16jax.quant`) as
@@ -30,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bf16jax import matmul, sharding
 from bf16jax import quant as quant_lib
 from bf16jax.kv_cache import CachedAttention, KVCache
+from bf16jax.matmul import dot
 from bf16jax.precision import FP8, Policy, quant_bits
 
 __all__ = [
@@ -54,8 +57,9 @@ __all__ = [
 Axes = Sequence[str | None]
 Initializer = Callable[..., jax.Array]
 
-# None / "xla": bf16jax's XLA attention with FP32 logits + softmax (below); "cudnn": cuDNN flash
-# attention through jax.nn.dot_product_attention (GPU, bf16/fp16 only; FP32 softmax inside).
+# None / "xla": bf16jax's own XLA attention with FP32 logits + softmax (`attention` below, not
+# jax.nn.dot_product_attention); "cudnn": cuDNN flash attention through
+# jax.nn.dot_product_attention(implementation="cudnn") (GPU, bf16/fp16 only; FP32 softmax inside).
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
@@ -75,17 +79,6 @@ def _fixed_param(value: jax.Array, axes: Axes) -> nnx.Param:
     init = nnx.with_partitioning(lambda *_: value, tuple(axes))
     with nnx.use_eager_sharding(False):
         return nnx.Param(init(None, value.shape, value.dtype))
-
-
-def dot(x: jax.Array, w: jax.Array, policy: Policy, contract: int = 1) -> jax.Array:
-    """x[..., K] @ w[K, ...] with operands in compute dtype and the result in accum dtype.
-
-    `contract` is the number of trailing dims of `x` (leading dims of `w`) contracted.
-    """
-    x = policy.cast_to_compute(x)
-    w = policy.cast_to_compute(w)
-    dims = (tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract)))
-    return jax.lax.dot_general(x, w, (dims, ((), ())), preferred_element_type=policy.accum_dtype)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -128,8 +121,6 @@ class Linear(nnx.Module):
       kernel_axes: logical names of the kernel's two dims (bias gets the last one).
       kernel_init: defaults to LeCun normal (variance 1/in_features).
       edge: the model's first layer or output logits: unquantized unless an override names it.
-      logits: an output-logits layer: the result stays in accum dtype (the FP32 logits island)
-        instead of being rounded to compute dtype.
     """
 
     int8: bool = False
@@ -146,11 +137,9 @@ class Linear(nnx.Module):
         kernel_axes: Axes = ("embed", "mlp"),
         kernel_init: Initializer | None = None,
         edge: bool = False,
-        logits: bool = False,
     ):
         self.policy = policy.for_module(name)
         self.in_features = in_features
-        self.logits = logits
         init = kernel_init or nnx.initializers.lecun_normal()
         dtype = self.policy.param_dtype
         self.kernel = _param(init, (in_features, out_features), kernel_axes, dtype, rngs)
@@ -174,7 +163,12 @@ class Linear(nnx.Module):
             self.fp8_scale = quant_lib.FP8Meta(scale)
             self.fp8_history = quant_lib.FP8Meta(history)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out] compute
+        return self.policy.cast_to_compute(self.logits(x))
+
+    def logits(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out] accum
+        """x @ kernel (+ bias) left in accum dtype, not cast to compute: for output heads,
+        whose logits are an FP32 island (`__call__` is this, cast to compute dtype)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"Linear expects inputs [..., {self.in_features}], got shape {tuple(x.shape)}."
@@ -202,8 +196,7 @@ class Linear(nnx.Module):
             )
         if self.bias is not None:
             y = y + self.policy.cast_to_accum(self.bias[...])
-        # why: logits feed softmax + loss; rounding them to 16 bits costs ~2^-9 |z| each.
-        return y if self.logits else self.policy.cast_to_compute(y)
+        return y
 
 
 class Embed(nnx.Module):
@@ -240,10 +233,8 @@ class Embed(nnx.Module):
 
     def attend(self, h: jax.Array) -> jax.Array:  # [..., D] -> [..., V] accum
         # why: logits feed softmax + loss; they stay FP32 (accum dtype) from the accumulator on.
-        table = self.policy.cast_to_compute(self.embedding[...])
-        h = self.policy.cast_to_compute(h)
         dims = (((h.ndim - 1,), (1,)), ((), ()))
-        return jax.lax.dot_general(h, table, dims, preferred_element_type=self.policy.accum_dtype)
+        return matmul.dot_general(h, self.embedding[...], dims, self.policy)
 
 
 class _Norm(nnx.Module):
@@ -323,9 +314,11 @@ def attention(
     initialisation). `dropout_rate` drops attention probabilities when `dropout_key` is given.
 
     `mask` is boolean, broadcastable to [B, H, T, S], True = attend. `bias` broadcastable to
-    [B, H, T, S]. With implementation None/"xla" the logits and softmax are in accum dtype (JAX's
-    own XLA path rounds the logits to the compute dtype before its FP32 softmax); "cudnn" calls
-    `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; softmax in FP32 inside).
+    [B, H, T, S]. With implementation None/"xla" (bf16jax's own XLA path) the q·kᵀ and p·v
+    einsums go through `bf16jax.matmul` (16-bit operands forward and backward, FP32
+    accumulation) and the logits and softmax are in accum dtype; `jax.nn.dot_product_attention`'s
+    XLA path also keeps its logits in FP32 in jax 0.10 but runs JAX's FP32 backward GEMMs.
+    "cudnn" calls `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; FP32 softmax).
     With `return_logit_max`, also returns max |logit| (scaled, biased, before masking) in accum
     dtype: large attention logits are a known precursor of low-precision instability.
     """
@@ -342,7 +335,7 @@ def attention(
 
     def scores():
         # why: logits and softmax are an FP32 island; exp() of BF16 logits loses the small ones.
-        logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=acc) * scale
+        logits = matmul.einsum("bthd,bshd->bhts", q, k, policy) * scale
         return logits if bias is None else logits + policy.cast_to_accum(bias)
 
     if implementation == "cudnn":
@@ -373,9 +366,7 @@ def attention(
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.asarray(jnp.finfo(acc).min, acc))
     probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key)
-    out = jnp.einsum(
-        "bhts,bshd->bthd", policy.cast_to_compute(probs), v, preferred_element_type=acc
-    )
+    out = matmul.einsum("bhts,bshd->bthd", policy.cast_to_compute(probs), v, policy)
     out = policy.cast_to_compute(out)
     return (out, logit_max) if return_logit_max else out
 
@@ -403,9 +394,22 @@ class Attention(CachedAttention, nnx.Module):
     q's initialisation is scaled by head_dim**-0.5 instead (the same function at init, and a
     T5 checkpoint's q loads unchanged). `dropout_rate` drops attention probabilities in training.
     `decode`, `attend` and `kv` are the KV-cache path used for generation (see there).
+
+    Fused projections: when q, k and v resolve to the same policy and none is quantized
+    (`projections_fusable`), self-attention runs one GEMM x @ [D, 3, H*Dh] over the three
+    kernels stacked at use time (cross-attention: one for k and v over the context), instead of
+    three. The params stay separate (`q/kernel`, `k/kernel`, `v/kernel`: checkpoints and weight
+    imports are unchanged); stacking the master weights costs one copy, fused with the cast to
+    the compute dtype that happened anyway, and the stacked axis is never sharded, so tensor
+    parallelism keeps each kernel's "joined_kv" split. An override or quantization that treats
+    q, k, v differently turns fusion off. `fuse_projections`: None (default) fuses on GPU / TPU
+    and not on CPU, where the fused GEMM measured 1.3-1.6x slower (fwd + bwd of the projections
+    at GPT-2 width, B8 T256; XLA:CPU's GEMM of [2048, 768] x [768, 2304] is no faster than three
+    [768, 768] ones, and the stack / slice copies are extra); True / False force it.
     """
 
     track_logits: bool = False
+    fuse_projections: bool | None = None
 
     def __init__(
         self,
@@ -451,6 +455,7 @@ class Attention(CachedAttention, nnx.Module):
         self.k = proj("k", embed_dim, inner, ("embed", "joined_kv"))
         self.v = proj("v", embed_dim, inner, ("embed", "joined_kv"))
         self.o = proj("o", inner, embed_dim, ("joined_kv", "embed"))
+        self.projections_fusable = _same_plain_projection((self.q, self.k, self.v))
 
     def __call__(
         self,
@@ -461,8 +466,17 @@ class Attention(CachedAttention, nnx.Module):
         bias: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:  # x [B, T, D], context [B, S, D] -> [B, T, D] compute
-        kv = self.kv(x if context is None else context)
-        return self._attend(x, kv, mask=mask, bias=bias, causal=self.causal,
+        fuse = self.fuse_projections
+        fuse = sharding.target_platform() != "cpu" if fuse is None else fuse
+        q = None
+        if fuse and self.projections_fusable and context is None:
+            q, k, v = map(self._heads, _fused_projection(x, (self.q, self.k, self.v)))
+            kv = (k, v)
+        elif fuse and self.projections_fusable:
+            kv = tuple(map(self._heads, _fused_projection(context, (self.k, self.v))))
+        else:
+            kv = self.kv(x if context is None else context)
+        return self._attend(x, kv, q=q, mask=mask, bias=bias, causal=self.causal,
                             implementation=self.implementation,
                             dropout_key=dropout_key)  # fmt: skip
 
@@ -470,11 +484,13 @@ class Attention(CachedAttention, nnx.Module):
         return y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
 
     def _attend(
-        self, x, kv: KVCache, *, mask, bias, causal, implementation, dropout_key=None
+        self, x, kv: KVCache, *, mask, bias, causal, implementation, dropout_key=None, q=None
     ) -> jax.Array:
+        """Attention of x's queries (or the given `q` [B, T, H, Dh]) over kv, projected by o."""
         k, v = kv
+        q = self._heads(self.q(x)) if q is None else q
         out = attention(
-            self._heads(self.q(x)),
+            q,
             k,
             v,
             self.policy,
@@ -491,6 +507,36 @@ class Attention(CachedAttention, nnx.Module):
             out, logit_max = out
             self.sow(nnx.Intermediate, "logit_max", logit_max)
         return self.o(out.reshape(*out.shape[:-2], self.num_heads * self.head_dim))
+
+
+def _same_plain_projection(linears: Sequence[Linear]) -> bool:
+    """True when `linears` can share one GEMM: same shapes, same resolved policy, no bias on
+    some only, and no quantization (LSQ step sizes and FP8 scales are per projection)."""
+    first = linears[0]
+    return all(
+        lin.quant == "none"
+        and not lin.int8
+        and lin.policy == first.policy
+        and lin.in_features == first.in_features
+        and lin.kernel.shape == first.kernel.shape
+        and (lin.bias is None) == (first.bias is None)
+        for lin in linears
+    )
+
+
+def _fused_projection(x: jax.Array, linears: Sequence[Linear]) -> tuple[jax.Array, ...]:
+    """(x @ w_i + b_i for each Linear) as one GEMM over the kernels stacked at use time."""
+    first = linears[0]
+    if x.shape[-1] != first.in_features:
+        raise ValueError(
+            f"Linear expects inputs [..., {first.in_features}], got shape {tuple(x.shape)}."
+        )
+    kernel = jnp.stack([lin.kernel[...] for lin in linears], axis=1)  # [D, n, F]
+    y = dot(x, kernel, first.policy)  # [..., n, F] accum
+    if first.bias is not None:
+        y = y + first.policy.cast_to_accum(jnp.stack([lin.bias[...] for lin in linears]))
+    y = first.policy.cast_to_compute(y)
+    return tuple(y[..., i, :] for i in range(len(linears)))
 
 
 # "gelu" is GPT-2's tanh approximation (HF "gelu_new"); "gated-*" multiplies act(wi_0 x) by

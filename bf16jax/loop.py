@@ -206,7 +206,9 @@ def _train(run: Run, stop: StopRequest) -> dict[str, Any]:
         timer.reset()
         step, previous, tick = run.start, None, run.start
         while step < steps:
-            run.state, metrics = trainer.step(run.state, batch)
+            logged = (step + 1) % config.train.log_every == 0 or step + 1 == steps
+            # Diagnostics (swamping, gradient health) only in the steps whose metrics are logged.
+            run.state, metrics = trainer.step(run.state, batch, diagnostics=logged)
             step, tick = step + 1, tick + 1
             # Where the data resumes after `step`: taken before the batch of step + 1 is fetched.
             position = run.train_it.get_state()

@@ -2,20 +2,21 @@
 
 `make_optimizer(config.optim, total_steps=...)` builds AdamW (arXiv:1711.05101), Adafactor as T5
 used it (factored second moments, arXiv:1804.04235) or SGD + heavy-ball momentum, behind optional
-global-norm clipping (arXiv:1211.5063) and decoupled, masked weight decay. Invariants:
+global-norm clipping (arXiv:1211.5063; it reuses the train step's gradient norm when given one)
+and decoupled, masked weight decay. Invariants:
 - The chain sees FP32 grads and params; moment math is FP32 with Python-float decays; moments are
   *stored* in `mu_dtype` / `nu_dtype`. (optax.adam keeps nu in the param dtype, where
   bf16(0.999) == 1.0 and nu stops being an average; that cannot happen here.)
-- Updates leave the chain in FP32; an `UpdateRule` ("nearest" now; "stochastic" and "kahan" slot
-  into the registry) computes w + update in FP32 and rounds to each param's dtype. Its state is
-  part of `OptimizerState`, so it is checkpointed with the rest.
+- Updates leave the chain in FP32; an `UpdateRule` (`bf16jax.update_rules`: nearest, stochastic,
+  kahan; re-exported here) computes w + update in FP32 and rounds to each param's dtype. Its
+  state is part of `OptimizerState`, so it is checkpointed with the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,18 @@ import optax
 
 from bf16jax import numerics
 from bf16jax.precision import parse_dtype
+from bf16jax.update_rules import (
+    KahanRule,
+    KahanState,
+    NearestRule,
+    StochasticRule,
+    UpdateRule,
+    apply_updates,
+    get_update_rule,
+    map_unzip,
+    register_update_rule,
+    update_rules,
+)
 
 __all__ = [
     "OPTIMIZERS",
@@ -41,6 +54,8 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "scale_by_adam",
+    "clip_by_global_norm",
+    "global_norm",
     "trace_momentum",
     "weight_decay_mask",
     "register_update_rule",
@@ -73,14 +88,6 @@ def _to_f32(tree):
 
 def _increment(count: jax.Array) -> jax.Array:
     return jnp.where(count < _INT32_MAX, count + 1, count)
-
-
-def _map_unzip(fn, n: int, tree, *rest):
-    """Maps `fn` (returning an n-tuple) over leaves; returns n trees shaped like `tree`."""
-    leaves, treedef = jax.tree.flatten(tree)
-    others = [treedef.flatten_up_to(t) for t in rest]
-    outs = [fn(*xs) for xs in zip(leaves, *others, strict=True)]
-    return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(n))
 
 
 # ------------------------------------------------------------------- FP32 transforms
@@ -150,7 +157,7 @@ def scale_by_adam(
             return u, store(m, mu_dtype, km), store(v, nu_dtype, kv)
 
         key_tree = jax.tree.structure(updates).unflatten(keys)
-        out, mu, nu = _map_unzip(leaf, 3, updates, state.mu, state.nu, key_tree)
+        out, mu, nu = map_unzip(leaf, 3, updates, state.mu, state.nu, key_tree)
         return out, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -182,22 +189,50 @@ def trace_momentum(decay: float, *, dtype=_F32) -> optax.GradientTransformation:
             m = g.astype(_F32) + decay * m.astype(_F32)
             return m, m.astype(dtype)
 
-        out, trace = _map_unzip(leaf, 2, updates, state.trace)
+        out, trace = map_unzip(leaf, 2, updates, state.trace)
         return out, TraceState(trace=trace)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _fp32_inputs(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+def global_norm(tree) -> jax.Array:
+    """sqrt(sum of squares) over every leaf of `tree`, in FP32 whatever the leaves' dtype."""
+    # why: a sum of squares over millions of BF16 entries needs an FP32 accumulator.
+    leaves = [jnp.sum(jnp.square(x.astype(_F32))) for x in jax.tree.leaves(tree)]
+    return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros([], _F32)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm (same state, same arithmetic) that can reuse a norm the caller
+    already has: `update(..., grad_norm=n)`. The train step computes the gradient norm once and
+    shares it between clipping and its metrics instead of reducing the gradients twice."""
+    max_norm = float(max_norm)
+
+    def update_fn(updates, state, params=None, *, grad_norm=None, **extra):
+        del params, extra
+        norm = global_norm(updates) if grad_norm is None else grad_norm
+        trigger = norm < max_norm
+
+        def clip(t):
+            return jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def _fp32_inputs(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Runs `tx` on FP32 copies of grads and params, so its state and math are FP32."""
+    tx = optax.with_extra_args_support(tx)
 
     def init_fn(params):
         return tx.init(_to_f32(params))
 
-    def update_fn(updates, state, params=None):
-        return tx.update(_to_f32(updates), state, None if params is None else _to_f32(params))
+    def update_fn(updates, state, params=None, **extra):
+        params = None if params is None else _to_f32(params)
+        return tx.update(_to_f32(updates), state, params, **extra)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def weight_decay_mask(params):
@@ -221,144 +256,6 @@ def _key_name(key) -> str:
         if hasattr(key, attr):
             return str(getattr(key, attr))
     return str(key)
-
-
-# ------------------------------------------------------------------- update rules
-class UpdateRule(Protocol):
-    """Adds FP32 updates to params and rounds to each param's dtype.
-
-    `init(params)` returns the rule's state (e.g. Kahan compensation buffers; may be empty);
-    `apply(params, updates, rule_state, key, step)` returns `(new_params, new_rule_state)`.
-    `key` is a PRNG key (None allowed when `requires_key` is False); `step` an int32 scalar.
-    """
-
-    requires_key: bool
-
-    def init(self, params) -> Any: ...
-
-    def apply(self, params, updates, rule_state, key, step) -> tuple[Any, Any]: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class NearestRule:
-    """w <- round_to_nearest(w + update), the sum taken in FP32; stateless."""
-
-    requires_key: bool = False
-
-    def init(self, params) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
-    def apply(self, params, updates, rule_state, key, step):
-        del key, step
-
-        def leaf(w, u):
-            return (w.astype(_F32) + u.astype(_F32)).astype(w.dtype)  # sum in FP32, round once
-
-        return jax.tree.map(leaf, params, updates), rule_state
-
-
-@dataclasses.dataclass(frozen=True)
-class StochasticRule:
-    """w <- SR(w + update): the FP32 sum stochastically rounded to a BF16 param (unbiased).
-
-    FP32 params get the plain sum. Keys: `fold_in(key, leaf_index)`, where the caller's `key` is
-    the train state's key folded with the step, so every data-parallel replica draws the same
-    bits and replicas stay identical.
-    """
-
-    requires_key: bool = True
-
-    def init(self, params) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
-    def apply(self, params, updates, rule_state, key, step):
-        del step
-        leaves, treedef = jax.tree.flatten(params)
-        keys = numerics.leaf_keys(key, params)
-        new = [
-            numerics.stochastic_round(w.astype(_F32) + u.astype(_F32), k, w.dtype)
-            if w.dtype == _BF16
-            else (w.astype(_F32) + u.astype(_F32)).astype(w.dtype)
-            for w, u, k in zip(leaves, treedef.flatten_up_to(updates), keys, strict=True)
-        ]
-        return treedef.unflatten(new), rule_state
-
-
-class KahanState(NamedTuple):
-    compensation: Any  # per param, in the param's dtype: the update the weight could not take
-
-
-@dataclasses.dataclass(frozen=True)
-class KahanRule:
-    """Kahan-compensated w + update with a compensation buffer per param in the param dtype.
-
-    Halves the memory of an FP32 master copy (16 + 16 bits instead of 32) and keeps updates far
-    below half an ulp of w (see `numerics.kahan_add`). The buffer is optimizer state, so it is
-    checkpointed and sharded like its param.
-    """
-
-    requires_key: bool = False
-
-    def init(self, params) -> KahanState:
-        return KahanState(jax.tree.map(jnp.zeros_like, params))
-
-    def apply(self, params, updates, rule_state, key, step):
-        del key, step
-        new, comp = _map_unzip(numerics.kahan_add, 2, params, updates, rule_state.compensation)
-        return new, KahanState(comp)
-
-
-_UPDATE_RULES: dict[str, UpdateRule] = {
-    "nearest": NearestRule(),
-    "stochastic": StochasticRule(),
-    "kahan": KahanRule(),
-}
-
-
-def register_update_rule(name: str, rule: UpdateRule) -> None:
-    """Makes `rule` available as `optim.update_rule=name` (numerics.py registers its rules)."""
-    _UPDATE_RULES[name] = rule
-
-
-def update_rules() -> tuple[str, ...]:
-    """Names of the registered update rules."""
-    return tuple(_UPDATE_RULES)
-
-
-def get_update_rule(name: str | UpdateRule) -> UpdateRule:
-    """The rule registered as `name`; an UpdateRule is returned as is."""
-    if not isinstance(name, str):
-        return name
-    if name not in _UPDATE_RULES:
-        raise ValueError(
-            f"Unknown update rule {name!r} (config.optim.update_rule): use one of "
-            f"{', '.join(map(repr, _UPDATE_RULES))}."
-        )
-    return _UPDATE_RULES[name]
-
-
-def apply_updates(params, updates, *, rule="nearest", rule_state=None, key=None, step=0):
-    """Applies FP32 `updates` to `params` with an update rule.
-
-    Args:
-      params: pytree of params (any float dtypes).
-      updates: pytree of FP32 updates, same structure.
-      rule: a registered rule name or an UpdateRule.
-      rule_state: the rule's state; `rule.init(params)` when None.
-      key: PRNG key, required by rules with `requires_key` (e.g. stochastic rounding).
-      step: the update count (int scalar).
-
-    Returns:
-      `(new_params, new_rule_state)`; every new param keeps its dtype.
-    """
-    rule = get_update_rule(rule)
-    if rule.requires_key and key is None:
-        raise ValueError(f"Update rule {rule!r} needs a PRNG key: pass key=...")
-    if rule_state is None:
-        rule_state = rule.init(params)
-    return rule.apply(params, updates, rule_state, key, jnp.asarray(step, jnp.int32))
 
 
 # ------------------------------------------------------------------- optimizer
@@ -396,7 +293,16 @@ class Optimizer:
         """The learning rate the next `update` with `state` uses."""
         return self.schedule(state.count)
 
-    def update(self, grads, state: OptimizerState, params, *, key=None, return_updates=False):
+    def update(
+        self,
+        grads,
+        state: OptimizerState,
+        params,
+        *,
+        key=None,
+        return_updates=False,
+        grad_norm=None,
+    ):
         """One optimizer step; pure, so call it inside the jitted train step.
 
         Args:
@@ -405,11 +311,13 @@ class Optimizer:
           params: current params; new params keep their dtypes.
           key: PRNG key for the update rule (needed by stochastic rounding only).
           return_updates: also return the FP32 updates the rule added (for diagnostics).
+          grad_norm: `global_norm(grads)` if the caller has it (clipping reuses it).
 
         Returns:
           `(new_params, new_state)`, plus the updates when `return_updates`.
         """
-        direction, tx_state = self.tx.update(grads, state.tx_state, params)
+        extra = {} if grad_norm is None else {"grad_norm": grad_norm}
+        direction, tx_state = self.tx.update(grads, state.tx_state, params, **extra)
         lr = self.schedule(state.count)
         updates = jax.tree.map(lambda d: -lr * d, direction)
         new_params, rule_state = apply_updates(
@@ -472,7 +380,7 @@ def make_optimizer(optim_cfg, *, total_steps: int, update_rule: str | None = Non
     mu_dtype, nu_dtype = _dtype(cfg, "mu_dtype"), _dtype(cfg, "nu_dtype")
     chain = []
     if cfg.clip_norm > 0:
-        chain.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
+        chain.append(clip_by_global_norm(cfg.clip_norm))
     if cfg.name == "adamw":
         if not stochastic_moments:  # unbiased rounding keeps a 16-bit average moving
             _check_storage(mu_dtype, cfg.b1, "mu_dtype", "b1")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bf16jax import metrics
+from bf16jax import matmul, metrics
 from bf16jax.precision import Policy, quant_bits
 
 __all__ = [
@@ -195,9 +195,7 @@ def quantized_dot(
     sw = scale_grad(w_scale, 1.0 / math.sqrt(w.shape[0] * wp))
     kw = w if jnp.issubdtype(w.dtype, jnp.integer) else lsq_codes(w, sw, wn, wp)  # [K, N]
     if a_bits is None:
-        y = jax.lax.dot_general(policy.cast_to_compute(x), policy.cast_to_compute(kw), dims,
-                                preferred_element_type=acc)  # fmt: skip
-        return y * sw.astype(acc)
+        return matmul.dot_general(x, kw, dims, policy) * sw.astype(acc)
     an, ap = quant_range(a_bits)
     per_example = x.size // x.shape[0] if x.ndim > 1 else x.size  # LSQ's N_F
     sa = scale_grad(a_scale, 1.0 / math.sqrt(per_example * ap))
@@ -208,9 +206,8 @@ def quantized_dot(
         ).astype(acc)
     else:
         # Codes are small integers: exact in bf16/f16, and the FP32 accumulator is exact too.
-        kx_c = kx.astype(policy.compute_dtype)
-        kw_c = kw.astype(policy.compute_dtype)
-        y = jax.lax.dot_general(kx_c, kw_c, dims, preferred_element_type=acc)
+        # The backward GEMMs run on compute-dtype operands as well (`bf16jax.matmul`).
+        y = matmul.dot_general(kx, kw, dims, policy)
     return y * (sa * sw).astype(acc)
 
 

@@ -43,6 +43,8 @@ __all__ = [
     "batch_sharding",
     "make_global_batch",
     "constrain_batch",
+    "batch_shards",
+    "target_platform",
     "maybe_initialize_distributed",
 ]
 
@@ -385,6 +387,25 @@ def constrain_batch(x: jax.Array) -> jax.Array:
         return x
     spec = P(BATCH_AXES, *([P.UNCONSTRAINED] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def batch_shards() -> int:
+    """How many ways the current mesh (`jax.set_mesh`) splits the batch: data * fsdp; 1 without
+    a mesh with the bf16jax axes. Read at trace time, e.g. to size per-device chunks."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return 1
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def target_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") the current trace compiles for: the mesh's under
+    `jax.set_mesh` (an AOT compile for a TPU pod on a CPU host says "tpu"), else the default
+    backend. For choices made at trace time that depend on the hardware."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = None if mesh.empty else getattr(mesh, "platform", None)
+    platform = platform or jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 # ----------------------------------------------------------------------------- multi-host

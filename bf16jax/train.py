@@ -13,6 +13,10 @@ overwrite-with-gradient "gradient" (the new amax histories / scales, `quant.fp8_
 micro-batches), never through the optimizer; a step whose gradients, or whose new params /
 optimizer state, are not all finite changes nothing but the loss scale, the step and the skip
 counters; the state is built sharded (eval_shape -> shardings -> jit).
+The loss is `loss.fused_cross_entropy` (no [B, T, V] logits) or the materialised
+`loss.cross_entropy` (`config.train.loss_impl`, `loss.LossOptions`). The Trainer jits two
+variants of the step with the same shardings and donation: the plain one, and one that adds the
+per-step diagnostics (`train.diagnostics`), which the loop runs on logging steps only.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ from jax.sharding import PartitionSpec as P
 from bf16jax import config as config_lib
 from bf16jax import data as data_lib
 from bf16jax import evaluation, numerics, optim, sharding
+from bf16jax import loss as loss_lib
 from bf16jax import loss_scale as ls
 from bf16jax import metrics as metrics_lib
 from bf16jax.layers import Attention
-from bf16jax.loss import cross_entropy
+from bf16jax.loss import LossOptions, cross_entropy
 from bf16jax.models import build_model, param_count
 from bf16jax.precision import Policy, fp32_reference, get_policy
 from bf16jax.quant import FP8Meta
@@ -58,6 +63,9 @@ _KEY_SALT = 0x7A1  # the state's key is independent of the param-init stream of 
 # Dropout keys are fold_in(step_key, _DROPOUT_SALT[, micro-batch]): apart from the update
 # rule's per-leaf keys fold_in(step_key, leaf index).
 _DROPOUT_SALT = 0x0D5A_0000
+# Name scope of the per-step diagnostics in the lowered program (tests count what is inside).
+DIAGNOSTICS_SCOPE = "bf16jax_diagnostics"
+_DEFAULT_LOSS = LossOptions()  # the materialised cross-entropy, no z-loss
 
 
 @struct.dataclass
@@ -72,12 +80,6 @@ class TrainState:
     skipped: jax.Array  # int32 [], steps skipped: a gradient or the update was not finite
     skips_in_a_row: jax.Array  # int32 [], consecutive skipped steps up to this one (0: applied)
     fp8_meta: Any  # nnx.State of quant.FP8Meta (replicated); empty unless the policy has q=fp8
-
-
-def _global_norm(tree) -> jax.Array:
-    # why: a sum of squares over millions of BF16 entries needs an FP32 accumulator.
-    leaves = [jnp.sum(jnp.square(x.astype(_F32))) for x in jax.tree.leaves(tree)]
-    return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros([], _F32)
 
 
 def _micro_batches(batch: dict, k: int) -> dict:
@@ -97,7 +99,9 @@ def _micro_batches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def _loss_and_grads(params, fp8_meta, graphdef, batch, loss_scale, z_loss, dropout_key):
+def _loss_and_grads(
+    params, fp8_meta, graphdef, batch, loss_scale, loss_opts: LossOptions, dropout_key
+):
     """(aux metrics, FP32 unscaled grads, new FP8 meta) of the weighted-mean loss on one batch.
 
     `dropout_key` turns the model's dropout on (models with all rates 0 ignore it).
@@ -108,8 +112,9 @@ def _loss_and_grads(params, fp8_meta, graphdef, batch, loss_scale, z_loss, dropo
 
     def loss_fn(p, m):
         model = nnx.merge(graphdef, p, m)
-        logits, targets, weights = model.logits_and_targets(batch, dropout_key=dropout_key)
-        loss, aux = cross_entropy(logits, targets, weights, z_loss=z_loss)
+        loss, aux = loss_lib.model_loss(
+            model, batch, loss_opts, grad_scale=loss_scale.scale, dropout_key=dropout_key
+        )
         return ls.scale_loss(loss_scale, loss), {**aux, "loss": loss}
 
     (_, aux), (grads, new_meta) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
@@ -125,7 +130,7 @@ def train_step(
     graphdef: nnx.GraphDef,
     optimizer: optim.Optimizer,
     grad_accum_steps: int = 1,
-    z_loss: float = 0.0,
+    loss: LossOptions = _DEFAULT_LOSS,
     diagnostics: bool = False,
     compute_dtype=jnp.bfloat16,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -133,11 +138,12 @@ def train_step(
 
     Returns:
       (new_state, metrics): FP32 scalars loss, nll, accuracy, log_z (mean |log Z| of the output
-      logits), grad_norm, param_norm, learning_rate, loss_scale, finite (1/0: the gradients),
-      applied (1/0: the update was finite and taken), skipped (total), skips_in_a_row.
-      With `diagnostics`: `swamped/<group>` (nonzero update, unchanged weight; see
-      `numerics.swamping_fractions`) and `grad/{zero,subnormal,nonfinite}` fractions, subnormal
-      meaning below the smallest normal of `compute_dtype`.
+      logits), grad_norm (before clipping; the one norm clipping also uses), param_norm,
+      learning_rate, loss_scale, finite (1/0: the gradients), applied (1/0: the update was
+      finite and taken), skipped (total), skips_in_a_row. With `diagnostics` (the Trainer runs
+      that variant on logging steps only): `swamped/<group>` (nonzero update, unchanged weight;
+      see `numerics.swamping_fractions`) and `grad/{zero,subnormal,nonfinite}` fractions,
+      subnormal meaning below the smallest normal of `compute_dtype`.
     """
     k = grad_accum_steps
     meta = state.fp8_meta
@@ -145,7 +151,7 @@ def train_step(
     dropout_key = jax.random.fold_in(step_key, _DROPOUT_SALT)
     if k == 1:
         aux, grads, new_meta = _loss_and_grads(
-            state.params, meta, graphdef, batch, state.loss_scale, z_loss, dropout_key
+            state.params, meta, graphdef, batch, state.loss_scale, loss, dropout_key
         )
     else:
         micro = _micro_batches(batch, k)
@@ -155,7 +161,7 @@ def train_step(
             mb, i = xs
             key = jax.random.fold_in(dropout_key, i)
             aux, g, m = _loss_and_grads(
-                state.params, meta, graphdef, mb, state.loss_scale, z_loss, key
+                state.params, meta, graphdef, mb, state.loss_scale, loss, key
             )
             w = aux["weight_sum"]
             # Accumulate sum_i w_i * grad(mean_i) in FP32; divided by sum_i w_i below.
@@ -179,8 +185,14 @@ def train_step(
         aux = {key: totals[key] / denom for key in keys} | {"weight_sum": totals["weight_sum"]}
 
     finite = ls.all_finite(grads)
+    grad_norm = optim.global_norm(grads)  # one reduction, shared by clipping and the metrics
     new_params, new_opt, updates = optimizer.update(
-        grads, state.opt_state, state.params, key=step_key, return_updates=True
+        grads,
+        state.opt_state,
+        state.params,
+        key=step_key,
+        return_updates=True,
+        grad_norm=grad_norm,
     )
     # Finite gradients can still give an Inf/NaN update (a huge learning rate, an overflowing
     # BF16 moment): such a step is skipped like a non-finite gradient.
@@ -205,8 +217,8 @@ def train_step(
         "nll": aux["nll"],
         "accuracy": aux["accuracy"],
         "log_z": aux["log_z"],
-        "grad_norm": _global_norm(grads),
-        "param_norm": _global_norm(params),
+        "grad_norm": grad_norm,
+        "param_norm": optim.global_norm(params),
         "learning_rate": optimizer.learning_rate(state.opt_state),
         "loss_scale": state.loss_scale.scale,
         "finite": finite.astype(_F32),
@@ -215,8 +227,9 @@ def train_step(
         "skips_in_a_row": in_a_row,
     }
     if diagnostics:
-        metrics |= numerics.swamping_fractions(state.params, new_params, updates)
-        metrics |= numerics.gradient_health(grads, compute_dtype)
+        with jax.named_scope(DIAGNOSTICS_SCOPE):
+            metrics |= numerics.swamping_fractions(state.params, new_params, updates)
+            metrics |= numerics.gradient_health(grads, compute_dtype)
     return new_state, metrics
 
 
@@ -307,6 +320,7 @@ class Trainer:
     optimizer: optim.Optimizer
     abstract: TrainState  # sharded ShapeDtypeStructs: the restore target
     n_params: int
+    loss: LossOptions = _DEFAULT_LOSS  # from config.train (loss_impl "auto" decided)
 
     def _init(self, params=None) -> TrainState:
         cfg = self.config
@@ -346,16 +360,15 @@ class Trainer:
             init = jax.jit(self._init, in_shardings=(sh.params,), out_shardings=sh)
             return init(params)
 
-    @functools.cached_property
-    def _step_fn(self):
+    def _jit_step(self, diagnostics: bool):
         cfg = self.config
         fn = functools.partial(
             train_step,
             graphdef=self.graphdef,
             optimizer=self.optimizer,
             grad_accum_steps=int(cfg.train.grad_accum_steps),
-            z_loss=float(cfg.train.z_loss),
-            diagnostics=bool(cfg.train.diagnostics),
+            loss=self.loss,
+            diagnostics=diagnostics,
             compute_dtype=self.policy.compute_dtype,
         )
         batch_sharding = sharding.batch_sharding(self.mesh)
@@ -365,6 +378,17 @@ class Trainer:
             out_shardings=(self.state_shardings, None),
             donate_argnums=0,
         )
+
+    @functools.cached_property
+    def _step_fn(self):
+        """The step every iteration runs: no diagnostics."""
+        return self._jit_step(diagnostics=False)
+
+    @functools.cached_property
+    def _diagnostic_step_fn(self):
+        """The step + swamping / gradient-health reductions, for logging steps (`_step_fn` itself
+        when `train.diagnostics` is off)."""
+        return self._jit_step(diagnostics=True) if self.config.train.diagnostics else self._step_fn
 
     @functools.cached_property
     def _eval_fn(self):
@@ -414,16 +438,34 @@ class Trainer:
         """The model holding `state`'s params (and FP8 meta), fetched to the host."""
         return _merge(self.graphdef, *jax.device_get((state.params, state.fp8_meta)))
 
-    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        """One jitted train step; `state` is donated (do not use it afterwards)."""
+    def step(
+        self, state: TrainState, batch: dict, *, diagnostics: bool = False
+    ) -> tuple[TrainState, dict]:
+        """One jitted train step; `state` is donated (do not use it afterwards). `diagnostics`:
+        the variant with `swamped/*`, `grad/*` metrics (`train.diagnostics`), for logged steps."""
+        fn = self._diagnostic_step_fn if diagnostics else self._step_fn
         with jax.set_mesh(self.mesh):
-            return self._step_fn(state, batch)
+            return fn(state, batch)
+
+    def lower(self, *, diagnostics: bool = False) -> jax.stages.Lowered:
+        """The jitted step (or its diagnostic variant) lowered on the abstract sharded state and
+        batch, nothing allocated: `.as_text()` is what XLA gets, `.compile()` the program."""
+        b, sh = int(self.config.data.batch_size), sharding.batch_sharding(self.mesh)
+        batch = {
+            k: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sh)
+            for k, (shape, dtype) in data_lib.example_spec(self.config.data).items()
+        }
+        fn = self._diagnostic_step_fn if diagnostics else self._step_fn
+        with jax.set_mesh(self.mesh):
+            return fn.lower(self.abstract, batch)
 
     def compile(self, state: TrainState, batch: dict) -> float:
-        """Compiles the train step for these shapes; returns the seconds it took."""
+        """Compiles the train step (both variants when diagnostics are on) for these shapes;
+        returns the seconds it took."""
         start = time.perf_counter()
         with jax.set_mesh(self.mesh):
-            self._step_fn.lower(state, batch).compile()
+            for fn in {self._step_fn, self._diagnostic_step_fn}:
+                fn.lower(state, batch).compile()
         return time.perf_counter() - start
 
     def global_batch(self, local_batch: dict) -> dict:
@@ -507,6 +549,7 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
         config.optim, total_steps=int(config.train.steps), update_rule=policy.update_rule
     )
     graphdef, abstract_model = _graphdef(config, policy)
+    loss = loss_lib.loss_options(config, abstract_model.output_head)
     fp32_graphdef, _ = _graphdef(config, fp32_reference(policy))
     # Stacked (scanned) layers would need the intermediates threaded through nnx.scan.
     tracking = not config.model.get("scan_layers", False)
@@ -521,6 +564,7 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
         optimizer=optimizer,
         abstract=None,  # set below: _init needs the trainer
         n_params=param_count(abstract_model),
+        loss=loss,
     )
     abstract = sharding.abstract_state(trainer._init, mesh, rules)
     # Optimizer moments (and update-rule buffers) take their parameter's sharding.

@@ -170,15 +170,24 @@ def _xla_flops(compiled) -> float:
     return float(cost.get("flops", 0.0))
 
 
+def materialized_loss(config):
+    """`config` with the materialised loss: the fused loss's GEMMs without its chunk loop."""
+    c = config.copy_and_resolve_references()
+    c.train.loss_impl = "materialized"
+    return c
+
+
 def unrolled_flops(config, mesh, compiler_options: dict | None = None) -> dict[str, float]:
     """Per-device XLA FLOPs of the GPT step at full depth, from unrolled 1- and 2-layer compiles.
 
     XLA's cost analysis counts a while loop's body once, so a scanned model's figure misses
     L - 1 layers; the step's FLOPs are A + L * B, exactly linear in L for identical layers.
+    The fused loss's chunk loop is a while loop too: these compiles use the materialised loss,
+    which runs the same head GEMMs.
     """
     flops = []
     for layers in (1, 2):
-        c = config.copy_and_resolve_references()
+        c = materialized_loss(config)
         c.model.update(num_layers=layers, scan_layers=False)
         _, _, compiled, _, _ = _compile(c, mesh, compiler_options)
         if isinstance(compiled, str):
@@ -207,7 +216,8 @@ def aot_compile(
         over a TPU topology's compile-only devices, or over CPU devices.
       hbm_bytes: the chip's HBM, for `fits` and `hbm_used`; None on CPU.
       full_depth_flops: for a scanned GPT, also compile it unrolled at 1 and 2 layers to count
-        the FLOPs of all layers (`unrolled_flops`); otherwise the full-depth figure is None.
+        the FLOPs of all layers (`unrolled_flops`), and for a fused loss once with the
+        materialised loss; otherwise the full-depth figure of such a model is None.
       compiler_options: XLA options for every compile, e.g. FAST_CPU_COMPILE in tests.
 
     Returns:
@@ -263,10 +273,14 @@ def aot_compile(
         "xla_flops_per_device": _xla_flops(compiled),
     }
     full = row["xla_flops_per_device"]
-    if config.model.get("scan_layers", False) and config.model.name == "gpt":
+    scanned = config.model.get("scan_layers", False) and config.model.name == "gpt"
+    if scanned or trainer.loss.fused:  # while loops, whose body XLA's cost analysis counts once
         full = None
-        if full_depth_flops:
+        if full_depth_flops and scanned:
             full = unrolled_flops(config, mesh, compiler_options)["total"]
+        elif full_depth_flops:
+            _, _, unlooped, _, _ = _compile(materialized_loss(config), mesh, compiler_options)
+            full = None if isinstance(unlooped, str) else _xla_flops(unlooped)
     per_token = loop.flops_per_token(config, trainer.n_params)
     peak_flops = metrics.device_peak_flops(mesh.devices.flat[0])
     row |= {

@@ -203,6 +203,31 @@ def test_attention_projection_override():
     assert param_dtypes(grads) == dtypes
 
 
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_fused_projections_match_separate_ones(cross):
+    """One GEMM over the stacked q, k, v kernels (k, v for cross-attention) gives the three
+    projections' outputs and gradients; the params stay separate."""
+    attn = randomize(Attention(D, H, policy=get_policy("bf16"), name="attn", rngs=nnx.Rngs(0)))
+    assert attn.projections_fusable and attn.fuse_projections is None  # auto: CPU -> separate
+    attn.fuse_projections = True
+    inputs = (bf16_input((2, T, D)),) + ((bf16_input((2, S, D), 1),) if cross else ())
+    fused, fused_grads = output_and_grads(attn, inputs, lambda m, *xs: m(*xs))
+    attn.fuse_projections = False
+    separate, separate_grads = output_and_grads(attn, inputs, lambda m, *xs: m(*xs))
+    np.testing.assert_allclose(f64(fused), f64(separate), rtol=2**-7, atol=1e-6)
+    # The input's gradient sums the projections' contributions: separately each is rounded to
+    # BF16 before the sum, fused they meet in the FP32 accumulator. Allow a BF16 ulp of the max.
+    for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(separate_grads), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(f64(a), f64(b), rtol=2**-7, atol=2**-7 * np.abs(f64(b)).max())
+
+
+@pytest.mark.parametrize("spec", ["bf16-pure; attn/q->fp32", "bf16; q=w8a8", "bf16; q=fp8"])
+def test_projections_stay_separate_when_policies_differ(spec):
+    attn = Attention(D, H, policy=get_policy(spec), name="attn", rngs=nnx.Rngs(0))
+    assert not attn.projections_fusable
+
+
 # ----------------------------------------------------------------------------- FP32 accumulation
 def bf16_sequential_sum(values, axis=-1):
     """The sum as a BF16 accumulator would compute it: every partial sum rounded to BF16."""

@@ -264,7 +264,7 @@ def _train(config, mesh, steps=5):
     state = trainer.init_state()
     metrics = []
     for _ in range(steps):
-        state, m = trainer.step(state, trainer.global_batch(next(it)))
+        state, m = trainer.step(state, trainer.global_batch(next(it)), diagnostics=True)
         metrics.append(jax.device_get(m))
     return trainer, state, metrics
 

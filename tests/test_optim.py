@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from bf16jax import optim
+from bf16jax import optim, update_rules
 from bf16jax.config import base_config
 
 BF16 = jnp.bfloat16
@@ -263,7 +263,7 @@ class CountingRule:
 
 
 def test_update_rule_registry_slots_in_stateful_rules(monkeypatch):
-    monkeypatch.setitem(optim._UPDATE_RULES, "counting", CountingRule())
+    monkeypatch.setitem(update_rules._UPDATE_RULES, "counting", CountingRule())
     assert "counting" in optim.update_rules()
     opt = optim.make_optimizer(make_cfg(update_rule="counting"), total_steps=3)
     params = {"w": jnp.zeros((2,), BF16)}

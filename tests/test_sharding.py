@@ -292,10 +292,12 @@ def _step_temp_bytes(mesh_shape, devices):
 def test_fsdp_step_holds_only_its_share_of_the_activations(constrained, monkeypatch):
     """The bug the TPU AOT compiles found: without the constraints GSPMD all-gathers the batch
     to contract FSDP-sharded weights, so each device holds the global batch's activations."""
+    from bf16jax import loss
     from bf16jax.models import gpt
 
     if not constrained:
         monkeypatch.setattr(gpt, "constrain_batch", lambda x: x)
+        monkeypatch.setattr(loss, "constrain_batch", lambda x: x)  # the fused loss's chunks
     one = _step_temp_bytes((1, 1, 1), jax.devices()[:1])
     fsdp = _step_temp_bytes((1, 8, 1), jax.devices())
     ratio = fsdp / one

@@ -437,11 +437,11 @@ def test_sigterm_saves_the_current_step_stops_and_resumes(tmp_path, monkeypatch)
     config = tiny_gpt_config(steps=5)  # periodic saves: every 250 steps
     real_step, calls = train.Trainer.step, []
 
-    def step(self, state, batch):
+    def step(self, state, batch, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, state, batch)
+        return real_step(self, state, batch, **kwargs)
 
     monkeypatch.setattr(train.Trainer, "step", step)
     handler = signal.getsignal(signal.SIGTERM)

@@ -3,8 +3,10 @@
 `build_model(model_cfg, policy, rngs=...)` dispatches on `model_cfg.name` ("gpt", "t5", "vit"),
 checks the sizes it reads (all positive integers, heads dividing widths, patches tiling images)
 and raises ValueError naming the key and the fix. Every model has `features(...)` (hidden states
-in the policy's output_dtype) and `logits_and_targets(batch)` (logits in accum_dtype, targets
-int32, weights float32). `param_count(model)` is N in the 6N FLOPs-per-token MFU convention.
+in the policy's output_dtype), `logits_and_targets(batch)` (logits in accum_dtype, targets
+int32, weights float32), `head_and_targets(batch)` (the output head's input and the head itself,
+for `loss.fused_cross_entropy`) and `output_head`. `param_count(model)` is N in the 6N
+FLOPs-per-token MFU convention.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ _OPTIONAL = {
     "vit": dict(channels=1, attention_impl=None, norm_eps=1e-5, mlp_activation="gelu", **_DROPOUT),
 }
 MODEL_NAMES = tuple(_REQUIRED)
-ATTENTION_IMPLS = ("xla", "cudnn")  # plus None / "" for JAX's default (XLA)
+# "xla" (and None / ""): bf16jax's own XLA attention (layers.attention); "cudnn": cuDNN through
+# jax.nn.dot_product_attention.
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 def build_model(
@@ -194,6 +198,6 @@ def _attention_impl(value) -> str | None:
     if value not in ATTENTION_IMPLS:
         raise ValueError(
             f"model.attention_impl={value!r} is not valid: use one of "
-            f"{', '.join(map(repr, ATTENTION_IMPLS))} or '' for JAX's default."
+            f"{', '.join(map(repr, ATTENTION_IMPLS))} or '' for bf16jax's XLA attention."
         )
     return value

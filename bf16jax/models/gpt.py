@@ -31,6 +31,7 @@ from bf16jax.layers import (
     dropout,
     dropout_keys,
 )
+from bf16jax.loss import head_logits, materialize
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
 
@@ -179,7 +180,9 @@ class GPT(nnx.Module):
       rngs: parameter RNGs.
       scan_layers: stack blocks and run them with `nnx.scan`.
       remat: rematerialize each block in the backward pass.
-      attention_impl: passed to `jax.nn.dot_product_attention` ("xla", "cudnn" or None).
+      attention_impl: None / "" / "xla": bf16jax's own XLA attention (`layers.attention`:
+        FP32 logits and softmax, 16-bit GEMMs forward and backward); "cudnn":
+        `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only).
       tie_embeddings: logits from the token embedding (GPT-2) or a separate "head".
       norm_eps: LayerNorm epsilon (GPT-2: 1e-5).
       mlp_activation: one of `layers.MLP_ACTIVATIONS` (GPT-2: "gelu", the tanh form).
@@ -257,7 +260,6 @@ class GPT(nnx.Module):
                 use_bias=False,
                 kernel_axes=("embed", "vocab"),
                 edge=True,  # output logits: unquantized unless an override asks
-                logits=True,
             )
 
     def _hidden(self, inputs: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -288,6 +290,11 @@ class GPT(nnx.Module):
         """Final hidden states [B, T, D] in output dtype for token ids `inputs` [B, T]."""
         return self.policy.cast_to_output(self._hidden(inputs))
 
+    @property
+    def output_head(self) -> Embed | Linear:
+        """The output projection: the tied token embedding or the separate "head"."""
+        return self.embed if self.tie_embeddings else self.head
+
     def __call__(self, inputs: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, V] in accum dtype (FP32 island) for token ids `inputs` [B, T].
 
@@ -296,10 +303,20 @@ class GPT(nnx.Module):
         h = self._hidden(inputs, dropout_key)
         return self._logits(h)
 
-    def _logits(self, h: jax.Array) -> jax.Array:
-        if self.tie_embeddings:
-            return constrain_batch(self.embed.attend(h))
-        return constrain_batch(self.policy.cast_to_accum(self.head(h)))
+    def _logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] compute -> [B, T, V] accum
+        return constrain_batch(head_logits(h, self.output_head))
+
+    def head_and_targets(
+        self, batch: dict, *, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, Embed | Linear, jax.Array, jax.Array]:
+        """(hidden [B, T, D] compute, output head, targets int32 [B, T], weights f32 [B, T]):
+        what `loss.fused_cross_entropy` takes instead of the [B, T, V] logits."""
+        targets = jnp.asarray(batch["targets"], jnp.int32)
+        weights = batch.get("weights")
+        if weights is None:
+            weights = jnp.ones(targets.shape, jnp.float32)
+        hidden = self._hidden(batch["inputs"], dropout_key)
+        return hidden, self.output_head, targets, jnp.asarray(weights, jnp.float32)
 
     # ----------------------------------------------------------------- KV-cache decoding
     def init_cache(self, batch_size: int) -> dict:
@@ -368,12 +385,7 @@ class GPT(nnx.Module):
         self, batch: dict, *, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, T, V], targets int32 [B, T], weights f32 [B, T]) for an LM batch."""
-        logits = self(batch["inputs"], dropout_key=dropout_key)
-        targets = jnp.asarray(batch["targets"], jnp.int32)
-        weights = batch.get("weights")
-        if weights is None:
-            weights = jnp.ones(targets.shape, jnp.float32)
-        return logits, targets, jnp.asarray(weights, jnp.float32)
+        return materialize(*self.head_and_targets(batch, dropout_key=dropout_key))
 
 
 def cache_dtype(model: nnx.Module):

@@ -34,6 +34,7 @@ from bf16jax.layers import (
     dropout,
     dropout_keys,
 )
+from bf16jax.loss import head_logits, materialize
 from bf16jax.models.gpt import cache_dtype
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
@@ -214,7 +215,6 @@ class T5(nnx.Module):
                 use_bias=False,
                 kernel_axes=("embed", "vocab"),
                 edge=True,  # output logits: unquantized unless an override asks
-                logits=True,
             )
 
     @staticmethod
@@ -251,6 +251,21 @@ class T5(nnx.Module):
         encoded = self.encode(encoder_inputs)
         return self.policy.cast_to_output(self.decode(encoded, encoder_inputs, decoder_inputs))
 
+    @property
+    def output_head(self) -> Embed | Linear:
+        """The output projection: the tied token embedding or the separate "head"."""
+        return self.embed if self.tie_embeddings else self.head
+
+    def _head_input(self, encoder_inputs, decoder_inputs, dropout_key=None) -> jax.Array:
+        """The decoder's final hidden states [B, Td, D] as the output head reads them."""
+        k_enc, k_dec = dropout_keys(dropout_key, 2)
+        encoded = self.encode(encoder_inputs, k_enc)
+        return self._scaled_for_head(self.decode(encoded, encoder_inputs, decoder_inputs, k_dec))
+
+    def _scaled_for_head(self, h: jax.Array) -> jax.Array:
+        # T5 rescales before the tied projection so logits do not grow with sqrt(D).
+        return h * self.embed_dim**-0.5 if self.tie_embeddings else h
+
     def __call__(
         self,
         encoder_inputs: jax.Array,
@@ -259,16 +274,20 @@ class T5(nnx.Module):
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         """Logits [B, Td, V] in accum dtype (FP32 island); `dropout_key` = training."""
-        k_enc, k_dec = dropout_keys(dropout_key, 2)
-        encoded = self.encode(encoder_inputs, k_enc)
-        h = self.decode(encoded, encoder_inputs, decoder_inputs, k_dec)
-        return self._logits(h)
+        h = self._head_input(encoder_inputs, decoder_inputs, dropout_key)
+        return constrain_batch(head_logits(h, self.output_head))
 
-    def _logits(self, h: jax.Array) -> jax.Array:
-        if self.tie_embeddings:
-            # T5 rescales before the tied projection so logits do not grow with sqrt(D).
-            return constrain_batch(self.embed.attend(h * self.embed_dim**-0.5))
-        return constrain_batch(self.policy.cast_to_accum(self.head(h)))
+    def head_and_targets(
+        self, batch: dict, *, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, Embed | Linear, jax.Array, jax.Array]:
+        """(head input [B, Td, D] compute, output head, targets int32 [B, Td], weights f32
+        [B, Td]): what `loss.fused_cross_entropy` takes instead of the [B, Td, V] logits."""
+        targets = jnp.asarray(batch["targets"], jnp.int32)
+        weights = batch.get("weights")
+        if weights is None:
+            weights = (targets != PAD_ID).astype(jnp.float32)
+        hidden = self._head_input(batch["encoder_inputs"], batch["decoder_inputs"], dropout_key)
+        return hidden, self.output_head, targets, jnp.asarray(weights, jnp.float32)
 
     # ----------------------------------------------------------------- KV-cache decoding
     def init_cache(self, encoder_inputs: jax.Array, length: int) -> dict:
@@ -305,18 +324,14 @@ class T5(nnx.Module):
         y = self.policy.cast_to_compute(self.embed(tokens))
         mask = cache["encoder_mask"][:, None, None, :]  # keys only, as `_padding_mask`
         h, cache = self.decoder.decode(y, cache, index.astype(jnp.int32), context_mask=mask)
-        return self._logits(h), cache
+        logits = head_logits(self._scaled_for_head(h), self.output_head)
+        return constrain_batch(logits), cache
 
     def logits_and_targets(
         self, batch: dict, *, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, Td, V], targets int32 [B, Td], weights f32 [B, Td]) for a span batch."""
-        logits = self(batch["encoder_inputs"], batch["decoder_inputs"], dropout_key=dropout_key)
-        targets = jnp.asarray(batch["targets"], jnp.int32)
-        weights = batch.get("weights")
-        if weights is None:
-            weights = (targets != PAD_ID).astype(jnp.float32)
-        return logits, targets, jnp.asarray(weights, jnp.float32)
+        return materialize(*self.head_and_targets(batch, dropout_key=dropout_key))
 
 
 def _check_ids(ids: jax.Array, key: str) -> None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bf16jax.layers import Embed, LayerNorm, Linear
+from bf16jax.loss import materialize
 from bf16jax.models.gpt import Block
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
@@ -82,7 +83,6 @@ class ViT(nnx.Module):
             rngs=rngs,
             kernel_axes=("embed", None),
             edge=True,  # output logits: unquantized unless an override asks
-            logits=True,
         )
 
     def _pooled(self, images: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -108,15 +108,26 @@ class ViT(nnx.Module):
         """Pooled features [B, D] in output dtype for images [B, H, W, C]."""
         return self.policy.cast_to_output(self._pooled(images))
 
+    @property
+    def output_head(self) -> Linear:
+        """The classifier head."""
+        return self.head
+
     def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Class logits [B, num_classes] in accum dtype (FP32 island); `dropout_key` = training."""
-        pooled = self._pooled(images, dropout_key)
-        return constrain_batch(self.policy.cast_to_accum(self.head(pooled)))
+        return constrain_batch(self.head.logits(self._pooled(images, dropout_key)))
+
+    def head_and_targets(
+        self, batch: dict, *, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, Linear, jax.Array, jax.Array]:
+        """(pooled features [B, D] compute, head, labels int32 [B], weights ones f32 [B]):
+        what `loss.fused_cross_entropy` takes instead of the logits."""
+        targets = jnp.asarray(batch["label"], jnp.int32)
+        hidden = self._pooled(batch["image"], dropout_key)
+        return hidden, self.head, targets, jnp.ones(targets.shape, jnp.float32)
 
     def logits_and_targets(
         self, batch: dict, *, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, K], labels int32 [B], weights ones f32 [B]) for an image batch."""
-        logits = self(batch["image"], dropout_key=dropout_key)
-        targets = jnp.asarray(batch["label"], jnp.int32)
-        return logits, targets, jnp.ones(targets.shape, jnp.float32)
+        return materialize(*self.head_and_targets(batch, dropout_key=dropout_key))

@@ -1,0 +1,182 @@
+"""The fused chunked cross-entropy against the materialised one: loss, aux metrics and gradients
+for tied / untied / biased heads under fp32, bf16 and bf16-pure, chunking, z-loss, weights,
+masked labels, per-example targets, any cotangent; and the trainer's choice of loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bf16jax import loss as loss_lib
+from bf16jax.layers import Embed, Linear
+from bf16jax.precision import get_policy
+
+B, T, D, V = 4, 12, 16, 37
+# Stated tolerance: loss and aux within 1e-5 relative, every gradient within 1e-4 of its
+# largest entry (measured: ~5e-7, FP32 summation order; the 16-bit backward GEMMs see the same
+# BF16 operands in both paths).
+LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4
+
+
+def normal(shape, seed, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def make_head(kind, policy):
+    with nnx.use_eager_sharding(False):
+        if kind == "tied":
+            return Embed(V, D, policy=policy, name="embed", rngs=nnx.Rngs(0), stddev=0.5)
+        return Linear(D, V, policy=policy, name="head", rngs=nnx.Rngs(1), use_bias=kind == "bias")
+
+
+def data(shape=(B, T), seed=0, policy=None):
+    rng = np.random.default_rng(seed)
+    hidden = normal((*shape, D), seed, policy.compute_dtype if policy else jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, shape), jnp.int32)
+    weights = jnp.asarray(rng.uniform(size=shape) > 0.3, jnp.float32)
+    return hidden, targets, weights
+
+
+def both(head, hidden, targets, weights, *, z_loss=0.0, chunk_tokens=8, grad_scale=None):
+    """((loss, aux), grads w.r.t. (head params, hidden)) materialised and fused, jitted."""
+    graphdef, params = nnx.split(head)
+
+    def materialized(p, h):
+        logits = loss_lib.head_logits(h, nnx.merge(graphdef, p))
+        return loss_lib.cross_entropy(logits, targets, weights, z_loss=z_loss)
+
+    def fused(p, h):
+        return loss_lib.fused_cross_entropy(
+            h, nnx.merge(graphdef, p), targets, weights, z_loss=z_loss,
+            chunk_tokens=chunk_tokens, grad_scale=grad_scale,
+        )  # fmt: skip
+
+    @jax.jit
+    def run(p, h):
+        grad = [jax.value_and_grad(f, (0, 1), has_aux=True)(p, h) for f in (materialized, fused)]
+        return tuple(grad)
+
+    return run(params, hidden)
+
+
+def assert_close(ref, got):
+    (l0, a0), g0 = ref
+    (l1, a1), g1 = got
+    np.testing.assert_allclose(l1, l0, rtol=LOSS_RTOL)
+    for key in a0:
+        np.testing.assert_allclose(a1[key], a0[key], rtol=LOSS_RTOL, atol=1e-7, err_msg=key)
+    for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        np.testing.assert_allclose(y, x, atol=GRAD_RTOL * np.abs(x).max())
+
+
+@pytest.mark.parametrize(
+    "kind,policy", [("tied", "bf16"), ("bias", "bf16"), ("plain", "fp32"), ("tied", "bf16-pure")]
+)
+def test_fused_matches_materialized(kind, policy):
+    """Several chunks (T=12 in chunks of 2), z-loss, zero weights, a loss scale of 2^10."""
+    policy = get_policy(policy)
+    head = make_head(kind, policy)
+    hidden, targets, weights = data(policy=policy)
+    best = jnp.argmax(loss_lib.head_logits(hidden, head), -1).astype(jnp.int32)
+    targets = jnp.where(jnp.arange(T) % 2 == 0, best, targets)  # about half right
+    ref, got = both(head, hidden, targets, weights, z_loss=1e-2, chunk_tokens=8, grad_scale=1024.0)
+    assert_close(ref, got)
+    (_, aux), (param_grads, _) = got
+    assert 0 < float(aux["accuracy"]) < 1 and float(aux["weight_sum"]) == float(weights.sum())
+    # FP32 master weights get FP32 gradients; bf16-pure's BF16 params get BF16 ones.
+    for g in jax.tree.leaves(param_grads):
+        assert g.dtype == policy.param_dtype
+
+
+def test_chunking_does_not_change_the_result():
+    policy = get_policy("bf16")
+    head = make_head("tied", policy)
+    hidden, targets, weights = data(policy=policy)
+    one = both(head, hidden, targets, weights, chunk_tokens=10_000)[1]
+    many = both(head, hidden, targets, weights, chunk_tokens=4)[1]  # 12 chunks of one token
+    assert_close(one, many)
+
+
+def test_masked_labels_with_zero_weight_are_ignored():
+    """Issue 13's convention: out-of-range labels (e.g. -100) with weight 0 drop out."""
+    policy = get_policy("bf16")
+    head = make_head("tied", policy)
+    hidden, targets, weights = data(policy=policy)
+    masked = jnp.where(weights > 0, targets, -100)
+    (loss, aux), grads = both(head, hidden, masked, weights)[1]
+    (ref_loss, ref_aux), ref_grads = both(head, hidden, targets, weights)[1]
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(aux["accuracy"], ref_aux["accuracy"], rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=1e-7)
+
+
+def test_per_example_targets_and_any_cotangent():
+    """ViT: hidden [B, D], targets [B]; and d(3 * loss) = 3 * d(loss) whatever grad_scale says."""
+    policy = get_policy("bf16")
+    head = make_head("bias", policy)
+    hidden, targets, weights = data(shape=(B,), policy=policy)
+    assert_close(*both(head, hidden, targets, weights))
+    graphdef, params = nnx.split(head)
+
+    def tripled(p):
+        fused = loss_lib.fused_cross_entropy(hidden, nnx.merge(graphdef, p), targets, weights)
+        return 3.0 * fused[0]
+
+    def plain(p):
+        logits = loss_lib.head_logits(hidden, nnx.merge(graphdef, p))
+        return loss_lib.cross_entropy(logits, targets, weights)[0]
+
+    g3, g1 = jax.grad(tripled)(params), jax.grad(plain)(params)
+    for a, b in zip(jax.tree.leaves(g3), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(a, 3 * b, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_heads_and_shapes():
+    policy = get_policy("bf16; q=w8a8; head->q=w8a8")
+    quantized = make_head("plain", policy)
+    hidden, targets, _ = data(policy=policy)
+    with pytest.raises(ValueError, match="quantized.*loss_impl='materialized'"):
+        loss_lib.fused_cross_entropy(hidden, quantized, targets)
+    head = make_head("tied", get_policy("bf16"))
+    with pytest.raises(ValueError, match="do not match"):
+        loss_lib.fused_cross_entropy(hidden[:, :5], head, targets)
+    with pytest.raises(ValueError, match="integer class ids"):
+        loss_lib.fused_cross_entropy(hidden, head, targets.astype(jnp.float32))
+
+
+def test_trainer_chooses_the_loss():
+    from tiny import tiny_gpt_config
+
+    from bf16jax import config as config_lib
+    from bf16jax import train
+
+    def loss_of(config):
+        return train.create_trainer(config, mesh=_one_device_mesh()).loss
+
+    assert loss_of(tiny_gpt_config("bf16")).fused  # auto: a language model
+    assert not loss_of(tiny_gpt_config("bf16", loss_impl="materialized")).fused
+    untied = tiny_gpt_config("bf16; head->q=w8a8")
+    untied.unlock()
+    untied.model.tie_embeddings = False
+    assert not loss_of(untied).fused  # auto: a quantized head is not fusable
+    untied.train.loss_impl = "fused"
+    with pytest.raises(ValueError, match="loss_impl='fused'.*quantized"):
+        loss_of(untied)
+    vit = config_lib.base_config("vit")
+    vit.model.update(num_layers=1)
+    assert not loss_of(vit).fused  # auto: 10 classes, nothing to save
+    vit.train.loss_impl = "fused"
+    assert loss_of(vit).fused
+    vit.train.loss_impl = "chunked"
+    with pytest.raises(ValueError, match="train.loss_impl='chunked'"):
+        config_lib.validate(vit)
+
+
+def _one_device_mesh():
+    from tiny import make_mesh
+
+    return make_mesh((1, 1, 1), jax.devices()[:1])
