@@ -204,6 +204,9 @@ class _Unsupported(Exception):
     """A call the chosen kernel cannot take (the message says why)."""
 
 
+_WARNED: set[tuple[str, str]] = set()
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -275,7 +278,11 @@ def attention(
                 f"attention_impl={implementation!r} cannot run this attention call: {e} "
                 "Use attention_impl='auto' (falls back to XLA for such calls) or 'xla'."
             ) from None
-        log.warning("attention: %s kernel not used (%s); using the XLA path.", implementation, e)
+        if (implementation, str(e)) not in _WARNED:  # once per reason, not once per layer
+            _WARNED.add((implementation, str(e)))
+            log.warning(
+                "attention: %s kernel not used (%s); using the XLA path.", implementation, e
+            )
         return xla(q, k, v, policy)
     out = policy.cast_to_compute(out)
     if return_logit_max:  # diagnostics only: the kernel kept the scores on chip

@@ -193,6 +193,7 @@ def test_unsupported_call_falls_back_under_auto_and_raises_when_forced(caplog):
     q, k, v = qkv(t=96, s=96)  # not a multiple of 128
     policy = get_policy("fp32")
     ref = attn_lib.xla_attention(q, k, v, policy, causal=True)
+    attn_lib._WARNED.clear()
     with caplog.at_level(logging.WARNING, logger="bf16jax.attention"):
         out = attn_lib.attention(
             q, k, v, policy, causal=True, implementation="pallas", fallback=True
