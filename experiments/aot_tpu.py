@@ -254,12 +254,15 @@ def unrolled_flops(config, mesh, compiler_options: dict | None = None) -> dict[s
     """Per-device XLA FLOPs of the GPT step at full depth, from unrolled 1- and 2-layer compiles.
 
     XLA's cost analysis counts a while loop's body once, so a scanned model's figure misses
-    L - 1 layers; the step's FLOPs are A + L * B, exactly linear in L for identical layers.
+    L - 1 layers; the step's FLOPs are A + L * B, exactly linear in L for identical layers. The
+    gradient-accumulation loop is such a loop too: the compiles take the whole batch in one
+    micro-batch (the same FLOPs; 1-2 layers fit at any batch).
     """
     flops = []
     for layers in (1, 2):
         c = config.copy_and_resolve_references()
         c.model.update(num_layers=layers, scan_layers=False)
+        c.train.grad_accum_steps = 1
         _, _, compiled, _, _ = _compile(c, mesh, compiler_options)
         if isinstance(compiled, str):
             raise RuntimeError(f"{layers}-layer FLOPs compile ran out of memory: {compiled}")
@@ -343,7 +346,8 @@ def aot_compile(
         "xla_flops_per_device": _xla_flops(compiled),
     }
     full = row["xla_flops_per_device"]
-    if config.model.get("scan_layers", False) and config.model.name == "gpt":
+    loops = config.model.get("scan_layers", False) or int(config.train.grad_accum_steps) > 1
+    if loops and config.model.name == "gpt":
         full = None
         if full_depth_flops:
             full = unrolled_flops(config, mesh, compiler_options)["total"]
