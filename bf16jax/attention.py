@@ -299,16 +299,19 @@ def _cudnn(q, k, v, *, bias, mask, causal, scale, auto):
     if q.shape[1] != k.shape[1] and causal:
         raise _Unsupported("causal attention with T != S")
     try:
-        return jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            bias=None if bias is None else bias.astype(q.dtype),
-            mask=mask,
-            is_causal=causal,
-            scale=scale,
-            implementation="cudnn",
-        )
+        # Inputs are all in the compute dtype; the standard promotion only guards JAX's own
+        # internals under a strict-promotion setting (the tests'), as for the flash kernel.
+        with jax.numpy_dtype_promotion("standard"):
+            return jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                bias=None if bias is None else bias.astype(q.dtype),
+                mask=mask,
+                is_causal=causal,
+                scale=scale,
+                implementation="cudnn",
+            )
     except (NotImplementedError, RuntimeError) as e:  # shapes / versions cuDNN rejects
         raise _Unsupported(f"cuDNN refused it ({e})") from e
 
