@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import ml_collections
 
+from bf16jax.attention import normalize_implementation
 from bf16jax.precision import get_policy, parse_dtype
 
 MODEL_DEFAULTS = {
@@ -30,8 +31,8 @@ MODEL_DEFAULTS = {
         mlp_dim=512,
         max_len=256,
         scan_layers=False,
-        remat=False,
-        attention_impl="",
+        remat="none",  # none | save_dots | full (bf16jax.models.gpt.REMAT_POLICIES)
+        attention_impl="auto",  # auto | xla | cudnn | pallas (bf16jax.attention)
         norm_eps=1e-5,
         mlp_activation="gelu",
         dropout_rate=0.0,
@@ -50,7 +51,7 @@ MODEL_DEFAULTS = {
         tie_embeddings=False,
         relpos_buckets=32,
         relpos_max_distance=128,
-        attention_impl="",
+        attention_impl="auto",
         norm_eps=1e-6,
         mlp_activation="gated-gelu",  # T5 v1.1 / FLAN-T5; "relu" is T5 v1.0
         dropout_rate=0.0,  # FLAN-T5 fine-tuning uses 0.1 (residual, embeddings)
@@ -66,7 +67,7 @@ MODEL_DEFAULTS = {
         num_layers=4,
         num_heads=4,
         mlp_dim=128,
-        attention_impl="",
+        attention_impl="auto",
         norm_eps=1e-5,
         mlp_activation="gelu",
         dropout_rate=0.0,
@@ -81,6 +82,7 @@ SCHEDULES = ("cosine", "constant")
 LOSS_SCALES = ("none", "static", "dynamic")
 LOSS_IMPLS = ("auto", "fused", "materialized")
 DISTRIBUTED = ("auto", "yes", "no")
+REMAT = ("none", "save_dots", "full")  # keys of bf16jax.models.gpt.REMAT_POLICIES
 
 
 def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
@@ -194,6 +196,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of(config.train.loss_scale, LOSS_SCALES, "train.loss_scale")
     _one_of(config.train.loss_impl, LOSS_IMPLS, "train.loss_impl")
     _one_of(config.mesh.distributed, DISTRIBUTED, "mesh.distributed")
+    try:
+        normalize_implementation(config.model.get("attention_impl", "auto"))
+    except ValueError as e:
+        raise ValueError(f"config.model.attention_impl: {e}") from None
+    if "remat" in config.model:
+        _one_of(config.model.remat, REMAT, "model.remat")
     for key in ("mu_dtype", "nu_dtype"):
         try:
             parse_dtype(config.optim[key])

@@ -38,7 +38,7 @@ class CachedAttention:
 
     def attend(self, x: jax.Array, kv: KVCache, *, mask: jax.Array | None = None) -> jax.Array:
         """Attention of queries from `x` [B, T, D] over precomputed `kv` (see `kv`); [B, T, D]."""
-        return self._attend(x, kv, mask=mask, bias=None, causal=False, implementation=None)
+        return self._attend(x, kv, mask=mask, bias=None, causal=False, implementation="xla")
 
     def decode(
         self, x: jax.Array, cache: KVCache, index: jax.Array, *, bias: jax.Array | None = None
@@ -59,5 +59,5 @@ class CachedAttention:
         q_pos = index[:, None] + jnp.arange(t, dtype=index.dtype)[None]  # [B, T]
         mask = (jnp.arange(s, dtype=index.dtype)[None, None] <= q_pos[..., None])[:, None]
         # A query of one token gains nothing from a fused kernel: bf16jax's XLA path.
-        out = self._attend(x, (k, v), mask=mask, bias=bias, causal=False, implementation=None)
+        out = self._attend(x, (k, v), mask=mask, bias=bias, causal=False, implementation="xla")
         return out, (k, v)

@@ -8,6 +8,7 @@ Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/att
   accumulates in `accum_dtype` (`preferred_element_type`), then the result is cast
   to `compute_dtype`; biases are added before that cast, in `accum_dtype`;
 - norm statistics, attention logits + softmax and output logits are FP32 islands (`accum_dtype`);
+  `Attention` runs `bf16jax.attention.attention` with the kernel chosen for the backend;
 - with a quantizing policy (`q=w8a8`, ...) `Linear` keeps LSQ step sizes (`bf16jax.quant`) as
   FP32 params beside its kernel and dots integer codes; with `q=fp8` it dots E4M3 operands and
   keeps delayed-scaling state (`quant.FP8Meta`, not a param); edge layers (`edge=True`) stay
@@ -30,9 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from bf16jax import matmul, sharding
 from bf16jax import quant as quant_lib
+from bf16jax.attention import attention, resolve_implementation
+from bf16jax.dropout import dropout, dropout_keys
 from bf16jax.kv_cache import CachedAttention, KVCache
 from bf16jax.matmul import dot
 from bf16jax.precision import FP8, Policy, quant_bits
@@ -50,17 +54,14 @@ __all__ = [
     "attention",
     "dropout",
     "dropout_keys",
-    "ATTENTION_IMPLEMENTATIONS",
     "MLP_ACTIVATIONS",
+    "MATMUL_OUTPUT",
 ]
 
 Axes = Sequence[str | None]
 Initializer = Callable[..., jax.Array]
 
-# None / "xla": bf16jax's own XLA attention with FP32 logits + softmax (`attention` below, not
-# jax.nn.dot_product_attention); "cudnn": cuDNN flash attention through
-# jax.nn.dot_product_attention(implementation="cudnn") (GPU, bf16/fp16 only; FP32 softmax inside).
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+MATMUL_OUTPUT = "matmul_output"  # checkpoint name of every Linear's output (remat policies)
 
 
 def _param(init: Initializer, shape: tuple[int, ...], axes: Axes, dtype, rngs: nnx.Rngs):
@@ -79,26 +80,6 @@ def _fixed_param(value: jax.Array, axes: Axes) -> nnx.Param:
     init = nnx.with_partitioning(lambda *_: value, tuple(axes))
     with nnx.use_eager_sharding(False):
         return nnx.Param(init(None, value.shape, value.dtype))
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout (Srivastava et al. 2014): zero with probability `rate`, scale the rest.
-
-    The identity when `key` is None (evaluation, prediction) or `rate` is 0; keeps x's dtype.
-    """
-    if key is None or rate == 0.0:
-        return x
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"Dropout rate {rate} must lie in [0, 1).")
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros([], x.dtype))
-
-
-def dropout_keys(key: jax.Array | None, n: int) -> tuple[jax.Array | None, ...]:
-    """`n` independent keys `fold_in(key, i)`, or `n` Nones when `key` is None (no dropout)."""
-    if key is None:
-        return (None,) * n
-    return tuple(jax.random.fold_in(key, i) for i in range(n))
 
 
 class Linear(nnx.Module):
@@ -164,7 +145,9 @@ class Linear(nnx.Module):
             self.fp8_history = quant_lib.FP8Meta(history)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out] compute
-        return self.policy.cast_to_compute(self.logits(x))
+        # Named for the "save_dots" remat policy: the output is kept in compute dtype (half the
+        # bytes of the FP32 accumulator), so the backward pass need not recompute this matmul.
+        return checkpoint_name(self.policy.cast_to_compute(self.logits(x)), MATMUL_OUTPUT)
 
     def logits(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out] accum
         """x @ kernel (+ bias) left in accum dtype, not cast to compute: for output heads,
@@ -293,84 +276,6 @@ class RMSNorm(_Norm):
         super().__init__(features, policy=policy, name=name, rngs=rngs, eps=eps, **kw)
 
 
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    policy: Policy,
-    *,
-    bias: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    causal: bool = False,
-    implementation: str | None = None,
-    return_logit_max: bool = False,
-    scale: float | None = None,
-    dropout_rate: float = 0.0,
-    dropout_key: jax.Array | None = None,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """softmax(q k^T * scale + bias, masked) v over [B, T, H, Dh] inputs -> [B, T, H, Dh].
-
-    `scale` defaults to 1/sqrt(Dh) (GPT-2, ViT); T5 passes 1.0 (it folds the factor into q's
-    initialisation). `dropout_rate` drops attention probabilities when `dropout_key` is given.
-
-    `mask` is boolean, broadcastable to [B, H, T, S], True = attend. `bias` broadcastable to
-    [B, H, T, S]. With implementation None/"xla" (bf16jax's own XLA path) the q·kᵀ and p·v
-    einsums go through `bf16jax.matmul` (16-bit operands forward and backward, FP32
-    accumulation) and the logits and softmax are in accum dtype; `jax.nn.dot_product_attention`'s
-    XLA path also keeps its logits in FP32 in jax 0.10 but runs JAX's FP32 backward GEMMs.
-    "cudnn" calls `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; FP32 softmax).
-    With `return_logit_max`, also returns max |logit| (scaled, biased, before masking) in accum
-    dtype: large attention logits are a known precursor of low-precision instability.
-    """
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"Unknown attention implementation {implementation!r}: use one of "
-            f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}."
-        )
-    q, k, v = policy.cast_to_compute((q, k, v))
-    acc = policy.accum_dtype
-    scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    scale = jnp.asarray(scale_value, acc)
-    drop = dropout_key is not None and dropout_rate > 0.0
-
-    def scores():
-        # why: logits and softmax are an FP32 island; exp() of BF16 logits loses the small ones.
-        logits = matmul.einsum("bthd,bshd->bhts", q, k, policy) * scale
-        return logits if bias is None else logits + policy.cast_to_accum(bias)
-
-    if implementation == "cudnn":
-        if drop:
-            raise ValueError(
-                "cuDNN attention has no attention-probability dropout: set "
-                "model.attention_dropout_rate=0 or model.attention_impl='xla'."
-            )
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            bias=None if bias is None else bias.astype(q.dtype),
-            mask=mask,
-            is_causal=causal,
-            scale=scale_value,
-            implementation="cudnn",
-        )
-        if return_logit_max:  # diagnostics only: recomputes the scores cuDNN kept on chip
-            return out, jnp.max(jnp.abs(scores()))
-        return out
-    logits = scores()
-    logit_max = jnp.max(jnp.abs(logits)) if return_logit_max else None
-    t, s = logits.shape[-2:]
-    if causal:
-        keep = jnp.tril(jnp.ones((t, s), jnp.bool_), k=s - t)
-        mask = keep if mask is None else jnp.logical_and(mask, keep)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.asarray(jnp.finfo(acc).min, acc))
-    probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key)
-    out = matmul.einsum("bhts,bshd->bthd", policy.cast_to_compute(probs), v, policy)
-    out = policy.cast_to_compute(out)
-    return (out, logit_max) if return_logit_max else out
-
-
 def _scaled_lecun(factor: float) -> Initializer:
     """LeCun normal (truncated) with its variance multiplied by `factor`."""
     return nnx.initializers.variance_scaling(factor, "fan_in", "truncated_normal")
@@ -406,6 +311,11 @@ class Attention(CachedAttention, nnx.Module):
     and not on CPU, where the fused GEMM measured 1.3-1.6x slower (fwd + bwd of the projections
     at GPT-2 width, B8 T256; XLA:CPU's GEMM of [2048, 768] x [768, 2304] is no faster than three
     [768, 768] ones, and the stack / slice copies are extra); True / False force it.
+
+    `implementation` ("auto", "xla", "cudnn", "pallas"; see `bf16jax.attention`) is resolved
+    for `platform` (the devices the step runs on; default `jax.default_backend()`) and this
+    layer's compute dtype when the layer is built: a forced kernel the platform lacks raises
+    ValueError here.
     """
 
     track_logits: bool = False
@@ -422,15 +332,11 @@ class Attention(CachedAttention, nnx.Module):
         head_dim: int | None = None,
         causal: bool = False,
         use_bias: bool = True,
-        implementation: str | None = None,
+        implementation: str | None = "auto",
+        platform: str | None = None,
         scale_logits: bool = True,
         dropout_rate: float = 0.0,
     ):
-        if implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"Unknown attention implementation {implementation!r}: use one of "
-                f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}."
-            )
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ValueError(
@@ -442,7 +348,11 @@ class Attention(CachedAttention, nnx.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.causal = causal
-        self.implementation = implementation
+        # The kernel for this layer's compute dtype on `platform`; forced kernels that cannot
+        # run there fail here, when the model is built.
+        self.implementation, self.fallback = resolve_implementation(
+            implementation, compute_dtype=self.policy.compute_dtype, platform=platform
+        )
         self.scale_logits = scale_logits
         self.dropout_rate = dropout_rate
         inner = num_heads * head_dim
@@ -498,6 +408,7 @@ class Attention(CachedAttention, nnx.Module):
             mask=mask,
             causal=causal,
             implementation=implementation,
+            fallback=self.fallback if implementation == self.implementation else None,
             return_logit_max=self.track_logits,
             scale=None if self.scale_logits else 1.0,
             dropout_rate=self.dropout_rate,
@@ -535,7 +446,7 @@ def _fused_projection(x: jax.Array, linears: Sequence[Linear]) -> tuple[jax.Arra
     y = dot(x, kernel, first.policy)  # [..., n, F] accum
     if first.bias is not None:
         y = y + first.policy.cast_to_accum(jnp.stack([lin.bias[...] for lin in linears]))
-    y = first.policy.cast_to_compute(y)
+    y = checkpoint_name(first.policy.cast_to_compute(y), MATMUL_OUTPUT)  # as Linear's output
     return tuple(y[..., i, :] for i in range(len(linears)))
 
 

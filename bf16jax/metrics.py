@@ -32,6 +32,7 @@ from bf16jax import history
 __all__ = [
     "PEAK_BF16_FLOPS",
     "device_peak_flops",
+    "peak_flops_of_kind",
     "flops_per_token",
     "mfu",
     "MetricWriter",
@@ -66,7 +67,11 @@ _SPECIAL = {"H100 PCIe": 756e12}
 def device_peak_flops(device: jax.Device | None = None) -> float | None:
     """The dense BF16 peak of `device` (default: the first device), or None if unknown (CPU)."""
     device = device or jax.devices()[0]
-    kind = getattr(device, "device_kind", "")
+    return peak_flops_of_kind(getattr(device, "device_kind", ""))
+
+
+def peak_flops_of_kind(kind: str) -> float | None:
+    """The dense BF16 peak of a device named `kind` ("NVIDIA H200", "TPU v5 lite"), or None."""
     for name, peak in _SPECIAL.items():
         if name in kind:
             return peak

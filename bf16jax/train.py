@@ -324,7 +324,12 @@ class Trainer:
 
     def _init(self, params=None) -> TrainState:
         cfg = self.config
-        model = build_model(cfg.model, self.policy, rngs=nnx.Rngs(cfg.seed))
+        model = build_model(
+            cfg.model,
+            self.policy,
+            rngs=nnx.Rngs(cfg.seed),
+            platform=self.mesh.devices.flat[0].platform,
+        )
         if params is None:
             params = nnx.state(model, nnx.Param)
         fp8_meta = nnx.state(model, FP8Meta)  # empty State unless q=fp8
@@ -516,15 +521,26 @@ class Trainer:
 
 
 def _graphdef(
-    config, policy: Policy, *, track_logits: bool = False
+    config,
+    policy: Policy,
+    *,
+    platform: str,
+    track_logits: bool = False,
+    attention_impl: str | None = None,
 ) -> tuple[nnx.GraphDef, nnx.Module]:
-    """The model's graphdef under `policy` and the abstract model (no device memory).
+    """The model's graphdef under `policy` for `platform` and the abstract model (no device
+    memory).
 
-    `track_logits` turns on the attention layers' max-|logit| intermediates (diagnostics).
+    `track_logits` turns on the attention layers' max-|logit| intermediates (diagnostics);
+    `attention_impl` replaces the config's.
     """
+    model_cfg = config.model
+    if attention_impl is not None:
+        model_cfg = model_cfg.copy_and_resolve_references()
+        model_cfg.attention_impl = attention_impl
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(
-            lambda: build_model(config.model, policy, rngs=nnx.Rngs(config.seed))
+            lambda: build_model(model_cfg, policy, rngs=nnx.Rngs(config.seed), platform=platform)
         )
     if track_logits:
         for _, module in nnx.iter_modules(abstract_model):
@@ -548,12 +564,19 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
     optimizer = optim.make_optimizer(
         config.optim, total_steps=int(config.train.steps), update_rule=policy.update_rule
     )
-    graphdef, abstract_model = _graphdef(config, policy)
+    # The attention kernel is chosen for the devices the step runs on (a TPU topology when
+    # compiling ahead of time on a CPU host), and a forced one they lack fails here.
+    platform = mesh.devices.flat[0].platform
+    graphdef, abstract_model = _graphdef(config, policy, platform=platform)
     loss = loss_lib.loss_options(config, abstract_model.output_head)
-    fp32_graphdef, _ = _graphdef(config, fp32_reference(policy))
+    # The FP32 reference of the drift diagnostic uses bf16jax's XLA attention (cuDNN would
+    # refuse FP32, and the reference should not depend on a kernel).
+    fp32_graphdef, _ = _graphdef(
+        config, fp32_reference(policy), platform=platform, attention_impl="xla"
+    )
     # Stacked (scanned) layers would need the intermediates threaded through nnx.scan.
     tracking = not config.model.get("scan_layers", False)
-    diag_graphdef, _ = _graphdef(config, policy, track_logits=tracking)
+    diag_graphdef, _ = _graphdef(config, policy, platform=platform, track_logits=tracking)
     trainer = Trainer(
         config=config,
         policy=policy,

@@ -15,7 +15,6 @@ def get_config():
     c.model.update(
         vocab_size=50304, num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, max_len=1024
     )
-    c.model.attention_impl = ""  # "cudnn" on a GPU doubles attention throughput
     c.data.update(seq_len=1024, batch_size=16, eval_batch_size=16)
     c.optim.update(learning_rate=6e-4, warmup_steps=200, weight_decay=0.1, b2=0.95)
     c.train.update(steps=5000, log_every=50, eval_every=500, eval_steps=20)

@@ -20,7 +20,7 @@ def get_config():
         mlp_dim=8192,
         max_len=2048,
         scan_layers=True,
-        remat=True,
+        remat="full",
     )
     c.data.update(seq_len=2048, batch_size=256, eval_batch_size=64)
     c.optim.update(learning_rate=2e-4, warmup_steps=2000, weight_decay=0.1, b2=0.95)

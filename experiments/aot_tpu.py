@@ -1,8 +1,9 @@
 """Ahead-of-time compiles bf16jax's sharded train step for TPU pod topologies on a CPU machine.
 
-    make aot-tpu   # = .venv-tpu/bin/python experiments/aot_tpu.py (needs the `tpu` extra)
+    make aot-tpu   # = .venv-tpu/bin/python experiments/aot_tpu.py (needs the `tpu` extra):
+                   # gpt2_124m on v5e-8 / v5p-8, gpt_1b and t5_base on v5e-64 / v5p-128 / v4-32
     .venv-tpu/bin/python experiments/aot_tpu.py --configs=gpt_1b --topologies=v5e-64 \
-        --policies=bf16,bf16-pure
+        --policies=bf16,bf16-pure --remats=none,save_dots,full
 
 Owns the topology table (slice name -> libtpu topology and nominal HBM per chip) and
 `aot_compile(config, mesh)`: the real `create_trainer(config, mesh)` step, lowered and compiled
@@ -10,8 +11,12 @@ for ShapeDtypeStruct inputs (`trainer.abstract`, a batch from `data.example_spec
 device: argument / output / temp / code bytes from `compiled.memory_analysis()` (peak = argument
 + output - alias + temp + code), FLOPs from `compiled.cost_analysis()` (XLA counts a while loop's
 body once, so a scanned model is also compiled unrolled at 1 and 2 layers and extrapolated
-linearly) and the 6N + 6LTD model FLOPs (bf16jax.metrics). A setting that does not fit is
-reported as such, then grad accumulation is doubled until one does (same global batch).
+linearly) and the 6N + 6LTD model FLOPs (bf16jax.metrics); attention inside the Pallas splash kernel
+(`attention_impl="auto"` on TPU) is added analytically, since XLA does not count inside a Pallas
+call. A setting that does not fit is reported as such, then grad accumulation is doubled until
+one does (same global batch). `--remats` compiles each `model.remat` policy, and results.md
+names per case the fitting one with the fewest FLOPs (the one that spends free HBM on saved
+activations instead of recompute).
 Writes results/aot_tpu/results.{json,md}, merged over runs (a rerun of a config x topology x
 policy replaces all of that case's rows), each row with its command and git revision.
 """
@@ -44,9 +49,20 @@ class Topology:
 
 # Slice names count chips for v5e and TensorCores (2 per chip) for v4 / v5p.
 TOPOLOGIES = {
+    "v5e-8": Topology("v5e:2x4", 16, megacore=False),
     "v5e-64": Topology("v5e:8x8", 16, megacore=False),
+    "v5p-8": Topology("v5p:2x2x1", 95, megacore=True),
     "v5p-128": Topology("v5p:4x4x4", 95, megacore=True),
     "v4-32": Topology("v4:2x2x4", 32, megacore=True),
+}
+
+
+# The slices each config is compiled for when --topologies is not given (gpt2_124m's batch of
+# 16 does not split over 64 chips; it is a one-host model).
+DEFAULT_TOPOLOGIES = {
+    "gpt2_124m": ("v5e-8", "v5p-8"),
+    "gpt_1b": ("v5e-64", "v5p-128", "v4-32"),
+    "t5_base": ("v5e-64", "v5p-128", "v4-32"),
 }
 
 
@@ -177,18 +193,84 @@ def materialized_loss(config):
     return c
 
 
+def _attention_calls(config) -> list[tuple[int, int, bool, int]]:
+    """(query length, key length, causal, layers) of each kind of attention in the model."""
+    from bf16jax import data
+
+    m = config.model
+    if m.name == "gpt":
+        t = int(config.data.seq_len)
+        return [(t, t, True, int(m.num_layers))]
+    if m.name == "t5":
+        spec = data.example_spec(config.data)
+        te, td = spec["encoder_inputs"][0][0], spec["decoder_inputs"][0][0]
+        enc, dec = int(m.num_encoder_layers), int(m.num_decoder_layers)
+        return [(te, te, False, enc), (td, td, True, dec), (td, te, False, dec)]
+    return []  # ViT: its patch sequence is no multiple of 128 (XLA)
+
+
+def attention_kernel(config, platform: str) -> str:
+    """The attention a config's layers use on `platform` (bf16jax.attention): "pallas", "xla",
+    or "pallas/xla" when "auto" falls back for some (lengths the kernels do not tile)."""
+    from bf16jax import attention
+    from bf16jax.precision import get_policy
+
+    policy = get_policy(config.precision)
+    kernel, _ = attention.resolve_implementation(
+        config.model.get("attention_impl", "auto"),
+        compute_dtype=policy.compute_dtype,
+        platform=platform,
+    )
+    if kernel != "pallas":
+        return kernel
+    kinds = {
+        "pallas" if attention.pallas_block(t) and attention.pallas_block(s) else "xla"
+        for t, s, _, _ in _attention_calls(config)
+    }
+    return "/".join(sorted(kinds)) or "xla"
+
+
+def pallas_attention_flops(config, mesh) -> float:
+    """Per-device FLOPs per step of the attention inside Pallas kernels (splash, or flash with
+    T5's bias), which XLA's cost analysis does not see (a Pallas call counts ~0).
+
+    Per layer and sequence, with M = T * S * heads * head_dim: forward 2 matmuls (q k^T, p v),
+    backward 7 (dq kernel: q k^T, do v^T, ds k; dkv kernel: q k^T, p^T do, do v^T, ds^T q), and
+    the forward again in the backward pass under remat ("save_dots" / "full" recompute the
+    kernel's output), each 2M FLOPs; causal: times the fraction of (block x block) tiles at or
+    below the diagonal, (n + 1) / 2n for n = T / block, the only ones the kernels run.
+    """
+    from bf16jax import attention
+
+    m = config.model
+    width = int(m.num_heads) * int(m.get("head_dim") or m.embed_dim // m.num_heads)
+    matmuls = 2 + 7 + (2 if _remat_name(m.get("remat", "none")) != "none" else 0)
+    per_sequence = 0.0
+    for t, s, causal, layers in _attention_calls(config):
+        if not (attention.pallas_block(t) and attention.pallas_block(s)):
+            continue  # this attention runs on the XLA path: XLA counts it
+        n = t // attention.pallas_block(t)
+        frac = (n + 1) / (2 * n) if causal else 1.0
+        per_sequence += 2 * matmuls * t * s * width * frac * layers
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    sequences = int(config.data.batch_size) / shards  # per device, all micro-batches
+    return per_sequence * sequences / mesh.shape["tensor"]
+
+
 def unrolled_flops(config, mesh, compiler_options: dict | None = None) -> dict[str, float]:
     """Per-device XLA FLOPs of the GPT step at full depth, from unrolled 1- and 2-layer compiles.
 
     XLA's cost analysis counts a while loop's body once, so a scanned model's figure misses
-    L - 1 layers; the step's FLOPs are A + L * B, exactly linear in L for identical layers.
-    The fused loss's chunk loop is a while loop too: these compiles use the materialised loss,
-    which runs the same head GEMMs.
+    L - 1 layers; the step's FLOPs are A + L * B, exactly linear in L for identical layers. The
+    gradient-accumulation loop and the fused loss's chunk loop are such loops too: the compiles
+    take the whole batch in one micro-batch (the same FLOPs; 1-2 layers fit at any batch) and
+    the materialised loss, which runs the same head GEMMs.
     """
     flops = []
     for layers in (1, 2):
         c = materialized_loss(config)
         c.model.update(num_layers=layers, scan_layers=False)
+        c.train.grad_accum_steps = 1
         _, _, compiled, _, _ = _compile(c, mesh, compiler_options)
         if isinstance(compiled, str):
             raise RuntimeError(f"{layers}-layer FLOPs compile ran out of memory: {compiled}")
@@ -242,7 +324,7 @@ def aot_compile(
         "micro_batch_per_device": int(config.data.batch_size)
         // shards
         // int(config.train.grad_accum_steps),
-        "remat": bool(config.model.get("remat", False)),
+        "remat": _remat_name(config.model.get("remat", "none")),
         "state_bytes_global": global_bytes(trainer.abstract),
         "state_bytes_per_device": shard_bytes(trainer.abstract),
         "batch_bytes_per_device": shard_bytes(batch),
@@ -273,24 +355,34 @@ def aot_compile(
         "xla_flops_per_device": _xla_flops(compiled),
     }
     full = row["xla_flops_per_device"]
-    scanned = config.model.get("scan_layers", False) and config.model.name == "gpt"
+    loops = config.model.get("scan_layers", False) or int(config.train.grad_accum_steps) > 1
+    scanned = loops and config.model.name == "gpt"
     if scanned or trainer.loss.fused:  # while loops, whose body XLA's cost analysis counts once
         full = None
         if full_depth_flops and scanned:
             full = unrolled_flops(config, mesh, compiler_options)["total"]
         elif full_depth_flops:
-            _, _, unlooped, _, _ = _compile(materialized_loss(config), mesh, compiler_options)
+            c = materialized_loss(config)
+            c.train.grad_accum_steps = 1
+            _, _, unlooped, _, _ = _compile(c, mesh, compiler_options)
             full = None if isinstance(unlooped, str) else _xla_flops(unlooped)
     per_token = loop.flops_per_token(config, trainer.n_params)
     peak_flops = metrics.device_peak_flops(mesh.devices.flat[0])
+    kernel = attention_kernel(config, mesh.devices.flat[0].platform)
+    kernel_flops = pallas_attention_flops(config, mesh) if "pallas" in kernel else 0.0
+    total = None if full is None else full + (kernel_flops or 0.0)
     row |= {
+        "attention": kernel,
         "xla_flops_per_device_full_depth": full,
-        "xla_flops_per_step": None if full is None else full * n_dev,
+        # Attention FLOPs inside Pallas kernels (analytic: XLA does not count them).
+        "kernel_flops_per_device": kernel_flops,
+        "flops_per_device": total,
+        "xla_flops_per_step": None if total is None else total * n_dev,
         "model_flops_per_step": (
             None if per_token is None else per_token * loop.tokens_per_step(config)
         ),
-        # The step time at 100% of the chip's dense BF16 peak, from XLA's FLOPs.
-        "step_s_at_peak": full / peak_flops if (full and peak_flops) else None,
+        # The step time at 100% of the chip's dense BF16 peak, from XLA's + the kernels' FLOPs.
+        "step_s_at_peak": total / peak_flops if (total and peak_flops) else None,
     }
     row["jax"] = jax.__version__
     return row
@@ -302,16 +394,30 @@ def _with(config, **train):
     return c
 
 
+def _remat_name(value) -> str:
+    """model.remat as a policy name (rows from before the policies recorded a bool)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    return value
+
+
 def run_case(
-    config_name: str, slice_name: str, policy: str, max_accum: int, full_depth_flops: bool = True
+    config_name: str,
+    slice_name: str,
+    policy: str,
+    max_accum: int,
+    full_depth_flops: bool = True,
+    remat: str | None = None,
 ) -> list[dict]:
-    """Rows for one case: the config as is and, if it does not fit, the first grad accumulation
-    (same global batch, smaller per-device micro-batch) that does."""
+    """Rows for one case: the config as is (or with `remat`) and, if it does not fit, the first
+    grad accumulation (same global batch, smaller per-device micro-batch) that does."""
     from bf16jax import sharding
 
     topo = TOPOLOGIES[slice_name]
     config = load_config(config_name)
     config.precision = policy
+    if remat:
+        config.model.remat = remat
     mesh = sharding.make_mesh(config.mesh, devices=tpu_devices(slice_name))
     base = {"config": config_name, "topology": slice_name, "libtpu_topology": topo.name}
     rows, accum = [], int(config.train.grad_accum_steps)
@@ -328,7 +434,29 @@ def run_case(
 
 # ----------------------------------------------------------------------------- results
 def _key(row: dict) -> tuple:
-    return (row["config"], row["topology"], row["policy"], row["variant"])
+    """(config, topology, policy, remat, variant); the first four are a case."""
+    remat = _remat_name(row.get("remat", "none"))
+    return (row["config"], row["topology"], row["policy"], remat, row["variant"])
+
+
+def choose_remat(rows: list[dict]) -> dict[tuple, dict]:
+    """Per (config, topology, policy): the fitting row with the least gradient accumulation,
+    then the shortest step at peak (fewest FLOPs), then the smaller peak. That remat policy is
+    the one that spends the chip's free HBM on keeping activations instead of recomputing them.
+    Accumulation comes first because every extra micro-batch repeats FSDP's weight all-gathers,
+    a cost the FLOPs lower bound does not show."""
+
+    def score(r):
+        return (r["grad_accum_steps"], r["step_s_at_peak"], r["peak_bytes"])
+
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if not r.get("fits") or not r.get("step_s_at_peak"):
+            continue
+        case = _key(r)[:3]
+        if case not in best or score(r) < score(best[case]):
+            best[case] = r
+    return best
 
 
 def _gb(x) -> str:
@@ -337,11 +465,11 @@ def _gb(x) -> str:
 
 def to_markdown(rows: list[dict]) -> str:
     head = (
-        "| config | topology (chip, HBM) | policy | setting | µbatch/dev | state GB/dev "
-        "(global) | args GB | temp GB | code GB | peak GB/dev | fits | HBM used | XLA TFLOP/dev "
-        "(full depth) | XLA / model FLOPs | step at peak (ms) | compile s |\n"
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: "
-        "| ---: | ---: | ---: |"
+        "| config | topology (chip, HBM) | policy | remat | attention | setting | µbatch/dev "
+        "| state GB/dev (global) | args GB | temp GB | code GB | peak GB/dev | fits | HBM used "
+        "| TFLOP/dev (full depth) | step / model FLOPs | step at peak (ms) | compile s |\n"
+        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- "
+        "| ---: | ---: | ---: | ---: | ---: |"
     )
     lines = [head]
     for r in rows:
@@ -350,21 +478,26 @@ def to_markdown(rows: list[dict]) -> str:
         )
         state = f"{_gb(r['state_bytes_per_device'])} ({_gb(r['state_bytes_global'])})"
         compile_s = f"{r['lower_s'] + r['compile_s']:.0f}"
+        # Rows from before the attention choice ran bf16jax's XLA attention.
+        lead = (
+            f"| {r['config']} | {chip} | {r['policy']} | {_remat_name(r.get('remat', 'none'))} "
+            f"| {r.get('attention') or 'xla'} | {r['variant']} | "
+        )
         if not r.get("argument_bytes"):
             fits = f"**no**: {r['oom']}"
             lines.append(
-                f"| {r['config']} | {chip} | {r['policy']} | {r['variant']} | "
-                f"{r['micro_batch_per_device']} | {state} | — | — | — | — | {fits} | — | — | — "
-                f"| — | {compile_s} |"
+                f"{lead}{r['micro_batch_per_device']} | {state} | — | — | — | — | {fits} | — "
+                f"| — | — | — | {compile_s} |"
             )
             continue
         model, xla, full = r["model_flops_per_step"], r["xla_flops_per_step"], None
         ratio = "—" if not (model and xla) else f"{xla / model:.2f}"
-        if r["xla_flops_per_device_full_depth"] is not None:
-            full = f"{r['xla_flops_per_device_full_depth'] / 1e12:.3g}"
+        total = r.get("flops_per_device", r["xla_flops_per_device_full_depth"])
+        if total is not None:
+            full = f"{total / 1e12:.3g}"
         at_peak = r["step_s_at_peak"]
         lines.append(
-            f"| {r['config']} | {chip} | {r['policy']} | {r['variant']} | "
+            f"{lead}"
             f"{r['micro_batch_per_device']} | {state} | {_gb(r['argument_bytes'])} | "
             f"{_gb(r['temp_bytes'])} | {_gb(r['code_bytes'])} | {_gb(r['peak_bytes'])} | "
             f"{'yes' if r['fits'] else '**no**'} | {100 * r['hbm_used']:.1f}% | "
@@ -376,7 +509,7 @@ def to_markdown(rows: list[dict]) -> str:
 
 def write_results(rows: list[dict], command: str, out_dir: str = OUT_DIR) -> None:
     """Merges `rows` into out_dir/results.json, replacing every earlier row of their cases
-    (config, topology, policy), and rewrites results.md."""
+    (config, topology, policy, remat), and rewrites results.md."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
     merged = {}
@@ -385,8 +518,8 @@ def write_results(rows: list[dict], command: str, out_dir: str = OUT_DIR) -> Non
             merged = {_key(r): r for r in json.load(f)["rows"]}
     # A case's rows replace all its earlier ones: a rerun that fits as configured must not
     # leave the grad-accumulation fallbacks of an older run behind as if current.
-    cases = {_key(r)[:3] for r in rows}
-    merged = {k: r for k, r in merged.items() if k[:3] not in cases}
+    cases = {_key(r)[:4] for r in rows}
+    merged = {k: r for k, r in merged.items() if k[:4] not in cases}
     for r in rows:
         merged[_key(r)] = r | {"command": command}
     ordered = sorted(merged.values(), key=_key)
@@ -399,25 +532,51 @@ def write_results(rows: list[dict], command: str, out_dir: str = OUT_DIR) -> Non
         "Per device. peak = argument + output − alias (donated state) + temp + generated code, "
         "from `compiled.memory_analysis()`; HBM = the datasheet figure per chip (libtpu refuses "
         "programs above its usable HBM, e.g. 15.75 GB on v5e, at compile time: `fits` = no). "
-        "XLA FLOPs from `compiled.cost_analysis()` per device; for scanned GPT models "
-        "extrapolated to full depth from unrolled 1- and 2-layer compiles (XLA counts a loop "
-        "body once; — where skipped with --skip_full_depth_flops). Model FLOPs: 6N + 6LTD per "
-        "token (bf16jax.metrics; GPT only), so the ratio shows remat's recompute and the FP32 "
-        "loss / optimizer work. Step at peak: XLA FLOPs / dense BF16 peak of the chip, in ms "
-        "(a lower bound on step time). Compile s = lower + compile of the main step on a "
-        "shared 2-core CPU (the FLOPs compiles not included). results.json gives each row's "
-        "command, jax version and git revision.\n\n"
+        "TFLOP/dev: XLA FLOPs from `compiled.cost_analysis()` per device; for scanned GPT "
+        "models extrapolated to full depth from unrolled 1- and 2-layer compiles (XLA counts a "
+        "loop body once; — where skipped with --skip_full_depth_flops); plus, where attention "
+        "runs in the Pallas splash kernel (`attention` = pallas), the kernel's FLOPs counted "
+        "analytically (`pallas_attention_flops`: XLA sees none inside a Pallas call). Model "
+        "FLOPs: 6N + 6LTD per token (bf16jax.metrics; GPT only), so the ratio shows remat's "
+        "recompute, the kernels' backward recompute and the FP32 loss / optimizer work. Step at "
+        "peak: FLOPs / dense BF16 peak of the chip, in ms (a lower bound on step time). remat: "
+        "`model.remat` (none / save_dots / full). Compile s = lower + compile of the main step "
+        "on a shared 2-core CPU (the FLOPs compiles not included). Rows without an attention "
+        "column value predate the per-backend choice (XLA attention). results.json gives each "
+        "row's command, jax version and git revision.\n\n"
     )
+    best = choose_remat(ordered)
+    chosen = ""
+    if best:
+        chosen = (
+            "\n## Remat policy per case: the fitting setting with the fewest FLOPs\n\n"
+            "| config | topology | policy | remat | setting | peak GB/dev | HBM used "
+            "| step at peak (ms) |\n| --- | --- | --- | --- | --- | ---: | ---: | ---: |\n"
+        )
+        for case, r in sorted(best.items()):
+            chosen += (
+                f"| {case[0]} | {case[1]} | {case[2]} | {_remat_name(r['remat'])} | "
+                f"{r['variant']} | {_gb(r['peak_bytes'])} | {100 * r['hbm_used']:.1f}% | "
+                f"{1e3 * r['step_s_at_peak']:.3g} |\n"
+            )
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(notes + to_markdown(ordered) + "\n")
+        f.write(notes + to_markdown(ordered) + "\n" + chosen)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="gpt_1b,t5_base")
-    parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    parser.add_argument("--configs", default=",".join(DEFAULT_TOPOLOGIES))
+    parser.add_argument(
+        "--topologies", default="", help="comma-separated slices; default: per config"
+    )
     parser.add_argument("--policies", default="bf16,bf16-pure")
     parser.add_argument("--max_accum", type=int, default=16, help="largest grad accumulation")
+    parser.add_argument(
+        "--remats",
+        default="",
+        help="comma-separated model.remat policies to compile (none,save_dots,full); "
+        "default: as configured",
+    )
     parser.add_argument(
         "--skip_full_depth_flops",
         action="store_true",
@@ -425,22 +584,26 @@ def main() -> None:
     )
     parser.add_argument("--out", default=OUT_DIR)
     args = parser.parse_args()
-    for name in args.topologies.split(","):
+    for name in args.topologies.split(",") if args.topologies else []:
         if name not in TOPOLOGIES:
             raise SystemExit(f"Unknown topology {name!r}: use one of {', '.join(TOPOLOGIES)}.")
     script = os.path.relpath(__file__, os.path.join(HERE, os.pardir))
     command = shlex.join(["python", script, *sys.argv[1:]])
     for config_name in args.configs.split(","):
-        for slice_name in args.topologies.split(","):
+        slices = args.topologies.split(",") if args.topologies else None
+        slices = slices or DEFAULT_TOPOLOGIES.get(config_name, tuple(TOPOLOGIES))
+        for slice_name in slices:
             for policy in args.policies.split(","):
-                rows = run_case(
-                    config_name,
-                    slice_name,
-                    policy,
-                    args.max_accum,
-                    full_depth_flops=not args.skip_full_depth_flops,
-                )
-                write_results(rows, command, args.out)  # after each case: resumable output
+                for remat in args.remats.split(",") if args.remats else [None]:
+                    rows = run_case(
+                        config_name,
+                        slice_name,
+                        policy,
+                        args.max_accum,
+                        full_depth_flops=not args.skip_full_depth_flops,
+                        remat=remat,
+                    )
+                    write_results(rows, command, args.out)  # after each case: resumable
     print(f"wrote {os.path.join(args.out, 'results.md')}")
 
 

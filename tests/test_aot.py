@@ -21,7 +21,7 @@ _spec.loader.exec_module(aot_tpu)
 
 def _config(policy, num_layers, scan):
     c = tiny_gpt_config(policy).copy_and_resolve_references()
-    c.model.update(num_layers=num_layers, scan_layers=scan, remat=scan)
+    c.model.update(num_layers=num_layers, scan_layers=scan, remat="full" if scan else "none")
     return c
 
 
@@ -69,7 +69,9 @@ def test_aot_report_matches_sharded_state(tmp_path):
     # The rerun replaced all of its case's rows (the grad-accumulation fallback is stale);
     # another case's rows stay.
     assert "grad_accum=2" not in text and "| other | cpu-8" in text
-    assert text.count("| tiny | cpu-8") == 1
+    assert text.count("| tiny | cpu-8 (") == 1
+    # The remat choice per case: the one fitting row of this case.
+    assert "## Remat policy per case" in text and "| tiny | cpu-8 | bf16 | full |" in text
 
 
 def test_full_depth_flops_match_the_model_flops():
@@ -85,3 +87,41 @@ def test_full_depth_flops_match_the_model_flops():
     n_params = train.create_trainer(_config("bf16", 24, scan=True), mesh=mesh).n_params
     model = loop.flops_per_token(config, n_params) * loop.tokens_per_step(config)
     assert 1.0 < flops["total"] / model < 1.6, flops["total"] / model
+
+
+def test_pallas_attention_flops_and_remat_choice():
+    """The analytic FLOPs of attention inside the Pallas kernel (XLA counts none there) and the
+    choice of remat policy per case. No compile."""
+    c = aot_tpu.load_config("gpt_1b")
+    c.precision = "bf16"
+    assert aot_tpu.attention_kernel(c, "tpu") == "pallas"  # auto on a TPU
+    assert aot_tpu.attention_kernel(c, "cpu") == "xla"
+    mesh = make_mesh((1, 8, 1))  # 256 sequences over 8 devices: 32 each
+    t, d, layers = 2048, 2048, 24
+    # Blocks of 512: 4 x 4 tiles, 10 at or below the diagonal; 2 + 7 matmuls of 2 T^2 D each,
+    # plus the forward again under remat.
+    c.model.remat = "none"
+    want = 2 * 9 * t * t * d * (10 / 16) * layers * 32
+    assert aot_tpu.pallas_attention_flops(c, mesh) == want
+    c.model.remat = "save_dots"
+    assert aot_tpu.pallas_attention_flops(c, mesh) == want * 11 / 9
+    c.data.seq_len = 200  # no 128-multiple tile: "auto" falls back to XLA
+    assert aot_tpu.attention_kernel(c, "tpu") == "xla"
+
+    case = {"config": "gpt_1b", "topology": "v5e-64", "policy": "bf16", "variant": "as configured"}
+    case |= {"grad_accum_steps": 1}
+    rows = [
+        case | {"remat": "none", "fits": False, "step_s_at_peak": None},
+        # Fewer FLOPs, but only with 4 micro-batches (4x the FSDP weight gathers): not chosen.
+        case
+        | {"remat": "none", "variant": "grad_accum=4", "grad_accum_steps": 4, "fits": True}
+        | {"step_s_at_peak": 0.36, "peak_bytes": 9e9},
+        case | {"remat": "save_dots", "fits": True, "step_s_at_peak": 0.40, "peak_bytes": 14e9},
+        case | {"remat": "full", "fits": True, "step_s_at_peak": 0.46, "peak_bytes": 5e9},
+        case | {"remat": True, "fits": True, "step_s_at_peak": 0.46, "peak_bytes": 5e9},
+    ]
+    best = aot_tpu.choose_remat(rows)
+    assert list(best) == [("gpt_1b", "v5e-64", "bf16")]
+    assert best[("gpt_1b", "v5e-64", "bf16")]["remat"] == "save_dots"
+    # Old rows recorded remat as a bool: the same case as "full".
+    assert aot_tpu._key(rows[4]) == aot_tpu._key(rows[3])

@@ -401,14 +401,16 @@ def test_key_mask_removes_keys():
 
 
 @pytest.mark.parametrize("policy_name", ("fp32", "bf16"))
-def test_xla_implementation_is_the_default(policy_name):
+def test_auto_is_the_default_and_picks_xla_on_cpu(policy_name):
     policy = get_policy(policy_name)
     x = bf16_input((2, T, D))
-    outs = [
-        Attention(D, H, policy=policy, name="a", rngs=nnx.Rngs(0), implementation=impl)(x)
-        for impl in (None, "xla")
+    layers = [
+        Attention(D, H, policy=policy, name="a", rngs=nnx.Rngs(0), **kw)
+        for kw in ({}, {"implementation": "xla"})
     ]
-    np.testing.assert_array_equal(f64(outs[0]), f64(outs[1]))
+    assert (layers[0].implementation, layers[0].fallback) == ("xla", True)
+    assert (layers[1].implementation, layers[1].fallback) == ("xla", False)
+    np.testing.assert_array_equal(f64(layers[0](x)), f64(layers[1](x)))
 
 
 @pytest.mark.parametrize("causal", (False, True))

@@ -23,8 +23,8 @@ TINY = {
         mlp_dim=32,
         max_len=12,
         scan_layers=False,
-        remat=False,
-        attention_impl="",
+        remat="none",
+        attention_impl="auto",
     ),
     "t5": dict(
         vocab_size=40,
@@ -37,7 +37,7 @@ TINY = {
         tie_embeddings=False,
         relpos_buckets=8,
         relpos_max_distance=16,
-        attention_impl="",
+        attention_impl="auto",
     ),
     "vit": dict(
         image_size=8,
@@ -48,7 +48,7 @@ TINY = {
         num_layers=2,
         num_heads=2,
         mlp_dim=32,
-        attention_impl="",
+        attention_impl="auto",
     ),
 }
 
@@ -231,9 +231,10 @@ def _unstacked(stacked, like):
     return nnx.from_flat_state(out)
 
 
-def test_gpt_scan_and_remat_match_unrolled():
+@pytest.mark.parametrize("remat", ("save_dots", "full"))
+def test_gpt_scan_and_remat_match_unrolled(remat):
     """Scanned + rematerialized blocks give the unrolled model's logits and grads."""
-    scanned = make_model("gpt", "fp32", scan_layers=True, remat=True)
+    scanned = make_model("gpt", "fp32", scan_layers=True, remat=remat)
     unrolled = make_model("gpt", "fp32", seed=1)
     kernel = scanned.blocks.attn.q.kernel
     assert kernel.shape[0] == 2 and kernel.get_metadata()["out_sharding"][0] == "layers"
@@ -251,10 +252,11 @@ def test_gpt_scan_and_remat_match_unrolled():
     )
 
 
-def test_remat_gives_same_grads():
+@pytest.mark.parametrize("remat", ("save_dots", "full"))
+def test_remat_gives_same_grads(remat):
     batch = make_batch("gpt")
     _, _, loss_a, grads_a = run_all(make_model("gpt", "fp32"), batch)
-    _, _, loss_b, grads_b = run_all(make_model("gpt", "fp32", remat=True), batch)
+    _, _, loss_b, grads_b = run_all(make_model("gpt", "fp32", remat=remat), batch)
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_a, grads_b
@@ -276,7 +278,9 @@ def test_param_count_gpt():
         ("gpt", dict(embed_dim=18, num_heads=4), "embed_dim=18 is not divisible by"),
         ("gpt", dict(num_layers=0), "num_layers=0 must be a positive integer"),
         ("gpt", dict(max_len=None), "needs model.max_len"),
-        ("gpt", dict(attention_impl="flash"), "attention_impl='flash'"),
+        ("gpt", dict(attention_impl="flash"), "model.attention_impl: Unknown attention impl"),
+        ("gpt", dict(attention_impl="cudnn"), "attention_impl='cudnn' needs a GPU"),
+        ("gpt", dict(remat="dots"), "model.remat='dots' is not valid: use one of 'none'"),
         ("vit", dict(patch_size=3), "image_size=8 is not divisible by model.patch_size=3"),
         ("t5", dict(head_dim=0, embed_dim=18, num_heads=4), "embed_dim=18 is not divisible"),
     ],
@@ -292,3 +296,27 @@ def test_sequence_longer_than_max_len_raises():
     model = make_model("gpt", "fp32")
     with pytest.raises(ValueError, match="exceeds model.max_len=12"):
         model(jnp.ones((1, 13), jnp.int32))
+
+
+@pytest.mark.parametrize("scan", (False, True))
+def test_remat_policies_recompute_what_they_say(scan):
+    """Counts the matmuls in the lowered gradient program (nothing compiled): "save_dots"
+    recomputes only the 2 attention einsums per block (batch dims b, h: not saved), "full" all 7
+    forward matmuls a block's backward needs (q, k, v, scores, PV, o, fc1; fc2's output is not
+    needed). A scanned model's loop body holds one block."""
+    batch = make_batch("gpt")
+
+    def dots(remat):
+        model = make_model("gpt", "bf16", scan_layers=scan, remat=remat)
+        graphdef, params = nnx.split(model)
+
+        def loss(params):
+            logits, targets, weights = nnx.merge(graphdef, params).logits_and_targets(batch)
+            return cross_entropy(logits, targets, weights)[0]
+
+        return jax.jit(jax.grad(loss)).lower(params).as_text().count("stablehlo.dot_general")
+
+    blocks = 1 if scan else TINY["gpt"]["num_layers"]
+    none, save_dots, full = dots("none"), dots("save_dots"), dots("full")
+    assert save_dots - none == 2 * blocks
+    assert full - none == 7 * blocks

@@ -1,8 +1,9 @@
 """Model families and the one factory that builds them from a config.
 
-`build_model(model_cfg, policy, rngs=...)` dispatches on `model_cfg.name` ("gpt", "t5", "vit"),
-checks the sizes it reads (all positive integers, heads dividing widths, patches tiling images)
-and raises ValueError naming the key and the fix. Every model has `features(...)` (hidden states
+`build_model(model_cfg, policy, rngs=..., platform=...)` dispatches on `model_cfg.name` ("gpt",
+"t5", "vit"), checks the sizes it reads (all positive integers, heads dividing widths, patches
+tiling images), the attention implementation for the platform and the remat policy, and raises
+ValueError naming the key and the fix. Every model has `features(...)` (hidden states
 in the policy's output_dtype), `logits_and_targets(batch)` (logits in accum_dtype, targets
 int32, weights float32), `head_and_targets(batch)` (the output head's input and the head itself,
 for `loss.fused_cross_entropy`) and `output_head`. `param_count(model)` is N in the 6N
@@ -18,13 +19,14 @@ import jax
 import ml_collections
 from flax import nnx
 
+from bf16jax.attention import normalize_implementation
 from bf16jax.layers import MLP_ACTIVATIONS
-from bf16jax.models.gpt import GPT
+from bf16jax.models.gpt import GPT, REMAT_POLICIES
 from bf16jax.models.t5 import T5
 from bf16jax.models.vit import ViT
 from bf16jax.precision import Policy, get_policy
 
-__all__ = ["GPT", "T5", "ViT", "MODEL_NAMES", "ATTENTION_IMPLS", "build_model", "param_count"]
+__all__ = ["GPT", "T5", "ViT", "MODEL_NAMES", "build_model", "param_count"]
 
 # Per family: required size keys, then optional keys with their defaults.
 _REQUIRED = {
@@ -51,8 +53,8 @@ _DROPOUT = dict(dropout_rate=0.0, attention_dropout_rate=0.0, mlp_dropout_rate=0
 _OPTIONAL = {
     "gpt": dict(
         scan_layers=False,
-        remat=False,
-        attention_impl=None,
+        remat="none",
+        attention_impl="auto",
         tie_embeddings=True,
         norm_eps=1e-5,
         mlp_activation="gelu",
@@ -63,21 +65,24 @@ _OPTIONAL = {
         tie_embeddings=False,
         relpos_buckets=32,
         relpos_max_distance=128,
-        attention_impl=None,
+        attention_impl="auto",
         norm_eps=1e-6,
         mlp_activation="gated-gelu",
         **_DROPOUT,
     ),
-    "vit": dict(channels=1, attention_impl=None, norm_eps=1e-5, mlp_activation="gelu", **_DROPOUT),
+    "vit": dict(
+        channels=1, attention_impl="auto", norm_eps=1e-5, mlp_activation="gelu", **_DROPOUT
+    ),
 }
 MODEL_NAMES = tuple(_REQUIRED)
-# "xla" (and None / ""): bf16jax's own XLA attention (layers.attention); "cudnn": cuDNN through
-# jax.nn.dot_product_attention.
-ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 def build_model(
-    model_cfg: ml_collections.ConfigDict | Mapping, policy: Policy | str, *, rngs: nnx.Rngs
+    model_cfg: ml_collections.ConfigDict | Mapping,
+    policy: Policy | str,
+    *,
+    rngs: nnx.Rngs,
+    platform: str | None = None,
 ) -> nnx.Module:
     """Builds the model named by `model_cfg.name` with params in the policy's dtypes.
 
@@ -93,12 +98,16 @@ def build_model(
         attention_dropout_rate, mlp_dropout_rate (default 0; active only with a dropout key).
       policy: a Policy or policy string (resolved per module path by the layers).
       rngs: parameter RNGs.
+      platform: where the model will run ("cpu", "gpu", "tpu"; default
+        `jax.default_backend()`): `attention_impl="auto"` picks that platform's kernel, and a
+        forced kernel it lacks (cuDNN on CPU) raises here.
 
     Returns:
       A GPT, T5 or ViT module.
 
     Raises:
-      ValueError: unknown name, missing size, or sizes that do not fit together.
+      ValueError: unknown name, missing size, sizes that do not fit together, an unknown
+        remat policy, or an attention implementation the platform lacks.
     """
     policy = get_policy(policy)
     if not hasattr(model_cfg, "get"):
@@ -109,6 +118,7 @@ def build_model(
             f"Unknown model.name={name!r}: use one of {', '.join(map(repr, MODEL_NAMES))}."
         )
     cfg = _read_config(name, model_cfg)
+    cfg["platform"] = platform
     # Params carry logical axis names ("embed", ...) as metadata; bf16jax.sharding maps them to
     # mesh axes. NNX eager sharding would read them as mesh axes (and fails without a mesh).
     with nnx.use_eager_sharding(False):
@@ -152,8 +162,9 @@ def _read_config(name: str, model_cfg: Mapping) -> dict[str, Any]:
     else:
         _check_divides(h, d, "num_heads", "embed_dim")
     if name == "gpt":
-        for key in ("scan_layers", "remat", "tie_embeddings"):
+        for key in ("scan_layers", "tie_embeddings"):
             cfg[key] = bool(cfg[key])
+        cfg["remat"] = _remat(cfg["remat"])
     if name == "vit":
         cfg["channels"] = _positive_int(cfg["channels"], "channels")
         _check_divides(cfg["patch_size"], cfg["image_size"], "patch_size", "image_size")
@@ -192,12 +203,20 @@ def _check_divides(small: int, big: int, small_key: str, big_key: str) -> None:
         )
 
 
-def _attention_impl(value) -> str | None:
-    if value in (None, "", "none", "None"):
-        return None
-    if value not in ATTENTION_IMPLS:
+def _attention_impl(value) -> str:
+    try:
+        return normalize_implementation(value)
+    except ValueError as e:
+        raise ValueError(f"model.attention_impl: {e}") from None
+
+
+def _remat(value) -> str:
+    # Booleans from older configs and Python callers: True was whole-block remat.
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in REMAT_POLICIES:
         raise ValueError(
-            f"model.attention_impl={value!r} is not valid: use one of "
-            f"{', '.join(map(repr, ATTENTION_IMPLS))} or '' for bf16jax's XLA attention."
+            f"model.remat={value!r} is not valid: use one of "
+            f"{', '.join(map(repr, REMAT_POLICIES))}."
         )
     return value

@@ -5,9 +5,11 @@ LayerNorm -> GELU MLP, each added to the residual stream), a final LayerNorm and
 tied token embedding (`Embed.attend`). The residual stream is kept in the model's compute dtype;
 logits leave in accum_dtype (FP32 island). `scan_layers=True` stacks the blocks with `nnx.vmap`
 (params get a leading "layers" logical axis) and runs them with `nnx.scan`, so compile time does
-not grow with depth; `remat=True` wraps each block in `nnx.remat` (activations recomputed in the
-backward pass). Dropout (GPT-2's embd/resid/attn pdrop, plus an optional MLP-hidden rate) is
-active only when `dropout_key` is passed (training); each layer gets `fold_in(key, i)`.
+not grow with depth. `remat` rematerializes each block in the backward pass (`REMAT_POLICIES`):
+"none" keeps every activation, "save_dots" keeps the projection and MLP matmul outputs and
+recomputes the rest (attention scores, norms, GELU), "full" keeps only the block inputs.
+Dropout (GPT-2's embd/resid/attn pdrop, plus an optional MLP-hidden rate) is active only when
+`dropout_key` is passed (training); each layer gets `fold_in(key, i)`.
 `init_cache` / `decode_step` run the same blocks with a KV cache for generation.
 Policy paths: embed, pos_embed, blocks/{i}/{norm1,attn,norm2,mlp}, norm_f, head.
 """
@@ -22,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from bf16jax.layers import (
+    MATMUL_OUTPUT,
     MLP,
     Attention,
     Embed,
@@ -35,9 +38,28 @@ from bf16jax.loss import head_logits, materialize
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
 
-__all__ = ["Block", "GPT", "stack_layers", "run_layers", "generate", "cache_dtype"]
+__all__ = [
+    "Block",
+    "GPT",
+    "REMAT_POLICIES",
+    "stack_layers",
+    "run_layers",
+    "generate",
+    "cache_dtype",
+]
 
 LAYERS_AXIS = "layers"  # logical axis name of the stacked-layer dimension
+
+# model.remat -> what a block keeps for the backward pass (jax.checkpoint policies). "save_dots"
+# keeps every Linear's output (q/k/v/o and MLP projections, [B, T, out] in compute dtype, named
+# MATMUL_OUTPUT), not the attention scores or the attention kernel's output: those, the norms and
+# GELU are recomputed. (JAX's dots_with_no_batch_dims_saveable would keep the same matmuls, but
+# their FP32 accumulator outputs: twice the bytes.)
+REMAT_POLICIES = {
+    "none": None,
+    "save_dots": jax.checkpoint_policies.save_only_these_names(MATMUL_OUTPUT),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 class Block(nnx.Module):
@@ -57,7 +79,8 @@ class Block(nnx.Module):
         name: str,
         rngs: nnx.Rngs,
         causal: bool,
-        attention_impl: str | None = None,
+        attention_impl: str | None = "auto",
+        platform: str | None = None,
         norm_eps: float = 1e-5,
         mlp_activation: str = "gelu",
         dropout_rate: float = 0.0,
@@ -77,6 +100,7 @@ class Block(nnx.Module):
             causal=causal,
             implementation=attention_impl,
             dropout_rate=attention_dropout_rate,
+            platform=platform,
         )
         self.norm2 = norm(name=f"{name}/norm2")
         self.mlp = MLP(
@@ -131,24 +155,29 @@ def run_layers(
     x: jax.Array,
     *,
     scan: bool,
-    remat: bool,
+    remat: str = "none",
     num_layers: int,
     dropout_key: jax.Array | None = None,
     **kwargs,
 ) -> jax.Array:
     """Applies `layers` (an nnx.List, or a stacked module when `scan`) to `x` in order.
 
-    `kwargs` (masks, biases) are passed unchanged to every layer; layer i gets the dropout key
-    `fold_in(dropout_key, i)` (the same with and without scan), or None.
+    `remat` names a `REMAT_POLICIES` entry; `kwargs` (masks, biases) are passed unchanged to
+    every layer; layer i gets the dropout key `fold_in(dropout_key, i)` (the same with and
+    without scan), or None.
     """
 
     def apply(layer, h, key):
         return constrain_batch(layer(h, dropout_key=key, **kwargs))
 
-    if remat:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(
+            f"Unknown remat policy {remat!r}: use one of {', '.join(map(repr, REMAT_POLICIES))}."
+        )
+    if remat != "none":
         # Inside scan, CSE cannot merge recomputation across iterations: prevent_cse is not
         # needed there and costs performance (jax.checkpoint docs).
-        apply = nnx.remat(apply, prevent_cse=not scan)
+        apply = nnx.remat(apply, prevent_cse=not scan, policy=REMAT_POLICIES[remat])
     if not scan:
         for i, layer in enumerate(layers):
             x = apply(layer, x, None if dropout_key is None else jax.random.fold_in(dropout_key, i))
@@ -179,10 +208,13 @@ class GPT(nnx.Module):
       policy: the root precision policy; sub-modules resolve their own.
       rngs: parameter RNGs.
       scan_layers: stack blocks and run them with `nnx.scan`.
-      remat: rematerialize each block in the backward pass.
-      attention_impl: None / "" / "xla": bf16jax's own XLA attention (`layers.attention`:
-        FP32 logits and softmax, 16-bit GEMMs forward and backward); "cudnn":
-        `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only).
+      remat: what each block keeps for the backward pass: "none", "save_dots" or "full"
+        (`REMAT_POLICIES`).
+      attention_impl: "auto" (cuDNN on a GPU under 16-bit compute, Pallas splash attention on
+        a TPU, bf16jax's XLA path otherwise), or "xla", "cudnn", "pallas" to force one; see
+        `bf16jax.attention`.
+      platform: the platform the model will run on ("cpu", "gpu", "tpu"; default
+        `jax.default_backend()`), for resolving `attention_impl`.
       tie_embeddings: logits from the token embedding (GPT-2) or a separate "head".
       norm_eps: LayerNorm epsilon (GPT-2: 1e-5).
       mlp_activation: one of `layers.MLP_ACTIVATIONS` (GPT-2: "gelu", the tanh form).
@@ -203,8 +235,9 @@ class GPT(nnx.Module):
         policy: Policy,
         rngs: nnx.Rngs,
         scan_layers: bool = False,
-        remat: bool = False,
-        attention_impl: str | None = None,
+        remat: str = "none",
+        attention_impl: str | None = "auto",
+        platform: str | None = None,
         tie_embeddings: bool = True,
         norm_eps: float = 1e-5,
         mlp_activation: str = "gelu",
@@ -219,6 +252,11 @@ class GPT(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.scan_layers = scan_layers
+        if remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"model.remat={remat!r} is not valid: use one of "
+                f"{', '.join(map(repr, REMAT_POLICIES))}."
+            )
         self.remat = remat
         self.tie_embeddings = tie_embeddings
         self.embed = Embed(vocab_size, embed_dim, policy=policy, name="embed", rngs=rngs)
@@ -241,6 +279,7 @@ class GPT(nnx.Module):
                 dropout_rate=dropout_rate,
                 attention_dropout_rate=attention_dropout_rate,
                 mlp_dropout_rate=mlp_dropout_rate,
+                platform=platform,
             )
 
         if scan_layers:

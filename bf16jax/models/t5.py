@@ -67,6 +67,7 @@ class _Layer(nnx.Module):
                 implementation=cfg["attention_impl"],
                 scale_logits=False,  # T5: no 1/sqrt(d_kv); q's init carries it
                 dropout_rate=cfg["attention_dropout_rate"],
+                platform=cfg.get("platform"),
             )
 
         self.self_attn_norm = norm(name=f"{name}/self_attn_norm")

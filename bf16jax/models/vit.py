@@ -71,6 +71,7 @@ class ViT(nnx.Module):
                 dropout_rate=cfg["dropout_rate"],
                 attention_dropout_rate=cfg["attention_dropout_rate"],
                 mlp_dropout_rate=cfg["mlp_dropout_rate"],
+                platform=cfg.get("platform"),
             )
             for i in range(cfg["num_layers"])
         )
