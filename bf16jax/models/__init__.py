@@ -5,6 +5,8 @@ checks the sizes it reads (all positive integers, heads dividing widths, patches
 and raises ValueError naming the key and the fix. Every model has `features(...)` (hidden states
 in the policy's output_dtype) and `logits_and_targets(batch)` (logits in accum_dtype, targets
 int32, weights float32). `param_count(model)` is N in the 6N FLOPs-per-token MFU convention.
+Every policy override must decide some module of the built model, or a UserWarning says so
+(`overrides.check_rules`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from bf16jax.layers import MLP_ACTIVATIONS
 from bf16jax.models.gpt import GPT
 from bf16jax.models.t5 import T5
 from bf16jax.models.vit import ViT
-from bf16jax.precision import Policy, get_policy
+from bf16jax.overrides import check_rules
+from bf16jax.precision import Policy, get_policy, record_paths
 
 __all__ = ["GPT", "T5", "ViT", "MODEL_NAMES", "ATTENTION_IMPLS", "build_model", "param_count"]
 
@@ -94,7 +97,8 @@ def build_model(
       A GPT, T5 or ViT module.
 
     Raises:
-      ValueError: unknown name, missing size, or sizes that do not fit together.
+      ValueError: unknown name, missing size, or sizes that do not fit together; a per-layer
+        override under `scan_layers=True`.
     """
     policy = get_policy(policy)
     if not hasattr(model_cfg, "get"):
@@ -107,12 +111,15 @@ def build_model(
     cfg = _read_config(name, model_cfg)
     # Params carry logical axis names ("embed", ...) as metadata; bf16jax.sharding maps them to
     # mesh axes. NNX eager sharding would read them as mesh axes (and fails without a mesh).
-    with nnx.use_eager_sharding(False):
+    with nnx.use_eager_sharding(False), record_paths() as paths:
         if name == "gpt":
-            return GPT(**cfg, policy=policy, rngs=rngs)
-        if name == "t5":
-            return T5(cfg, policy=policy, rngs=rngs)
-        return ViT(cfg, policy=policy, rngs=rngs)
+            model = GPT(**cfg, policy=policy, rngs=rngs)
+        elif name == "t5":
+            model = T5(cfg, policy=policy, rngs=rngs)
+        else:
+            model = ViT(cfg, policy=policy, rngs=rngs)
+    check_rules(policy, paths)  # a rule that decides nothing is a silent no-op: warn
+    return model
 
 
 def param_count(model: nnx.Module) -> int:
