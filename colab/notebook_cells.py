@@ -420,18 +420,20 @@ for precision, run in runs.items():
         "markdown",
         """## The learned step sizes
 
-Each quantized `Linear` holds `w_scale` (one step size per output channel) and `a_scale` (one
-for its input), FP32 `nnx.Param`s trained by the same AdamW. Compare them at init (LSQ's
-2·mean|w|/sqrt(Qp) for weights, the same formula for a unit-RMS input for activations) and
-after training.""",
+Each quantized `Linear` holds `w_log_scale` (one step size per output channel) and
+`a_log_scale` (one for its input), FP32 `nnx.Param`s trained by the same AdamW. They are log step
+sizes, s = exp(param): s stays positive and Adam moves it by a relative amount. Compare the step
+sizes at init (LSQ's 2·mean|w|/sqrt(Qp) for weights, the same formula for a unit-RMS input for
+activations; an unsigned range from GELU's minimum for `fc2`) and after training.""",
     ),
     (
         "code",
         """def step_sizes(model) -> dict[str, np.ndarray]:
+    # The params hold log step sizes; show s = exp(param), named w_scale / a_scale.
     return {
-        "/".join(map(str, path)): np.asarray(v[...])
+        "/".join(map(str, path)).replace("_log_scale", "_scale"): np.exp(np.asarray(v[...]))
         for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-        if str(path[-1]) in ("w_scale", "a_scale")
+        if str(path[-1]) in ("w_log_scale", "a_log_scale")
     }
 
 

@@ -83,18 +83,18 @@ class _Layer(nnx.Module):
         )
 
     def __call__(self, x, *, bias, mask=None, context=None, context_mask=None, dropout_key=None):
-        c = self.policy.cast_to_compute
+        r = self.policy.cast_to_residual  # the residual stream's dtype (compute unless r=f32)
         keys = dropout_keys(dropout_key, 6)
-        x = c(x)
+        x = r(x)
         h = self.self_attn(self.self_attn_norm(x), mask=mask, bias=bias, dropout_key=keys[0])
-        x = x + dropout(c(h), self.dropout_rate, keys[1])
+        x = x + dropout(r(h), self.dropout_rate, keys[1])
         if self.decoder:
             h = self.cross_attn(
                 self.cross_attn_norm(x), context, mask=context_mask, dropout_key=keys[2]
             )
-            x = x + dropout(c(h), self.dropout_rate, keys[3])
+            x = x + dropout(r(h), self.dropout_rate, keys[3])
         h = self.mlp(self.mlp_norm(x), dropout_key=keys[4])
-        return x + dropout(c(h), self.dropout_rate, keys[5])
+        return x + dropout(r(h), self.dropout_rate, keys[5])
 
 
 class T5Stack(nnx.Module):
@@ -129,7 +129,7 @@ class T5Stack(nnx.Module):
         keys = dropout_keys(dropout_key, n + 2)  # embeddings, each layer, final norm
         # T5 computes the position bias once (first layer) and reuses it in every layer.
         bias = self.relpos(t, t)  # [1, H, T, T] accum
-        x = dropout(self.policy.cast_to_compute(x), self.dropout_rate, keys[0])
+        x = dropout(self.policy.cast_to_residual(x), self.dropout_rate, keys[0])
         x = constrain_batch(x)
         for layer, key in zip(self.layers, keys[1 : n + 1], strict=True):
             x = layer(
