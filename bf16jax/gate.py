@@ -155,8 +155,8 @@ def _stale_int8_scales(params: dict) -> None:
         for key, value in node.items():
             if isinstance(value, dict):
                 visit(value)
-            elif key == "a_scale":
-                node[key] = np.asarray(value) * 8
+            elif key == "a_log_scale":  # s = exp(param): log 8 added
+                node[key] = np.asarray(value) + np.float32(np.log(8.0))
 
     visit(params)
 

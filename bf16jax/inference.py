@@ -32,7 +32,7 @@ from flax import nnx
 from bf16jax import quant
 from bf16jax import sampling as sampling_lib
 from bf16jax.models import build_model
-from bf16jax.precision import FP8, Policy, fp32_reference, get_policy, quant_bits
+from bf16jax.precision import Policy, fp32_reference, get_policy, is_fp8, quant_bits
 
 __all__ = [
     "PRECISIONS",
@@ -62,13 +62,13 @@ def serving_policy(train_policy: Policy | str, precision: str) -> Policy:
     if precision == "fp32":
         return fp32_reference(train_policy)
     layers = {p.quant for _, p in train_policy.overrides} | {train_policy.quant}
-    if precision == "int8" and not any(q not in (None, "none", FP8) for q in layers):
+    if precision == "int8" and not any(quant_bits(q) for q in layers if q):
         raise ValueError(
             f"int8 serving needs LSQ step sizes, but the run's policy {str(train_policy)!r} "
             "quantizes nothing: train with e.g. --config.precision='bf16; q=w8a8' (or serve "
             "fp32 / bf16)."
         )
-    if precision == "fp8" and FP8 not in layers:
+    if precision == "fp8" and not any(is_fp8(q) for q in layers):
         raise ValueError(
             f"fp8 serving needs the delayed FP8 scales of a q=fp8 run; the run's policy "
             f"{str(train_policy)!r} has none: train with --config.precision='bf16; q=fp8'."
@@ -153,7 +153,7 @@ def serving_model(
             # A QAT kernel stored in 16 bits: store codes * step, which the cast keeps exact
             # (|code| <= 128 < 2^8), instead of the raw weight, whose rounding flips codes.
             layer, bits = lsq[path]
-            value = _dequantized(value, flat_values[_join((*layer, "w_scale"))], bits)
+            value = _dequantized(value, flat_values[_join((*layer, "w_log_scale"))], bits)
         filled.append((path, var.replace(jnp.asarray(value if keep else value.astype(var.dtype)))))
     model = nnx.merge(graphdef, nnx.from_flat_state(filled))
     if precision == "int8":
@@ -163,10 +163,10 @@ def serving_model(
     return model
 
 
-def _dequantized(w: np.ndarray, w_scale, bits: int) -> np.ndarray:
-    """codes(w) * w_scale in FP32 (the LSQ forward's weight)."""
+def _dequantized(w: np.ndarray, w_log_scale, bits: int) -> np.ndarray:
+    """codes(w) * s in FP32, s = exp(w_log_scale) (the LSQ forward's weight)."""
     qn, qp = quant.quant_range(bits)
-    s = np.asarray(w_scale, np.float32)
+    s = np.asarray(quant.step_size(jnp.asarray(w_log_scale)), np.float32)
     return np.round(np.clip(w.astype(np.float32) / s, qn, qp)) * s
 
 

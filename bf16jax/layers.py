@@ -10,11 +10,13 @@ Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/att
 - norm statistics, attention logits + softmax and output logits are FP32 islands (`accum_dtype`);
   `Attention` runs `bf16jax.attention.attention` with the kernel chosen for the backend;
 - with a quantizing policy (`q=w8a8`, ...) `Linear` keeps LSQ step sizes (`bf16jax.quant`) as
-  FP32 params beside its kernel and dots integer codes; with `q=fp8` it dots E4M3 operands and
+  FP32 log-domain params beside its kernel and dots integer codes (an input bounded below, such
+  as GELU's output, gets an unsigned offset range); with `q=fp8` it dots E4M3 operands and
   keeps delayed-scaling state (`quant.FP8Meta`, not a param); edge layers (`edge=True`) stay
   float;
 - `Attention.decode` / `attend` / `kv` are the KV-cache path of the same attention (generation:
   keys and values written once into a fixed-size cache, queries attend to the written prefix);
+- GELU is evaluated in accum dtype (one rounding of its result, not one per tanh-form op);
 - params carry logical axis names (`embed`, `mlp`, `heads`, `joined_kv`, `vocab`, ...) that
   `bf16jax.sharding` maps to mesh axes;
 - dropout (attention probabilities, MLP hidden, residual) is active only when a PRNG key is passed
@@ -39,7 +41,7 @@ from bf16jax.attention import attention, resolve_implementation
 from bf16jax.dropout import dropout, dropout_keys
 from bf16jax.kv_cache import CachedAttention, KVCache
 from bf16jax.matmul import dot
-from bf16jax.precision import FP8, Policy, quant_bits
+from bf16jax.precision import Policy, is_fp8, quant_bits
 
 __all__ = [
     "Linear",
@@ -77,6 +79,10 @@ def _param(init: Initializer, shape: tuple[int, ...], axes: Axes, dtype, rngs: n
 
 def _fixed_param(value: jax.Array, axes: Axes) -> nnx.Param:
     """An nnx.Param holding `value` (no RNG drawn) with logical axis names `axes`."""
+    if not axes:
+        # A scalar is replicated: no axis names. (An empty name tuple breaks nnx.scan over
+        # stacked layers: flax adds no "layers" axis to () but then tries to remove one.)
+        return nnx.Param(value)
     init = nnx.with_partitioning(lambda *_: value, tuple(axes))
     with nnx.use_eager_sharding(False):
         return nnx.Param(init(None, value.shape, value.dtype))
@@ -86,12 +92,14 @@ class Linear(nnx.Module):
     """y = x @ kernel (+ bias): FP32-accumulated, output in compute dtype.
 
     With quantization (`policy.quant_for(name, edge=edge)` not "none") the layer also holds
-    FP32 LSQ step sizes: `w_scale` [out] (per output channel, LSQ init from the kernel, logical
-    axis of the kernel's output dim) and, when activations are quantized, `a_scale` [] (per
-    tensor, data-independent init `quant.activation_step_size`). `int8 = True` (set by
+    FP32 LSQ step sizes in the log domain (s = exp(param), so they stay positive and Adam moves
+    them by a relative amount): `w_log_scale` [out] (per output channel, LSQ init from the
+    kernel, logical axis of the kernel's output dim) and, when activations are quantized,
+    `a_log_scale` [] (per tensor, data-independent init `quant.activation_step_size`; an
+    unsigned range offset by `input_min` when the input is bounded below). `int8 = True` (set by
     `quant.set_int8_mode`) runs real int8 x int8 -> int32 dots with the same codes. With
-    `fp8` the layer holds `fp8_scale` [3] and `fp8_history` [3, H] (`quant.FP8Meta`, rows x, w,
-    gradient) and runs `quant.fp8_dot`.
+    `fp8[:...]` the layer holds `fp8_scale` [3] and `fp8_history` [3, H] (`quant.FP8Meta`, rows
+    x, w, gradient; H from the policy, default 1024) and runs `quant.fp8_dot`.
 
     Args:
       in_features, out_features: sizes.
@@ -102,6 +110,9 @@ class Linear(nnx.Module):
       kernel_axes: logical names of the kernel's two dims (bias gets the last one).
       kernel_init: defaults to LeCun normal (variance 1/in_features).
       edge: the model's first layer or output logits: unquantized unless an override names it.
+      input_min: a lower bound of every input value (e.g. `quant.GELU_MIN` after GELU, 0 after
+        ReLU): activation quantization then uses all 2^b codes from this offset up.
+      input_mean: the input's expected mean for that offset step-size init (`quant.GELU_MEAN`).
     """
 
     int8: bool = False
@@ -118,6 +129,8 @@ class Linear(nnx.Module):
         kernel_axes: Axes = ("embed", "mlp"),
         kernel_init: Initializer | None = None,
         edge: bool = False,
+        input_min: float | None = None,
+        input_mean: float | None = None,
     ):
         self.policy = policy.for_module(name)
         self.in_features = in_features
@@ -130,17 +143,19 @@ class Linear(nnx.Module):
             else None
         )
         self.quant = policy.quant_for(name, edge=edge)
+        self.input_min = None if input_min is None else float(input_min)
         bits = quant_bits(self.quant)
         if bits is not None:
             # why: step sizes are FP32 whatever the param dtype; a BF16 step size has 8 bits.
             # Deterministic inits that draw no RNG: quantizing keeps the float init unchanged.
-            w_init = quant_lib.init_step_size(self.kernel[...], bits[0], axis=0)  # [out]
-            self.w_scale = _fixed_param(w_init, kernel_axes[-1:])
+            w_init = quant_lib.init_log_step_size(self.kernel[...], bits[0], axis=0)  # [out]
+            self.w_log_scale = _fixed_param(w_init, kernel_axes[-1:])
         if bits is not None and bits[1] is not None:
-            a_init = quant_lib.activation_step_size(bits[1])
-            self.a_scale = _fixed_param(jnp.asarray(a_init, jnp.float32), ())
-        if self.quant == FP8:
-            scale, history = quant_lib.fp8_meta_init()
+            a_init = quant_lib.activation_step_size(bits[1], self.input_min, input_mean)
+            self.a_log_scale = _fixed_param(jnp.log(jnp.asarray(a_init, jnp.float32)), ())
+        if is_fp8(self.quant):
+            history_length, self.fp8_margin, self.fp8_format = quant_lib.fp8_config(self.quant)
+            scale, history = quant_lib.fp8_meta_init(history_length)
             self.fp8_scale = quant_lib.FP8Meta(scale)
             self.fp8_history = quant_lib.FP8Meta(history)
 
@@ -158,24 +173,27 @@ class Linear(nnx.Module):
             )
         if self.quant == "none":
             y = dot(x, self.kernel[...], self.policy)  # accum dtype
-        elif self.quant == FP8:
+        elif is_fp8(self.quant):
             y = quant_lib.fp8_dot(
                 x,
                 self.kernel[...],
                 self.fp8_scale[...],
                 self.fp8_history[...],
                 self.policy.accum_dtype,
+                self.fp8_margin,
+                self.fp8_format,
             )
         else:
-            a_scale = self.a_scale[...] if hasattr(self, "a_scale") else None
+            a_log_scale = self.a_log_scale[...] if hasattr(self, "a_log_scale") else None
             y = quant_lib.quantized_dot(
                 x,
                 self.kernel[...],
-                self.w_scale[...],
-                a_scale,
+                self.w_log_scale[...],
+                a_log_scale,
                 quant=self.quant,
                 policy=self.policy,
                 int8=self.int8,
+                a_offset=self.input_min,
             )
         if self.bias is not None:
             y = y + self.policy.cast_to_accum(self.bias[...])
@@ -457,6 +475,12 @@ _ACTIVATION_FNS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
 }
+# (lower bound, mean over a unit Gaussian input) of each activation's output: the offset range
+# (and its step-size init) of the layer that reads it.
+_ACTIVATION_BOUNDS = {
+    "gelu": (quant_lib.GELU_MIN, quant_lib.GELU_MEAN),
+    "relu": (0.0, 1.0 / math.sqrt(2.0 * math.pi)),
+}
 
 
 class MLP(nnx.Module):
@@ -488,7 +512,11 @@ class MLP(nnx.Module):
 
         if not self.gated:
             self.fc1 = proj("fc1", embed_dim, mlp_dim, ("embed", "mlp"))
-            self.fc2 = proj("fc2", mlp_dim, embed_dim, ("mlp", "embed"))
+            # fc2's input is act's output, bounded below (GELU >= -0.17, ReLU >= 0): quantized
+            # with an offset range. Inverted dropout scales it by 1 / (1 - rate).
+            low, mean = _ACTIVATION_BOUNDS[activation]
+            bound = dict(input_min=low / (1.0 - dropout_rate), input_mean=mean)
+            self.fc2 = proj("fc2", mlp_dim, embed_dim, ("mlp", "embed"), **bound)
         else:
             self.wi_0 = proj("wi_0", embed_dim, mlp_dim, ("embed", "mlp"))
             self.wi_1 = proj("wi_1", embed_dim, mlp_dim, ("embed", "mlp"))
@@ -497,10 +525,15 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         c = self.policy.cast_to_compute  # [..., D] -> [..., D] compute
         act = _ACTIVATION_FNS[self.activation.removeprefix("gated-")]
+
+        def activate(h):
+            # why: GELU's tanh form in BF16 rounds after each of its ~8 ops; in FP32, once.
+            return c(act(self.policy.cast_to_accum(h)))
+
         if not self.gated:
-            h = dropout(c(act(self.fc1(x))), self.dropout_rate, dropout_key)
+            h = dropout(activate(self.fc1(x)), self.dropout_rate, dropout_key)
             return c(self.fc2(h))
-        h = c(act(self.wi_0(x))) * c(self.wi_1(x))
+        h = activate(self.wi_0(x)) * c(self.wi_1(x))
         return c(self.wo(dropout(h, self.dropout_rate, dropout_key)))
 
 

@@ -269,6 +269,7 @@ def _log_and_evaluate(run: Run, step: int, metrics, timer: _Throughput, bar, res
     steps = run.steps
     if step % config.train.log_every == 0 or step == steps:
         row = {**jax.device_get(metrics), **timer.row()}
+        _check_targets(row, step, config)
         row = run.writer.write(step, row, prefix="train/")
         result.update({k.removeprefix("train/"): v for k, v in row.items()})
         _report(bar, step, row)
@@ -350,6 +351,17 @@ def _roll_back(run: Run, bad_step: int, current: int, bar) -> int:
         bar.reset(total=run.steps)
         bar.update(good)
     return good
+
+
+def _check_targets(metrics: dict, step: int, config) -> None:
+    bad = float(metrics.get("invalid_targets", 0.0))
+    if bad > 0:
+        raise ValueError(
+            f"Step {step}: {bad:.0f} training target(s) outside [0, vocab/classes) had a "
+            f"positive weight (data.name={config.data.name!r}); their loss is NaN and such steps "
+            "are skipped (train/skipped). Labels must be class ids; give ignored positions "
+            "weight 0 (e.g. label -100 with weight 0)."
+        )
 
 
 def _report(bar, step: int, row: dict) -> None:

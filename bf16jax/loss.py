@@ -4,6 +4,13 @@ Invariant: logits are promoted to FP32 before log-softmax, whatever the policy (
 log Z of a 50k-way softmax in BF16 is off by up to 2^-8 * |log Z|, which is larger than the
 loss differences training chases). z-loss adds `z_loss * log(Z)^2` per token (PaLM,
 arXiv:2204.02311), which keeps log Z near 0 and BF16 logits well-conditioned.
+
+Masked targets (`target_mask`, shared by every loss and metric that gathers a target's logit):
+a position with weight 0 contributes exactly 0 whatever its label (-100, the usual "ignore"
+label, or any id outside [0, V)), never NaN; a label outside [0, V) with a positive weight is an
+error: eagerly a ValueError, under jit a NaN loss *and* NaN gradients (so the train step is
+skipped, not trained on a wrapped label: -1 is not V - 1) plus the count `invalid_targets`,
+which the training loop turns into an error.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bf16jax import matmul, sharding
 from bf16jax.precision import Policy
@@ -22,6 +30,8 @@ from bf16jax.sharding import constrain_batch
 
 __all__ = [
     "cross_entropy",
+    "target_mask",
+    "check_targets",
     "fused_cross_entropy",
     "head_logits",
     "fusable",
@@ -35,6 +45,41 @@ __all__ = [
 _F32 = jnp.float32
 
 
+def target_mask(
+    targets: jax.Array, weights: jax.Array, num_classes: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(safe int32 targets, FP32 weights, bool `invalid`) for gathering target logits.
+
+    `safe` holds 0 where a label is outside [0, num_classes), so a gather never reads out of
+    bounds (JAX returns NaN there, and wraps -1 to the last class). `invalid` marks the
+    out-of-range labels with a positive weight: errors, not padding.
+    """
+    targets = targets.astype(jnp.int32)
+    in_range = (targets >= 0) & (targets < num_classes)
+    weights = weights.astype(jnp.float32)
+    return jnp.where(in_range, targets, 0), weights, (~in_range) & (weights > 0)
+
+
+def check_targets(targets, weights, num_classes: int) -> None:
+    """Raises ValueError for labels outside [0, num_classes) with a positive weight.
+
+    Only for concrete (non-traced) arrays; under jit `cross_entropy` flags them instead.
+    """
+    t = np.asarray(targets)
+    w = np.ones(t.shape, np.float32) if weights is None else np.asarray(weights, np.float32)
+    bad = ((t < 0) | (t >= num_classes)) & (w > 0)
+    if bad.any():
+        raise ValueError(
+            f"{int(bad.sum())} target(s) outside [0, {num_classes}) have a positive weight "
+            f"(e.g. {sorted(set(t[bad].tolist()))[:5]}): labels must be class ids; give ignored "
+            "positions weight 0 (e.g. label -100 with weight 0)."
+        )
+
+
+def _is_traced(*xs) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
+
 def cross_entropy(
     logits: jax.Array,
     targets: jax.Array,
@@ -46,7 +91,7 @@ def cross_entropy(
 
     Args:
       logits: [..., V] scores (any float dtype; computed in FP32).
-      targets: [...] integer class ids in [0, V).
+      targets: [...] integer class ids in [0, V); any value where the weight is 0 (e.g. -100).
       weights: [...] non-negative per-position weights (e.g. 0 for padding); ones if None.
         Only their ratios matter: the loss is sum(w * nll) / sum(w), or 0 if all are 0.
       z_loss: coefficient of the log(Z)^2 auxiliary loss (0 disables it).
@@ -54,7 +99,12 @@ def cross_entropy(
     Returns:
       (loss, aux): `loss` is the FP32 scalar to differentiate (mean NLL + z-loss over the
       weighted positions); `aux` holds FP32 scalars `nll`, `z_loss`, `accuracy`, `log_z` (mean
-      |log Z|) and `weight_sum`.
+      |log Z|), `weight_sum` and `invalid_targets` (labels outside [0, V) with positive weight;
+      if any, the loss and its gradients are NaN).
+
+    Raises:
+      ValueError: shapes or dtypes that do not fit; out-of-range labels with a positive weight
+        when the inputs are concrete (not traced).
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
@@ -63,14 +113,19 @@ def cross_entropy(
         )
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ValueError(f"targets must be integer class ids, got dtype {targets.dtype}.")
+    num_classes = logits.shape[-1]
+    if not _is_traced(targets, weights):
+        check_targets(targets, weights, num_classes)
     # why: FP32 island; log-softmax and its gradient in low precision bias the loss.
     logits = logits.astype(jnp.float32)
     if weights is None:
         weights = jnp.ones(targets.shape, jnp.float32)
-    weights = weights.astype(jnp.float32)
+    safe, weights, invalid = target_mask(targets, weights, num_classes)
     log_z = jax.nn.logsumexp(logits, axis=-1)  # [...]
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), -1)[..., 0]
-    nll = log_z - target_logit
+    target_logit = jnp.take_along_axis(logits, safe[..., None], -1)[..., 0]
+    # An invalid label poisons the loss and, through log Z, its gradient: the step is skipped.
+    poison = jnp.where(invalid, jnp.nan, 0.0)
+    nll = jnp.where(weights > 0, log_z - target_logit, 0.0) + poison * log_z
     weight_sum = jnp.sum(weights)
     # A true weighted mean for any positive total (fractional weights too); 0 if all weights are 0.
     denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
@@ -84,6 +139,7 @@ def cross_entropy(
         "accuracy": jnp.sum(correct * weights) / denom,
         "log_z": jnp.sum(jnp.abs(log_z) * weights) / denom,
         "weight_sum": weight_sum,
+        "invalid_targets": jnp.sum(invalid, dtype=jnp.float32),
     }
     return loss, aux
 
@@ -195,8 +251,9 @@ def fused_cross_entropy(
         the rescaled decoder output.
       head: a tied `layers.Embed` (logits = hidden @ embedding.T) or an unquantized
         `layers.Linear` (hidden @ kernel + bias); its policy sets the compute / accum dtypes.
-      targets: [...] integer ids. Ids outside [0, V) are clipped for the gather, so a masked
-        label (e.g. -100) is harmless as long as its weight is 0.
+      targets: [...] integer ids in [0, V); any value where the weight is 0 (e.g. -100). Ids
+        outside [0, V) with a positive weight: ValueError when concrete, else NaN loss and
+        gradients and `aux["invalid_targets"]` > 0 (as `cross_entropy`).
       weights: [...] non-negative weights; ones if None (see `cross_entropy`).
       z_loss: coefficient of the mean log(Z)^2 term.
       grad_scale: the factor the caller multiplies the loss by before differentiating (the
@@ -227,6 +284,8 @@ def fused_cross_entropy(
 
     transposed = isinstance(head, Embed)
     kernel = head.embedding[...] if transposed else head.kernel[...]
+    if not _is_traced(targets, weights):
+        check_targets(targets, weights, kernel.shape[0] if transposed else kernel.shape[1])
     bias = None if transposed or head.bias is None else head.bias[...]
     b = targets.shape[0]
     t = math.prod(targets.shape[1:])  # 1 for per-example targets (ViT)
@@ -285,11 +344,15 @@ def _fused_scan(h, kernel, bias, targets, weights, scale, st: _Static, grads: bo
         # why: logits, logsumexp and the loss are the FP32 island (see `cross_entropy`).
         logits = constrain_batch(_chunk_logits(h_c, kernel, bias, st)).astype(_F32)
         log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
-        ids = jnp.clip(t_c, 0, vocab - 1)  # masked / out-of-range labels carry weight 0
+        ids, _, invalid = target_mask(t_c, w_c, vocab)  # as `cross_entropy`
         target_logit = jnp.take_along_axis(logits, ids[..., None], -1)[..., 0]
         correct = (jnp.argmax(logits, axis=-1) == t_c).astype(_F32)
-        stats = (log_z - target_logit, jnp.square(log_z), correct, jnp.abs(log_z))
-        sums = tuple(s + jnp.sum(w_c * x) for s, x in zip(sums, stats, strict=True))
+        # An invalid label poisons the loss and its gradients (the step is skipped).
+        poison = jnp.where(invalid, jnp.nan, 0.0)
+        nll = jnp.where(w_c > 0, log_z - target_logit, 0.0) + poison
+        stats = (nll, jnp.square(log_z), correct, jnp.abs(log_z))
+        weighted = tuple(s + jnp.sum(w_c * x) for s, x in zip(sums[:4], stats, strict=True))
+        sums = (*weighted, sums[4] + jnp.sum(invalid, dtype=_F32))
         if not grads:
             return (sums, dw, db), None
         # d(scale * loss)/dlogits = scale * w / denom * (softmax * (1 + 2 z log_z) - onehot)
@@ -297,7 +360,7 @@ def _fused_scan(h, kernel, bias, targets, weights, scale, st: _Static, grads: bo
         if st.z_loss:
             probs = probs * (1.0 + 2.0 * st.z_loss * log_z)[..., None]
         onehot = jax.nn.one_hot(ids, vocab, dtype=_F32)
-        coef = (w_c * (scale / denom))[..., None]
+        coef = (w_c * (scale / denom) + poison)[..., None]
         dlogits = coef * (probs - onehot)  # [B, c, V] FP32, this chunk only
         # why: the backward GEMMs take 16-bit operands and accumulate in FP32 (bf16jax.matmul).
         g = dlogits.astype(compute)
@@ -318,11 +381,11 @@ def _fused_scan(h, kernel, bias, targets, weights, scale, st: _Static, grads: bo
     dw0 = jnp.zeros(kernel.shape, acc) if grads else None
     db0 = jnp.zeros(bias.shape, _F32) if grads and bias is not None else None
     xs = (_chunks(h, n), _chunks(targets, n), _chunks(weights, n))
-    (sums, dw, db), dh = jax.lax.scan(body, ((zero,) * 4, dw0, db0), xs)
-    nll, z2, correct, abs_z = (s / denom for s in sums)
+    (sums, dw, db), dh = jax.lax.scan(body, ((zero,) * 5, dw0, db0), xs)
+    nll, z2, correct, abs_z = (s / denom for s in sums[:4])
     loss = nll + jnp.float32(st.z_loss) * z2 if st.z_loss else nll
     aux = {"nll": nll, "z_loss": z2, "accuracy": correct, "log_z": abs_z,
-           "weight_sum": weight_sum}  # fmt: skip
+           "weight_sum": weight_sum, "invalid_targets": sums[4]}  # fmt: skip
     return (loss, aux), (None if dh is None else _unchunk(dh), dw, db)
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bf16jax import history
+from bf16jax.loss import target_mask
 
 __all__ = [
     "PEAK_BF16_FLOPS",
@@ -202,22 +203,25 @@ def prediction_stats(logits: jax.Array, targets: jax.Array, weights: jax.Array):
     Args:
       logits: [..., K] scores in any float dtype (promoted to FP32: an FP32 island).
       targets: [...] integer labels.
-      weights: [...] example weights (0 = padding).
+      weights: [...] example weights (0 = padding; any label, e.g. -100, is then ignored).
 
     Returns:
       Dict of [N] arrays: `confidence` (max softmax probability), `prediction` (argmax, int32),
-      `correct` (0/1 FP32), `nll` (-log p(target)) and `weight`.
+      `correct` (0/1 FP32), `nll` (-log p(target); 0 at weight 0, NaN for a label outside
+      [0, K) with a positive weight, see `loss.target_mask`) and `weight`.
     """
     logits = logits.astype(jnp.float32)
     log_p = jax.nn.log_softmax(logits, axis=-1)
-    target = jnp.take_along_axis(log_p, targets[..., None].astype(jnp.int32), -1)[..., 0]
+    safe, weights, invalid = target_mask(targets, weights, logits.shape[-1])
+    target = jnp.take_along_axis(log_p, safe[..., None], -1)[..., 0]
+    nll = jnp.where(weights > 0, -target, 0.0) + jnp.where(invalid, jnp.nan, 0.0)
     prediction = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return {
         "confidence": jnp.exp(jnp.max(log_p, axis=-1)).reshape(-1),
         "prediction": prediction.reshape(-1),
         "correct": (prediction == targets).astype(jnp.float32).reshape(-1),
-        "nll": (-target).reshape(-1),
-        "weight": weights.astype(jnp.float32).reshape(-1),
+        "nll": nll.reshape(-1),
+        "weight": weights.reshape(-1),
     }
 
 

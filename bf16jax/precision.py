@@ -11,13 +11,18 @@
   compute), plus per-module overrides (`bf16-pure; .*norm.*->fp32`) and a quantization setting
   (`bf16; q=w4a8; head->q=w8a8`, see `bf16jax.quant`). `str(policy)` round-trips.
 - Casts touch floating leaves only: integer arrays and PRNG keys pass through unchanged.
+- `record_paths()` collects every module path resolved while a model is built, so that
+  `bf16jax.overrides` can report and check what each override rule hit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -31,6 +36,11 @@ __all__ = [
     "parse_dtype",
     "parse_quant",
     "quant_bits",
+    "is_fp8",
+    "fp8_options",
+    "record_paths",
+    "note_paths",
+    "deciding_rule",
     "PRESETS",
     "DTYPE_NAMES",
     "UPDATE_RULES",
@@ -69,16 +79,21 @@ _KEYS = {
     "output": "output_dtype",
     "a": "accum_dtype",
     "accum": "accum_dtype",
+    "r": "residual_dtype",
+    "residual": "residual_dtype",
     "u": "update_rule",
     "update": "update_rule",
     "q": "quant",
     "quant": "quant",
 }
 # How a step adds updates to params stored in 16 bits (bf16jax.optim / bf16jax.numerics).
-UPDATE_RULES = ("nearest", "stochastic", "kahan")
+UPDATE_RULES = ("nearest", "stochastic", "kahan", "split")
+# Rules that work on the bit pattern of BF16 (the top half of an FP32): FP16 params are refused.
+_BF16_RULES = ("stochastic", "kahan", "split")
 _RULE_ALIASES = {"sr": "stochastic", "round": "nearest"}
 _RULE_SEP = ";"
 _RULE_ARROW = "->"
+_AMENDABLE = ("quant", "residual_dtype", "update_rule")  # `BASE; key=value` segments
 
 
 def _parse_rule(name: str, context: str) -> str:
@@ -94,14 +109,62 @@ def _parse_rule(name: str, context: str) -> str:
 
 # Quantization settings (bf16jax.quant): "none", w<bits>[a<bits>] with 2..8 bits each
 # (LSQ; weights per output channel, input activations per tensor; no "a" = weights only), or
-# "fp8" (E4M3 operands, E5M2 gradients, delayed scaling; per-tensor scales from amax histories).
+# "fp8[:h<N>][:m<N>][:<format>]" (delayed scaling from amax histories of N steps, default 1024
+# as Transformer Engine and Flax; margin m; format hybrid = E4M3 operands and E5M2 gradients,
+# or e4m3 everywhere).
 _QUANT_RE = re.compile(r"w([2-8])(?:a([2-8]))?")
 _QUANT_NONE = ("none", "off", "fp", "")
 FP8 = "fp8"
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_DEFAULTS = {"history": 1024, "margin": 0, "format": "hybrid"}
+_FP8_OPTION_RE = re.compile(r"(?:h(\d+)|m(\d+)|(hybrid|e4m3))")
+
+
+def is_fp8(quant: str | None) -> bool:
+    """True for an FP8 quant setting ("fp8" or "fp8:..." with options)."""
+    return quant is not None and (quant == FP8 or quant.startswith(FP8 + ":"))
+
+
+def fp8_options(quant: str) -> dict[str, Any]:
+    """{"history": int, "margin": int, "format": "hybrid" | "e4m3"} of an FP8 quant setting."""
+    if not is_fp8(quant):
+        raise ValueError(f"{quant!r} is not an FP8 quant setting (fp8[:h<N>][:m<N>][:format]).")
+    return _parse_fp8(quant, quant)
+
+
+def _parse_fp8(key: str, context: str) -> dict[str, Any]:
+    opts = dict(FP8_DEFAULTS)
+    seen = set()
+    for part in key.split(":")[1:]:
+        m = _FP8_OPTION_RE.fullmatch(part)
+        name = None if m is None else ("history", "margin", "format")[m.lastindex - 1]
+        if m is None or name in seen:
+            raise ValueError(
+                f"Bad FP8 option {part!r} in policy {context!r}: write q=fp8[:h<steps>][:m<margin>]"
+                f"[:{'|'.join(FP8_FORMATS)}], each at most once (e.g. q=fp8:h16:m1:e4m3)."
+            )
+        seen.add(name)
+        opts[name] = m.group(m.lastindex) if name == "format" else int(m.group(m.lastindex))
+    if opts["history"] < 1:
+        raise ValueError(
+            f"FP8 amax history h{opts['history']} in policy {context!r}: use h1 or more."
+        )
+    return opts
+
+
+def _fp8_canonical(opts: dict[str, Any]) -> str:
+    parts = [FP8]
+    if opts["history"] != FP8_DEFAULTS["history"]:
+        parts.append(f"h{opts['history']}")
+    if opts["margin"] != FP8_DEFAULTS["margin"]:
+        parts.append(f"m{opts['margin']}")
+    if opts["format"] != FP8_DEFAULTS["format"]:
+        parts.append(opts["format"])
+    return ":".join(parts)
 
 
 def parse_quant(text: str, context: str | None = None) -> str:
-    """Canonical quant setting ("none", "w8a8", "w4a8", "w8", "fp8", ...) for `text`.
+    """Canonical quant setting ("none", "w8a8", "w4a8", "w8", "fp8", "fp8:h16", ...) for `text`.
 
     Raises:
       ValueError: naming the bad value and the accepted forms.
@@ -109,12 +172,13 @@ def parse_quant(text: str, context: str | None = None) -> str:
     key = str(text).strip().lower()
     if key in _QUANT_NONE:
         return "none"
-    if key == FP8:
-        return key
+    if is_fp8(key):
+        return _fp8_canonical(_parse_fp8(key, context or text))
     if not _QUANT_RE.fullmatch(key):
         raise ValueError(
-            f"Unknown quantization {text!r} in policy {context or text!r}: use none, fp8, or "
-            "w<bits>a<bits> / w<bits> with 2..8 bits (e.g. q=w8a8, q=w4a8, q=w8, q=fp8)."
+            f"Unknown quantization {text!r} in policy {context or text!r}: use none, "
+            "fp8[:h<N>][:m<N>][:hybrid|e4m3], or w<bits>a<bits> / w<bits> with 2..8 bits "
+            "(e.g. q=w8a8, q=w4a8, q=w8, q=fp8, q=fp8:h16)."
         )
     return key
 
@@ -170,9 +234,13 @@ class Policy:
       accum_dtype: dtype of accumulators, reductions, softmax, norm statistics, logits + loss and
         optimizer state. FP32 unless you know why not.
       update_rule: how the optimizer writes updates into params: "nearest" (round to nearest,
-        what optax does), "stochastic" (stochastic rounding) or "kahan" (compensated, with a
-        16-bit buffer per param). Matters for 16-bit params (`bf16-pure-sr`, `bf16-pure-kahan`);
-        model-wide, so overrides may not set it.
+        what optax does), "stochastic" (stochastic rounding), "kahan" (compensated, with an FP32
+        buffer per param) or "split" (the low 16 bits of the FP32 master kept beside the BF16
+        param: exact). Matters for 16-bit params (`bf16-pure-sr`, `bf16-pure-kahan`,
+        `bf16-pure-split`); the last three need BF16 (not FP16) params; model-wide, so overrides
+        may not set it.
+      residual_dtype: dtype of the residual stream between transformer sub-layers (key `r`);
+        None follows compute_dtype. `r=f32` keeps the sum of many sub-layer outputs in FP32.
       quant: quantization-aware training of `layers.Linear` ("none", "w8a8", "w4a8", "w8", ...;
         see `bf16jax.quant`). In an override, None means "inherit the base policy's setting".
       overrides: ordered `(regex, Policy)` rules; `for_module(path)` uses the first rule whose
@@ -186,10 +254,14 @@ class Policy:
     update_rule: str = "nearest"
     overrides: tuple[tuple[str, Policy], ...] = ()
     quant: str | None = "none"
+    residual_dtype: np.dtype | None = None
 
     def __post_init__(self):
         for field in ("param_dtype", "compute_dtype", "output_dtype", "accum_dtype"):
             object.__setattr__(self, field, _as_float_dtype(getattr(self, field), field))
+        if self.residual_dtype is not None:
+            residual = _as_float_dtype(self.residual_dtype, "residual_dtype")
+            object.__setattr__(self, "residual_dtype", residual)
         object.__setattr__(
             self, "update_rule", _parse_rule(self.update_rule, str(self.update_rule))
         )
@@ -217,6 +289,15 @@ class Policy:
                 )
             rules.append((pattern, policy))
         object.__setattr__(self, "overrides", tuple(rules))
+        if self.update_rule in _BF16_RULES:
+            for where, p in [("", self), *((f" (override {r!r})", q) for r, q in rules)]:
+                if p.param_dtype == _F16:
+                    raise ValueError(
+                        f"Update rule u={self.update_rule} needs bfloat16 (or float32) params, "
+                        f"but p=f16{where}: it works on BF16's bit pattern (the top half of an "
+                        "FP32), and FP16 has another exponent range. Use p=bf16, or p=f32 with "
+                        "c=f16 (FP16 mixed precision, FP32 master weights) and u=nearest."
+                    )
 
     # ----------------------------------------------------------------- resolution
     def for_module(self, path: str) -> Policy:
@@ -225,6 +306,7 @@ class Policy:
         The returned policy keeps this policy's overrides, so resolving a deeper path from it
         gives the same answer as resolving from the root.
         """
+        _note_path(path)
         base = _resolve(self.overrides, path)
         if base is None:
             return self
@@ -240,6 +322,7 @@ class Policy:
         first layer or the output logits, which quantization is known to hurt) is unquantized
         and any other module takes this policy's setting.
         """
+        _note_path(path)
         rule = _resolve(self.overrides, path)
         if rule is not None and rule.quant is not None:
             return rule.quant
@@ -265,6 +348,15 @@ class Policy:
         """Casts floating leaves of `tree` to `accum_dtype`."""
         return _cast_tree(tree, self.accum_dtype)
 
+    @property
+    def residual(self) -> np.dtype:
+        """The residual stream's dtype: `residual_dtype`, or `compute_dtype` when unset."""
+        return self.compute_dtype if self.residual_dtype is None else self.residual_dtype
+
+    def cast_to_residual(self, tree):
+        """Casts floating leaves of `tree` to the residual stream's dtype (`residual`)."""
+        return _cast_tree(tree, self.residual)
+
     # ----------------------------------------------------------------- strings
     def dtypes_str(self, explicit_quant: bool = False) -> str:
         """`p=..,c=..,o=..,a=..[,u=..][,q=..]`; q=none only if `explicit_quant` (overrides)."""
@@ -277,6 +369,8 @@ class Policy:
                 ("a", "accum_dtype"),
             )
         )
+        if self.residual_dtype is not None:
+            text = f"{text},r={_SHORT_NAME[self.residual_dtype]}"
         if self.update_rule != "nearest":
             text = f"{text},u={self.update_rule}"
         if self.quant is not None and (self.quant != "none" or explicit_quant):
@@ -336,8 +430,10 @@ PRESETS: dict[str, Policy] = {
     "bf16-pure": Policy(_BF16, _BF16, _BF16),
     # Pure BF16 with unbiased stochastic rounding of every param update.
     "bf16-pure-sr": Policy(_BF16, _BF16, _BF16, update_rule="stochastic"),
-    # Pure BF16 with Kahan-compensated updates (a BF16 compensation buffer per param).
+    # Pure BF16 with Kahan-compensated updates (an FP32 compensation buffer per param).
     "bf16-pure-kahan": Policy(_BF16, _BF16, _BF16, update_rule="kahan"),
+    # Pure BF16 params plus the low 16 bits of their FP32 master: exact FP32 updates, 4 B/param.
+    "bf16-pure-split": Policy(_BF16, _BF16, _BF16, update_rule="split"),
     # FP16 compute needs loss scaling (train.loss_scale) because FP16's range is narrow.
     "fp16": Policy(_F32, _F16, _F32),
 }
@@ -379,8 +475,8 @@ def _parse_dtypes(text: str, context: str, base: Policy | None = None) -> Policy
         if field is None:
             raise ValueError(
                 f"Unknown key {key!r} in policy {context!r}: use one of "
-                "p/params, c/compute, o/output, a/accum, u/update (nearest, stochastic, kahan), "
-                "q/quant (none, w8a8, w4a8, ...)."
+                "p/params, c/compute, o/output, a/accum, r/residual, u/update (nearest, "
+                "stochastic, kahan, split), q/quant (none, w8a8, w4a8, fp8, ...)."
             )
         if field in fields:
             raise ValueError(f"Key {key!r} given twice in policy {context!r}.")
@@ -398,24 +494,29 @@ def _parse_dtypes(text: str, context: str, base: Policy | None = None) -> Policy
     output = fields.get("output_dtype", compute)  # jmp: output follows compute
     accum = fields.get("accum_dtype", _F32)
     rule = fields.get("update_rule", "nearest")
-    return Policy(param, compute, output, accum, rule, quant=quant)
+    residual = fields.get("residual_dtype")  # None: the residual stream follows compute
+    return Policy(param, compute, output, accum, rule, quant=quant, residual_dtype=residual)
 
 
 def get_policy(spec: str | Policy) -> Policy:
     """Parses a policy from a preset name or a policy string; a Policy is returned as is.
 
     Grammar: `BASE [; q=QUANT] [; REGEX->POLICY]...` where BASE and each POLICY is a preset
-    name (`fp32`, `bf16`, `bf16-pure`, `bf16-pure-sr`, `bf16-pure-kahan`, `fp16`), a
-    jmp/Levanter string of `key=dtype` pairs (keys p/params, c/compute, o/output, a/accum;
-    dtypes f32/float32/full, bf16/bfloat16, f16/float16, half; plus u/update=nearest|stochastic|
-    kahan, base policy only, and q/quant) or a bare dtype (all of params/compute/output). Unset
-    keys follow jmp: params f32, compute = params, output = compute, accum f32, update nearest.
-    Example: `bf16-pure-kahan; .*norm.*->fp32; .*head.*->p=f32,c=bf16`.
+    name (`fp32`, `bf16`, `bf16-pure`, `bf16-pure-sr`, `bf16-pure-kahan`, `bf16-pure-split`,
+    `fp16`), a jmp/Levanter string of `key=dtype` pairs (keys p/params, c/compute, o/output,
+    a/accum, r/residual; dtypes f32/float32/full, bf16/bfloat16, f16/float16, half; plus
+    u/update=nearest|stochastic|kahan|split, base policy only, and q/quant) or a bare dtype
+    (all of params/compute/output). Unset keys follow jmp: params f32, compute = params,
+    output = compute, accum f32, update nearest; the residual stream follows compute. Example:
+    `bf16-pure-kahan; .*norm.*->fp32; .*head.*->p=f32,c=bf16`. A `; key=value` segment amends
+    the base: `bf16; r=f32` keeps the residual stream in FP32 (= `p=f32,c=bf16,o=f32,r=f32`),
+    `bf16-pure; u=split` is `bf16-pure-split`, `bf16; q=w8a8` quantizes (below).
 
     Quantization-aware training (`bf16jax.quant`, LSQ learned step sizes): QUANT is `none`,
     `w<b>a<b>` (weights per output channel and input activations per tensor, 2..8 bits, e.g.
-    `w8a8`, `w4a8`), `w<b>` (weights only) or `fp8` (E4M3 weights and activations, E5M2
-    gradients, delayed scaling from amax histories: `bf16jax.quant.fp8_dot`). It applies to
+    `w8a8`, `w4a8`), `w<b>` (weights only) or `fp8[:h<N>][:m<N>][:hybrid|e4m3]` (E4M3 weights
+    and activations, E5M2 gradients, or E4M3 everywhere with `e4m3`; delayed scaling from amax
+    histories of N steps, default 1024, with margin m: `bf16jax.quant.fp8_dot`). It applies to
     every `layers.Linear` except the edge layers (the first layer and the output logits: ViT
     `patch_embed`, every `head`), which stay unquantized unless an override names them. An
     override `REGEX->q=QUANT` changes only the quantization of the matching modules and keeps
@@ -433,17 +534,27 @@ def get_policy(spec: str | Policy) -> Policy:
         raise ValueError(f"Policy must be a string or Policy, got {type(spec).__name__}.")
     base_text, *rule_texts = spec.split(_RULE_SEP)
     policy = _parse_dtypes(base_text, spec)
-    quant_texts = [t for t in rule_texts if t.strip() and _RULE_ARROW not in t]
-    for text in quant_texts:
+    # `; key=value` segments amend the base policy: q (quantization), r (residual), u (rule).
+    amend_texts = [t for t in rule_texts if t.strip() and _RULE_ARROW not in t]
+    amended = _keys_of(base_text)
+    for text in amend_texts:
         key, _, value = text.partition("=")
-        if _KEYS.get(key.strip().lower()) != "quant" or not value.strip():
+        field = _KEYS.get(key.strip().lower())
+        if field not in _AMENDABLE or not value.strip():
             raise ValueError(
-                f"Malformed override {text.strip()!r} in policy {spec!r}: "
-                "write REGEX->POLICY, e.g. '.*norm.*->fp32', or q=QUANT, e.g. 'q=w8a8'."
+                f"Malformed override {text.strip()!r} in policy {spec!r}: write REGEX->POLICY, "
+                "e.g. '.*norm.*->fp32', or amend the base with q=QUANT, r=DTYPE or u=RULE, "
+                "e.g. 'q=w8a8', 'r=f32', 'u=split'."
             )
-        if len(quant_texts) > 1 or "quant" in _keys_of(base_text):
-            raise ValueError(f"Quantization given twice in policy {spec!r}: give q= once.")
-        policy = policy.replace(quant=parse_quant(value, spec))
+        if field in amended or (field == "update_rule" and policy.update_rule != "nearest"):
+            raise ValueError(f"{key.strip()}= given twice in policy {spec!r}: give it once.")
+        amended.add(field)
+        if field == "quant":
+            policy = policy.replace(quant=parse_quant(value, spec))
+        elif field == "update_rule":
+            policy = policy.replace(update_rule=_parse_rule(value, spec))
+        else:
+            policy = policy.replace(residual_dtype=_parse_dtype(value, spec))
     rules = []
     for text in rule_texts:
         if not text.strip() or _RULE_ARROW not in text:
@@ -463,3 +574,45 @@ def fp32_reference(policy: Policy) -> Policy:
 
 def _keys_of(text: str) -> set[str]:
     return {_KEYS.get(p.split("=", 1)[0].strip().lower()) for p in text.split(",") if "=" in p}
+
+
+# ------------------------------------------------------------------- what the overrides hit
+_RECORDING = threading.local()
+
+
+def _note_path(path: str) -> None:
+    for paths in getattr(_RECORDING, "stack", ()):
+        paths.append(path)
+
+
+def note_paths(paths: Iterable[str]) -> None:
+    """Records `paths` as resolved (for modules created once and stacked, e.g. scanned layers)."""
+    for path in paths:
+        _note_path(path)
+
+
+@contextlib.contextmanager
+def record_paths() -> Iterator[list[str]]:
+    """Collects the module paths that layers resolve (`for_module` / `quant_for`) in the block.
+
+    Blocks nest; each sees every path resolved inside it. Used by `bf16jax.models.build_model`
+    to report and check what each override rule hit.
+    """
+    paths: list[str] = []
+    stack = getattr(_RECORDING, "stack", None)
+    if stack is None:
+        stack = _RECORDING.stack = []
+    stack.append(paths)
+    try:
+        yield paths
+    finally:
+        stack.remove(paths)
+
+
+def deciding_rule(rules: tuple[tuple[str, Policy], ...], path: str) -> int | None:
+    """Index of the first override rule matching `path` or one of its ancestors (None: none)."""
+    prefixes = _ancestors(path)
+    for i, (pattern, _) in enumerate(rules):
+        if any(_compiled(pattern).fullmatch(p) for p in prefixes):
+            return i
+    return None

@@ -9,8 +9,16 @@ round(x/s) - x/s inside, Qn or Qp outside; the gradient of s is multiplied by g 
 - codes (`lsq_codes`) are exact integers held in FP32, so a dot of codes in any float compute
   dtype with an FP32 accumulator equals the int8 x int8 -> int32 dot whenever partial sums stay
   below 2^24: fake-quant and real-int8 evaluation agree (`quantized_dot`, `set_int8_mode`);
-- step sizes are FP32 nnx.Params (`w_scale` per output channel, `a_scale` per tensor) of
-  `layers.Linear`, trained with the model, sharded like the kernel's output axis, checkpointed;
+- step sizes are learned in the log domain, s = exp(theta): FP32 nnx.Params `w_log_scale` (per
+  output channel) and `a_log_scale` (per tensor) of `layers.Linear`, trained with the model,
+  never weight-decayed, sharded like the kernel's output axis, checkpointed. LSQ's gradient
+  scale was designed for SGD; Adam normalises it away and moves a raw s by ~lr per step, which
+  at lr 3e-3 against s0 ~ 0.07 drove step sizes through zero (saturated codes, 0/0 at w = 0).
+  In the log domain s stays positive and Adam's steps are relative (~lr of s);
+- an activation bounded below (GELU's output >= -0.17, ReLU's >= 0) is quantized with an
+  unsigned range offset by that bound (`a_offset`), so all 2^b codes are in use instead of half
+  (LSQ+, Bhalgat et al. 2020, arXiv:2004.09576, with a fixed offset); the int8 dot then runs on
+  codes shifted by 2^(b-1) plus a per-channel correction, still bit-exact with fake-quant;
 - `export_int8` / `load_int8` write and read int8 kernels + FP32 scales with Orbax; `to_int8` /
   `to_fp8` turn a model's kernels into their int8 / E4M3 codes in place (`bf16jax.export`);
 - FP8 delayed scaling (Micikevicius et al. 2022, arXiv:2209.05433; E4M3 forward, E5M2 gradients):
@@ -35,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from bf16jax import matmul, metrics
-from bf16jax.precision import Policy, quant_bits
+from bf16jax.precision import FP8_DEFAULTS, Policy, fp8_options, quant_bits
 
 __all__ = [
     "quant_range",
@@ -43,7 +51,11 @@ __all__ = [
     "lsq_codes",
     "fake_quant",
     "init_step_size",
+    "init_log_step_size",
     "activation_step_size",
+    "step_size",
+    "GELU_MIN",
+    "GELU_MEAN",
     "quantized_dot",
     "quantized_layers",
     "set_int8_mode",
@@ -56,6 +68,8 @@ __all__ = [
     "FP8_FORWARD",
     "FP8_BACKWARD",
     "FP8_HISTORY_LENGTH",
+    "FP8_GRAD_DTYPES",
+    "fp8_config",
     "FP8Meta",
     "fp8_meta_init",
     "fp8_quantize",
@@ -69,6 +83,20 @@ _F32 = jnp.float32
 # Data-independent activation step-size init: LSQ's 2 mean|x| / sqrt(Qp) for inputs of unit
 # RMS (LayerNorm outputs; E|x| = sqrt(2/pi) for a unit Gaussian). The step size then learns.
 _UNIT_MEAN_ABS = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_stats() -> tuple[float, float]:
+    # jax.nn.gelu's default (tanh) form in float64 numpy: its minimum (about -0.17 at x = -0.75)
+    # and its mean over a unit Gaussian input (about 0.28), the init of an offset step size.
+    z = np.linspace(-8.0, 8.0, 160_001)
+    g = 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+    density = np.exp(-0.5 * z**2) / math.sqrt(2.0 * math.pi)
+    return float(g.min()), float(np.sum(g * density) * (z[1] - z[0]))
+
+
+_GELU_MIN_EXACT, GELU_MEAN = _gelu_stats()
+# A lower bound of GELU's output with room for its BF16 rounding (ulp 2^-10 near 0.17).
+GELU_MIN = math.floor(_GELU_MIN_EXACT * 512.0) / 512.0  # -0.171875
 
 
 def quant_range(bits: int, signed: bool = True) -> tuple[int, int]:
@@ -163,27 +191,50 @@ def init_step_size(w: jax.Array, bits: int, axis: int | tuple[int, ...] | None =
     return 2.0 * jnp.maximum(mean_abs, 1e-8) / math.sqrt(qp)
 
 
-def activation_step_size(bits: int) -> float:
-    """Data-independent LSQ init for an activation of unit RMS: 2 sqrt(2/pi) / sqrt(Qp)."""
-    return 2.0 * _UNIT_MEAN_ABS / math.sqrt(quant_range(bits)[1])
+def init_log_step_size(w: jax.Array, bits: int, axis: int | tuple[int, ...] | None = None):
+    """log of `init_step_size`: the initial value of a log-domain step size parameter."""
+    return jnp.log(init_step_size(w, bits, axis))
+
+
+def step_size(log_s: jax.Array) -> jax.Array:
+    """s = exp(log_s): a log-domain step size parameter as the (always positive) step size."""
+    return jnp.exp(log_s.astype(_F32))
+
+
+def activation_step_size(bits: int, offset: float | None = None, mean: float | None = None):
+    """Data-independent LSQ init 2 E|x - offset| / sqrt(Qp) for an activation.
+
+    Without `offset`: a signed range and an input of unit RMS (E|x| = sqrt(2/pi)). With
+    `offset` (a lower bound of the input, e.g. `GELU_MIN`): the unsigned range [0, 2^b - 1]
+    and E|x - offset| = `mean` - offset, `mean` being the input's mean (`GELU_MEAN` for GELU
+    of a unit Gaussian; 0 if not given).
+    """
+    if offset is None:
+        return 2.0 * _UNIT_MEAN_ABS / math.sqrt(quant_range(bits)[1])
+    return 2.0 * ((mean or 0.0) - offset) / math.sqrt(quant_range(bits, signed=False)[1])
 
 
 def quantized_dot(
     x: jax.Array,
     w: jax.Array,
-    w_scale: jax.Array,
-    a_scale: jax.Array | None,
+    w_log_scale: jax.Array,
+    a_log_scale: jax.Array | None,
     *,
     quant: str,
     policy: Policy,
     int8: bool = False,
+    a_offset: float | None = None,
 ) -> jax.Array:
     """x[..., K] @ w[K, N] with LSQ weights (per output channel) and activations (per tensor).
 
+    Step sizes are exp of the log-domain params `w_log_scale` [N] and `a_log_scale` [].
     Fake-quant: codes of x and w in compute dtype (exact: |codes| <= 128), accumulated in accum
     dtype, then times s_a * s_w. `int8`: the same codes as int8 operands, int32 accumulation
     (`preferred_element_type=int32`), then times s_a * s_w; `w` may then already hold int8 codes
     (an exported model). Weight-only settings (`w8`) dot x with the weight codes in compute dtype.
+    `a_offset` (a lower bound of x): x is quantized as offset + s_a * k with unsigned codes k in
+    [0, 2^b - 1]; the dot runs on k - 2^(b-1) (int8) and adds (offset + 2^(b-1) s_a) s_w
+    sum_K(w codes), which is the same product x_q @ w_q, in both modes alike.
 
     Returns:
       [..., N] in accum dtype.
@@ -192,14 +243,19 @@ def quantized_dot(
     acc = policy.accum_dtype
     dims = (((x.ndim - 1,), (0,)), ((), ()))
     wn, wp = quant_range(w_bits)
-    sw = scale_grad(w_scale, 1.0 / math.sqrt(w.shape[0] * wp))
+    sw = scale_grad(step_size(w_log_scale), 1.0 / math.sqrt(w.shape[0] * wp))
     kw = w if jnp.issubdtype(w.dtype, jnp.integer) else lsq_codes(w, sw, wn, wp)  # [K, N]
     if a_bits is None:
         return matmul.dot_general(x, kw, dims, policy) * sw.astype(acc)
-    an, ap = quant_range(a_bits)
+    an, ap = quant_range(a_bits, signed=a_offset is None)
     per_example = x.size // x.shape[0] if x.ndim > 1 else x.size  # LSQ's N_F
-    sa = scale_grad(a_scale, 1.0 / math.sqrt(per_example * ap))
-    kx = lsq_codes(x, sa, an, ap)  # [..., K]
+    sa = scale_grad(step_size(a_log_scale), 1.0 / math.sqrt(per_example * ap))
+    if a_offset is None:
+        kx, shift = lsq_codes(x, sa, an, ap), 0  # [..., K]
+    else:
+        kx = lsq_codes(x.astype(_F32) - a_offset, sa, an, ap)  # [..., K] in [0, 2^b - 1]
+        shift = 2 ** (a_bits - 1)
+        kx = kx - shift  # signed: fits int8
     if int8:
         y = jax.lax.dot_general(
             kx.astype(jnp.int8), kw.astype(jnp.int8), dims, preferred_element_type=jnp.int32
@@ -208,12 +264,17 @@ def quantized_dot(
         # Codes are small integers: exact in bf16/f16, and the FP32 accumulator is exact too.
         # The backward GEMMs run on compute-dtype operands as well (`bf16jax.matmul`).
         y = matmul.dot_general(kx, kw, dims, policy)
-    return y * (sa * sw).astype(acc)
+    y = y * (sa * sw).astype(acc)
+    if a_offset is not None:
+        col = jnp.sum(kw.astype(_F32), axis=0)  # [N] exact integers
+        y = y + ((a_offset + shift * sa) * sw * col).astype(acc)
+    return y
 
 
 # ----------------------------------------------------------------------------- model helpers
 def quantized_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
-    """(path, layer) for every `layers.Linear` in `model` with LSQ quantization (has `w_scale`)."""
+    """(path, layer) for every `layers.Linear` in `model` with LSQ quantization (has
+    `w_log_scale`)."""
     from bf16jax.layers import Linear
 
     return [
@@ -240,7 +301,8 @@ def to_int8(model: nnx.Module) -> nnx.Module:
         w = layer.kernel[...]
         if not jnp.issubdtype(w.dtype, jnp.integer):
             wn, wp = quant_range(quant_bits(layer.quant)[0])
-            codes = jnp.round(jnp.clip(w.astype(_F32) / layer.w_scale[...], wn, wp))
+            s = step_size(layer.w_log_scale[...])
+            codes = jnp.round(jnp.clip(w.astype(_F32) / s, wn, wp))
             layer.kernel = nnx.Param(codes.astype(jnp.int8))
     return set_int8_mode(model, True)
 
@@ -248,9 +310,9 @@ def to_int8(model: nnx.Module) -> nnx.Module:
 def fp8_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
     """(path, layer) for every `layers.Linear` in `model` that runs `fp8_dot` (`q=fp8`)."""
     from bf16jax.layers import Linear
-    from bf16jax.precision import FP8
+    from bf16jax.precision import is_fp8
 
-    return [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and m.quant == FP8]
+    return [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and is_fp8(m.quant)]
 
 
 def to_fp8(model: nnx.Module) -> nnx.Module:
@@ -345,8 +407,16 @@ def scale_from_history(
 
 
 # ----------------------------------------------------------------------------- FP8 in the layers
-FP8_HISTORY_LENGTH = 16  # steps of amax kept per tensor (TE / Linen default 1024: long runs)
-_FP8_ROWS = (FP8_FORWARD, FP8_FORWARD, FP8_BACKWARD)  # rows of the meta: x, w, gradient
+FP8_HISTORY_LENGTH = FP8_DEFAULTS["history"]  # steps of amax per tensor (as TE and Flax)
+# Gradient dtype per `q=fp8:<format>`: "hybrid" (the default, E5M2's range for gradients, as
+# Micikevicius et al. and Transformer Engine) or "e4m3" (E4M3's precision everywhere).
+FP8_GRAD_DTYPES = {"hybrid": FP8_BACKWARD, "e4m3": FP8_FORWARD}
+
+
+def fp8_config(quant: str) -> tuple[int, int, str]:
+    """(amax history length, margin, format) of an FP8 quant setting such as "fp8:h16:m1"."""
+    opts = fp8_options(quant)
+    return opts["history"], opts["margin"], opts["format"]
 
 
 class FP8Meta(nnx.Variable):
@@ -368,10 +438,11 @@ def fp8_quantize(x: jax.Array, scale: jax.Array, dtype=FP8_FORWARD) -> jax.Array
     return jnp.clip(x.astype(_F32) / scale, -fmax, fmax).astype(dtype)
 
 
-def _fp8_new_meta(scale, history, amaxes):
+def _fp8_new_meta(scale, history, amaxes, margin, fmt):
     """Rolls each row's history, records its amax, and takes the delayed scales from it."""
+    dtypes = (FP8_FORWARD, FP8_FORWARD, FP8_GRAD_DTYPES[fmt])  # rows: x, w, gradient
     rows = [update_amax_history(history[i], amaxes[i]) for i in range(3)]
-    scales = [scale_from_history(rows[i], scale[i], dt) for i, dt in enumerate(_FP8_ROWS)]
+    scales = [scale_from_history(rows[i], scale[i], dt, margin) for i, dt in enumerate(dtypes)]
     return jnp.stack(scales), jnp.stack(rows)
 
 
@@ -384,13 +455,22 @@ def _fp8_forward(x, w, scale, acc):
     return (y * (scale[0] * scale[1])).astype(acc), xq, wq
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def fp8_dot(x: jax.Array, w: jax.Array, scale: jax.Array, history: jax.Array, acc=_F32):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def fp8_dot(
+    x: jax.Array,
+    w: jax.Array,
+    scale: jax.Array,
+    history: jax.Array,
+    acc=_F32,
+    margin: int = 0,
+    fmt: str = "hybrid",
+):
     """x[..., K] @ w[K, N] on E4M3 operands with delayed per-tensor scaling; result in `acc`.
 
     Forward: x and w are quantized to E4M3 with `scale[0]`, `scale[1]` (from earlier steps'
     amaxes), dotted with an FP32 accumulator (an FP8 GEMM on Hopper) and rescaled. Backward:
-    the cotangent is quantized to E5M2 with `scale[2]`; dx and dw are dots of FP8 operands
+    the cotangent is quantized to E5M2 (`fmt="hybrid"`) or E4M3 (`fmt="e4m3"`) with
+    `scale[2]`; dx and dw are dots of FP8 operands
     (straight-through: the quantizer's gradient is the identity). The cotangents returned for
     `scale` and `history` are NOT derivatives: they are the new scales and histories after
     recording max|x|, max|w| and max|dy| of this step (overwrite-with-gradient).
@@ -401,11 +481,13 @@ def fp8_dot(x: jax.Array, w: jax.Array, scale: jax.Array, history: jax.Array, ac
       scale: FP32 [3], the scales of x, w and the gradient.
       history: FP32 [3, H], their amax histories (newest first).
       acc: the result's dtype (the policy's accum dtype).
+      margin: scales are max(history) * 2^margin / max(dtype) (headroom for growing amaxes).
+      fmt: "hybrid" or "e4m3", the gradient's FP8 format.
     """
     return _fp8_forward(x, w, scale, acc)[0]
 
 
-def _fp8_dot_fwd(x, w, scale, history, acc):
+def _fp8_dot_fwd(x, w, scale, history, acc, margin, fmt):
     y, xq, wq = _fp8_forward(x, w, scale, acc)
     amax_x = jnp.max(jnp.abs(x.astype(_F32)))
     amax_w = jnp.max(jnp.abs(w.astype(_F32)))
@@ -413,9 +495,9 @@ def _fp8_dot_fwd(x, w, scale, history, acc):
     return y, (xq, wq, scale, history, amax_x, amax_w, carriers)
 
 
-def _fp8_dot_bwd(acc, res, ct):
+def _fp8_dot_bwd(acc, margin, fmt, res, ct):
     xq, wq, scale, history, amax_x, amax_w, (like_x, like_w) = res
-    gq = fp8_quantize(ct, scale[2], FP8_BACKWARD)  # [..., N] e5m2
+    gq = fp8_quantize(ct, scale[2], FP8_GRAD_DTYPES[fmt])  # [..., N] e5m2 (hybrid) or e4m3
     lead = tuple(range(ct.ndim - 1))
     dx = jax.lax.dot_general(gq, wq, (((ct.ndim - 1,), (1,)), ((), ())),
                              preferred_element_type=_F32)  # fmt: skip
@@ -423,7 +505,8 @@ def _fp8_dot_bwd(acc, res, ct):
     dx = (dx * (scale[2] * scale[1])).astype(like_x.dtype)  # [..., K]
     dw = (dw * (scale[0] * scale[2])).astype(like_w.dtype)  # [K, N]
     amax_g = jnp.max(jnp.abs(ct.astype(_F32)))
-    new_scale, new_history = _fp8_new_meta(scale, history, (amax_x, amax_w, amax_g))
+    amaxes = (amax_x, amax_w, amax_g)
+    new_scale, new_history = _fp8_new_meta(scale, history, amaxes, margin, fmt)
     return dx, dw, new_scale, new_history
 
 

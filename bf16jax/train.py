@@ -44,7 +44,8 @@ from bf16jax import metrics as metrics_lib
 from bf16jax.layers import Attention
 from bf16jax.loss import LossOptions, cross_entropy
 from bf16jax.models import build_model, param_count
-from bf16jax.precision import Policy, fp32_reference, get_policy
+from bf16jax.overrides import describe_rule_hits
+from bf16jax.precision import Policy, fp32_reference, get_policy, record_paths
 from bf16jax.quant import FP8Meta
 
 __all__ = [
@@ -100,14 +101,25 @@ def _micro_batches(batch: dict, k: int) -> dict:
 
 
 def _loss_and_grads(
-    params, fp8_meta, graphdef, batch, loss_scale, loss_opts: LossOptions, dropout_key
+    params,
+    fp8_meta,
+    graphdef,
+    batch,
+    loss_scale,
+    loss_opts: LossOptions,
+    dropout_key,
+    health_dtype=None,
 ):
-    """(aux metrics, FP32 unscaled grads, new FP8 meta) of the weighted-mean loss on one batch.
+    """(aux metrics, FP32 unscaled grads, new FP8 meta, gradient health) of the weighted-mean
+    loss on one batch.
 
     `dropout_key` turns the model's dropout on (models with all rates 0 ignore it).
 
     The "gradient" of the FP8 meta is its updated value (overwrite-with-gradient, see
     `quant.fp8_dot`): it is returned as the new meta, not unscaled, not an update direction.
+    With `health_dtype`, the health (`numerics.gradient_health`) is measured on the gradients
+    as the backward pass produced them, scaled by the loss scale: a param used in 16-bit
+    compute gets its gradient as a 16-bit value of the scaled loss, and that is what underflows.
     """
 
     def loss_fn(p, m):
@@ -120,7 +132,14 @@ def _loss_and_grads(
     (_, aux), (grads, new_meta) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         params, fp8_meta
     )
-    return aux, ls.unscale_grads(loss_scale, grads), new_meta
+    health = None
+    if health_dtype is not None:
+        with jax.named_scope(DIAGNOSTICS_SCOPE):
+            health = numerics.gradient_health(grads, health_dtype)
+    return aux, ls.unscale_grads(loss_scale, grads), new_meta, health
+
+
+_SUMMED = ("invalid_targets",)  # aux counts summed over micro-batches (not weighted means)
 
 
 def train_step(
@@ -140,49 +159,72 @@ def train_step(
       (new_state, metrics): FP32 scalars loss, nll, accuracy, log_z (mean |log Z| of the output
       logits), grad_norm (before clipping; the one norm clipping also uses), param_norm,
       learning_rate, loss_scale, finite (1/0: the gradients), applied (1/0: the update was
-      finite and taken), skipped (total), skips_in_a_row. With `diagnostics` (the Trainer runs
-      that variant on logging steps only): `swamped/<group>` (nonzero update, unchanged weight;
-      see `numerics.swamping_fractions`) and `grad/{zero,subnormal,nonfinite}` fractions,
-      subnormal meaning below the smallest normal of `compute_dtype`.
+      finite and taken), skipped (total), skips_in_a_row.
+      Also `invalid_targets`: labels outside [0, V) with a positive weight (the loss is then
+      NaN and the step skipped; `loop.train_and_evaluate` raises).
+      With `diagnostics` (the Trainer runs that variant on logging steps only):
+      `swamped/<group>` (nonzero update, unchanged weight; the FP32 master under the split
+      rule; see `numerics.swamping_fractions`), `swamped/decay` (decayed weights whose decay
+      step is below half an ulp: lost under round-to-nearest) and
+      `grad/{zero,subnormal,nonfinite}` fractions of the loss-scaled gradients as the backward
+      produced them, subnormal meaning below the smallest normal of `compute_dtype` (the mean
+      over micro-batches).
     """
     k = grad_accum_steps
     meta = state.fp8_meta
     step_key = jax.random.fold_in(state.key, state.step)
     dropout_key = jax.random.fold_in(step_key, _DROPOUT_SALT)
+    health_dtype = compute_dtype if diagnostics else None
     if k == 1:
-        aux, grads, new_meta = _loss_and_grads(
-            state.params, meta, graphdef, batch, state.loss_scale, loss, dropout_key
+        aux, grads, new_meta, health = _loss_and_grads(
+            state.params,
+            meta,
+            graphdef,
+            batch,
+            state.loss_scale,
+            loss,
+            dropout_key,
+            health_dtype,
         )
     else:
         micro = _micro_batches(batch, k)
 
         def body(carry, xs):
-            acc, totals, meta_max = carry
+            acc, totals, meta_max, health_sum = carry
             mb, i = xs
             key = jax.random.fold_in(dropout_key, i)
-            aux, g, m = _loss_and_grads(
-                state.params, meta, graphdef, mb, state.loss_scale, loss, key
+            aux, g, m, h = _loss_and_grads(
+                state.params, meta, graphdef, mb, state.loss_scale, loss, key, health_dtype
             )
             w = aux["weight_sum"]
             # Accumulate sum_i w_i * grad(mean_i) in FP32; divided by sum_i w_i below.
             acc = jax.tree.map(lambda a, gi: a + w * gi, acc, g)
-            totals = {key: totals[key] + w * aux[key] for key in totals} | {
-                "weight_sum": totals["weight_sum"] + w
-            }
+            totals = {
+                key: totals[key] + (aux[key] if key in _SUMMED else w * aux[key])
+                for key in totals
+                if key != "weight_sum"
+            } | {"weight_sum": totals["weight_sum"] + w}
             # Every micro-batch rolls the same old history: their max is the history whose
             # newest amax is the step's (scales are monotone in it); all entries are >= 0.
             meta_max = jax.tree.map(jnp.maximum, meta_max, m)
-            return (acc, totals, meta_max), None
+            health_sum = jax.tree.map(lambda a, b: a + b / k, health_sum, h)
+            return (acc, totals, meta_max, health_sum), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, _F32), state.params)
         meta_zeros = jax.tree.map(jnp.zeros_like, meta)
         keys = ("loss", "nll", "z_loss", "accuracy", "log_z")
-        init = {key: jnp.zeros([], _F32) for key in keys + ("weight_sum",)}
+        init = {key: jnp.zeros([], _F32) for key in keys + _SUMMED + ("weight_sum",)}
+        health0 = None
+        if diagnostics:
+            health0 = {key: jnp.zeros([], _F32) for key in numerics.GRADIENT_HEALTH_KEYS}
         xs = (micro, jnp.arange(k))
-        (acc, totals, new_meta), _ = jax.lax.scan(body, (zeros, init, meta_zeros), xs)
+        carry0 = (zeros, init, meta_zeros, health0)
+        (acc, totals, new_meta, health), _ = jax.lax.scan(body, carry0, xs)
         denom = jnp.where(totals["weight_sum"] > 0, totals["weight_sum"], 1.0)  # as the loss
         grads = jax.tree.map(lambda a: a / denom, acc)
-        aux = {key: totals[key] / denom for key in keys} | {"weight_sum": totals["weight_sum"]}
+        aux = {key: totals[key] / denom for key in keys} | {
+            key: totals[key] for key in _SUMMED + ("weight_sum",)
+        }
 
     finite = ls.all_finite(grads)
     grad_norm = optim.global_norm(grads)  # one reduction, shared by clipping and the metrics
@@ -225,11 +267,15 @@ def train_step(
         "applied": applied.astype(_F32),
         "skipped": skipped,
         "skips_in_a_row": in_a_row,
+        "invalid_targets": aux["invalid_targets"],
     }
     if diagnostics:
         with jax.named_scope(DIAGNOSTICS_SCOPE):
-            metrics |= numerics.swamping_fractions(state.params, new_params, updates)
-            metrics |= numerics.gradient_health(grads, compute_dtype)
+            old_master = optimizer.master(state.params, state.opt_state)
+            new_master = optimizer.master(new_params, new_opt)
+            metrics |= numerics.swamping_fractions(old_master, new_master, updates)
+            metrics["swamped/decay"] = optimizer.decay_swamped(state.params, state.opt_state)
+        metrics |= health
     return new_state, metrics
 
 
@@ -567,7 +613,10 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
     # The attention kernel is chosen for the devices the step runs on (a TPU topology when
     # compiling ahead of time on a CPU host), and a forced one they lack fails here.
     platform = mesh.devices.flat[0].platform
-    graphdef, abstract_model = _graphdef(config, policy, platform=platform)
+    with record_paths() as paths:
+        graphdef, abstract_model = _graphdef(config, policy, platform=platform)
+    if policy.overrides:
+        log.info("Policy overrides hit: %s", describe_rule_hits(policy, paths))
     loss = loss_lib.loss_options(config, abstract_model.output_head)
     # The FP32 reference of the drift diagnostic uses bf16jax's XLA attention (cuDNN would
     # refuse FP32, and the reference should not depend on a kernel).
@@ -590,6 +639,10 @@ def create_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
         loss=loss,
     )
     abstract = sharding.abstract_state(trainer._init, mesh, rules)
+    # Loud, at start-up: decay that 16-bit weights under round-to-nearest cannot take.
+    optim.check_decay_precision(
+        config.optim, abstract.params, optimizer.rule, total_steps=int(config.train.steps)
+    )
     # Optimizer moments (and update-rule buffers) take their parameter's sharding.
     param_sh = sharding.shardings_of(abstract.params)
     opt_sh = sharding.opt_state_shardings(abstract.opt_state, param_sh)

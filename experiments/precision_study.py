@@ -1,16 +1,21 @@
 """The precision study: one command trains every model under every policy with several seeds and
 answers what each policy costs and what it buys — accuracy, loss, calibration, robustness to
-shifted inputs, agreement with FP32, step time, throughput and memory — as tables and plots.
+shifted inputs and to adversarial (FGSM / PGD) inputs, agreement with FP32, the precision
+diagnostics, step time, throughput and memory — as tables and plots.
 
-    python experiments/precision_study.py                       # the full study (CPU: ~1.5 h)
+    python experiments/precision_study.py --jobs=2              # the full study (CPU: ~1 h idle)
     python experiments/precision_study.py --quick               # CI smoke run (~1 min)
     python experiments/precision_study.py --models=vit_digits --seeds=0,1
     python experiments/precision_study.py --collect_only      # tables + plots of finished runs
 
-Policies: fp32, bf16 (mixed), bf16-pure with round-to-nearest / stochastic rounding / Kahan
-updates, LSQ QAT w8a8 and w4a8 (BF16 compute), and `bf16;q=fp8` when JAX runs on a GPU. Models:
-vit_digits (held-out accuracy, shifts: noise / blur / rotation) and gpt_tiny (next-byte accuracy
-and loss, shifts: 5% / 15% character corruption); t5_small with `--models`.
+Policies: fp32, bf16 (mixed), bf16-pure with round-to-nearest / stochastic rounding / Kahan /
+split updates, LSQ QAT w8a8 and w4a8 (BF16 compute), and `bf16;q=fp8` when JAX runs on a GPU.
+Models: vit_digits, 1,200 steps with the LR decaying to 1% (held-out accuracy; shifts: noise /
+blur / rotation; FGSM and PGD over an eps sweep, QAT models also as their int8 deployment) and
+gpt_long (configs/gpt_long.py: 2,500 steps, LR to 1%, where pure-BF16 swamping bites; next-byte
+accuracy and loss; shifts: 5% / 15% character corruption); gpt_tiny and t5_small with
+`--models`. Diagnostics per run: the mean over the last 40% of logged steps of
+`swamped/{all,matrices,norm_gains,decay}` and the final FP32 drift.
 
 Each run is its own process (`--worker`) with a workdir under `--runs`, so the sweep is
 resumable: a finished run (its `result.json` exists) is read back, an interrupted one resumes
@@ -37,24 +42,40 @@ import numpy as np
 
 MODELS = {
     "vit_digits": "configs/vit_digits.py",
+    "gpt_long": "configs/gpt_long.py",
     "gpt_tiny": "configs/gpt_tiny.py",
     "t5_small": "configs/t5_small.py",
 }
-DEFAULT_MODELS = ("vit_digits", "gpt_tiny")
+DEFAULT_MODELS = ("vit_digits", "gpt_long")
 POLICIES = (
     "fp32",
     "bf16",
     "bf16-pure",
     "bf16-pure-sr",
     "bf16-pure-kahan",
+    "bf16-pure-split",
     "bf16;q=w8a8",
     "bf16;q=w4a8",
 )
 GPU_POLICIES = ("bf16;q=fp8",)
 REFERENCE = "fp32"
-# Every run: dense loss curves, no text samples.
+# Every run: dense loss curves, no text samples. Per model: long enough for the LR to decay.
 STUDY_SETTINGS = ["train.log_every=10", "train.sample_tokens=0"]
-QUICK_POLICIES = ("fp32", "bf16-pure-kahan", "bf16;q=w8a8")
+MODEL_SETTINGS = {
+    "vit_digits": [
+        "train.steps=1200",
+        "optim.min_lr_ratio=0.01",
+        "train.eval_every=400",
+        "checkpoint.every_steps=400",
+    ],
+}
+# Adversarial robustness (image models): L-infinity budgets on [0, 1] pixels, PGD iterations.
+EPSILONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+PGD_STEPS = 10
+QUICK_ATTACK = {"eps": (0.0, 0.1), "pgd_steps": 2}
+DIAG_KEYS = ("swamped/all", "swamped/matrices", "swamped/norm_gains", "swamped/decay")
+DIAG_TAIL = 0.4  # diagnostics: mean over the last 40% of the logged steps
+QUICK_POLICIES = ("fp32", "bf16-pure-split", "bf16;q=w8a8")
 QUICK_SETTINGS = {
     "gpt": [
         "model.num_layers=1",
@@ -88,24 +109,52 @@ def run_name(policy: str, seed: int) -> str:
 
 # ----------------------------------------------------------------------------- one run (worker)
 def _curve(workdir: str) -> dict[str, list]:
-    """Train and eval loss per step from metrics.jsonl (the last row wins on a resumed run)."""
-    train, ev, step_times = {}, {}, {}
+    """Train and eval loss per step, and the diagnostics' means over the last `DIAG_TAIL` of the
+    logged steps, from metrics.jsonl (the last row wins on a resumed run)."""
+    train, ev, step_times, diag = {}, {}, {}, {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         for line in f:
             row = json.loads(line)
             if "train/loss" in row:
                 train[row["step"]] = row["train/loss"]
                 step_times[row["step"]] = row.get("train/step_time_s")
+                diag[row["step"]] = {k: row[f"train/{k}"] for k in DIAG_KEYS if f"train/{k}" in row}
             if "eval/loss" in row:
                 ev[row["step"]] = row["eval/loss"]
     times = [t for s, t in sorted(step_times.items())[1:] if t]  # first window: warm-up
+    tail = [diag[s] for s in sorted(diag)[int(len(diag) * (1 - DIAG_TAIL)) :]]
     return {
         "train_steps": sorted(train),
         "train_loss": [train[s] for s in sorted(train)],
         "eval_steps": sorted(ev),
         "eval_loss": [ev[s] for s in sorted(ev)],
         "step_time_s": float(np.median(times)) if times else None,
+        "diagnostics": {
+            k: float(np.mean([d[k] for d in tail])) for k in DIAG_KEYS if tail and k in tail[0]
+        },
     }
+
+
+def _robustness(trainer, state, epsilons, pgd_steps: int) -> dict:
+    """FGSM / PGD accuracy of the run's model (attacked under its own policy) and, for a QAT
+    model, of its int8 deployment (attacked through the fake-quant model's STE gradients)."""
+    from flax import nnx
+
+    from bf16jax import attacks, quant
+
+    model = trainer.host_model(state)
+    batches = [(b["image"], b["label"]) for b in trainer.eval_batches()]
+    targets = {"policy": model}
+    if quant.quantized_layers(model):
+        targets["int8"] = quant.to_int8(nnx.clone(model))
+    out = {}
+    for name, target in targets.items():
+        acc = attacks.adversarial_accuracy(
+            model, target, batches, epsilons, pgd_steps=pgd_steps, seed=EVAL_SEED
+        )
+        # JSON keys: eps as text ("0.05"), the same after a round trip through result.json.
+        out[name] = {a: {f"{e:g}": v for e, v in per.items()} for a, per in acc.items()}
+    return out
 
 
 def _inference_bytes(trainer) -> float:
@@ -134,8 +183,17 @@ def _inference_bytes(trainer) -> float:
     return total / trainer.n_params
 
 
-def run_one(model: str, policy: str, seed: int, runs: str, overrides: list[str]) -> dict:
-    """Trains (or resumes) one run, evaluates it clean and shifted, writes result.json."""
+def run_one(
+    model: str,
+    policy: str,
+    seed: int,
+    runs: str,
+    overrides: list[str],
+    epsilons=EPSILONS,
+    pgd_steps: int = PGD_STEPS,
+) -> dict:
+    """Trains (or resumes) one run, evaluates it clean, shifted and (images) under attack,
+    writes result.json."""
     from bf16jax import config as config_lib
     from bf16jax import evaluation, loop
     from bf16jax import metrics as metrics_lib
@@ -164,6 +222,9 @@ def run_one(model: str, policy: str, seed: int, runs: str, overrides: list[str])
     opt_b = metrics_lib.bytes_per_param(abstract.opt_state, n)
     curve = _curve(workdir)
     step_s = curve.pop("step_time_s")
+    robustness = None
+    if config.model.name == "vit":
+        robustness = _robustness(trainer, state, epsilons, pgd_steps)
     result = {
         "model": model,
         "policy": policy,
@@ -180,6 +241,8 @@ def run_one(model: str, policy: str, seed: int, runs: str, overrides: list[str])
         "inference_bytes_per_param": _inference_bytes(trainer),
         "drift_rel_gap": out.get("drift_rel_gap"),
         "swamped_all": out.get("swamped/all"),
+        "diagnostics": curve.pop("diagnostics"),
+        "robustness": robustness,
         "skipped": out.get("skipped"),
         "curve": curve,
         "wall_s": time.perf_counter() - start,
@@ -200,6 +263,7 @@ def _launch(model, policy, seed, args, overrides) -> dict | None:
         return None
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, policy, str(seed)]
     cmd += ["--runs", args.runs, *[f"--set={kv}" for kv in overrides]]
+    cmd += [f"--eps={','.join(map(str, args.eps))}", f"--pgd_steps={args.pgd_steps}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode or not os.path.exists(path):
@@ -308,6 +372,15 @@ def summarize(results: list[dict]) -> dict:
                 "swamped_all",
             ):
                 entry[key] = _mean_std(r.get(key) for r in rows)
+            for key in DIAG_KEYS:
+                entry[key] = _mean_std((r.get("diagnostics") or {}).get(key) for r in rows)
+            for target in ("policy", "int8"):
+                robust = [(r.get("robustness") or {}).get(target) for r in rows]
+                if all(robust):
+                    entry[f"robust/{target}"] = {
+                        attack: {e: _mean_std(x[attack][e] for x in robust) for e in per}
+                        for attack, per in robust[0].items()
+                    }
             entry["throughput_unit"] = rows[0]["throughput_unit"]
             out[model][policy] = entry
     return out
@@ -321,8 +394,41 @@ def _pm(entry: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
     return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
 
 
+def _pm_value(value, scale: float = 1.0, digits: int = 1) -> str:
+    return (
+        "–" if value is None else f"{scale * value[0]:.{digits}f} ± {scale * value[1]:.{digits}f}"
+    )
+
+
+def robustness_markdown(model: str, by_policy: dict) -> list[str]:
+    """FGSM / PGD accuracy per budget: each policy attacked under itself, and QAT models as
+    their int8 deployment (attacked through the fake-quant model's STE gradients)."""
+    rows = [
+        (f"`{policy}`" + (" int8" if target == "int8" else ""), e[f"robust/{target}"])
+        for policy, e in by_policy.items()
+        for target in ("policy", "int8")
+        if f"robust/{target}" in e
+    ]
+    if not rows:
+        return []
+    eps = [e for e in rows[0][1]["fgsm"] if float(e) > 0]
+    head = " | ".join(f"{a} ε={e}" for a in ("FGSM", "PGD") for e in eps)
+    lines = [
+        f"#### {model}: adversarial accuracy % (L∞ budget ε on [0, 1] pixels)",
+        "",
+        f"| policy | clean | {head} |",
+        "| --- | ---: | " + " | ".join(["---:"] * 2 * len(eps)) + " |",
+    ]
+    for name, robust in rows:
+        cells = [_pm_value(robust["fgsm"][next(iter(robust["fgsm"]))], 100)]
+        cells += [_pm_value(robust[a][e], 100) for a in ("fgsm", "pgd") for e in eps]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def markdown(table: dict, baseline: dict[str, float]) -> str:
-    """One table per model: quality, robustness, agreement, cost."""
+    """One table per model: quality, shifted inputs, agreement, diagnostics, cost; then the
+    adversarial robustness of image models."""
     lines: list[str] = []
     for model, by_policy in table.items():
         any_entry = next(iter(by_policy.values()))
@@ -335,10 +441,11 @@ def markdown(table: dict, baseline: dict[str, float]) -> str:
             "",
             "| policy | seeds | accuracy % | loss | ECE % | "
             + "".join(f"acc {s} % | " for s in shifts)
-            + f"agree w/ fp32 % | step ms | {unit} | train B/param | infer B/param |",
+            + "agree w/ fp32 % | swamped % | swamped norm gains % | decay lost % | "
+            + f"step ms | {unit} | train B/param | infer B/param |",
             "| --- | ---: | ---: | ---: | ---: | "
             + "---: | " * len(shifts)
-            + "---: | ---: | ---: | ---: | ---: |",
+            + "---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for policy, e in by_policy.items():
             cells = [
@@ -349,6 +456,9 @@ def markdown(table: dict, baseline: dict[str, float]) -> str:
                 _pm(e, "clean/ece", 100),
                 *[_pm(e, f"{s}/accuracy", 100) for s in shifts],
                 _pm(e, "clean/agreement", 100),
+                _pm(e, "swamped/all", 100, 1),
+                _pm(e, "swamped/norm_gains", 100, 1),
+                _pm(e, "swamped/decay", 100, 1),
                 _pm(e, "step_time_s", 1e3, 1),
                 _pm(e, "throughput", 1, 0),
                 _pm(e, "train_bytes_per_param", 1, 1).split(" ±")[0],
@@ -360,7 +470,14 @@ def markdown(table: dict, baseline: dict[str, float]) -> str:
                 f"\nFor scale: FP32 runs of different seeds agree on {100 * baseline[model]:.2f}% "
                 "of the predictions."
             )
+        lines.append(
+            f"\nswamped: mean over the last {100 * DIAG_TAIL:.0f}% of the logged steps of "
+            "`swamped/all` (updates that left the stored weight unchanged: lost under "
+            "round-to-nearest, deferred under SR / Kahan; split reads its FP32 master) and "
+            "`swamped/norm_gains`; decay lost: `swamped/decay`."
+        )
         lines.append("")
+        lines += robustness_markdown(model, by_policy)
     return "\n".join(lines)
 
 
@@ -379,11 +496,16 @@ def main() -> None:
         action="store_true",
         help="train nothing: tabulate and plot the finished runs (missing ones are listed)",
     )
+    parser.add_argument("--eps", default="", help="attack budgets (default: EPSILONS)")
+    parser.add_argument("--pgd_steps", type=int, default=0, help=f"default {PGD_STEPS}")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "POLICY", "SEED"))
     args = parser.parse_args()
+    eps_default = QUICK_ATTACK["eps"] if args.quick else EPSILONS
+    args.eps = [float(e) for e in args.eps.split(",") if e] or list(eps_default)
+    args.pgd_steps = args.pgd_steps or (QUICK_ATTACK["pgd_steps"] if args.quick else PGD_STEPS)
     if args.worker:
         model, policy, seed = args.worker
-        run_one(model, policy, int(seed), args.runs, args.set)
+        run_one(model, policy, int(seed), args.runs, args.set, args.eps, args.pgd_steps)
         return
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
@@ -402,7 +524,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     jobs = []
     for model in models:
-        overrides = [*STUDY_SETTINGS, *args.set]
+        overrides = [*STUDY_SETTINGS, *MODEL_SETTINGS.get(model, []), *args.set]
         if args.quick:
             overrides = [*overrides, *QUICK_SETTINGS[_model_kind(model)], *QUICK_SETTINGS["all"]]
         jobs += [(model, policy, seed, args, overrides) for seed in seeds for policy in policies]
@@ -439,7 +561,7 @@ def main() -> None:
 
 
 def _model_kind(model: str) -> str:
-    return {"vit_digits": "vit", "gpt_tiny": "gpt", "t5_small": "t5"}[model]
+    return {"vit_digits": "vit", "gpt_long": "gpt", "gpt_tiny": "gpt", "t5_small": "t5"}[model]
 
 
 def _on_gpu() -> bool:

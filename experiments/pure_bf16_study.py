@@ -1,5 +1,5 @@
 """Pure-BF16 study: train one config under fp32, bf16, bf16-pure, bf16-pure-sr, bf16-pure-kahan
-(same seeds, same steps) and compare final eval loss, swamping and FP32 drift.
+and bf16-pure-split (same seeds, same steps) and compare final eval loss, swamping and FP32 drift.
 
     python experiments/pure_bf16_study.py --config=configs/gpt_tiny.py --seeds=0,1,2 \
         --out=experiments/results/pure_bf16
@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-POLICIES = ("fp32", "bf16", "bf16-pure", "bf16-pure-sr", "bf16-pure-kahan")
+POLICIES = ("fp32", "bf16", "bf16-pure", "bf16-pure-sr", "bf16-pure-kahan", "bf16-pure-split")
 KEYS = ("eval_loss", "eval_accuracy", "drift_rel_gap", "swamped/norm_gains", "swamped/all")
 
 

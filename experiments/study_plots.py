@@ -1,4 +1,5 @@
-"""The precision study's PNG plots: loss curves, reliability diagrams, accuracy vs memory.
+"""The precision study's PNG plots: loss curves, reliability diagrams, accuracy vs memory and,
+for image models, adversarial accuracy against the attack budget (FGSM, PGD).
 
 Called by `precision_study.py` after the sweep; needs matplotlib (`pip install -e .[plots]`).
 Every figure is drawn from the runs' `result.json` / `predictions.npz`, never from memory.
@@ -92,6 +93,32 @@ def accuracy_vs_memory(table: dict, path: str) -> None:
     plt.close(fig)
 
 
+def robustness(by_policy: dict, model: str, path: str) -> None:
+    """Accuracy (mean ± std over seeds) against the L-inf budget: FGSM left, PGD right; each
+    policy attacked under itself (solid) and QAT models as their int8 deployment (dashed)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, attack in zip(axes, ("fgsm", "pgd"), strict=True):
+        for i, (policy, e) in enumerate(by_policy.items()):
+            for target, style in (("policy", "-o"), ("int8", "--s")):
+                per = e.get(f"robust/{target}", {}).get(attack)
+                if not per:
+                    continue
+                eps = [float(k) for k in per]
+                mean = [100 * per[k][0] for k in per]
+                std = [100 * per[k][1] for k in per]
+                label = policy + (" (int8)" if target == "int8" else "")
+                ax.errorbar(eps, mean, yerr=std, fmt=style, color=f"C{i}", ms=3, capsize=2,
+                            label=label, alpha=0.85)  # fmt: skip
+        ax.set(xlabel="ε (L∞, pixels in [0, 1])", title=f"{model}: {attack.upper()}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy %")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(args, results: list[dict], table: dict) -> list[str]:
     """Writes every plot of the study to `args.out`; returns the paths."""
     from precision_study import pooled_bins
@@ -109,6 +136,10 @@ def write_plots(args, results: list[dict], table: dict) -> list[str]:
         path = os.path.join(args.out, f"reliability_{model}.png")
         reliability(bins, eces, model, path)
         paths.append(path)
+        if any("robust/policy" in e for e in table[model].values()):
+            path = os.path.join(args.out, f"robustness_{model}.png")
+            robustness(table[model], model, path)
+            paths.append(path)
     path = os.path.join(args.out, "accuracy_vs_memory.png")
     accuracy_vs_memory(table, path)
     paths.append(path)

@@ -144,6 +144,32 @@ def test_hlo_of_the_fp8_linear_has_fp8_operands():
     assert sum("f8E5M2" in d for d in grad_dots) == 2, grad_dots  # dx and dw
 
 
+def test_fp8_history_margin_and_format_are_configurable():
+    """Before: a 16-step history, margin 0 and E4M3/E5M2 were fixed. Now the default history
+    is 1024 steps (as Transformer Engine and Flax), and `q=fp8:h<N>:m<M>:e4m3` sets them."""
+    assert fp8_linear().fp8_history[...].shape == (3, 1024)
+    layer = fp8_linear("bf16; q=fp8:h4:m1:e4m3")
+    assert layer.fp8_history[...].shape == (3, 4) and layer.fp8_margin == 1
+    graphdef, params, meta = nnx.split(layer, nnx.Param, quant.FP8Meta)
+    x = jax.random.normal(jax.random.key(1), (8, 64)).astype(jnp.bfloat16)
+
+    def loss(p, m, xx):
+        return jnp.sum(nnx.merge(graphdef, p, m)(xx).astype(jnp.float32))
+
+    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    grad_dots = [ln for ln in grad_fn.lower(params, meta, x).as_text().splitlines()
+                 if "dot_general" in ln]  # fmt: skip
+    assert grad_dots and not any("f8E5M2" in d for d in grad_dots)  # E4M3 gradients
+    assert sum("f8E4M3FN" in d for d in grad_dots) >= 2
+    _, gm, _ = grad_fn(params, meta, x)
+    amax_x = float(jnp.max(jnp.abs(x.astype(jnp.float32))))
+    hist = np.asarray(gm["fp8_history"][...])
+    assert hist.shape == (3, 4) and hist[0, 0] == pytest.approx(amax_x)
+    # margin 1: scale = max(history) * 2 / max(E4M3), the gradient row in E4M3 too.
+    want = hist.max(axis=1) * 2.0 / E4M3_MAX
+    np.testing.assert_allclose(np.asarray(gm["fp8_scale"][...]), want, rtol=1e-6)
+
+
 def test_amax_history_rolls_and_scale_follows_it_over_steps():
     """Five SGD steps of a lone FP8 Linear against a numpy re-implementation of delayed scaling."""
     layer = fp8_linear()

@@ -1,6 +1,9 @@
-"""The fused chunked cross-entropy against the materialised one: loss, aux metrics and gradients
-for tied / untied / biased heads under fp32, bf16 and bf16-pure, chunking, z-loss, weights,
-masked labels, per-example targets, any cotangent; and the trainer's choice of loss."""
+"""The cross-entropy: the fused chunked loss against the materialised one (loss, aux metrics and
+gradients for tied / untied / biased heads under fp32, bf16 and bf16-pure, chunking, z-loss,
+weights, masked labels, per-example targets, any cotangent; the trainer's choice of loss), and
+masked / out-of-range targets in both (issue #13, defect 6: before, a label outside [0, V) gave
+a NaN loss even at weight 0 (-100, the usual ignore label, or >= V), with finite gradients, so
+the step was not skipped; -1 silently wrapped to V - 1)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ import pytest
 from flax import nnx
 
 from bf16jax import loss as loss_lib
+from bf16jax import metrics
 from bf16jax.layers import Embed, Linear
 from bf16jax.precision import get_policy
 
@@ -180,3 +184,64 @@ def _one_device_mesh():
     from tiny import make_mesh
 
     return make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+# ----------------------------------------------------------------------------- masked targets
+C = 7  # classes
+
+
+def _logits_batch():
+    logits = jax.random.normal(jax.random.key(0), (2, 4, C)) * 3
+    targets = jnp.array([[1, 2, 3, 4], [5, 6, 0, 1]], jnp.int32)
+    weights = jnp.ones((2, 4), jnp.float32)
+    return logits, targets, weights
+
+
+@pytest.mark.parametrize("label", [-100, -1, C, 10_000])
+def test_ignored_positions_with_weight_zero_give_the_loss_without_them(label):
+    logits, targets, weights = _logits_batch()
+    weights = weights.at[1, 2].set(0.0)
+    want, _ = loss_lib.cross_entropy(logits, targets, weights)
+    bad = targets.at[1, 2].set(label)
+    for fn in (loss_lib.cross_entropy, jax.jit(loss_lib.cross_entropy)):
+        loss, aux = fn(logits, bad, weights)
+        assert float(loss) == pytest.approx(float(want), rel=1e-6) and np.isfinite(float(loss))
+        assert float(aux["invalid_targets"]) == 0.0
+    grads = jax.jit(jax.grad(lambda x: loss_lib.cross_entropy(x, bad, weights)[0]))(logits)
+    assert bool(jnp.all(jnp.isfinite(grads))) and float(jnp.abs(grads[1, 2]).max()) == 0.0
+    stats = jax.jit(metrics.prediction_stats)(logits, bad, weights)
+    assert np.all(np.isfinite(np.asarray(stats["nll"]))) and float(stats["nll"][6]) == 0.0
+
+
+@pytest.mark.parametrize("label", [-1, C])
+def test_out_of_range_labels_with_positive_weight_are_errors(label):
+    logits, targets, weights = _logits_batch()
+    bad = targets.at[0, 1].set(label)
+    with pytest.raises(ValueError, match=rf"1 target\(s\) outside \[0, {C}\).*\[{label}\]"):
+        loss_lib.cross_entropy(logits, bad, weights)  # eager: a clear error
+    # Under jit: the loss is NaN, the gradients too (so the train step is skipped, not trained
+    # on a wrapped label), and the count says why.
+    loss, aux = jax.jit(loss_lib.cross_entropy)(logits, bad, weights)
+    assert np.isnan(float(loss)) and float(aux["invalid_targets"]) == 1.0
+    grads = jax.jit(jax.grad(lambda x, t, w: loss_lib.cross_entropy(x, t, w)[0]))(
+        logits, bad, weights
+    )
+    assert bool(jnp.any(jnp.isnan(grads)))
+    wrapped, _ = jax.jit(loss_lib.cross_entropy)(logits, targets.at[0, 1].set(C - 1), weights)
+    assert np.isfinite(float(wrapped))  # what -1 used to be read as
+
+
+def test_fused_loss_treats_out_of_range_labels_as_the_materialised_one():
+    """Positive-weight labels outside [0, V): ValueError eagerly; under jit a NaN loss, NaN
+    gradients (the step is skipped) and `invalid_targets` counting them, as `cross_entropy`."""
+    policy = get_policy("bf16")
+    head = make_head("tied", policy)
+    hidden, targets, weights = data(policy=policy)
+    bad = targets.at[0, 3].set(-1).at[1, 5].set(V)
+    weights = weights.at[0, 3].set(1.0).at[1, 5].set(1.0)
+    with pytest.raises(ValueError, match=rf"2 target\(s\) outside \[0, {V}\)"):
+        loss_lib.fused_cross_entropy(hidden, head, bad, weights)
+    (loss, aux), (param_grads, hidden_grad) = both(head, hidden, bad, weights)[1]
+    assert np.isnan(float(loss)) and float(aux["invalid_targets"]) == 2.0
+    assert bool(jnp.any(jnp.isnan(hidden_grad)))
+    assert all(bool(jnp.any(jnp.isnan(g))) for g in jax.tree.leaves(param_grads))

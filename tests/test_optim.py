@@ -106,6 +106,10 @@ def test_weight_decay_mask_excludes_vectors_scalars_norms_and_biases():
         "scanned_kernel": jnp.ones((2, 3, 4)),
         "embed": {"embedding": jnp.ones((5, 4))},
         "gain": jnp.ones(()),
+        # LSQ step sizes stacked by scan_layers: [layers, out] and [layers]. Before, the
+        # ndim >= 2 rule decayed the first (pulling log step sizes towards s = 1).
+        "scanned_q": {"w_log_scale": jnp.ones((2, 4)), "a_log_scale": jnp.ones((2,))},
+        "bias_matrix": {"bias": jnp.ones((2, 4))},
     }
     mask = optim.weight_decay_mask(params)
     assert mask == {
@@ -115,6 +119,8 @@ def test_weight_decay_mask_excludes_vectors_scalars_norms_and_biases():
         "scanned_kernel": True,
         "embed": {"embedding": True},
         "gain": False,
+        "scanned_q": {"w_log_scale": False, "a_log_scale": False},
+        "bias_matrix": {"bias": False},
     }
     # With zero grads only the decayed leaves move.
     opt = optim.make_optimizer(make_cfg(name="sgd", momentum=0.0, weight_decay=0.5), total_steps=1)
@@ -317,3 +323,41 @@ def test_bad_total_steps_and_accepted_bf16_nu_with_short_average():
         optim.make_optimizer(make_cfg(), total_steps=0)
     opt = optim.make_optimizer(make_cfg(nu_dtype="bf16", b2=0.95), total_steps=1)
     assert opt.init({"w": jnp.zeros((2,))}).tx_state[0].nu["w"].dtype == BF16
+
+
+def test_step_sizes_of_a_scanned_qat_model_are_never_decayed():
+    from bf16jax.models import build_model
+
+    cfg = base_config("gpt").model
+    cfg.update(num_layers=2, embed_dim=16, num_heads=2, mlp_dim=32, max_len=8, scan_layers=True)
+    model = nnx.eval_shape(lambda: build_model(cfg, "bf16; q=w4a8", rngs=nnx.Rngs(0)))
+    flat = nnx.to_flat_state(optim.weight_decay_mask(nnx.state(model, nnx.Param)))
+    decayed = {"/".join(map(str, p)) for p, m in flat if m.get_value()}
+    steps = [p for p, _ in flat if str(p[-1]).endswith("log_scale")]
+    assert len(steps) == 12  # q, k, v, o, fc1, fc2: w_ and a_log_scale, stacked
+    assert all("/".join(map(str, p)) not in decayed for p in steps)
+    assert "blocks/mlp/fc1/kernel" in decayed and "embed/embedding" in decayed
+
+
+def test_lost_weight_decay_is_diagnosed_and_warned():
+    """bf16-pure, zero gradients, lr 1e-3, wd 0.1: w/w0 should be exp(-0.2) = 0.8187 after
+    2,000 steps. Round-to-nearest leaves it at 1.0 (and said nothing); split follows FP32."""
+    cfg = make_cfg(learning_rate=1e-3, weight_decay=0.1)
+    params = {"dense": {"kernel": jnp.full((8, 8), 0.5, BF16)}}
+    zeros = {"dense": {"kernel": jnp.zeros((8, 8), F32)}}
+    with pytest.warns(UserWarning, match="Weight decay does nothing on bfloat16 params in 100%"):
+        lost = optim.check_decay_precision(cfg, params, "nearest", total_steps=2000)
+    assert lost == 1.0
+    for rule in ("split", "kahan", "stochastic"):
+        assert optim.check_decay_precision(cfg, params, rule, total_steps=2000) == 0.0
+    fp32 = jax.tree.map(lambda p: p.astype(F32), params)
+    assert optim.check_decay_precision(cfg, fp32, "nearest", total_steps=2000) == 0.0
+    out = {}
+    for rule in ("nearest", "split"):
+        cfg.update_rule = rule
+        opt = optim.make_optimizer(cfg, total_steps=2000)
+        p, s = run_steps(opt, params, jax.tree.map(lambda z: jnp.zeros((2000, *z.shape)), zeros))
+        w = float(jnp.mean(opt.master(p, s)["dense"]["kernel"])) / 0.5
+        out[rule] = (w, float(opt.decay_swamped(params, opt.init(params))))
+    assert out["nearest"] == (1.0, 1.0)
+    assert out["split"][0] == pytest.approx(np.exp(-0.2), rel=1e-4) and out["split"][1] == 0.0

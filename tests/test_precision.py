@@ -167,3 +167,53 @@ def test_bad_python_construction():
         get_policy(3)
     with pytest.raises(ValueError, match="Unknown dtype"):
         parse_dtype("int8")
+
+
+# ----------------------------------------------------------------------------- issue 13 keys
+def test_residual_dtype_key_and_amending_segments():
+    p = get_policy("bf16; r=f32")
+    assert p.residual_dtype == F32 and p.residual == F32 and p.compute_dtype == BF16
+    assert str(p) == "p=f32,c=bf16,o=f32,a=f32,r=f32"
+    assert get_policy(str(p)) == p
+    assert get_policy("bf16").residual == BF16  # unset: the residual follows compute
+    assert get_policy("bf16-pure; u=split") == get_policy("bf16-pure-split")
+    assert get_policy("bf16-pure-split").update_rule == "split"
+    with pytest.raises(ValueError, match="given twice"):
+        get_policy("bf16-pure-sr; u=split")
+    with pytest.raises(ValueError, match="given twice"):
+        get_policy("p=f32,r=f32; r=bf16")
+    with pytest.raises(ValueError, match="amend the base with q=QUANT, r=DTYPE or u=RULE"):
+        get_policy("bf16; c=f32")
+
+
+@pytest.mark.parametrize("rule", ["sr", "kahan", "split"])
+def test_fp16_params_with_bit_pattern_rules_are_refused(rule):
+    """SR fell back to nearest and Kahan flushed FP16 subnormals: refused with the fix."""
+    with pytest.raises(ValueError, match="needs bfloat16 .* p=f16"):
+        get_policy(f"p=f16,c=f16,u={rule}")
+    with pytest.raises(ValueError, match=r"override '\.\*norm\.\*'"):
+        get_policy(f"bf16-pure; u={rule}; .*norm.*->p=f16")
+    assert get_policy(f"p=f32,c=f16,u={rule}").update_rule in ("stochastic", rule)  # FP32 params
+
+
+@pytest.mark.parametrize(
+    "text, canonical, options",
+    [
+        ("fp8", "fp8", (1024, 0, "hybrid")),
+        ("FP8:h16", "fp8:h16", (16, 0, "hybrid")),
+        ("fp8:e4m3:m2:h32", "fp8:h32:m2:e4m3", (32, 2, "e4m3")),
+        ("fp8:h1024:hybrid", "fp8", (1024, 0, "hybrid")),
+    ],
+)
+def test_fp8_options_parse_and_round_trip(text, canonical, options):
+    from bf16jax import quant
+
+    policy = get_policy(f"bf16; q={text}")
+    assert policy.quant == canonical and get_policy(str(policy)) == policy
+    assert quant.fp8_config(policy.quant) == options
+
+
+@pytest.mark.parametrize("text", ["fp8:h0", "fp8:x3", "fp8:h16:h32", "fp8:e5m2"])
+def test_bad_fp8_options(text):
+    with pytest.raises(ValueError, match="FP8"):
+        get_policy(f"bf16; q={text}")

@@ -136,14 +136,18 @@ def test_bad_quant_policies(text, message):
 @pytest.mark.parametrize("policy", ["fp32; q=w8a8", "bf16; q=w4a8", "bf16-pure; q=w8a8"])
 def test_linear_step_sizes_are_fp32_named_params(policy):
     layer = Linear(16, 8, policy=get_policy(policy), name="fc", rngs=nnx.Rngs(0))
-    assert layer.w_scale[...].shape == (8,) and layer.w_scale[...].dtype == jnp.float32
-    assert layer.a_scale[...].shape == () and layer.a_scale[...].dtype == jnp.float32
-    assert layer.w_scale.get_metadata()["out_sharding"] == ("mlp",)  # the kernel's output axis
+    w_log, a_log = layer.w_log_scale[...], layer.a_log_scale[...]
+    assert w_log.shape == (8,) and w_log.dtype == jnp.float32
+    assert a_log.shape == () and a_log.dtype == jnp.float32
+    assert layer.w_log_scale.get_metadata()["out_sharding"] == ("mlp",)  # kernel's output axis
+    # Log step sizes: exp gives LSQ's init.
+    want = quant.init_step_size(layer.kernel[...], int(policy.split("w")[1][0]), axis=0)
+    np.testing.assert_allclose(np.exp(w_log), want, rtol=1e-6)
     y = layer(jnp.ones((2, 16), get_policy(policy).compute_dtype))
     assert y.dtype == get_policy(policy).compute_dtype
     # The float init is unchanged by quantization (no RNG drawn for step sizes).
     plain = Linear(16, 8, policy=get_policy(policy.split(";")[0]), name="fc", rngs=nnx.Rngs(0))
-    assert plain.quant == "none" and not hasattr(plain, "w_scale")
+    assert plain.quant == "none" and not hasattr(plain, "w_log_scale")
     np.testing.assert_array_equal(layer.kernel[...], plain.kernel[...])
 
 
@@ -158,15 +162,76 @@ def test_edge_layers_stay_float_unless_asked():
     assert "head" in {"/".join(map(str, p)) for p, _ in quant.quantized_layers(vit)}
 
 
-@pytest.mark.parametrize("policy", ["fp32; q=w8a8", "bf16; q=w4a8"])
-def test_int8_dot_equals_fake_quant_exactly(policy):
-    layer = Linear(64, 32, policy=get_policy(policy), name="fc", rngs=nnx.Rngs(1))
-    x = jax.random.normal(jax.random.key(2), (4, 64)).astype(get_policy(policy).compute_dtype)
+@pytest.mark.parametrize(
+    "policy, input_min", [("fp32; q=w8a8", None), ("bf16; q=w4a8", None), ("bf16; q=w8a8", -0.2)]
+)
+def test_int8_dot_equals_fake_quant_exactly(policy, input_min):
+    layer = Linear(64, 32, policy=get_policy(policy), name="fc", rngs=nnx.Rngs(1),
+                   input_min=input_min, input_mean=0.3)  # fmt: skip
+    x = jax.random.normal(jax.random.key(2), (4, 64))
+    if input_min is not None:  # an input bounded below, like GELU's output
+        x = jnp.maximum(x, input_min)
+    x = x.astype(get_policy(policy).compute_dtype)
     fake = layer(x)
     real = quant.set_int8_mode(layer)(x)
     np.testing.assert_array_equal(np.asarray(fake, np.float32), np.asarray(real, np.float32))
     hlo = jax.jit(lambda x: layer(x)).lower(x).as_text()
     assert "xi8>" in hlo and "-> tensor<4x32xi32>" in hlo  # int8 operands, int32 accumulator
+
+
+def test_offset_activation_range_uses_every_code_after_gelu():
+    """fc2's input is GELU's output (>= -0.17). A signed range left 127 of 256 int8 codes
+    unused below round(-0.17 / s); the offset range starts at GELU's minimum."""
+    policy = get_policy("fp32; q=w8a8")
+    signed = Linear(16, 4, policy=policy, name="fc", rngs=nnx.Rngs(0))
+    offset = Linear(16, 4, policy=policy, name="fc", rngs=nnx.Rngs(0),
+                    input_min=quant.GELU_MIN, input_mean=quant.GELU_MEAN)  # fmt: skip
+    assert quant.GELU_MIN <= -0.1699 and quant.GELU_MIN > -0.18
+    assert quant.GELU_MEAN == pytest.approx(1 / (2 * math.sqrt(math.pi)), abs=2e-3)
+    x = jax.nn.gelu(jnp.linspace(-6.0, 16.0, 20_001))  # past the range: every code in use
+    s_signed = float(np.exp(signed.a_log_scale[...]))
+    s_offset = float(np.exp(offset.a_log_scale[...]))
+    signed_codes = np.unique(np.asarray(quant.lsq_codes(x, s_signed, -128, 127)))
+    offset_codes = np.unique(np.asarray(quant.lsq_codes(x - quant.GELU_MIN, s_offset, 0, 255)))
+    assert signed_codes.min() > -128 + 120  # most negative codes unreachable
+    assert offset_codes.size == 256  # every code in use
+    # On GELU of a unit Gaussian (fc1's output at init) the offset range quantizes finer.
+    g = jax.nn.gelu(jax.random.normal(jax.random.key(0), (100_000,)))
+    err_signed = jnp.mean(jnp.abs(quant.lsq_codes(g, s_signed, -128, 127) * s_signed - g))
+    q_offset = quant.lsq_codes(g - quant.GELU_MIN, s_offset, 0, 255) * s_offset + quant.GELU_MIN
+    assert float(jnp.mean(jnp.abs(q_offset - g))) < 0.6 * float(err_signed)
+
+
+def test_log_step_sizes_stay_positive_under_adamw():
+    """Before: Adam moved a raw step size by ~lr per step whatever its size, so at lr 3e-3
+    against s0 ~ 0.07 it crossed zero (10 of 896 in gpt_tiny w4a8 within 80 steps). A loss
+    that asks every s to shrink, 80 AdamW steps at lr 3e-3: in the log domain s only shrinks
+    by a factor ~exp(-lr) per step."""
+    from bf16jax import optim
+
+    layer = Linear(32, 16, policy=get_policy("fp32; q=w4a8"), name="fc", rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer, nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (64, 32))
+    cfg = config_lib.base_config().optim
+    cfg.update(learning_rate=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.1)
+    opt = optim.make_optimizer(cfg, total_steps=80)
+
+    def loss(p):
+        return jnp.mean(jnp.square(nnx.merge(graphdef, p)(x).astype(jnp.float32)))
+
+    @jax.jit
+    def run(p):
+        def body(_, c):
+            return opt.update(jax.grad(loss)(c[0]), c[1], c[0])
+
+        return jax.lax.fori_loop(0, 80, body, (p, opt.init(p)))[0]
+
+    s0 = np.exp(np.asarray(params["w_log_scale"][...]))
+    s = np.exp(np.asarray(run(params)["w_log_scale"][...]))
+    assert np.all(s > 0) and np.all(s < s0)  # every step size shrank, none crossed zero
+    assert np.min(s / s0) > np.exp(-80 * 3e-3 * 1.5)  # relative steps of about lr
+    # What the same Adam steps do to a raw step size (the old parameterisation):
+    assert np.min(s0 - 80 * 3e-3) < 0
 
 
 # ----------------------------------------------------------------------------- training
@@ -228,10 +293,14 @@ def qat_run():
 def test_qat_trains_its_step_sizes_and_the_loss_drops(qat_run):
     trainer, _, snapshots, losses, state = qat_run
     before, after = scales(host(snapshots[0].params)), scales(host(state.params))
-    assert len(before) == 6 * 2  # q, k, v, o, fc1, fc2: w_scale + a_scale each
+    assert len(before) == 6 * 2  # q, k, v, o, fc1, fc2: w_log_scale + a_log_scale each
+    moves = []
     for name, value in before.items():
         assert value.dtype == np.float32, name
-        assert not np.allclose(after[name], value, rtol=1e-3), f"{name} did not move"
+        assert not np.array_equal(after[name], value), f"{name} did not move"
+        moves.append(np.mean(np.abs(after[name] - value)))  # |d log s|: relative change of s
+    # Adam moves log s by up to ~lr (3e-3) per step: 60 steps move it by a few percent.
+    assert 0.005 < np.mean(moves) < 60 * 3e-3, moves
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
     assert trainer.evaluate(state.params)["accuracy"] > 0.5
 
@@ -286,8 +355,8 @@ def test_sharded_qat_equals_unsharded(qat_run):
     sharded = train.create_trainer(config, make_mesh((2, 2, 2)))
     specs = {str(s.spec) for s in jax.tree.leaves(sharded.state_shardings.params)}
     assert any("tensor" in s or "fsdp" in s for s in specs)  # the step sizes too:
-    w_scale = sharded.state_shardings.params["blocks"][0]["mlp"]["fc1"]["w_scale"]
-    assert "tensor" in str(w_scale.spec)  # the kernel's output axis ("mlp")
+    w_log_scale = sharded.state_shardings.params["blocks"][0]["mlp"]["fc1"]["w_log_scale"]
+    assert "tensor" in str(w_log_scale.spec)  # the kernel's output axis ("mlp")
     state = sharded.init_state()
     for local in batches[:2]:
         state, _ = sharded.step(state, sharded.global_batch(local))

@@ -31,6 +31,7 @@ def test_quick_study_writes_tables_plots_and_resumes(tmp_path):
         "loss_curves_vit_digits.png",
         "reliability_gpt_tiny.png",
         "reliability_vit_digits.png",
+        "robustness_vit_digits.png",
     ]
     assert all((out / p).stat().st_size > 5000 for p in pngs)
     results = json.loads((out / "results.json").read_text())
@@ -43,6 +44,13 @@ def test_quick_study_writes_tables_plots_and_resumes(tmp_path):
         "blur",
         "rotate",
     }
+    # Adversarial accuracy (quick: eps 0 and 0.1, 2 PGD steps): eps 0 is the clean accuracy;
+    # the QAT model also as its int8 deployment, which predicts what fake-quant predicts.
+    robust = vit["fp32"]["robust/policy"]
+    assert set(robust) == {"fgsm", "pgd"} and set(robust["pgd"]) == {"0", "0.1"}
+    assert robust["fgsm"]["0"][0] == pytest.approx(vit["fp32"]["clean/accuracy"][0])
+    w8 = vit["bf16;q=w8a8"]
+    assert w8["robust/int8"] == w8["robust/policy"] and "robust/int8" not in vit["fp32"]
     gpt = results["table"]["gpt_tiny"]
     assert gpt["fp32"]["train_bytes_per_param"][0] == pytest.approx(12.0, abs=0.01)  # p + m + v
     # int8 kernels deploy in 1 byte; embeddings and norms stay 2-byte (bf16 compute).
@@ -50,6 +58,7 @@ def test_quick_study_writes_tables_plots_and_resumes(tmp_path):
     assert 0.0 <= gpt["bf16;q=w8a8"]["clean/agreement"][0] <= 1.0
     md = (out / "results.md").read_text()
     assert "| `bf16;q=w8a8` | 1 |" in md and "![accuracy_vs_memory.png]" in md
+    assert "| `bf16;q=w8a8` int8 |" in md and "adversarial accuracy" in md
 
     # Resume: a finished run is read back, a lost result is recomputed (from its checkpoint).
     os.remove(tmp_path / "runs" / "gpt_tiny" / "bf16_q-w8a8_seed0" / "result.json")

@@ -8,6 +8,8 @@ in the policy's output_dtype), `logits_and_targets(batch)` (logits in accum_dtyp
 int32, weights float32), `head_and_targets(batch)` (the output head's input and the head itself,
 for `loss.fused_cross_entropy`) and `output_head`. `param_count(model)` is N in the 6N
 FLOPs-per-token MFU convention.
+Every policy override must decide some module of the built model, or a UserWarning says so
+(`overrides.check_rules`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from bf16jax.layers import MLP_ACTIVATIONS
 from bf16jax.models.gpt import GPT, REMAT_POLICIES
 from bf16jax.models.t5 import T5
 from bf16jax.models.vit import ViT
-from bf16jax.precision import Policy, get_policy
+from bf16jax.overrides import check_rules
+from bf16jax.precision import Policy, get_policy, record_paths
 
 __all__ = ["GPT", "T5", "ViT", "MODEL_NAMES", "build_model", "param_count"]
 
@@ -107,7 +110,8 @@ def build_model(
 
     Raises:
       ValueError: unknown name, missing size, sizes that do not fit together, an unknown
-        remat policy, or an attention implementation the platform lacks.
+        remat policy, or an attention implementation the platform lacks; a per-layer override
+        under `scan_layers=True`.
     """
     policy = get_policy(policy)
     if not hasattr(model_cfg, "get"):
@@ -121,12 +125,15 @@ def build_model(
     cfg["platform"] = platform
     # Params carry logical axis names ("embed", ...) as metadata; bf16jax.sharding maps them to
     # mesh axes. NNX eager sharding would read them as mesh axes (and fails without a mesh).
-    with nnx.use_eager_sharding(False):
+    with nnx.use_eager_sharding(False), record_paths() as paths:
         if name == "gpt":
-            return GPT(**cfg, policy=policy, rngs=rngs)
-        if name == "t5":
-            return T5(cfg, policy=policy, rngs=rngs)
-        return ViT(cfg, policy=policy, rngs=rngs)
+            model = GPT(**cfg, policy=policy, rngs=rngs)
+        elif name == "t5":
+            model = T5(cfg, policy=policy, rngs=rngs)
+        else:
+            model = ViT(cfg, policy=policy, rngs=rngs)
+    check_rules(policy, paths)  # a rule that decides nothing is a silent no-op: warn
+    return model
 
 
 def param_count(model: nnx.Module) -> int:

@@ -2,10 +2,12 @@
 
 Layout: token + learned position embeddings, pre-LN blocks (LayerNorm -> causal self-attention,
 LayerNorm -> GELU MLP, each added to the residual stream), a final LayerNorm and logits from the
-tied token embedding (`Embed.attend`). The residual stream is kept in the model's compute dtype;
-logits leave in accum_dtype (FP32 island). `scan_layers=True` stacks the blocks with `nnx.vmap`
-(params get a leading "layers" logical axis) and runs them with `nnx.scan`, so compile time does
-not grow with depth. `remat` rematerializes each block in the backward pass (`REMAT_POLICIES`):
+tied token embedding (`Embed.attend`). The residual stream is kept in the policy's residual dtype
+(compute dtype unless `r=f32`); logits leave in accum_dtype (FP32 island). `scan_layers=True`
+stacks the blocks with `nnx.vmap` (params get a leading "layers" logical axis) and runs them with
+`nnx.scan`, so compile time does not grow with depth; the stacked blocks share one policy, so an
+override that would treat layers differently is refused (`overrides.check_stacked_layers`).
+`remat` rematerializes each block in the backward pass (`REMAT_POLICIES`):
 "none" keeps every activation, "save_dots" keeps the projection and MLP matmul outputs and
 recomputes the rest (attention scores, norms, GELU), "full" keeps only the block inputs.
 Dropout (GPT-2's embd/resid/attn pdrop, plus an optional MLP-hidden rate) is active only when
@@ -35,7 +37,8 @@ from bf16jax.layers import (
     dropout_keys,
 )
 from bf16jax.loss import head_logits, materialize
-from bf16jax.precision import Policy
+from bf16jax.overrides import check_stacked_layers
+from bf16jax.precision import Policy, record_paths
 from bf16jax.sharding import constrain_batch
 
 __all__ = [
@@ -124,14 +127,14 @@ class Block(nnx.Module):
         return self._forward(x, lambda h: self.attn.decode(h, cache, index), (None,) * 3)
 
     def _forward(self, x, attend, keys):
-        # Sub-layers may be overridden to another dtype (".*attn.*->fp32"): cast their outputs
-        # back so the residual stream stays in this block's compute dtype (strict promotion).
-        c = self.policy.cast_to_compute
+        # The residual stream is in the residual dtype (compute unless `r=f32`). Sub-layers may be
+        # overridden to another dtype (".*attn.*->fp32"): their outputs are cast to it as well.
+        r = self.policy.cast_to_residual
         k_res1, k_mlp, k_res2 = keys
-        x = c(x)
+        x = r(x)
         y, aux = attend(self.norm1(x))
-        x = x + dropout(c(y), self.dropout_rate, k_res1)
-        h = c(self.mlp(self.norm2(x), dropout_key=k_mlp))
+        x = x + dropout(r(y), self.dropout_rate, k_res1)
+        h = r(self.mlp(self.norm2(x), dropout_key=k_mlp))
         return x + dropout(h, self.dropout_rate, k_res2), aux
 
 
@@ -283,9 +286,12 @@ class GPT(nnx.Module):
             )
 
         if scan_layers:
-            # One policy for all stacked layers: per-layer overrides ("blocks/3/...") need
-            # scan_layers=False.
-            self.blocks = stack_layers(lambda r: make_block("blocks", r), num_layers, rngs)
+            # The stacked blocks are built once, as "blocks/0", and share its policies: an
+            # override that treats some layer differently ("blocks/3/...") is refused.
+            with record_paths() as paths:
+                self.blocks = stack_layers(lambda r: make_block("blocks/0", r), num_layers, rngs)
+            layers = [f"blocks/{i}" for i in range(num_layers)]
+            check_stacked_layers(policy, paths, "blocks/0", layers)
         else:
             self.blocks = nnx.List(make_block(f"blocks/{i}", rngs) for i in range(num_layers))
         self.norm_f = LayerNorm(embed_dim, policy=policy, name="norm_f", rngs=rngs, eps=norm_eps)
@@ -311,8 +317,8 @@ class GPT(nnx.Module):
                 f"Sequence length {seq_len} exceeds model.max_len={self.max_len}: raise "
                 "model.max_len or shorten data.seq_len."
             )
-        x = self.policy.cast_to_compute(self.embed(inputs))  # [B, T, D]
-        pos = self.policy.cast_to_compute(self.pos_embed(jnp.arange(seq_len)))  # [T, D]
+        x = self.policy.cast_to_residual(self.embed(inputs))  # [B, T, D]
+        pos = self.policy.cast_to_residual(self.pos_embed(jnp.arange(seq_len)))  # [T, D]
         k_embed, k_layers = dropout_keys(dropout_key, 2)
         x = constrain_batch(dropout(x + pos[None], self.dropout_rate, k_embed))
         x = run_layers(

@@ -107,15 +107,15 @@ class _Layer(nnx.Module):
         )
 
     def _forward(self, x, self_attend, cross_attend, keys):
-        c = self.policy.cast_to_compute
-        x = c(x)
+        r = self.policy.cast_to_residual  # the residual stream's dtype (compute unless r=f32)
+        x = r(x)
         h, aux = self_attend(self.self_attn_norm(x))
-        x = x + dropout(c(h), self.dropout_rate, keys[1])
+        x = x + dropout(r(h), self.dropout_rate, keys[1])
         if self.decoder:
             h = cross_attend(self.cross_attn_norm(x))
-            x = x + dropout(c(h), self.dropout_rate, keys[3])
+            x = x + dropout(r(h), self.dropout_rate, keys[3])
         h = self.mlp(self.mlp_norm(x), dropout_key=keys[4])
-        return x + dropout(c(h), self.dropout_rate, keys[5]), aux
+        return x + dropout(r(h), self.dropout_rate, keys[5]), aux
 
 
 class T5Stack(nnx.Module):
@@ -150,7 +150,7 @@ class T5Stack(nnx.Module):
         keys = dropout_keys(dropout_key, n + 2)  # embeddings, each layer, final norm
         # T5 computes the position bias once (first layer) and reuses it in every layer.
         bias = self.relpos(t, t)  # [1, H, T, T] accum
-        x = dropout(self.policy.cast_to_compute(x), self.dropout_rate, keys[0])
+        x = dropout(self.policy.cast_to_residual(x), self.dropout_rate, keys[0])
         x = constrain_batch(x)
         for layer, key in zip(self.layers, keys[1 : n + 1], strict=True):
             x = layer(

@@ -95,8 +95,8 @@ class ViT(nnx.Module):
                 f"{tuple(images.shape)}: match model.image_size / model.channels to the data."
             )
         patches = patchify(self.policy.cast_to_compute(images), self.patch_size)
-        x = self.policy.cast_to_compute(self.patch_embed(patches))  # [B, N, D]
-        pos = self.policy.cast_to_compute(self.pos_embed(jnp.arange(x.shape[1])))  # [N, D]
+        x = self.policy.cast_to_residual(self.patch_embed(patches))  # [B, N, D] residual dtype
+        pos = self.policy.cast_to_residual(self.pos_embed(jnp.arange(x.shape[1])))  # [N, D]
         x = constrain_batch(x + pos[None])
         for i, block in enumerate(self.blocks):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
