@@ -1,4 +1,4 @@
-"""Policy-aware Flax NNX layers: Linear, Embed, norms, Attention, MLP, T5 relative position bias.
+"""Policy-aware Flax NNX layers: Linear, Embed, norms, Attention, MLP.
 
 Every layer takes the root `Policy` and its own path (`name`, e.g. "blocks/3/attn/q") and uses
 `policy.for_module(name)`, so per-module overrides apply. Invariants each layer keeps:
@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -50,7 +49,7 @@ __all__ = [
     "RMSNorm",
     "Attention",
     "MLP",
-    "RelativePositionBias",
+    "logical_param",
     "KVCache",
     "dot",
     "attention",
@@ -66,7 +65,7 @@ Initializer = Callable[..., jax.Array]
 MATMUL_OUTPUT = "matmul_output"  # checkpoint name of every Linear's output (remat policies)
 
 
-def _param(init: Initializer, shape: tuple[int, ...], axes: Axes, dtype, rngs: nnx.Rngs):
+def logical_param(init: Initializer, shape: tuple[int, ...], axes: Axes, dtype, rngs: nnx.Rngs):
     """An nnx.Param of `shape` in `dtype` whose logical axis names are `axes`."""
     if len(axes) != len(shape):
         raise ValueError(f"Logical axes {tuple(axes)} do not match param shape {shape}.")
@@ -136,9 +135,11 @@ class Linear(nnx.Module):
         self.in_features = in_features
         init = kernel_init or nnx.initializers.lecun_normal()
         dtype = self.policy.param_dtype
-        self.kernel = _param(init, (in_features, out_features), kernel_axes, dtype, rngs)
+        self.kernel = logical_param(init, (in_features, out_features), kernel_axes, dtype, rngs)
         self.bias = (
-            _param(nnx.initializers.zeros_init(), (out_features,), kernel_axes[-1:], dtype, rngs)
+            logical_param(
+                nnx.initializers.zeros_init(), (out_features,), kernel_axes[-1:], dtype, rngs
+            )
             if use_bias
             else None
         )
@@ -222,7 +223,7 @@ class Embed(nnx.Module):
         self.num_embeddings = num_embeddings
         self.features = features
         init = nnx.initializers.normal(stddev)
-        self.embedding = _param(
+        self.embedding = logical_param(
             init, (num_embeddings, features), axes, self.policy.param_dtype, rngs
         )
 
@@ -257,9 +258,9 @@ class _Norm(nnx.Module):
         self.policy = policy.for_module(name)
         self.eps = eps
         dtype = self.policy.param_dtype
-        self.scale = _param(nnx.initializers.ones_init(), (features,), axes, dtype, rngs)
+        self.scale = logical_param(nnx.initializers.ones_init(), (features,), axes, dtype, rngs)
         self.bias = (
-            _param(nnx.initializers.zeros_init(), (features,), axes, dtype, rngs)
+            logical_param(nnx.initializers.zeros_init(), (features,), axes, dtype, rngs)
             if use_bias
             else None
         )
@@ -318,17 +319,12 @@ class Attention(CachedAttention, nnx.Module):
     T5 checkpoint's q loads unchanged). `dropout_rate` drops attention probabilities in training.
     `decode`, `attend` and `kv` are the KV-cache path used for generation (see there).
 
-    Fused projections: when q, k and v resolve to the same policy and none is quantized
-    (`projections_fusable`), self-attention runs one GEMM x @ [D, 3, H*Dh] over the three
-    kernels stacked at use time (cross-attention: one for k and v over the context), instead of
-    three. The params stay separate (`q/kernel`, `k/kernel`, `v/kernel`: checkpoints and weight
-    imports are unchanged); stacking the master weights costs one copy, fused with the cast to
-    the compute dtype that happened anyway, and the stacked axis is never sharded, so tensor
-    parallelism keeps each kernel's "joined_kv" split. An override or quantization that treats
-    q, k, v differently turns fusion off. `fuse_projections`: None (default) fuses on GPU / TPU
-    and not on CPU, where the fused GEMM measured 1.3-1.6x slower (fwd + bwd of the projections
-    at GPT-2 width, B8 T256; XLA:CPU's GEMM of [2048, 768] x [768, 2304] is no faster than three
-    [768, 768] ones, and the stack / slice copies are extra); True / False force it.
+    Fused projections: when q, k, v share a policy and none is quantized
+    (`projections_fusable`), self-attention runs one GEMM x @ [D, 3, H*Dh] over the kernels
+    stacked at use time (cross-attention: k and v); params and checkpoints keep separate
+    kernels, and the unsharded stacked axis keeps tensor parallelism's "joined_kv" split.
+    `fuse_projections`: None (default) fuses on GPU / TPU, not on CPU, where it measured
+    1.3-1.6x slower (fwd + bwd at GPT-2 width, B8 T256); True / False force it.
 
     `implementation` ("auto", "xla", "cudnn", "pallas"; see `bf16jax.attention`) is resolved
     for `platform` (the devices the step runs on; default `jax.default_backend()`) and this
@@ -535,76 +531,3 @@ class MLP(nnx.Module):
             return c(self.fc2(h))
         h = activate(self.wi_0(x)) * c(self.wi_1(x))
         return c(self.wo(dropout(h, self.dropout_rate, dropout_key)))
-
-
-def relative_position_bucket(
-    relative_position: np.ndarray, *, bidirectional: bool, num_buckets: int, max_distance: int
-) -> np.ndarray:
-    """T5's bucketing of key - query offsets (Raffel et al. 2020, mesh_tensorflow).
-
-    Half the buckets (per direction when bidirectional) hold exact small offsets, the rest grow
-    logarithmically up to `max_distance`; larger offsets share the last bucket.
-    """
-    ret = np.zeros_like(relative_position)
-    n = -relative_position
-    if bidirectional:
-        num_buckets //= 2
-        ret += (n < 0).astype(ret.dtype) * num_buckets
-        n = np.abs(n)
-    else:
-        n = np.maximum(n, 0)
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    with np.errstate(divide="ignore"):
-        log_ratio = np.log(np.maximum(n, 1) / max_exact) / np.log(max_distance / max_exact)
-    val_if_large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(ret.dtype)
-    val_if_large = np.minimum(val_if_large, num_buckets - 1)
-    return ret + np.where(is_small, n, val_if_large)
-
-
-class RelativePositionBias(nnx.Module):
-    """T5 relative position bias: a learned scalar per (bucket, head), added to attention logits.
-
-    `__call__(q_len, k_len)` returns [1, H, q_len, k_len] in accum dtype (it joins the logits).
-    """
-
-    def __init__(
-        self,
-        num_heads: int,
-        *,
-        policy: Policy,
-        name: str,
-        rngs: nnx.Rngs,
-        num_buckets: int = 32,
-        max_distance: int = 128,
-        bidirectional: bool = True,
-    ):
-        if num_buckets < 2 or (bidirectional and num_buckets < 4):
-            raise ValueError(
-                f"relpos num_buckets={num_buckets} is too small: use at least 4 (bidirectional) "
-                "or 2."
-            )
-        self.policy = policy.for_module(name)
-        self.num_buckets = num_buckets
-        self.max_distance = max_distance
-        self.bidirectional = bidirectional
-        self.embedding = _param(
-            nnx.initializers.normal(1.0 / math.sqrt(num_heads)),
-            (num_buckets, num_heads),
-            ("relpos_buckets", "heads"),
-            self.policy.param_dtype,
-            rngs,
-        )
-
-    def __call__(self, q_len: int, k_len: int) -> jax.Array:
-        # Buckets depend only on static lengths: computed in numpy at trace time.
-        rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]  # [T, S] key - query
-        buckets = relative_position_bucket(
-            rel,
-            bidirectional=self.bidirectional,
-            num_buckets=self.num_buckets,
-            max_distance=self.max_distance,
-        )
-        table = self.policy.cast_to_accum(self.embedding[...])  # [buckets, H]
-        values = jnp.take(table, jnp.asarray(buckets, jnp.int32), axis=0)  # [T, S, H]
-        return jnp.transpose(values, (2, 0, 1))[None]

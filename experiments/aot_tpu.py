@@ -5,20 +5,16 @@
     .venv-tpu/bin/python experiments/aot_tpu.py --configs=gpt_1b --topologies=v5e-64 \
         --policies=bf16,bf16-pure --remats=none,save_dots,full
 
-Owns the topology table (slice name -> libtpu topology and nominal HBM per chip) and
-`aot_compile(config, mesh)`: the real `create_trainer(config, mesh)` step, lowered and compiled
-for ShapeDtypeStruct inputs (`trainer.abstract`, a batch from `data.example_spec`), reported per
-device: argument / output / temp / code bytes from `compiled.memory_analysis()` (peak = argument
-+ output - alias + temp + code), FLOPs from `compiled.cost_analysis()` (XLA counts a while loop's
-body once, so a scanned model is also compiled unrolled at 1 and 2 layers and extrapolated
-linearly) and the 6N + 6LTD model FLOPs (bf16jax.metrics); attention inside the Pallas splash kernel
-(`attention_impl="auto"` on TPU) is added analytically, since XLA does not count inside a Pallas
-call. A setting that does not fit is reported as such, then grad accumulation is doubled until
-one does (same global batch). `--remats` compiles each `model.remat` policy, and results.md
-names per case the fitting one with the fewest FLOPs (the one that spends free HBM on saved
-activations instead of recompute).
-Writes results/aot_tpu/results.{json,md}, merged over runs (a rerun of a config x topology x
-policy replaces all of that case's rows), each row with its command and git revision.
+Owns the topology table (slice name -> libtpu topology, HBM per chip) and `aot_compile(config,
+mesh)`: the real `create_trainer(config, mesh)` step compiled for ShapeDtypeStruct inputs and
+reported per device: memory from `compiled.memory_analysis()` (peak = argument + output - alias
++ temp + code), FLOPs from `compiled.cost_analysis()` (a while loop's body counts once: loops
+are recompiled unrolled at 1 and 2 layers and extrapolated), the 6N + 6LTD model FLOPs, and
+Pallas attention FLOPs added analytically (XLA sees none inside a Pallas call). A setting that
+does not fit doubles grad accumulation until one does (same global batch); `--remats` names per
+case the fitting remat policy with the fewest FLOPs. Writes results/aot_tpu/results.{json,md},
+merged over runs (a rerun of a case replaces its rows), each row with its command and git
+revision.
 """
 
 from __future__ import annotations

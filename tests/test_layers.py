@@ -17,12 +17,11 @@ from bf16jax.layers import (
     Embed,
     LayerNorm,
     Linear,
-    RelativePositionBias,
     RMSNorm,
     attention,
-    relative_position_bucket,
 )
 from bf16jax.loss import cross_entropy
+from bf16jax.models.t5 import RelativePositionBias, relative_position_bucket
 from bf16jax.precision import get_policy
 
 POLICIES = ("fp32", "bf16", "bf16-pure")

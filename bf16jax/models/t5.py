@@ -18,9 +18,11 @@ Policy paths: embed, {encoder,decoder}/relpos, {encoder,decoder}/layers_{i}/...,
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bf16jax.layers import (
@@ -29,17 +31,17 @@ from bf16jax.layers import (
     Embed,
     KVCache,
     Linear,
-    RelativePositionBias,
     RMSNorm,
     dropout,
     dropout_keys,
+    logical_param,
 )
 from bf16jax.loss import head_logits, materialize
 from bf16jax.models.gpt import cache_dtype
 from bf16jax.precision import Policy
 from bf16jax.sharding import constrain_batch
 
-__all__ = ["T5", "T5Stack"]
+__all__ = ["T5", "T5Stack", "RelativePositionBias", "relative_position_bucket"]
 
 PAD_ID = 0
 
@@ -333,6 +335,79 @@ class T5(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, Td, V], targets int32 [B, Td], weights f32 [B, Td]) for a span batch."""
         return materialize(*self.head_and_targets(batch, dropout_key=dropout_key))
+
+
+def relative_position_bucket(
+    relative_position: np.ndarray, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """T5's bucketing of key - query offsets (Raffel et al. 2020, mesh_tensorflow).
+
+    Half the buckets (per direction when bidirectional) hold exact small offsets, the rest grow
+    logarithmically up to `max_distance`; larger offsets share the last bucket.
+    """
+    ret = np.zeros_like(relative_position)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret += (n < 0).astype(ret.dtype) * num_buckets
+        n = np.abs(n)
+    else:
+        n = np.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    with np.errstate(divide="ignore"):
+        log_ratio = np.log(np.maximum(n, 1) / max_exact) / np.log(max_distance / max_exact)
+    val_if_large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(ret.dtype)
+    val_if_large = np.minimum(val_if_large, num_buckets - 1)
+    return ret + np.where(is_small, n, val_if_large)
+
+
+class RelativePositionBias(nnx.Module):
+    """T5 relative position bias: a learned scalar per (bucket, head), added to attention logits.
+
+    `__call__(q_len, k_len)` returns [1, H, q_len, k_len] in accum dtype (it joins the logits).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        *,
+        policy: Policy,
+        name: str,
+        rngs: nnx.Rngs,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        bidirectional: bool = True,
+    ):
+        if num_buckets < 2 or (bidirectional and num_buckets < 4):
+            raise ValueError(
+                f"relpos num_buckets={num_buckets} is too small: use at least 4 (bidirectional) "
+                "or 2."
+            )
+        self.policy = policy.for_module(name)
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+        self.embedding = logical_param(
+            nnx.initializers.normal(1.0 / math.sqrt(num_heads)),
+            (num_buckets, num_heads),
+            ("relpos_buckets", "heads"),
+            self.policy.param_dtype,
+            rngs,
+        )
+
+    def __call__(self, q_len: int, k_len: int) -> jax.Array:
+        # Buckets depend only on static lengths: computed in numpy at trace time.
+        rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]  # [T, S] key - query
+        buckets = relative_position_bucket(
+            rel,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        table = self.policy.cast_to_accum(self.embedding[...])  # [buckets, H]
+        values = jnp.take(table, jnp.asarray(buckets, jnp.int32), axis=0)  # [T, S, H]
+        return jnp.transpose(values, (2, 0, 1))[None]
 
 
 def _check_ids(ids: jax.Array, key: str) -> None:
