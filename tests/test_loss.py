@@ -232,8 +232,9 @@ def test_out_of_range_labels_with_positive_weight_are_errors(label):
 
 
 def test_fused_loss_treats_out_of_range_labels_as_the_materialised_one():
-    """Positive-weight labels outside [0, V): ValueError eagerly; under jit a NaN loss, NaN
-    gradients (the step is skipped) and `invalid_targets` counting them, as `cross_entropy`."""
+    """Positive-weight labels outside [0, V): ValueError eagerly; under jit (labels traced, as
+    in the train step) a NaN loss, NaN gradients (the step is skipped) and `invalid_targets`
+    counting them, as `cross_entropy`."""
     policy = get_policy("bf16")
     head = make_head("tied", policy)
     hidden, targets, weights = data(policy=policy)
@@ -241,7 +242,15 @@ def test_fused_loss_treats_out_of_range_labels_as_the_materialised_one():
     weights = weights.at[0, 3].set(1.0).at[1, 5].set(1.0)
     with pytest.raises(ValueError, match=rf"2 target\(s\) outside \[0, {V}\)"):
         loss_lib.fused_cross_entropy(hidden, head, bad, weights)
-    (loss, aux), (param_grads, hidden_grad) = both(head, hidden, bad, weights)[1]
+    graphdef, params = nnx.split(head)
+
+    def fused(p, h, t, w):
+        return loss_lib.fused_cross_entropy(h, nnx.merge(graphdef, p), t, w, chunk_tokens=8)
+
+    grad_fn = jax.jit(jax.value_and_grad(fused, (0, 1), has_aux=True))
+    (loss, aux), (param_grads, hidden_grad) = grad_fn(params, hidden, bad, weights)
     assert np.isnan(float(loss)) and float(aux["invalid_targets"]) == 2.0
     assert bool(jnp.any(jnp.isnan(hidden_grad)))
     assert all(bool(jnp.any(jnp.isnan(g))) for g in jax.tree.leaves(param_grads))
+    (loss, aux), _ = grad_fn(params, hidden, targets, weights)  # the same labels in range
+    assert np.isfinite(float(loss)) and float(aux["invalid_targets"]) == 0.0

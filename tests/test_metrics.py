@@ -92,6 +92,8 @@ def test_prediction_stats_match_softmax_and_the_training_loss():
     p /= p.sum(-1, keepdims=True)
     np.testing.assert_allclose(stats["confidence"], p.max(-1).reshape(-1), rtol=1e-5)
     nll = -np.log(np.take_along_axis(p, np.asarray(targets)[..., None], -1)[..., 0])
+    # Weight-0 positions are ignored (their label may be anything, e.g. -100): NLL 0 there.
+    nll = np.where(np.asarray(weights) > 0, nll, 0.0)
     np.testing.assert_allclose(stats["nll"], nll.reshape(-1), rtol=1e-4)
     assert stats["prediction"].dtype == jnp.int32 and stats["nll"].dtype == jnp.float32
     summary = metrics.summarize_predictions(stats)

@@ -93,9 +93,11 @@ def test_non_logging_step_has_no_diagnostic_reductions():
     plain = lowered("gpt_tiny", "bf16")
     logging = lowered("gpt_tiny", "bf16", diagnostics=True)
     assert train.DIAGNOSTICS_SCOPE in logging and train.DIAGNOSTICS_SCOPE not in plain
-    # swamping (stuck, moved) + gradient health (zero, subnormal, non-finite): 5 per param.
+    # swamping (stuck, moved) + gradient health (zero, subnormal, non-finite): 5 per param;
+    # lost weight decay (`swamped/decay`: stuck, nonzero): 2 per decayed param.
     num_params = 2 + 2 * 16 + 2  # token + position embeddings, 2 blocks of 16, final norm
-    assert _reductions(logging) - _reductions(plain) == 5 * num_params
+    decayed = 2 + 2 * 6  # the embeddings and each block's q, k, v, o, fc1, fc2 kernels
+    assert _reductions(logging) - _reductions(plain) == 5 * num_params + 2 * decayed
 
 
 def test_clipping_reuses_the_gradient_norm():

@@ -38,11 +38,15 @@ def test_quick_study_writes_tables_plots_and_resumes(tmp_path):
     assert "--quick" in results["command"]
     vit = results["table"]["vit_digits"]
     assert vit["fp32"]["clean/agreement"] == [1.0, 0.0]
+    # Clean and shifted quality, the precision diagnostics over the last 40% of training
+    # ("swamped/..."), and the adversarial accuracies ("robust/...").
     assert set(k.split("/")[0] for k in vit["fp32"] if "/" in k) == {
         "clean",
         "noise",
         "blur",
         "rotate",
+        "swamped",
+        "robust",
     }
     # Adversarial accuracy (quick: eps 0 and 0.1, 2 PGD steps): eps 0 is the clean accuracy;
     # the QAT model also as its int8 deployment, which predicts what fake-quant predicts.

@@ -523,16 +523,16 @@ def test_grad_subnormal_is_measured_on_the_scaled_16bit_gradients(fp16_run):
     where the loss-scaled FP16 values the backward produced had none)."""
     from flax import nnx
 
-    from bf16jax.loss import cross_entropy
+    from bf16jax.loss import model_loss
 
     trainer, local = fp16_run
     batch = trainer.global_batch(local)
     state = trainer.init_state()
     params = jax.tree.map(jnp.copy, state.params)
 
-    def loss(p, scale):
+    def loss(p, scale):  # the step's own loss (fused or not), times the loss scale
         model = nnx.merge(trainer.graphdef, p, state.fp8_meta)
-        return cross_entropy(*model.logits_and_targets(batch))[0] * scale
+        return model_loss(model, batch, trainer.loss, grad_scale=scale)[0] * scale
 
     tiny = float(jnp.finfo(jnp.float16).tiny)
 
@@ -542,7 +542,7 @@ def test_grad_subnormal_is_measured_on_the_scaled_16bit_gradients(fp16_run):
         return sub / sum(g.size for g in grads)
 
     scaled, unscaled = subnormal(32768.0), subnormal(1.0)
-    _, metrics = trainer.step(state, batch)
+    _, metrics = trainer.step(state, batch, diagnostics=True)  # the logging steps' variant
     assert float(metrics["grad/subnormal"]) == pytest.approx(scaled, abs=1e-6)
     assert unscaled > scaled + 0.01  # what the metric used to report
 
