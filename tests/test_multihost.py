@@ -14,6 +14,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,9 +85,30 @@ def _process_env(port: int, process_id: int, cache: Path) -> dict[str, str]:
     return env
 
 
-def _start(args: tuple[str, ...], env: dict[str, str], log: Path) -> subprocess.Popen:
+# The CLI, on a host whose loop dawdles 0-40 ms (at random) after each step, before it asks
+# whether to stop: a slow host the others run ahead of, as far as the stop agreement lets them.
+SLOW_HOST = """
+import random, sys, time
+import bf16jax.preemption as preemption
+from bf16jax.main import run
+
+asked = preemption.StopRequest.requested
+
+def requested(self, *args):
+    time.sleep(random.random() * 0.04)
+    return asked(self, *args)
+
+preemption.StopRequest.requested = requested
+run()
+"""
+
+
+def _start(
+    args: tuple[str, ...], env: dict[str, str], log: Path, slow: bool = False
+) -> subprocess.Popen:
+    command = [sys.executable, "-c", SLOW_HOST, *args] if slow else main_command(*args)
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
-        return subprocess.Popen(main_command(*args), cwd=REPO, env=env, stdout=out, stderr=err)
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err)
 
 
 def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: int = 240) -> list[str]:
@@ -116,15 +138,19 @@ def _launch(
     logdir: Path,
     name: str,
     cache: Path | None = None,
+    slow: int | None = None,
 ):
     """Starts the PROCESSES processes of one multi-host launch; returns (procs, logs). `cache`:
-    the compilation cache (default: one in `logdir`)."""
+    the compilation cache (default: one in `logdir`); `slow`: that process runs SLOW_HOST."""
     port = _free_port()
     args = (f"--config={CONFIG}", f"--workdir={workdir}", *OVERRIDES, *extra)
     args += (f"--config.train.steps={steps}",)
     logs = [logdir / f"{name}_p{i}" for i in range(PROCESSES)]
     cache = cache or logdir / "jax_cache"
-    procs = [_start(args, _process_env(port, i, cache), log) for i, log in enumerate(logs)]
+    procs = [
+        _start(args, _process_env(port, i, cache), log, slow=i == slow)
+        for i, log in enumerate(logs)
+    ]
     return procs, logs
 
 
@@ -272,24 +298,28 @@ def preempt_cache(tmp_path_factory):
 @pytest.mark.parametrize(
     "sig, signalled, every",
     [("SIGINT", 1, 1), ("SIGTERM", 0, 3)],
-    ids=["sigint_to_1_check_every_step", "sigterm_to_0_check_every_3"],
+    ids=["sigint_to_the_slow_host", "sigterm_to_the_fast_host_check_every_3"],
 )
 def test_a_signal_to_one_host_stops_every_host_at_one_saved_step(
     tmp_path, preempt_cache, sig, signalled, every
 ):
-    """A signal reaches one host while the other is frozen (SIGSTOP) at an arbitrary point of its
-    loop, so the hosts are at different points when it lands; the frozen one resumes a second
-    later. Both must agree on one step (a multiple of train.preemption_check_every), save it once,
-    say so, and exit 75. Before the StopAgreement (JAX's sync point, asked through Orbax) this
-    failed 1 of 2 runs on a loaded machine: one host entered the save's collective alone."""
-    workdir, frozen = tmp_path / "run", 1 - signalled
+    """Process 1 is slow (SLOW_HOST: its loop dawdles before each stop check), and is also
+    frozen (SIGSTOP) for a second at an arbitrary point of its loop while the signal is sent.
+    SIGINT to it: the signal lands, or is handled on SIGCONT, while process 0 is ahead (the case
+    a decision without a barrier gets wrong). SIGTERM to process 0: it is signalled while the
+    other cannot answer. Both must agree on one step (a multiple of
+    train.preemption_check_every), save it once, say so, and exit 75. With JAX's sync point
+    (asked through Orbax) this failed 1 of 2 runs on a loaded machine without any slow host:
+    one host entered the save's collective alone."""
+    frozen = 1
+    workdir = tmp_path / "run"
     extra = (
         "--config.train.log_every=1",
         "--config.checkpoint.every_steps=1000",
         f"--config.train.preemption_check_every={every}",
         "--config.train.preemption_grace_s=120",  # a loaded CI machine is slow
     )
-    procs, logs = _launch(workdir, 100_000, extra, tmp_path, "preempt", preempt_cache)
+    procs, logs = _launch(workdir, 100_000, extra, tmp_path, "preempt", preempt_cache, slow=1)
     out0 = logs[0].with_suffix(".out")
     deadline = time.monotonic() + 240
     try:
@@ -298,7 +328,7 @@ def test_a_signal_to_one_host_stops_every_host_at_one_saved_step(
             time.sleep(0.05)
         procs[frozen].send_signal(signal.SIGSTOP)
         time.sleep(0.3)  # the other host runs on until it needs the frozen one
-        procs[signalled].send_signal(getattr(signal, sig))
+        procs[signalled].send_signal(getattr(signal, sig))  # pending until SIGCONT if frozen
         time.sleep(1.0)
         procs[frozen].send_signal(signal.SIGCONT)
         codes = [p.wait(timeout=180) for p in procs]
@@ -317,4 +347,4 @@ def test_a_signal_to_one_host_stops_every_host_at_one_saved_step(
         assert f"saved step {saved[0]}. Rerun the same command to resume." in err, tails
         assert "Traceback" not in err, tails
     assert f"{sig} received" in errs[signalled], tails
-    assert f"Stopping: process {signalled}: {sig}." in errs[frozen], tails
+    assert f"Stopping: process {signalled}: {sig}." in errs[1 - signalled], tails
