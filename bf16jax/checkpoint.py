@@ -226,11 +226,6 @@ class Checkpointer:
         """True on multiples of `save_interval_steps`."""
         return self.save_interval_steps > 0 and step % self.save_interval_steps == 0
 
-    def reached_preemption(self, step: int) -> bool:
-        """True once the host got a preemption notice (SIGTERM on a TPU VM / under
-        jax.distributed), agreed on by every process at this step: save now and stop."""
-        return bool(self._manager.reached_preemption(step))
-
     def save(
         self,
         step: int,

@@ -158,6 +158,9 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
             # skipped steps consumed, at most this many times per run (0 = stop).
             nonfinite_rollbacks=0,
             preemption_grace_s=25.0,  # SIGTERM/SIGINT -> save -> exit 75 within this time
+            # Multi-host: the hosts agree on a stop every N steps (a coordination-service barrier,
+            # ~1 ms of host time, no device sync); the stop comes up to N - 1 steps later.
+            preemption_check_every=1,
         )
     )
     c.mesh = ml_collections.ConfigDict(
@@ -241,6 +244,11 @@ def _validate_more(config: ml_collections.ConfigDict) -> None:
     for key in ("max_skips_in_a_row", "nonfinite_rollbacks"):
         if config.train.get(key, 0) < 0:
             raise ValueError(f"config.train.{key}={config.train[key]} must be >= 0 (0 = off).")
+    every = config.train.get("preemption_check_every", 1)
+    if every < 1:
+        raise ValueError(
+            f"config.train.preemption_check_every={every} must be >= 1 (1 = check every step)."
+        )
     grace = config.train.get("preemption_grace_s", 0.0)
     if not math.isfinite(grace) or grace < 0:
         raise ValueError(f"config.train.preemption_grace_s={grace} must be >= 0 (0 = no limit).")

@@ -173,8 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     run = start_run(config, workdir)
     grace = float(config.train.get("preemption_grace_s", 25.0))
+    check_every = int(config.train.get("preemption_check_every", 1))
     try:
-        with StopRequest(grace) as stop:
+        with StopRequest(grace, check_every=check_every) as stop:
             result = _train(run, stop)
     finally:
         run.close()
@@ -224,8 +225,8 @@ def _train(run: Run, stop: StopRequest) -> dict[str, Any]:
             if bar is not None:
                 bar.update(1)
             _log_and_evaluate(run, step, metrics, timer, bar, result)
-            # Every process asks at every iteration (multi-host: they agree on one).
-            stopping = step < steps and stop.requested(tick, run.ckpt)
+            # Every process asks at every iteration (multi-host: they agree on one tick).
+            stopping = step < steps and stop.requested(tick)
             _save(run, step, metrics, position, force=step == steps or stopping)
             result["step"] = step
             if stopping:

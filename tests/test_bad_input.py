@@ -131,6 +131,11 @@ CASES = [
         ("config.train.steps=0", ">= 1"),
     ),
     Case(
+        "no preemption check",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.train.preemption_check_every=0"),
+        ("preemption_check_every=0", "1 = check every step"),
+    ),
+    Case(
         "NaN learning rate",
         (f"--config={TINY}", "--workdir={workdir}", "--config.optim.learning_rate=nan"),
         ("learning_rate=nan", "finite number"),
