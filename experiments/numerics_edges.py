@@ -31,6 +31,7 @@ Each measurement uses only APIs that both versions have, or says "n/a" / the err
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -236,15 +237,22 @@ def grad_subnormal() -> dict:
     state = trainer.init_state()
     params = jax.tree.map(jnp.copy, state.params)
 
-    def scaled_loss(p):
+    def scaled_loss(p):  # the step's own loss (fused or materialised) times the loss scale
         model = nnx.merge(trainer.graphdef, p, state.fp8_meta)
-        return ce(*model.logits_and_targets(batch))[0] * 32768.0
+        if hasattr(trainer, "loss"):
+            from bf16jax.loss import model_loss
+
+            return model_loss(model, batch, trainer.loss, grad_scale=32768.0)[0] * 32768.0
+        return ce(*model.logits_and_targets(batch))[0] * 32768.0  # checkouts before issue 11
 
     grads = jax.tree.leaves(jax.jit(jax.grad(scaled_loss))(params))
     tiny = float(jnp.finfo(F16).tiny)
     sub = sum(int(jnp.sum((jnp.abs(g) > 0) & (jnp.abs(g) < tiny))) for g in grads)
     truth = sub / sum(g.size for g in grads)
-    _, metrics = trainer.step(state, batch)
+    if "diagnostics" in inspect.signature(trainer.step).parameters:  # logging-step variant
+        _, metrics = trainer.step(state, batch, diagnostics=True)
+    else:
+        _, metrics = trainer.step(state, batch)
     return {"metric": float(metrics["grad/subnormal"]), "scaled 16-bit truth": truth}
 
 
