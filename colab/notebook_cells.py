@@ -158,7 +158,11 @@ from bf16jax.models import build_model
 
 print("bf16jax", bf16jax.__version__, "| jax", jax.__version__, "| devices:", jax.devices())""",
     ),
-    ("markdown", "## Presets\n\n`str(policy)` is the short `key=dtype` form: p, c, o, a."),
+    (
+        "markdown",
+        "## Presets\n\n`str(policy)` is jmp's short `key=dtype` form, p, c, o, plus a (accum), "
+        "u (update rule) and q (quantization) where they differ from f32, nearest and none.",
+    ),
     (
         "code",
         """for name, policy in bf16jax.PRESETS.items():
