@@ -150,7 +150,7 @@ def test_load_config_applies_typed_overrides():
     [
         ("train.stepz=3", "no key 'train.stepz'"),
         ("train.steps", "not KEY=VALUE"),
-        ("train.steps=many", "takes a int value"),
+        ("train.steps=many", "train.steps='many': train.steps takes an int value"),
         ("train.diagnostics=maybe", "takes a bool value"),
     ],
 )

@@ -1,0 +1,44 @@
+"""bf16jax.config: overrides parsed by ml_collections' config_flags, and `config_help`."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from bf16jax.config import config_help, config_path, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _leaves(config, prefix=""):
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("name", ["gpt_tiny", "t5_small", "vit_digits"])
+def test_config_help_lists_every_key_as_an_override_that_round_trips(name):
+    config = load_config(config_path(name), ["train.steps=7", "precision=bf16; q=w8a8"])
+    lines = config_help(config).splitlines()
+    leaves = dict(_leaves(config))
+    assert len(lines) == len(leaves)
+    # As a shell reads them (quotes removed): what a user pasting a line gets.
+    flags = [shlex.split(line.rsplit("  (", 1)[0])[0] for line in lines]
+    assert {f.split("=", 1)[0].removeprefix("--config.") for f in flags} == set(leaves)
+    for line, (key, value) in zip(lines, sorted(leaves.items()), strict=True):
+        assert line.startswith(f"--config.{key}=") and line.endswith(f"({type(value).__name__})")
+    # Each line is a valid override: feeding all of them back gives the same config.
+    again = load_config(config_path(name), flags)
+    assert dict(_leaves(again)) == leaves
+    assert "--config.precision='bf16; q=w8a8'" in config_help(config)
+
+
+def test_overrides_accept_the_command_line_spelling_and_the_last_one_wins():
+    config = load_config(
+        config_path("gpt_tiny"),
+        ["--config.train.steps=3", "train.steps=4", "mesh.rules=(('embed', 'fsdp'),)"],
+    )
+    assert config.train.steps == 4
+    assert config.mesh.rules == (("embed", "fsdp"),)
