@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from cli_runs import REPO, TINY_OVERRIDES
+from cli_runs import REPO, TINY_OVERRIDES, cli_env
 from fault_reading import (
     committed_steps,
     data_position,
@@ -73,10 +73,10 @@ class Harness:
     runs: int = 0  # processes started (for the cost line)
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={self.devices}"
+        env = cli_env(self.devices, PYTHONUNBUFFERED="1", **extra)
         env["PYTHONPATH"] = str(self.code)
-        env["JAX_COMPILATION_CACHE_DIR"] = str(self.root / "jax_cache")
+        # The suite's cache if it has one (tests/conftest.py), else one for this harness.
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", str(self.root / "jax_cache"))
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         return env
 

@@ -71,14 +71,14 @@ def _free_port() -> int:
 def _env(cache: Path) -> dict[str, str]:
     """The CLI tests' environment, with a compilation cache shared by every launch."""
     env = cli_env()
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))  # the suite's own, if it has one
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
 
 def _process_env(port: int, process_id: int, cache: Path) -> dict[str, str]:
     env = _env(cache)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
+    env["XLA_FLAGS"] = cli_env(DEVICES_PER_PROCESS)["XLA_FLAGS"]
     env["JAX_COORDINATOR_ADDRESS"] = f"localhost:{port}"
     env["JAX_NUM_PROCESSES"] = str(PROCESSES)
     env["JAX_PROCESS_ID"] = str(process_id)
