@@ -49,10 +49,23 @@ def define_source_flags(*, artifact: bool = True) -> None:
     config_flags.DEFINE_config_file(
         "config", None, "The run's configs/*.py (with its --config.x overrides).", lock_config=True
     )
+    define_config_help_flag()
     flags.DEFINE_string("workdir", None, "The training run's --workdir (its checkpoints).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     if artifact:
         flags.DEFINE_string("artifact", None, "An artifact directory (bf16jax.export).")
+
+
+def define_config_help_flag() -> None:
+    """--config_help: print every key of --config as an override line and exit (see `run`)."""
+    from absl import flags
+
+    flags.DEFINE_bool(
+        "config_help",
+        False,
+        "Print every key of --config (after the --config.KEY=VALUE overrides) as an override "
+        "line with its type and value, and exit.",
+    )
 
 
 def define_eval_flags() -> None:
@@ -111,25 +124,52 @@ def _unknown_key(argv: list[str], error: Exception) -> str:
     # ml_collections names the missing field; the override that holds it is the bad one.
     which = bad[0] if len(bad) == 1 else ", ".join(bad or _overrides(argv))
     return (
-        f"unknown config key {which}{hint}: the config is locked. Run with --helpfull to list "
-        "every config.* flag."
+        f"unknown config key {which}{hint}: the config is locked. Run with --config_help to "
+        "list every key."
     )
 
 
+_HELP_FLAGS = ("--help", "-help", "--helpfull", "-helpfull", "--helpshort", "-helpshort", "-?")
+
+
 def _parse_flags(argv: list[str], *, require_config: bool = False) -> list[str]:
-    """absl's parser, with its errors (exit 1, "FATAL Flags parsing error") as one line."""
-    if require_config and not any(re.match(r"^--?config(=|$)", a) for a in argv[1:]):
+    """absl's parser, with its errors (exit 1, "FATAL Flags parsing error") as one line.
+
+    `--help` / `--helpfull` work without --config; with one, absl's flag list is followed by
+    every key of that config (`--config_help`'s listing): the override flags absl itself shows
+    are only the ones on the command line. `--config_help` prints that listing and exits 0.
+    """
+    asks_help = any(a.split("=", 1)[0] in _HELP_FLAGS for a in argv[1:])
+    has_config = any(re.match(r"^--?config(=|$)", a) for a in argv[1:])
+    if require_config and not asks_help and not has_config:
         raise BadInput("--config is required: pass --config=configs/NAME.py (see configs/).")
     path = _config_file(argv)
     if path is not None and not os.path.isfile(path):
         raise BadInput(f"--config={path}: no such file: pass a configs/*.py path.")
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+    except SystemExit:  # absl printed the help
+        if asks_help and path is not None:
+            print(f"\nEvery key of {path} (override with --config.KEY=VALUE):")
+            print(_config_listing(path, argv))
+        raise
     except flags.Error as e:
         text = str(e).splitlines()[0]
         if "--config" in text and "Failed loading config file" in text:
             raise BadInput(f"--config: {text}") from None
         raise BadInput(f"{text.rstrip('.')}. Run with --help for the flags.") from None
+    if "config_help" in flags.FLAGS and flags.FLAGS.config_help:
+        if path is None:
+            raise BadInput("--config_help lists the keys of a config: pass --config=FILE too.")
+        print(_config_listing(path, argv))
+        sys.exit(0)
+    return rest
+
+
+def _config_listing(path: str, argv: list[str]) -> str:
+    from bf16jax.config import config_help, load_config
+
+    return config_help(load_config(path, [a for a in argv if a.startswith("--config.")]))
 
 
 _DISK = {

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shlex
-import warnings
 from collections.abc import Iterable
 
 import ml_collections
@@ -79,6 +78,8 @@ MODEL_DEFAULTS = {
 }
 
 DATA_FOR_MODEL = {"gpt": "kjv_bytes", "t5": "kjv_span", "vit": "digits"}
+# Model families that predict tokens: their held-out metrics include perplexity.
+LANGUAGE_MODELS = ("gpt", "t5")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("cosine", "constant")
 LOSS_SCALES = ("none", "static", "dynamic")
@@ -426,10 +427,7 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
         "config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv
     )
     try:
-        with warnings.catch_warnings():
-            # ml_collections loads the file with the deprecated `loader.load_module()`.
-            warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
-            flag_values(argv)
+        flag_values(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: the key is not in the config
         bad = [a.split("=", 1)[0].removeprefix("--config.") for a in argv[2:]]
         hint = re.search(r'Did you mean "([^"]+)"', str(e))

@@ -285,20 +285,25 @@ def agreement(prediction, reference, weights=None) -> float:
     return float(np.sum(weights * (prediction == reference)) / max(weights.sum(), 1e-12))
 
 
-def summarize_predictions(stats: Mapping[str, Any], num_bins: int = ECE_BINS) -> dict[str, float]:
-    """Accuracy, loss (mean NLL), perplexity, ECE and mean confidence from `prediction_stats`."""
+def summarize_predictions(
+    stats: Mapping[str, Any], num_bins: int = ECE_BINS, *, perplexity: bool = True
+) -> dict[str, float]:
+    """Accuracy, loss (mean NLL), ECE, mean confidence and (for language models: `perplexity`)
+    perplexity from `prediction_stats`."""
     w = np.asarray(stats["weight"], np.float64)
     total = w.sum()
     if total <= 0:
         raise ValueError("No weighted examples to summarize (all weights are 0).")
     loss = float(np.sum(w * np.asarray(stats["nll"], np.float64)) / total)
-    return {
+    out = {
         "accuracy": float(np.sum(w * np.asarray(stats["correct"])) / total),
         "loss": loss,
-        "perplexity": float(np.exp(min(loss, 80.0))),
         "ece": expected_calibration_error(stats["confidence"], stats["correct"], w, num_bins),
         "confidence": float(np.sum(w * np.asarray(stats["confidence"])) / total),
     }
+    if perplexity:
+        out["perplexity"] = float(np.exp(min(loss, 80.0)))
+    return out
 
 
 def plot_reliability(bins: Mapping[str, np.ndarray], ax=None, title: str = ""):

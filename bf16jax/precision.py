@@ -423,9 +423,9 @@ def _parse_dtypes(text: str, context: str, base: Policy | None = None) -> Policy
         except ValueError:
             # "Unknown dtype" first: jmp's wording for a bare name it cannot parse.
             raise ValueError(
-                f"Unknown dtype {text!r} in policy {context!r}: not a preset "
-                f"({', '.join(PRESETS)}) or a dtype name (f32, bf16, f16, half, float32, ...); "
-                "or write key=dtype pairs like 'p=f32,c=bf16,o=f32'."
+                f"Unknown dtype {text!r} in policy {context!r}: use a preset "
+                f"({', '.join(PRESETS)}), a dtype name (f32, bf16, f16, half, float32, ...) or "
+                "key=dtype pairs like 'p=f32,c=bf16,o=f32'."
             ) from None
         return Policy(d, d, d, quant=quant_default)
     fields: dict[str, Any] = {}

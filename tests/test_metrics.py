@@ -101,6 +101,7 @@ def test_prediction_stats_match_softmax_and_the_training_loss():
     assert summary["loss"] == pytest.approx(float(aux["nll"]), rel=1e-5)
     assert summary["accuracy"] == pytest.approx(float(aux["accuracy"]), rel=1e-6)
     assert summary["perplexity"] == pytest.approx(np.exp(summary["loss"]))
+    assert "perplexity" not in metrics.summarize_predictions(stats, perplexity=False)
 
 
 def test_reliability_diagram_draws_the_bin_accuracies(tmp_path):

@@ -146,7 +146,7 @@ def test_casts_touch_only_floating_leaves():
         ("p=f32,x=bf16", "should be 'params', 'compute' or 'output' \\(p, c, o\\), or"),
         ("p=f32,,c=bf16", "Malformed part"),
         ("p=f32,p=bf16", "given twice"),
-        ("bogus", "Unknown dtype 'bogus' in policy 'bogus': not a preset \\(fp32, bf16"),
+        ("bogus", "Unknown dtype 'bogus' in policy 'bogus': use a preset \\(fp32, bf16"),
         ("p=f64", "float64 is not a policy dtype"),
         ("", "Empty policy"),
         ("bf16; [->fp32", "Bad override regex '['"),

@@ -230,7 +230,7 @@ def get_config():
     c.checkpoint.update(every_steps=2)
     return c
 """
-_TIMING = ("train/step_time_s", "train/tokens_per_s", "train/mfu")
+_TIMING = ("train/step_time_s", "train/tokens_per_s", "train/images_per_s", "train/mfu")
 
 
 def load_config(path, **train_overrides):
