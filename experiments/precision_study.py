@@ -540,7 +540,8 @@ def main() -> None:
     command = " ".join(["python", *sys.argv])
     from study_plots import write_plots  # experiments/ is on sys.path when run as a script
 
-    plots = write_plots(args, results, table)
+    bins = {m: {p: pooled_bins(args, results, m, p) for p in table[m]} for m in table}
+    plots = write_plots(args.out, results, table, bins)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         slim = [{k: v for k, v in r.items() if k != "curve"} for r in results]
         json.dump(
