@@ -24,6 +24,8 @@ __all__ = [
     "INTERRUPTED_EXIT",
     "BadInput",
     "define_source_flags",
+    "define_config_help_flag",
+    "config_override_args",
     "define_eval_flags",
     "write_report",
     "run_from_flags",
@@ -108,6 +110,35 @@ def quiet_logs() -> None:
 
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("bf16jax").setLevel(logging.INFO)
+
+
+def config_override_args(argv: list[str] | None = None, flag_values=None) -> list[str]:
+    """The `--config.KEY=VALUE` overrides of a parsed command line, one token each, in order.
+
+    For scripts that launch `bf16jax.main` runs with the user's overrides (the studies): the
+    forms absl accepts (`--config.k=v`, `--config.k v`, `-config.k=v`, `--[no]config.flag` for a
+    bool) come back as tokens the child parses to the same values. Call after flag parsing.
+
+    Args:
+      argv: the command line, program name first (default `sys.argv`).
+      flag_values: where the `--config` flags are defined (default absl's `flags.FLAGS`).
+    """
+    fv = flags.FLAGS if flag_values is None else flag_values
+    argv = list(sys.argv if argv is None else argv)[1:]
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            break
+        m = re.match(r"^--?((?:no)?config\.[\w.]+)(=.*)?$", token)
+        i += 1
+        if m is None:
+            continue
+        name, value = m.groups()
+        if value is None and name in fv and not fv[name].boolean:
+            value, i = f"={argv[i]}", i + 1  # `--config.k v`
+        out.append(f"--{name}{value or ''}")
+    return out
 
 
 def _overrides(argv: list[str]) -> list[str]:

@@ -42,3 +42,32 @@ def test_overrides_accept_the_command_line_spelling_and_the_last_one_wins():
     )
     assert config.train.steps == 4
     assert config.mesh.rules == (("embed", "fsdp"),)
+
+
+def test_config_override_args_forwards_every_form_absl_accepts():
+    # The studies pass the user's overrides on to each bf16jax.main run: every spelling absl
+    # parses must come back as one token that parses to the same config.
+    from absl import flags
+    from ml_collections import config_flags
+
+    from bf16jax.cli import config_override_args
+
+    path = config_path("gpt_tiny")
+    argv = ["study", f"--config={path}", "--config.train.steps", "7", "--seeds=0,1",
+            "--noconfig.train.diagnostics", "-config.precision=bf16;q=w8a8",
+            "--config.mesh.rules=(('batch', 'data'),)", "--", "--config.seed=3"]  # fmt: skip
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+    flags.DEFINE_list("seeds", ["0"], "", flag_values=fv)
+    fv(argv)
+    forwarded = config_override_args(argv, fv)
+    assert forwarded == [
+        "--config.train.steps=7",
+        "--noconfig.train.diagnostics",
+        "--config.precision=bf16;q=w8a8",
+        "--config.mesh.rules=(('batch', 'data'),)",
+    ]
+    child = load_config(path, [a for a in forwarded if not a.startswith("--no")])
+    assert child.train.steps == fv.config.train.steps == 7
+    assert child.precision == fv.config.precision and child.mesh.rules == (("batch", "data"),)
+    assert fv.config.train.diagnostics is False and child.seed == 0
