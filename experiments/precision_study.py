@@ -140,13 +140,13 @@ def _robustness(trainer, state, epsilons, pgd_steps: int) -> dict:
     model, of its int8 deployment (attacked through the fake-quant model's STE gradients)."""
     from flax import nnx
 
-    from bf16jax import attacks, quant
+    from bf16jax import attacks, quant_model
 
     model = trainer.host_model(state)
     batches = [(b["image"], b["label"]) for b in trainer.eval_batches()]
     targets = {"policy": model}
-    if quant.quantized_layers(model):
-        targets["int8"] = quant.to_int8(nnx.clone(model))
+    if quant_model.quantized_layers(model):
+        targets["int8"] = quant_model.to_int8(nnx.clone(model))
     out = {}
     for name, target in targets.items():
         acc = attacks.adversarial_accuracy(
@@ -163,14 +163,14 @@ def _inference_bytes(trainer) -> float:
     import jax
     from flax import nnx
 
-    from bf16jax import quant
+    from bf16jax import quant_model
     from bf16jax.models import build_model
 
     cfg, policy = trainer.config, trainer.policy
 
     def make():
         model = build_model(cfg.model, policy, rngs=nnx.Rngs(0))
-        return quant.to_int8(model) if quant.quantized_layers(model) else model
+        return quant_model.to_int8(model) if quant_model.quantized_layers(model) else model
 
     with nnx.use_eager_sharding(False):
         params = nnx.state(nnx.eval_shape(make), nnx.Param)
