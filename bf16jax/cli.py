@@ -26,6 +26,7 @@ __all__ = [
     "define_source_flags",
     "define_config_help_flag",
     "config_override_args",
+    "split_config_overrides",
     "define_eval_flags",
     "write_report",
     "run_from_flags",
@@ -139,6 +140,35 @@ def config_override_args(argv: list[str] | None = None, flag_values=None) -> lis
             value, i = f"={argv[i]}", i + 1  # `--config.k v`
         out.append(f"--{name}{value or ''}")
     return out
+
+
+def split_config_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """(other arguments, overrides as KEY=VALUE) of a script that runs several configs.
+
+    The experiment scripts that train or compile more than one config (`benchmark.py`,
+    `precision_study.py`, `step_audit.py`) take `bf16jax.main`'s override syntax and apply it
+    to every config through `bf16jax.config.load_config` (ml_collections' `config_flags`, so
+    values parse by the type they replace). Accepted as absl accepts them: `--config.k=v`,
+    `-config.k=v`, `--config.k v`, `--config.flag` (true) and `--noconfig.flag` (false).
+    """
+    rest, overrides, i = [], [], 0
+    while i < len(args):
+        token = args[i]
+        i += 1
+        m = re.match(r"^--?(no)?config\.([\w.]+)(?:=(.*))?$", token, re.S)
+        if m is None:
+            rest.append(token)
+            continue
+        negated, key, value = m.groups()
+        if negated:
+            value = "false"
+        elif value is None:
+            if i < len(args) and not args[i].startswith("-"):
+                value, i = args[i], i + 1  # `--config.k v`
+            else:
+                value = "true"  # `--config.flag`
+        overrides.append(f"{key}={value}")
+    return rest, overrides
 
 
 def _overrides(argv: list[str]) -> list[str]:

@@ -262,7 +262,7 @@ def _launch(model, policy, seed, args, overrides) -> dict | None:
     if args.collect_only:
         return None
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, policy, str(seed)]
-    cmd += ["--runs", args.runs, *[f"--set={kv}" for kv in overrides]]
+    cmd += ["--runs", args.runs, *[f"--config.{kv}" for kv in overrides]]
     cmd += [f"--eps={','.join(map(str, args.eps))}", f"--pgd_steps={args.pgd_steps}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -482,13 +482,20 @@ def markdown(table: dict, baseline: dict[str, float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
-    parser.add_argument("--policies", default="", help="comma list; default: all (+fp8 on GPU)")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--out", default="", help="default experiments/results/precision_study")
-    parser.add_argument("--runs", default="", help="workdirs (default runs/precision_study)")
-    parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    from bf16jax.cli import split_config_overrides
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+        epilog="--config.KEY=VALUE (repeatable) overrides every run's config, as on "
+        "bf16jax.main (ml_collections config_flags), after the study's own settings.",
+    )
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma list")
+    parser.add_argument("--policies", default="", help="comma list; '' = all (+fp8 on a GPU)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list (--quick: 0)")
+    parser.add_argument("--out", default="", help="'' = experiments/results/precision_study")
+    parser.add_argument("--runs", default="", help="workdirs; '' = runs/precision_study")
     parser.add_argument("--quick", action="store_true", help="tiny models, 6 steps, 1 seed")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument(
@@ -496,21 +503,31 @@ def main() -> None:
         action="store_true",
         help="train nothing: tabulate and plot the finished runs (missing ones are listed)",
     )
-    parser.add_argument("--eps", default="", help="attack budgets (default: EPSILONS)")
-    parser.add_argument("--pgd_steps", type=int, default=0, help=f"default {PGD_STEPS}")
-    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "POLICY", "SEED"))
-    args = parser.parse_args()
+    eps = ",".join(map(str, EPSILONS))
+    parser.add_argument("--eps", default="", help=f"attack budgets; '' = {eps}")
+    parser.add_argument("--pgd_steps", type=int, default=0, help=f"0 = {PGD_STEPS}")
+    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "POLICY", "SEED"), help="one run")
+    rest, user_overrides = split_config_overrides(sys.argv[1:])
+    args = parser.parse_args(rest)
     eps_default = QUICK_ATTACK["eps"] if args.quick else EPSILONS
     args.eps = [float(e) for e in args.eps.split(",") if e] or list(eps_default)
     args.pgd_steps = args.pgd_steps or (QUICK_ATTACK["pgd_steps"] if args.quick else PGD_STEPS)
     if args.worker:
         model, policy, seed = args.worker
-        run_one(model, policy, int(seed), args.runs, args.set, args.eps, args.pgd_steps)
+        run_one(model, policy, int(seed), args.runs, user_overrides, args.eps, args.pgd_steps)
         return
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}: use some of {sorted(MODELS)}")
+    if user_overrides:  # a misspelt key fails here, not in every worker
+        from bf16jax.config import load_config
+
+        for model in models:
+            try:
+                load_config(MODELS[model], user_overrides)
+            except ValueError as e:
+                parser.exit(2, f"error: {model}: {e}\n")
     policies = [p for p in args.policies.split(",") if p]
     if args.quick:
         policies, seeds = policies or list(QUICK_POLICIES), [0]
@@ -524,9 +541,10 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     jobs = []
     for model in models:
-        overrides = [*STUDY_SETTINGS, *MODEL_SETTINGS.get(model, []), *args.set]
+        overrides = [*STUDY_SETTINGS, *MODEL_SETTINGS.get(model, [])]
         if args.quick:
             overrides = [*overrides, *QUICK_SETTINGS[_model_kind(model)], *QUICK_SETTINGS["all"]]
+        overrides += user_overrides  # last: the user's word wins
         jobs += [(model, policy, seed, args, overrides) for seed in seeds for policy in policies]
     with ThreadPoolExecutor(max(args.jobs, 1)) as pool:  # threads only wait on subprocesses
         outcomes = list(pool.map(lambda job: _launch(*job), jobs))

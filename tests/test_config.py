@@ -71,3 +71,18 @@ def test_config_override_args_forwards_every_form_absl_accepts():
     assert child.train.steps == fv.config.train.steps == 7
     assert child.precision == fv.config.precision and child.mesh.rules == (("batch", "data"),)
     assert fv.config.train.diagnostics is False and child.seed == 0
+
+
+def test_split_config_overrides_for_scripts_of_several_configs():
+    from bf16jax.cli import split_config_overrides
+
+    args = ["--models=a,b", "--config.train.steps=7", "-config.precision", "bf16;q=w8a8",
+            "--noconfig.train.diagnostics", "--config.checkpoint.async_save",
+            "--quick"]  # fmt: skip
+    rest, overrides = split_config_overrides(args)
+    assert rest == ["--models=a,b", "--quick"]
+    assert overrides == ["train.steps=7", "precision=bf16;q=w8a8", "train.diagnostics=false",
+                         "checkpoint.async_save=true"]  # fmt: skip
+    config = load_config(config_path("gpt_tiny"), overrides)
+    assert config.train.steps == 7 and config.train.diagnostics is False
+    assert config.checkpoint.async_save is True and config.precision == "bf16;q=w8a8"
