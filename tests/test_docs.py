@@ -64,6 +64,7 @@ class Rule:
     steps: int = 4  # train.steps of a shrunk training run
     background: str = ""  # a server: the URL path that must answer
     replace: tuple[tuple[str, str], ...] = ()  # (argument, shrunk argument)
+    forbid: str = ""  # text the command's stdout must not hold (errors it reports and exits 0)
     matched: list = field(default_factory=list)
 
 
@@ -118,6 +119,14 @@ RULES = [
         marker="precision_study.py",
     ),  # fmt: skip
     Rule(r"experiments/memory_table\.py", "run"),
+    Rule(
+        r"experiments/step_audit\.py",
+        "run",
+        "one config and policy (lowering only)",
+        extra=("--configs=gpt_tiny", "--policies=bf16"),
+    ),
+    Rule(r"experiments/numerics_edges\.py", "run", "as written", forbid='"error: '),
+    Rule(r"shared/tools/gpu_wheels\.sh", "skip", "downloads wheels (network), outside the repo"),
     Rule(
         r"experiments/pure_bf16_study\.py",
         "run",
@@ -183,7 +192,7 @@ def test_install_lines_resolve_offline():
     own = importlib.metadata.metadata("bf16jax").get_all("Provides-Extra")
     for snippet in lines:
         for args in _pip_requirements(snippet.text):
-            reqs = [a for a in args if a not in ("-e",)]
+            reqs = _requirements(args)
             for req in reqs:
                 name, extras = re.match(r"([^\[<>=]+)(?:\[([^\]]*)\])?", req).groups()
                 wanted = [e.strip() for e in (extras or "").split(",") if e.strip()]
@@ -191,7 +200,8 @@ def test_install_lines_resolve_offline():
                 missing = [e for e in wanted if e not in have]
                 assert not missing, f"{snippet.where}: {name} has no extra {missing}"
             pkgs = [r for r in reqs if not r.startswith(".")]
-            if not pkgs:
+            pkgs = [r for r in pkgs if _installed(re.match(r"[\w.-]+", r).group(0))]
+            if not pkgs:  # only this project, or packages this venv lacks (torch: the network)
                 continue
             proc = subprocess.run(
                 [
@@ -211,8 +221,29 @@ def test_install_lines_resolve_offline():
             assert proc.returncode == 0, f"{snippet.where}: {proc.stderr[-2000:]}"
 
 
+def _requirements(args: list[str]) -> list[str]:
+    """The requirements of `pip install ARGS`, options (and an index URL) dropped."""
+    out, skip = [], False
+    for a in args:
+        if skip or a.startswith("-"):
+            skip = a in ("--index-url", "-i", "--extra-index-url")
+            continue
+        out.append(a)
+    return out
+
+
 def _extras_of(name: str) -> list[str]:
+    if not _installed(name):
+        return []
     return importlib.metadata.metadata(name).get_all("Provides-Extra") or []
+
+
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _shell_words(text: str, env: dict[str, str] | None = None) -> list[str]:
@@ -328,7 +359,7 @@ def _steps(argv: list[str], rule: Rule, root: Path, snippet: Snippet) -> list[di
         argv = [str(root / ".venv/bin/python"), *argv[1:]]
         return [{"argv": argv, "background": True,
                  "probe": f"http://localhost:{port}{rule.background}"}]  # fmt: skip
-    return [{"argv": argv, "codes": list(rule.codes)}]
+    return [{"argv": argv, "codes": list(rule.codes), "forbid": rule.forbid}]
 
 
 def _make_recipe(target: str) -> list[list[str]]:
@@ -375,5 +406,7 @@ def test_documented_commands_run(tmp_path):
         codes = step.get("codes", [0])
         assert result["code"] in codes, f"{what}\n{result['stderr'][-3000:]}"
         assert "Traceback" not in result["stderr"], f"{what}\n{result['stderr'][-3000:]}"
+        if step.get("forbid"):
+            assert step["forbid"] not in result["stdout"], f"{what}\n{result['stdout'][-2000:]}"
         if "check" in step:
             assert step["check"] in result["stdout"], f"{what}\n{result['stdout'][-2000:]}"
