@@ -27,6 +27,7 @@ __all__ = [
     "define_config_help_flag",
     "config_override_args",
     "split_config_overrides",
+    "script_parser",
     "define_eval_flags",
     "write_report",
     "run_from_flags",
@@ -169,6 +170,22 @@ def split_config_overrides(args: list[str]) -> tuple[list[str], list[str]]:
                 value = "true"  # `--config.flag`
         overrides.append(f"{key}={value}")
     return rest, overrides
+
+
+def script_parser(doc: str, applies_to: str = "every config the script runs"):
+    """The argparse parser of an experiment script that takes `--config.KEY=VALUE` overrides
+    (read by `split_config_overrides` before argparse sees the rest): `--help` shows every
+    flag's default and says how overrides apply; no abbreviated flags (`--config.x` must never
+    match another flag)."""
+    import argparse
+
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+        epilog=f"--config.KEY=VALUE (repeatable) overrides {applies_to}, as on bf16jax.main "
+        "(ml_collections config_flags).",
+    )
 
 
 def _overrides(argv: list[str]) -> list[str]:

@@ -340,13 +340,11 @@ def plot_reliability(bins: Mapping[str, np.ndarray], ax=None, title: str = "", c
     ax.bar(edges[:-1], gap, bottom=gap_bottom, width=width, align="edge", color="tab:red",
            alpha=0.3, label="gap to confidence")  # fmt: skip
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    if counts:
-        tops = np.maximum(acc, gap_bottom + gap)
-        for left, w, top, n in zip(edges[:-1], width, tops, weight, strict=True):
-            if n > 0:  # above the bar, or inside it near the top when the bar reaches the top
-                inside = top >= 0.8
-                y, va = (top - 0.02, "top") if inside else (top + 0.02, "bottom")
-                ax.text(left + w / 2, y, _count(n), ha="center", va=va, rotation=90, fontsize=6,
-                        color="white" if inside else "black", gid="bin-count")  # fmt: skip
+    if counts:  # along the bottom, on a light box: readable over a bar, a gap or nothing
+        for left, w, n in zip(edges[:-1], width, weight, strict=True):
+            if n > 0:
+                ax.text(left + w / 2, 0.02, _count(n), ha="center", va="bottom", rotation=90,
+                        fontsize=6, gid="bin-count", bbox=dict(boxstyle="round,pad=0.15",
+                        fc="white", ec="none", alpha=0.8))  # fmt: skip
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
     return ax

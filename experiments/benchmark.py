@@ -344,13 +344,9 @@ def _hardware() -> str:
 
 # ----------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-        epilog="--config.KEY=VALUE (repeatable) overrides every bf16jax run's config, as on "
-        "bf16jax.main (ml_collections config_flags); --config_help lists the keys.",
-    )
+    from bf16jax.cli import script_parser
+
+    parser = script_parser(__doc__, "every bf16jax run's config (--config_help lists the keys)")
     add = parser.add_argument
     add("--models", default=",".join(MODELS), help="model names or configs/*.py of GPTs")
     add("--participants", default="bf16jax,jax,torch", help="who runs, comma-separated")
@@ -388,11 +384,9 @@ def _check_overrides(models: list[str], overrides: list[str], show: bool) -> Non
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
-    rest, overrides = argv, []
-    if any("config." in a for a in argv):  # a peer's child process may run without absl
-        from bf16jax.cli import split_config_overrides
+    from bf16jax.cli import split_config_overrides
 
-        rest, overrides = split_config_overrides(argv)
+    rest, overrides = split_config_overrides(argv)
     args = _parser().parse_args(rest)
     args.overrides = overrides
     if args.run_one:

@@ -30,7 +30,6 @@ the median over logged windows; on a shared CPU it is noisy, so compare it withi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -482,15 +481,9 @@ def markdown(table: dict, baseline: dict[str, float]) -> str:
 
 
 def main() -> None:
-    from bf16jax.cli import split_config_overrides
+    from bf16jax.cli import script_parser, split_config_overrides
 
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-        epilog="--config.KEY=VALUE (repeatable) overrides every run's config, as on "
-        "bf16jax.main (ml_collections config_flags), after the study's own settings.",
-    )
+    parser = script_parser(__doc__, "every run's config, after the study's own settings")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma list")
     parser.add_argument("--policies", default="", help="comma list; '' = all (+fp8 on a GPU)")
     parser.add_argument("--seeds", default="0,1,2", help="comma list (--quick: 0)")

@@ -15,7 +15,6 @@ logging steps only) and, with --compile, the compiled step's per-device memory f
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import re
@@ -77,14 +76,9 @@ def audit(name: str, policy: str, extra: list[str], compile_step: bool) -> dict:
 
 
 def main() -> None:
-    from bf16jax.cli import split_config_overrides
+    from bf16jax.cli import script_parser, split_config_overrides
 
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-        epilog="--config.KEY=VALUE (repeatable) overrides every config, as on bf16jax.main.",
-    )
+    p = script_parser(__doc__)
     p.add_argument("--configs", default="gpt_tiny,t5_small,vit_digits", help="configs/ names")
     p.add_argument("--policies", default="bf16,fp16", help="policies, comma-separated")
     p.add_argument("--compile", action="store_true", help="also compile: memory_analysis()")

@@ -65,6 +65,11 @@ def _label_log_axis(ax, values) -> None:
         ax.set_ylim(v.min() / pad, v.max() * pad)
 
 
+def _legend_below(fig, handles) -> None:
+    """The figure's legend under its axes (constrained layout makes room: it covers nothing)."""
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
+
+
 def _series(results: list[dict], model: str) -> dict[str, dict]:
     """Per policy: steps, train-loss curves of every seed (one row each) and the eval dots."""
     out = {}
@@ -182,8 +187,7 @@ def draw_accuracy_vs_memory(table: dict):
         Line2D([], [], color="black", marker="o", ls="", label="training state (params + optim)"),
         Line2D([], [], color="black", marker="s", ls="", label="inference weights (deployed)"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5),
-               fontsize=8)  # fmt: skip
+    _legend_below(fig, handles)
     return fig
 
 
@@ -215,8 +219,7 @@ def draw_robustness(by_policy: dict, model: str):
         Line2D([], [], color="black", ls="-", marker="o", label="attacked under its policy"),
         Line2D([], [], color="black", ls="--", marker="s", label="QAT model deployed as int8"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5),
-               fontsize=8)  # fmt: skip
+    _legend_below(fig, handles)
     return fig
 
 

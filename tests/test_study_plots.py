@@ -109,3 +109,13 @@ def test_reliability_figure_counts_every_bin():
     assert counts == [f"{w:.3g}" for w in filled]
     labels = _legend_clear_of_axes(fig)
     assert any("perfect calibration" in t for t in labels)
+
+
+def test_robustness_legend_names_the_policies_and_both_line_styles():
+    per = {"fgsm": {"0": [0.9, 0.01], "0.1": [0.5, 0.02]}, "pgd": {"0": [0.9, 0.01]}}
+    table = {"fp32": {"robust/policy": per}, "bf16;q=w8a8": {"robust/policy": per,
+                                                             "robust/int8": per}}  # fmt: skip
+    fig = study_plots.draw_robustness(table, "vit_digits")
+    labels = _legend_clear_of_axes(fig)
+    assert {"fp32", "bf16;q=w8a8"} <= set(labels)
+    assert any("int8" in t for t in labels) and any("under its policy" in t for t in labels)
