@@ -49,6 +49,9 @@ POLICIES = ("fp32", "bf16", "bf16-pure")
 
 
 def pytest_collection_modifyitems(config, items):
+    # Tests marked slow (CLI runs, notebooks, the docs) first, in collection order otherwise:
+    # with 2 xdist workers a long test handed out last runs alone at the end.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if jax.default_backend() == "gpu":
         return
     skip = pytest.mark.skip(reason="needs a GPU")
