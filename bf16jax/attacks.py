@@ -8,7 +8,7 @@
 The attack's gradient comes from `attack_model` (the model under its own policy: BF16 compute
 rounds the input gradient too, which is part of what is measured) and the accuracy from
 `eval_model`, usually the same model. For a quantized model deployed as int8
-(`quant.to_int8`), the int8 model has no useful gradient (rounding): attack the fake-quant
+(`quant_model.to_int8`), the int8 model has no useful gradient (rounding): attack the fake-quant
 model, whose LSQ straight-through gradients are what training used, and evaluate the int8 one
 (they agree bit for bit, so this is a white-box attack on the deployed model; a weaker
 gradient through the quantizers can still mask some of the attack's strength).

@@ -24,6 +24,10 @@ __all__ = [
     "INTERRUPTED_EXIT",
     "BadInput",
     "define_source_flags",
+    "define_config_help_flag",
+    "config_override_args",
+    "split_config_overrides",
+    "script_parser",
     "define_eval_flags",
     "write_report",
     "run_from_flags",
@@ -49,10 +53,23 @@ def define_source_flags(*, artifact: bool = True) -> None:
     config_flags.DEFINE_config_file(
         "config", None, "The run's configs/*.py (with its --config.x overrides).", lock_config=True
     )
+    define_config_help_flag()
     flags.DEFINE_string("workdir", None, "The training run's --workdir (its checkpoints).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     if artifact:
         flags.DEFINE_string("artifact", None, "An artifact directory (bf16jax.export).")
+
+
+def define_config_help_flag() -> None:
+    """--config_help: print every key of --config as an override line and exit (see `run`)."""
+    from absl import flags
+
+    flags.DEFINE_bool(
+        "config_help",
+        False,
+        "Print every key of --config (after the --config.KEY=VALUE overrides) as an override "
+        "line with its type and value, and exit.",
+    )
 
 
 def define_eval_flags() -> None:
@@ -97,6 +114,80 @@ def quiet_logs() -> None:
     logging.getLogger("bf16jax").setLevel(logging.INFO)
 
 
+def config_override_args(argv: list[str] | None = None, flag_values=None) -> list[str]:
+    """The `--config.KEY=VALUE` overrides of a parsed command line, one token each, in order.
+
+    For scripts that launch `bf16jax.main` runs with the user's overrides (the studies): the
+    forms absl accepts (`--config.k=v`, `--config.k v`, `-config.k=v`, `--[no]config.flag` for a
+    bool) come back as tokens the child parses to the same values. Call after flag parsing.
+
+    Args:
+      argv: the command line, program name first (default `sys.argv`).
+      flag_values: where the `--config` flags are defined (default absl's `flags.FLAGS`).
+    """
+    fv = flags.FLAGS if flag_values is None else flag_values
+    argv = list(sys.argv if argv is None else argv)[1:]
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            break
+        m = re.match(r"^--?((?:no)?config\.[\w.]+)(=.*)?$", token)
+        i += 1
+        if m is None:
+            continue
+        name, value = m.groups()
+        if value is None and name in fv and not fv[name].boolean:
+            value, i = f"={argv[i]}", i + 1  # `--config.k v`
+        out.append(f"--{name}{value or ''}")
+    return out
+
+
+def split_config_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """(other arguments, overrides as KEY=VALUE) of a script that runs several configs.
+
+    The experiment scripts that train or compile more than one config (`benchmark.py`,
+    `precision_study.py`, `step_audit.py`) take `bf16jax.main`'s override syntax and apply it
+    to every config through `bf16jax.config.load_config` (ml_collections' `config_flags`, so
+    values parse by the type they replace). Accepted as absl accepts them: `--config.k=v`,
+    `-config.k=v`, `--config.k v`, `--config.flag` (true) and `--noconfig.flag` (false).
+    """
+    rest, overrides, i = [], [], 0
+    while i < len(args):
+        token = args[i]
+        i += 1
+        m = re.match(r"^--?(no)?config\.([\w.]+)(?:=(.*))?$", token, re.S)
+        if m is None:
+            rest.append(token)
+            continue
+        negated, key, value = m.groups()
+        if negated:
+            value = "false"
+        elif value is None:
+            if i < len(args) and not args[i].startswith("-"):
+                value, i = args[i], i + 1  # `--config.k v`
+            else:
+                value = "true"  # `--config.flag`
+        overrides.append(f"{key}={value}")
+    return rest, overrides
+
+
+def script_parser(doc: str, applies_to: str = "every config the script runs"):
+    """The argparse parser of an experiment script that takes `--config.KEY=VALUE` overrides
+    (read by `split_config_overrides` before argparse sees the rest): `--help` shows every
+    flag's default and says how overrides apply; no abbreviated flags (`--config.x` must never
+    match another flag)."""
+    import argparse
+
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+        epilog=f"--config.KEY=VALUE (repeatable) overrides {applies_to}, as on bf16jax.main "
+        "(ml_collections config_flags).",
+    )
+
+
 def _overrides(argv: list[str]) -> list[str]:
     return [a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--config.")]
 
@@ -111,25 +202,52 @@ def _unknown_key(argv: list[str], error: Exception) -> str:
     # ml_collections names the missing field; the override that holds it is the bad one.
     which = bad[0] if len(bad) == 1 else ", ".join(bad or _overrides(argv))
     return (
-        f"unknown config key {which}{hint}: the config is locked. Run with --helpfull to list "
-        "every config.* flag."
+        f"unknown config key {which}{hint}: the config is locked. Run with --config_help to "
+        "list every key."
     )
 
 
+_HELP_FLAGS = ("--help", "-help", "--helpfull", "-helpfull", "--helpshort", "-helpshort", "-?")
+
+
 def _parse_flags(argv: list[str], *, require_config: bool = False) -> list[str]:
-    """absl's parser, with its errors (exit 1, "FATAL Flags parsing error") as one line."""
-    if require_config and not any(re.match(r"^--?config(=|$)", a) for a in argv[1:]):
+    """absl's parser, with its errors (exit 1, "FATAL Flags parsing error") as one line.
+
+    `--help` / `--helpfull` work without --config; with one, absl's flag list is followed by
+    every key of that config (`--config_help`'s listing): the override flags absl itself shows
+    are only the ones on the command line. `--config_help` prints that listing and exits 0.
+    """
+    asks_help = any(a.split("=", 1)[0] in _HELP_FLAGS for a in argv[1:])
+    has_config = any(re.match(r"^--?config(=|$)", a) for a in argv[1:])
+    if require_config and not asks_help and not has_config:
         raise BadInput("--config is required: pass --config=configs/NAME.py (see configs/).")
     path = _config_file(argv)
     if path is not None and not os.path.isfile(path):
         raise BadInput(f"--config={path}: no such file: pass a configs/*.py path.")
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+    except SystemExit:  # absl printed the help
+        if asks_help and path is not None:
+            print(f"\nEvery key of {path} (override with --config.KEY=VALUE):")
+            print(_config_listing(path, argv))
+        raise
     except flags.Error as e:
         text = str(e).splitlines()[0]
         if "--config" in text and "Failed loading config file" in text:
             raise BadInput(f"--config: {text}") from None
         raise BadInput(f"{text.rstrip('.')}. Run with --help for the flags.") from None
+    if "config_help" in flags.FLAGS and flags.FLAGS.config_help:
+        if path is None:
+            raise BadInput("--config_help lists the keys of a config: pass --config=FILE too.")
+        print(_config_listing(path, argv))
+        sys.exit(0)
+    return rest
+
+
+def _config_listing(path: str, argv: list[str]) -> str:
+    from bf16jax.config import config_help, load_config
+
+    return config_help(load_config(path, [a for a in argv if a.startswith("--config.")]))
 
 
 _DISK = {

@@ -4,17 +4,18 @@
 result is locked, so a misspelt key (`--config.optim.lrate=...`) fails instead of being ignored.
 `validate(config)` checks values that the type system cannot (names, divisibility, ranges) and
 raises `ValueError` naming the key and the fix. `load_config(path, ["train.steps=10", ...])` is
-the same for scripts and notebooks: the file's `get_config()`, overrides parsed by the type of
-the value they replace, then locked.
+the same for scripts and notebooks: the file's `get_config()` with the overrides parsed by
+ml_collections' `config_flags`, exactly as `--config.train.steps=10` on a command line, then
+locked. `config_help(config)` lists every key with its type and value (`--config_help`).
 """
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
 import math
 import os
+import re
+import shlex
 from collections.abc import Iterable
 
 import ml_collections
@@ -77,6 +78,8 @@ MODEL_DEFAULTS = {
 }
 
 DATA_FOR_MODEL = {"gpt": "kjv_bytes", "t5": "kjv_span", "vit": "digits"}
+# Model families that predict tokens: their held-out metrics include perplexity.
+LANGUAGE_MODELS = ("gpt", "t5")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("cosine", "constant")
 LOSS_SCALES = ("none", "static", "dynamic")
@@ -370,21 +373,6 @@ def is_allowed(key: str, allowed: set[str] | None) -> bool:
     return allowed is None or any(key == a or key.startswith(a + ".") for a in allowed)
 
 
-def _parse_override(text: str, current):
-    """`text` as the type of the value it replaces (bool, int, float, str, tuple)."""
-    if isinstance(current, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{text!r} is not a bool: use true or false")
-        return text.lower() in ("true", "1")
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
-    if isinstance(current, (tuple, list)):
-        return tuple(ast.literal_eval(text))
-    return text
-
-
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -408,37 +396,103 @@ def config_path(name: str) -> str:
 
 
 def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `path`'s `get_config()`, applies `KEY=VALUE` overrides, returns it locked.
+    """Loads `path`'s `get_config()`, applies overrides, returns it locked.
+
+    Args:
+      path: a `configs/*.py` file.
+      overrides: `KEY=VALUE` (or `--config.KEY=VALUE`) strings, parsed by ml_collections'
+        `config_flags` as the same flags are on `python -m bf16jax.main`'s command line: by the
+        type of the value they replace (bools as true/false, tuples as Python literals); a later
+        override of a key wins.
 
     Raises:
       FileNotFoundError: `path` does not exist.
       ValueError: an override is not KEY=VALUE, names a key the config lacks, or has a value of
         the wrong type.
     """
+    from absl import flags
+    from ml_collections import config_flags
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Config file {path!r} not found: pass a configs/*.py path.")
-    spec = importlib.util.spec_from_file_location("_bf16jax_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} defines no get_config(): config files return a ConfigDict.")
-    config = module.get_config()
+    argv = ["load_config", f"--config={path}"]
     for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
+        key, sep, _ = item.removeprefix("--config.").partition("=")
+        if not sep or not key:
             raise ValueError(f"Override {item!r} is not KEY=VALUE (e.g. train.steps=100).")
-        node = config
-        *parents, leaf = key.split(".")
-        try:
-            for part in parents:
-                node = node[part]
-            current = node[leaf]
-        except (KeyError, AttributeError, TypeError):
-            raise ValueError(f"Override {item!r}: the config has no key {key!r}.") from None
-        try:
-            node[leaf] = _parse_override(text, current)
-        except (ValueError, SyntaxError, TypeError) as e:
-            kind = type(current).__name__
-            raise ValueError(f"Override {item!r}: {key} takes a {kind} value ({e}).") from None
-    config.lock()
+        argv.append(item if item.startswith("--config.") else f"--config.{item}")
+    # A private FlagValues: parsing here never touches absl's global flags.
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
+    try:
+        flag_values(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: the key is not in the config
+        bad = [a.split("=", 1)[0].removeprefix("--config.") for a in argv[2:]]
+        hint = re.search(r'Did you mean "([^"]+)"', str(e))
+        raise ValueError(
+            f"Override of {', '.join(bad)}: the config has no key "
+            f"{_missing_key(bad, str(e))!r}"
+            + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+            + ". List the keys with --config_help."
+        ) from None
+    except flags.Error as e:  # a value of the wrong type (or a flag without its value)
+        raise ValueError(_bad_value(path, str(e))) from None
+    config = flag_values.config
+    if not hasattr(config, "lock"):
+        raise ValueError(
+            f"{path}: get_config() returned a {type(config).__name__}, not an "
+            "ml_collections.ConfigDict."
+        )
     return config
+
+
+def _bad_value(path: str, error: str) -> str:
+    """`Override train.steps='many': train.steps takes an int value (...)` from absl's error."""
+    m = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)$", error, re.S)
+    if m is None:
+        return f"Override rejected: {error.removeprefix('flag ')}."
+    key, value, reason = m.groups()
+    node = load_config(path)
+    for part in key.split("."):
+        node = node[part]
+    kind = type(node).__name__
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"Override {key}={value!r}: {key} takes {article} {kind} value ({reason})."
+
+
+def _missing_key(keys: list[str], error: str) -> str:
+    """The override whose last part ml_collections named as missing (else all of them)."""
+    names = set(re.findall(r"\w+", error))
+    hits = [k for k in keys if k.split(".")[-1] in names]
+    return hits[0] if len(hits) == 1 else ", ".join(keys)
+
+
+def config_help(config: ml_collections.ConfigDict) -> str:
+    """Every key of `config` as `--config.KEY=VALUE  (type)` lines, sorted by key.
+
+    What `--config_help` prints: the fields a `--config.KEY=VALUE` override can set, with the
+    type it is parsed as and the value the config file (after any overrides) gives it.
+    """
+    rows = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                rows.append((f"--config.{prefix}{key}={_as_flag(value)}", type(value).__name__))
+
+    walk(config, "")
+    width = max(len(flag) for flag, _ in rows)
+    return "\n".join(f"{flag:{width}s}  ({kind})" for flag, kind in rows)
+
+
+def _as_flag(value) -> str:
+    """`value` as a shell word the override parser reads back as `value`."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return shlex.quote(value)
+    return shlex.quote(repr(value)) if isinstance(value, (tuple, list)) else str(value)

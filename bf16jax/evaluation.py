@@ -19,6 +19,7 @@ import numpy as np
 from bf16jax import data as data_lib
 from bf16jax import metrics as metrics_lib
 from bf16jax import shifts as shifts_lib
+from bf16jax.config import LANGUAGE_MODELS
 
 __all__ = ["CLEAN", "eval_batches", "collect_predictions", "evaluate_quality", "agreement_with"]
 
@@ -85,11 +86,13 @@ def evaluate_quality(
     """Metrics on the clean eval split and under every shift of the dataset.
 
     Returns:
-      (summary, predictions): `summary[condition]` holds accuracy, loss, perplexity, ece and
-      confidence; `predictions[condition]` the per-example stats (`collect_predictions`).
+      (summary, predictions): `summary[condition]` holds accuracy, loss, ece, confidence and,
+      for language models, perplexity; `predictions[condition]` the per-example stats
+      (`collect_predictions`).
       Conditions: "clean" and the names in `bf16jax.shifts.SHIFTS[config.data.name]`.
     """
     conditions = [CLEAN, *shifts_lib.shifts_for(trainer.config.data.name)]
+    language_model = trainer.config.model.name in LANGUAGE_MODELS
     summary: dict[str, dict[str, float]] = {}
     predictions: dict[str, dict[str, np.ndarray]] = {}
     for cond in conditions:
@@ -97,7 +100,7 @@ def evaluate_quality(
             trainer, params, fp8_meta, shift=cond, seed=seed, num_batches=num_batches
         )
         predictions[cond] = stats
-        summary[cond] = metrics_lib.summarize_predictions(stats)
+        summary[cond] = metrics_lib.summarize_predictions(stats, perplexity=language_model)
     return summary, predictions
 
 

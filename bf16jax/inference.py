@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bf16jax import quant
+from bf16jax import quant, quant_model
 from bf16jax import sampling as sampling_lib
 from bf16jax.models import build_model
 from bf16jax.precision import Policy, fp32_reference, get_policy, is_fp8, quant_bits
@@ -131,7 +131,10 @@ def serving_model(
     abstract = nnx.eval_shape(lambda: build_model(config.model, policy, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     coded = {(*p, "kernel") for p, _ in _coded_layers(abstract, precision)}
-    lsq = {(*p, "kernel"): (p, quant_bits(m.quant)[0]) for p, m in quant.quantized_layers(abstract)}
+    lsq = {
+        (*p, "kernel"): (p, quant_bits(m.quant)[0])
+        for p, m in quant_model.quantized_layers(abstract)
+    }
     values = _pure(params)
     if fp8_meta is not None:
         values = _merge_dicts(values, _pure(fp8_meta))
@@ -157,9 +160,9 @@ def serving_model(
         filled.append((path, var.replace(jnp.asarray(value if keep else value.astype(var.dtype)))))
     model = nnx.merge(graphdef, nnx.from_flat_state(filled))
     if precision == "int8":
-        quant.to_int8(model)
+        quant_model.to_int8(model)
     elif precision == "fp8":
-        quant.to_fp8(model)
+        quant_model.to_fp8(model)
     return model
 
 
@@ -172,9 +175,9 @@ def _dequantized(w: np.ndarray, w_log_scale, bits: int) -> np.ndarray:
 
 def _coded_layers(model: nnx.Module, precision: str) -> list:
     if precision == "int8":
-        return [(p, m) for p, m in quant.quantized_layers(model) if quant_bits(m.quant)]
+        return [(p, m) for p, m in quant_model.quantized_layers(model) if quant_bits(m.quant)]
     if precision == "fp8":
-        return quant.fp8_layers(model)
+        return quant_model.fp8_layers(model)
     return []
 
 

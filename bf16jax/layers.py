@@ -96,7 +96,7 @@ class Linear(nnx.Module):
     kernel, logical axis of the kernel's output dim) and, when activations are quantized,
     `a_log_scale` [] (per tensor, data-independent init `quant.activation_step_size`; an
     unsigned range offset by `input_min` when the input is bounded below). `int8 = True` (set by
-    `quant.set_int8_mode`) runs real int8 x int8 -> int32 dots with the same codes. With
+    `quant_model.set_int8_mode`) runs real int8 x int8 -> int32 dots with the same codes. With
     `fp8[:...]` the layer holds `fp8_scale` [3] and `fp8_history` [3, H] (`quant.FP8Meta`, rows
     x, w, gradient; H from the policy, default 1024) and runs `quant.fp8_dot`.
 

@@ -129,15 +129,22 @@ def unscale_grads(state: LossScaleState, grads):
 
 
 def all_finite(tree) -> jax.Array:
-    """A bool scalar: True iff every floating leaf of `tree` is free of Inf and NaN."""
-    leaves = [
-        jnp.all(jnp.isfinite(x))
+    """A bool scalar: True iff every floating leaf of `tree` is free of Inf and NaN.
+
+    Counted, not and-ed: XLA fuses a chain of cheap scalar ops (the `and` of one flag per leaf)
+    into every consumer, and the trainer selects each of the ~300 params and moments with this
+    predicate: the ViT step held 284 x 283 `and`s and compiled in 11 s on a CPU (74 s under
+    LSQ). The per-leaf counts meet in one sum that passes through a sqrt, which XLA does not
+    duplicate: the predicate is computed once (`tests/test_step_program.py`).
+    """
+    counts = [
+        jnp.sum(~jnp.isfinite(x), dtype=jnp.float32)
         for x in jax.tree.leaves(tree)
         if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
     ]
-    if not leaves:
+    if not counts:
         return jnp.asarray(True)
-    return jnp.all(jnp.stack(leaves))
+    return jnp.sqrt(jnp.sum(jnp.stack(counts))) == 0  # a count >= 1 never rounds to 0
 
 
 def adjust(state: LossScaleState, grads_finite: jax.Array) -> LossScaleState:

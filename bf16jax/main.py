@@ -1,9 +1,12 @@
 """Command-line entry point: `python -m bf16jax.main --config=configs/NAME.py --workdir=DIR`.
 
 Any config key can be overridden (`--config.precision=bf16-pure --config.train.steps=100`); the
-config is locked, so a misspelt key fails with its name instead of being ignored. Multi-host
-(TPU pods): every host runs the same command; `jax.distributed` is initialized first (see
-`config.mesh.distributed`). Rerunning with the same workdir resumes from its newest checkpoint.
+config is locked, so a misspelt key fails with its name instead of being ignored.
+`--config_help` lists every key of the given config with its type and value and exits;
+`--helpfull` with a `--config` ends with the same list. The resolved config is logged when a run
+starts. Multi-host (TPU pods): every host runs the same command; `jax.distributed` is
+initialized first (see `config.mesh.distributed`). Rerunning with the same workdir resumes from
+its newest checkpoint.
 
 Exit codes: 0 trained (or already done); 2 bad input, refused with one line `error: ...` that
 names the problem and the fix, before anything already written is changed; 3 training diverged
@@ -29,10 +32,20 @@ from bf16jax.preemption import PREEMPTED_EXIT
 __all__ = ["run", "main", "BAD_INPUT_EXIT", "DIVERGED_EXIT", "PREEMPTED_EXIT", "INTERRUPTED_EXIT"]
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a configs/*.py file (get_config()).", lock_config=True
+    "config",
+    None,
+    "Path to a configs/*.py file (get_config()); override any key with --config.KEY=VALUE "
+    "(--config_help lists them).",
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-flags.mark_flags_as_required(["config", "workdir"])
+cli.define_config_help_flag()
+flags.mark_flags_as_required(["config"])
+flags.register_validator(
+    "workdir",
+    lambda workdir: workdir is not None or flags.FLAGS["config_help"].value,
+    message="Flag --workdir must have a value other than None (or pass --config_help).",
+)
 
 
 def main(argv) -> None:

@@ -252,6 +252,11 @@ def calibration_bins(confidence, correct, weights=None, num_bins: int = ECE_BINS
     if confidence.size and (confidence.min() < 0 or confidence.max() > 1):
         raise ValueError("confidence must be probabilities in [0, 1] (the top softmax value).")
     weights = _weights(confidence, weights)
+    # Why not scikit-learn's `calibration_curve` (same bins; tests/test_metrics.py checks that
+    # they agree): it takes no example weights (padding tokens have weight 0), returns only the
+    # non-empty bins and no per-bin counts (ECE's bin weights and the reliability diagram's
+    # counts need them), and `import sklearn.calibration` costs 1.9 s where this is 3 bincounts
+    # (1M examples: 36 ms here, 52 ms there; 2-core CPU).
     edges = np.linspace(0.0, 1.0, num_bins + 1)
     # Right-closed bins ((m-1)/M, m/M]; confidence 0 goes to the first bin.
     index = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
@@ -285,25 +290,40 @@ def agreement(prediction, reference, weights=None) -> float:
     return float(np.sum(weights * (prediction == reference)) / max(weights.sum(), 1e-12))
 
 
-def summarize_predictions(stats: Mapping[str, Any], num_bins: int = ECE_BINS) -> dict[str, float]:
-    """Accuracy, loss (mean NLL), perplexity, ECE and mean confidence from `prediction_stats`."""
+def summarize_predictions(
+    stats: Mapping[str, Any], num_bins: int = ECE_BINS, *, perplexity: bool = True
+) -> dict[str, float]:
+    """Accuracy, loss (mean NLL), ECE, mean confidence and (for language models: `perplexity`)
+    perplexity from `prediction_stats`."""
     w = np.asarray(stats["weight"], np.float64)
     total = w.sum()
     if total <= 0:
         raise ValueError("No weighted examples to summarize (all weights are 0).")
     loss = float(np.sum(w * np.asarray(stats["nll"], np.float64)) / total)
-    return {
+    out = {
         "accuracy": float(np.sum(w * np.asarray(stats["correct"])) / total),
         "loss": loss,
-        "perplexity": float(np.exp(min(loss, 80.0))),
         "ece": expected_calibration_error(stats["confidence"], stats["correct"], w, num_bins),
         "confidence": float(np.sum(w * np.asarray(stats["confidence"])) / total),
     }
+    if perplexity:
+        out["perplexity"] = float(np.exp(min(loss, 80.0)))
+    return out
 
 
-def plot_reliability(bins: Mapping[str, np.ndarray], ax=None, title: str = ""):
+def _count(weight: float) -> str:
+    """A bin's example count, short: 7, 950, 12.3k, 4.1M."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if weight >= scale:
+            return f"{weight / scale:.3g}{suffix}"
+    return f"{weight:.3g}"
+
+
+def plot_reliability(bins: Mapping[str, np.ndarray], ax=None, title: str = "", counts=True):
     """Draws a reliability diagram (accuracy per confidence bin vs the diagonal) on `ax`.
 
+    Each non-empty bin is labelled with its example count (`counts`; total weight, tokens for a
+    language model), so a bar backed by 3 examples is not read like one backed by 30,000.
     Needs matplotlib (`pip install bf16jax[plots]`). Returns the axes.
     """
     import matplotlib.pyplot as plt  # optional dependency: only for plots
@@ -311,13 +331,20 @@ def plot_reliability(bins: Mapping[str, np.ndarray], ax=None, title: str = ""):
     ax = ax if ax is not None else plt.gca()
     edges = np.asarray(bins["edges"])
     width = np.diff(edges)
-    filled = np.asarray(bins["weight"]) > 0
+    weight = np.asarray(bins["weight"])
+    filled = weight > 0
     acc = np.where(filled, bins["accuracy"], 0.0)
     ax.bar(edges[:-1], acc, width=width, align="edge", edgecolor="black", label="accuracy")
     gap_bottom = np.where(filled, np.minimum(acc, bins["confidence"]), 0.0)
     gap = np.where(filled, np.abs(bins["confidence"] - acc), 0.0)
     ax.bar(edges[:-1], gap, bottom=gap_bottom, width=width, align="edge", color="tab:red",
            alpha=0.3, label="gap to confidence")  # fmt: skip
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    if counts:  # along the bottom, on a light box: readable over a bar, a gap or nothing
+        for left, w, n in zip(edges[:-1], width, weight, strict=True):
+            if n > 0:
+                ax.text(left + w / 2, 0.02, _count(n), ha="center", va="bottom", rotation=90,
+                        fontsize=6, gid="bin-count", bbox=dict(boxstyle="round,pad=0.15",
+                        fc="white", ec="none", alpha=0.8))  # fmt: skip
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
     return ax

@@ -13,6 +13,9 @@
 - Casts touch floating leaves only: integer arrays and PRNG keys pass through unchanged.
 - `record_paths()` collects every module path resolved while a model is built, so that
   `bf16jax.overrides` can report and check what each override rule hit.
+- A drop-in for jmp's policy API (`import bf16jax as jmp`): `Policy(p, c, o)`, `cast_to_*`,
+  `with_output_dtype`, `get_policy` (errors worded as jmp's), `half_dtype`, `cast_to_full`,
+  `cast_to_half`; jmp's own policy tests run against this module (tests/jmp/test_jmp_policy.py).
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ __all__ = [
     "Policy",
     "get_policy",
     "fp32_reference",
+    "half_dtype",
+    "cast_to_full",
+    "cast_to_half",
+    "dtype_to_names",
     "parse_dtype",
     "parse_quant",
     "quant_bits",
@@ -80,6 +87,14 @@ DTYPE_NAMES: dict[str, np.dtype] = {
 }
 _HALF_NAMES = ("half",)
 _SHORT_NAME = {_F32: "f32", _BF16: "bf16", _F16: "f16"}
+# jmp's `dtype_to_names` (its `_src` name, used by its tests): dtype -> names, the first being
+# the one `str(policy)` writes. Keyed by the scalar types so `np.float16` and `jnp.float16` both
+# look up (a `np.dtype` key would not hash like the scalar type).
+dtype_to_names: dict[Any, tuple[str, ...]] = {
+    jnp.float32: ("f32", "float32", "full", "fp32", "single"),
+    jnp.bfloat16: ("bf16", "bfloat16"),
+    jnp.float16: ("f16", "float16", "fp16"),
+}
 
 # Keys accepted in policy strings: canonical field name for each spelling.
 _KEYS = {
@@ -120,10 +135,23 @@ def _parse_rule(name: str, context: str) -> str:
     return key
 
 
-def _half_dtype() -> np.dtype:
-    # jmp's meaning of "half": bfloat16 on TPU, float16 elsewhere. Resolved only when used,
-    # because asking for the backend initializes it.
-    return _BF16 if jax.default_backend() == "tpu" else _F16
+def half_dtype() -> np.dtype:
+    """The half-precision dtype for the current backend: bfloat16 on TPU, float16 elsewhere.
+
+    jmp's meaning of "half"; resolved only when called, because asking for the backend
+    initializes it.
+    """
+    return _BF16 if jax.local_devices()[0].platform == "tpu" else _F16
+
+
+def cast_to_full(tree):
+    """Casts the floating leaves of `tree` to float32 (jmp.cast_to_full); others pass through."""
+    return _cast_tree(tree, _F32)
+
+
+def cast_to_half(tree):
+    """Casts the floating leaves of `tree` to `half_dtype()` (jmp.cast_to_half)."""
+    return _cast_tree(tree, half_dtype())
 
 
 def parse_dtype(name: str) -> np.dtype:
@@ -136,7 +164,12 @@ def _parse_dtype(name: str, context: str) -> np.dtype:
     if key in DTYPE_NAMES:
         return DTYPE_NAMES[key]
     if key in _HALF_NAMES:
-        return _half_dtype()
+        return half_dtype()
+    if key in ("f64", "float64", "double"):
+        raise ValueError(
+            f"Unknown dtype {name!r} in policy {context!r}: float64 is not a policy dtype "
+            "(jmp accepted it; JAX computes in float32 unless jax_enable_x64): use f32."
+        )
     accepted = ", ".join(["f32", "bf16", "f16", "half", "float32", "bfloat16", "float16", "full"])
     raise ValueError(f"Unknown dtype {name!r} in policy {context!r}: use one of {accepted}.")
 
@@ -258,7 +291,12 @@ class Policy:
         return "none" if edge or self.quant is None else self.quant
 
     def replace(self, **changes) -> Policy:
+        """A copy with the given fields changed (`dataclasses.replace`)."""
         return dataclasses.replace(self, **changes)
+
+    def with_output_dtype(self, output_dtype: Any) -> Policy:
+        """A copy with `output_dtype` changed (jmp's API); overrides are kept."""
+        return dataclasses.replace(self, output_dtype=output_dtype)
 
     # ----------------------------------------------------------------- casts
     def cast_to_param(self, tree):
@@ -288,16 +326,14 @@ class Policy:
 
     # ----------------------------------------------------------------- strings
     def dtypes_str(self, explicit_quant: bool = False) -> str:
-        """`p=..,c=..,o=..,a=..[,u=..][,q=..]`; q=none only if `explicit_quant` (overrides)."""
+        """`p=..,c=..,o=..[,a=..][,u=..][,q=..]`: jmp's form plus what differs from the defaults
+        (a=f32, u=nearest, q=none); q=none only if `explicit_quant` (overrides)."""
         text = ",".join(
             f"{k}={_SHORT_NAME[getattr(self, f)]}"
-            for k, f in (
-                ("p", "param_dtype"),
-                ("c", "compute_dtype"),
-                ("o", "output_dtype"),
-                ("a", "accum_dtype"),
-            )
+            for k, f in (("p", "param_dtype"), ("c", "compute_dtype"), ("o", "output_dtype"))
         )
+        if self.accum_dtype != _F32:  # jmp's form `p=..,c=..,o=..` when accum is the default
+            text = f"{text},a={_SHORT_NAME[self.accum_dtype]}"
         if self.residual_dtype is not None:
             text = f"{text},r={_SHORT_NAME[self.residual_dtype]}"
         if self.update_rule != "nearest":
@@ -385,10 +421,11 @@ def _parse_dtypes(text: str, context: str, base: Policy | None = None) -> Policy
         try:
             d = _parse_dtype(text, context)
         except ValueError:
+            # "Unknown dtype" first: jmp's wording for a bare name it cannot parse.
             raise ValueError(
-                f"Unknown policy {text!r} in {context!r}: use a preset "
-                f"({', '.join(PRESETS)}), a dtype name (f32, bf16, f16, half) or key=dtype "
-                "pairs like 'p=f32,c=bf16,o=f32'."
+                f"Unknown dtype {text!r} in policy {context!r}: use a preset "
+                f"({', '.join(PRESETS)}), a dtype name (f32, bf16, f16, half, float32, ...) or "
+                "key=dtype pairs like 'p=f32,c=bf16,o=f32'."
             ) from None
         return Policy(d, d, d, quant=quant_default)
     fields: dict[str, Any] = {}
@@ -402,10 +439,11 @@ def _parse_dtypes(text: str, context: str, base: Policy | None = None) -> Policy
         key, value = (s.strip() for s in part.split("=", 1))
         field = _KEYS.get(key.lower())
         if field is None:
+            # Worded as jmp's error, then the keys only bf16jax has.
             raise ValueError(
-                f"Unknown key {key!r} in policy {context!r}: use one of "
-                "p/params, c/compute, o/output, a/accum, r/residual, u/update (nearest, "
-                "stochastic, kahan, split), q/quant (none, w8a8, w4a8, fp8, ...)."
+                f"Unknown key {key!r} in {context!r} should be 'params', 'compute' or 'output' "
+                "(p, c, o), or bf16jax's 'accum' (a), 'residual' (r), 'update' (u: nearest, "
+                "stochastic, kahan, split) or 'quant' (q: none, w8a8, w4a8, fp8, ...)."
             )
         if field in fields:
             raise ValueError(f"Key {key!r} given twice in policy {context!r}.")

@@ -1,4 +1,4 @@
-"""Quantization-aware training with learned step sizes (LSQ), real int8 inference and export.
+"""Quantization math: LSQ fake-quant with learned step sizes, int8 dots, FP8 delayed scaling.
 
 LSQ (Esser et al. 2020, arXiv:1902.08153): a tensor x is fake-quantized with a learned step size
 s as q = round(clip(x / s, Qn, Qp)) * s, with Qn, Qp = -2^(b-1), 2^(b-1) - 1 (signed) or 0,
@@ -8,7 +8,7 @@ round(x/s) - x/s inside, Qn or Qp outside; the gradient of s is multiplied by g 
 
 - codes (`lsq_codes`) are exact integers held in FP32, so a dot of codes in any float compute
   dtype with an FP32 accumulator equals the int8 x int8 -> int32 dot whenever partial sums stay
-  below 2^24: fake-quant and real-int8 evaluation agree (`quantized_dot`, `set_int8_mode`);
+  below 2^24: fake-quant and real-int8 evaluation agree (`quantized_dot`);
 - step sizes are learned in the log domain, s = exp(theta): FP32 nnx.Params `w_log_scale` (per
   output channel) and `a_log_scale` (per tensor) of `layers.Linear`, trained with the model,
   never weight-decayed, sharded like the kernel's output axis, checkpointed. LSQ's gradient
@@ -19,8 +19,9 @@ round(x/s) - x/s inside, Qn or Qp outside; the gradient of s is multiplied by g 
   unsigned range offset by that bound (`a_offset`), so all 2^b codes are in use instead of half
   (LSQ+, Bhalgat et al. 2020, arXiv:2004.09576, with a fixed offset); the int8 dot then runs on
   codes shifted by 2^(b-1) plus a per-channel correction, still bit-exact with fake-quant;
-- `export_int8` / `load_int8` write and read int8 kernels + FP32 scales with Orbax; `to_int8` /
-  `to_fp8` turn a model's kernels into their int8 / E4M3 codes in place (`bf16jax.export`);
+- what works on a whole model (find its quantized layers, switch them to int8, replace kernels
+  by their int8 / E4M3 codes, export and load int8 weights) is `bf16jax.quant_model`: this
+  module never imports the layers that use it;
 - FP8 delayed scaling (Micikevicius et al. 2022, arXiv:2209.05433; E4M3 forward, E5M2 gradients):
   `fp8_dot` runs x @ w on E4M3 operands and quantizes the incoming gradient to E5M2, each with
   the per-tensor scale of the previous steps' amaxes. The scales [3] and amax histories [3, H]
@@ -34,15 +35,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bf16jax import matmul, metrics
+from bf16jax import matmul
 from bf16jax.precision import FP8_DEFAULTS, Policy, fp8_options, quant_bits
 
 __all__ = [
@@ -57,14 +56,6 @@ __all__ = [
     "GELU_MIN",
     "GELU_MEAN",
     "quantized_dot",
-    "quantized_layers",
-    "set_int8_mode",
-    "to_int8",
-    "fp8_layers",
-    "to_fp8",
-    "export_int8",
-    "load_int8",
-    "prediction_agreement",
     "FP8_FORWARD",
     "FP8_BACKWARD",
     "FP8_HISTORY_LENGTH",
@@ -269,105 +260,6 @@ def quantized_dot(
         col = jnp.sum(kw.astype(_F32), axis=0)  # [N] exact integers
         y = y + ((a_offset + shift * sa) * sw * col).astype(acc)
     return y
-
-
-# ----------------------------------------------------------------------------- model helpers
-def quantized_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
-    """(path, layer) for every `layers.Linear` in `model` with LSQ quantization (has
-    `w_log_scale`)."""
-    from bf16jax.layers import Linear
-
-    return [
-        (path, m)
-        for path, m in nnx.iter_modules(model)
-        if isinstance(m, Linear) and quant_bits(m.quant) is not None
-    ]
-
-
-def set_int8_mode(model: nnx.Module, on: bool = True) -> nnx.Module:
-    """Switches every quantized Linear to real int8 dots (`on`) or to fake-quant; in place."""
-    for _, layer in quantized_layers(model):
-        layer.int8 = bool(on)
-    return model
-
-
-def to_int8(model: nnx.Module) -> nnx.Module:
-    """Replaces each quantized kernel by its int8 codes and turns int8 mode on; in place.
-
-    Activation-quantized layers then run int8 x int8 -> int32 dots; weight-only layers dot the
-    int8 codes in compute dtype. Other params are left as they are.
-    """
-    for _, layer in quantized_layers(model):
-        w = layer.kernel[...]
-        if not jnp.issubdtype(w.dtype, jnp.integer):
-            wn, wp = quant_range(quant_bits(layer.quant)[0])
-            s = step_size(layer.w_log_scale[...])
-            codes = jnp.round(jnp.clip(w.astype(_F32) / s, wn, wp))
-            layer.kernel = nnx.Param(codes.astype(jnp.int8))
-    return set_int8_mode(model, True)
-
-
-def fp8_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
-    """(path, layer) for every `layers.Linear` in `model` that runs `fp8_dot` (`q=fp8`)."""
-    from bf16jax.layers import Linear
-    from bf16jax.precision import is_fp8
-
-    return [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and is_fp8(m.quant)]
-
-
-def to_fp8(model: nnx.Module) -> nnx.Module:
-    """Replaces each FP8 Linear's kernel by its E4M3 codes at the layer's weight scale; in place.
-
-    The codes are what `fp8_dot`'s forward computes from the float kernel (the scale of row w,
-    `fp8_scale[1]`, from the training run's amax history), so the forward is unchanged while
-    the kernel takes 1 byte per weight. For inference: the codes carry no gradient.
-    """
-    for _, layer in fp8_layers(model):
-        w = layer.kernel[...]
-        if w.dtype != FP8_FORWARD:
-            layer.kernel = nnx.Param(fp8_quantize(w, layer.fp8_scale[...][1]))
-    return model
-
-
-def export_int8(model: nnx.Module, directory: str | os.PathLike) -> None:
-    """Saves `model`'s params with int8 kernels + FP32 scales (Orbax) for inference.
-
-    `model` itself is not changed. Restore with `load_int8(directory, make_model)`.
-    """
-    import orbax.checkpoint as ocp
-
-    exported = to_int8(nnx.clone(model))
-    state = nnx.to_pure_dict(nnx.state(exported, nnx.Param))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(directory), state)
-
-
-def load_int8(directory: str | os.PathLike, make_model: Callable[[], nnx.Module]) -> nnx.Module:
-    """The int8 inference model saved by `export_int8`.
-
-    Args:
-      directory: the export directory.
-      make_model: builds the same (float, QAT) model, e.g.
-        `lambda: build_model(cfg.model, policy, rngs=nnx.Rngs(0))`; run under `nnx.eval_shape`,
-        so nothing is initialized.
-
-    Returns:
-      The model with int8 kernels, FP32 scales and int8 mode on.
-    """
-    import orbax.checkpoint as ocp
-
-    abstract = nnx.eval_shape(lambda: to_int8(make_model()))
-    graphdef, state = nnx.split(abstract)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(os.path.abspath(directory), target)
-    nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state)
-
-
-def prediction_agreement(a: jax.Array, b: jax.Array) -> float:
-    """Fraction of rows whose argmax agrees between logits `a` and `b` (`metrics.agreement`)."""
-    return metrics.agreement(np.argmax(np.asarray(a), -1), np.argmax(np.asarray(b), -1))
 
 
 # ----------------------------------------------------------------------------- FP8 (delayed)

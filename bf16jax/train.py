@@ -257,7 +257,8 @@ class Trainer:
         return jax.device_get(out)
 
     def evaluate(self, params, num_batches: int | None = None, fp8_meta=None) -> dict[str, float]:
-        """Loss, accuracy and perplexity on (the first `num_batches` of) the eval split.
+        """Loss, accuracy and, for language models, perplexity on (the first `num_batches` of)
+        the eval split.
 
         `fp8_meta`: `state.fp8_meta`, required when the policy has `q=fp8`.
         """
@@ -272,11 +273,10 @@ class Trainer:
             raise ValueError("The eval split yielded no batch: lower config.data.eval_batch_size.")
         weight = max(float(totals["weight"]), 1.0)
         loss = float(totals["loss_sum"]) / weight
-        return {
-            "loss": loss,
-            "accuracy": float(totals["correct"]) / weight,
-            "perplexity": math.exp(min(loss, 80.0)),
-        }
+        out = {"loss": loss, "accuracy": float(totals["correct"]) / weight}
+        if self.config.model.name in config_lib.LANGUAGE_MODELS:
+            out["perplexity"] = math.exp(min(loss, 80.0))
+        return out
 
 
 def _graphdef(

@@ -158,7 +158,11 @@ from bf16jax.models import build_model
 
 print("bf16jax", bf16jax.__version__, "| jax", jax.__version__, "| devices:", jax.devices())""",
     ),
-    ("markdown", "## Presets\n\n`str(policy)` is the short `key=dtype` form: p, c, o, a."),
+    (
+        "markdown",
+        "## Presets\n\n`str(policy)` is jmp's short `key=dtype` form, p, c, o, plus a (accum), "
+        "u (update rule) and q (quantization) where they differ from f32, nearest and none.",
+    ),
     (
         "code",
         """for name, policy in bf16jax.PRESETS.items():
@@ -358,7 +362,7 @@ import numpy as np
 from flax import nnx
 
 import bf16jax
-from bf16jax import quant
+from bf16jax import quant_model
 from bf16jax.config import config_path, load_config
 from bf16jax.data import digits_split
 from bf16jax.loop import train_and_evaluate
@@ -479,8 +483,9 @@ plt.show()""",
 
 The fake-quant forward pass multiplies integer codes held in floats, so the same codes in
 int8 with an int32 accumulator give the same logits (exactly, while partial sums stay below
-2^24). `quant.set_int8_mode(model)` switches a model to real int8 dots;
-`quant.export_int8` / `quant.load_int8` save and reload it with int8 kernels (Orbax).""",
+2^24). `quant_model.set_int8_mode(model)` switches a model to real int8 dots;
+`quant_model.export_int8` / `quant_model.load_int8` save and reload it with int8 kernels
+(Orbax).""",
     ),
     (
         "code",
@@ -489,16 +494,17 @@ forward = jax.jit(lambda model, x: model(x))
 for precision in PRECISIONS[1:]:
     model = runs[precision]["model"]
     fake = forward(model, images)
-    real = forward(quant.set_int8_mode(nnx.clone(model)), images)
+    real = forward(quant_model.set_int8_mode(nnx.clone(model)), images)
     export_dir = os.path.join(WORKDIR.name, "int8_" + precision.split("=")[1])
-    quant.export_int8(model, export_dir)
+    quant_model.export_int8(model, export_dir)
     config = vit_digits(precision)
-    loaded = quant.load_int8(
+    loaded = quant_model.load_int8(
         export_dir,
         lambda config=config: build_model(config.model, config.precision, rngs=nnx.Rngs(0)),
     )
     exported = forward(loaded, images)
-    kernels = sorted({str(layer.kernel[...].dtype) for _, layer in quant.quantized_layers(loaded)})
+    layers = quant_model.quantized_layers(loaded)
+    kernels = sorted({str(layer.kernel[...].dtype) for _, layer in layers})
     float_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     int8_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(loaded, nnx.Param)))
     print(f"{precision}:")
@@ -508,7 +514,8 @@ for precision in PRECISIONS[1:]:
         f"real int8 {np.mean(np.argmax(real, -1) == labels):.2%}"
     )
     print(
-        f"  argmax agreement int8 vs fake-quant {quant.prediction_agreement(fake, real):.2%}, "
+        "  argmax agreement int8 vs fake-quant "
+        f"{quant_model.prediction_agreement(fake, real):.2%}, "
         f"max |logit difference| {diff:.2e}"
     )
     print(

@@ -203,7 +203,8 @@ def run_subprocess(job: dict, args) -> dict:
     python = args.torch_python if job["participant"] == "torch" else sys.executable
     cmd = [python, os.path.abspath(__file__), "--run_one", json.dumps(job)]
     cmd += [f"--steps={args.steps}", f"--warmup={args.warmup}"]
-    cmd += [f"--set={s}" for s in args.set]
+    if job["participant"] == "bf16jax":  # the peers' python may lack bf16jax's dependencies
+        cmd += [f"--config.{kv}" for kv in args.overrides]
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     )
@@ -342,28 +343,60 @@ def _hardware() -> str:
 
 
 # ----------------------------------------------------------------------------- main
+def _parser() -> argparse.ArgumentParser:
+    from bf16jax.cli import script_parser
+
+    parser = script_parser(__doc__, "every bf16jax run's config (--config_help lists the keys)")
+    add = parser.add_argument
+    add("--models", default=",".join(MODELS), help="model names or configs/*.py of GPTs")
+    add("--participants", default="bf16jax,jax,torch", help="who runs, comma-separated")
+    add("--policies", default="bf16", help="bf16jax policies, comma-separated")
+    add("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
+    add("--steps", type=int, default=20, help="timed steps per participant")
+    add("--warmup", type=int, default=3, help="untimed steps first (compile included)")
+    add("--batch", type=int, default=0, help="override every model's batch (0: its own)")
+    add("--peak_tflops", type=float, default=0.0, help="device peak for MFU (0: known chips)")
+    add("--timeout", type=int, default=900, help="seconds per participant")
+    add("--torch_python", default=sys.executable, help="python with torch")
+    add("--inprocess", action="store_true", help="all in this process (tests)")
+    add("--out", default=OUT_DIR, help="results directory")
+    add("--config_help", action="store_true", help="list each model's config keys and exit")
+    add("--run_one", help=argparse.SUPPRESS)  # child process: one job
+    return parser
+
+
+def _check_overrides(models: list[str], overrides: list[str], show: bool) -> None:
+    """Every model's config takes the overrides (else exit 2 naming the key); `show`: list
+    each config's keys after them (`--config_help`)."""
+    from bf16jax import config as config_lib
+
+    for model in models:
+        path = os.path.join(ROOT, model_spec(model)["config"])
+        try:
+            config = config_lib.load_config(path, overrides)
+        except ValueError as e:
+            print(f"error: {model}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if show:
+            print(f"# {model} ({model_spec(model)['config']}); the benchmark sets the shape too")
+            print(config_lib.config_help(config))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--participants", default="bf16jax,jax,torch")
-    parser.add_argument("--policies", default="bf16", help="bf16jax policies, comma-separated")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=0, help="override every model's batch")
-    parser.add_argument("--set", action="append", default=[], help="bf16jax override KEY=VALUE")
-    parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per participant")
-    parser.add_argument("--torch_python", default=sys.executable, help="python with torch")
-    parser.add_argument("--inprocess", action="store_true", help="all in this process (tests)")
-    parser.add_argument("--out", default=OUT_DIR)
-    parser.add_argument("--run_one", help=argparse.SUPPRESS)  # child process: one job
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from bf16jax.cli import split_config_overrides
+
+    rest, overrides = split_config_overrides(argv)
+    args = _parser().parse_args(rest)
+    args.overrides = overrides
     if args.run_one:
-        print(
-            json.dumps(run_participant(json.loads(args.run_one), args.steps, args.warmup, args.set))
-        )
+        job = json.loads(args.run_one)
+        print(json.dumps(run_participant(job, args.steps, args.warmup, args.overrides)))
         return []
+    if overrides or args.config_help:
+        _check_overrides(args.models.split(","), overrides, args.config_help)
+        if args.config_help:
+            return []
     models = args.models.split(",")
     participants = args.participants.split(",")
     bad = [p for p in participants if p not in ("bf16jax", *PEERS)]
@@ -395,7 +428,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if job["participant"] == "torch" and not torch_ok:
                 row = {"skipped": "torch is not installed (pip install -e '.[bench]')"}
             elif args.inprocess:
-                row = run_participant(job, args.steps, args.warmup, args.set)
+                row = run_participant(job, args.steps, args.warmup, args.overrides)
             else:
                 row = run_subprocess(job, args)
             row = {"device": row.get("device", "?")} | job | row

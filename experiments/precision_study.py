@@ -30,7 +30,6 @@ the median over logged windows; on a shared CPU it is noisy, so compare it withi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -140,13 +139,13 @@ def _robustness(trainer, state, epsilons, pgd_steps: int) -> dict:
     model, of its int8 deployment (attacked through the fake-quant model's STE gradients)."""
     from flax import nnx
 
-    from bf16jax import attacks, quant
+    from bf16jax import attacks, quant_model
 
     model = trainer.host_model(state)
     batches = [(b["image"], b["label"]) for b in trainer.eval_batches()]
     targets = {"policy": model}
-    if quant.quantized_layers(model):
-        targets["int8"] = quant.to_int8(nnx.clone(model))
+    if quant_model.quantized_layers(model):
+        targets["int8"] = quant_model.to_int8(nnx.clone(model))
     out = {}
     for name, target in targets.items():
         acc = attacks.adversarial_accuracy(
@@ -163,14 +162,14 @@ def _inference_bytes(trainer) -> float:
     import jax
     from flax import nnx
 
-    from bf16jax import quant
+    from bf16jax import quant_model
     from bf16jax.models import build_model
 
     cfg, policy = trainer.config, trainer.policy
 
     def make():
         model = build_model(cfg.model, policy, rngs=nnx.Rngs(0))
-        return quant.to_int8(model) if quant.quantized_layers(model) else model
+        return quant_model.to_int8(model) if quant_model.quantized_layers(model) else model
 
     with nnx.use_eager_sharding(False):
         params = nnx.state(nnx.eval_shape(make), nnx.Param)
@@ -262,7 +261,7 @@ def _launch(model, policy, seed, args, overrides) -> dict | None:
     if args.collect_only:
         return None
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, policy, str(seed)]
-    cmd += ["--runs", args.runs, *[f"--set={kv}" for kv in overrides]]
+    cmd += ["--runs", args.runs, *[f"--config.{kv}" for kv in overrides]]
     cmd += [f"--eps={','.join(map(str, args.eps))}", f"--pgd_steps={args.pgd_steps}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -482,13 +481,14 @@ def markdown(table: dict, baseline: dict[str, float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
-    parser.add_argument("--policies", default="", help="comma list; default: all (+fp8 on GPU)")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--out", default="", help="default experiments/results/precision_study")
-    parser.add_argument("--runs", default="", help="workdirs (default runs/precision_study)")
-    parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    from bf16jax.cli import script_parser, split_config_overrides
+
+    parser = script_parser(__doc__, "every run's config, after the study's own settings")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma list")
+    parser.add_argument("--policies", default="", help="comma list; '' = all (+fp8 on a GPU)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list (--quick: 0)")
+    parser.add_argument("--out", default="", help="'' = experiments/results/precision_study")
+    parser.add_argument("--runs", default="", help="workdirs; '' = runs/precision_study")
     parser.add_argument("--quick", action="store_true", help="tiny models, 6 steps, 1 seed")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument(
@@ -496,21 +496,31 @@ def main() -> None:
         action="store_true",
         help="train nothing: tabulate and plot the finished runs (missing ones are listed)",
     )
-    parser.add_argument("--eps", default="", help="attack budgets (default: EPSILONS)")
-    parser.add_argument("--pgd_steps", type=int, default=0, help=f"default {PGD_STEPS}")
-    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "POLICY", "SEED"))
-    args = parser.parse_args()
+    eps = ",".join(map(str, EPSILONS))
+    parser.add_argument("--eps", default="", help=f"attack budgets; '' = {eps}")
+    parser.add_argument("--pgd_steps", type=int, default=0, help=f"0 = {PGD_STEPS}")
+    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "POLICY", "SEED"), help="one run")
+    rest, user_overrides = split_config_overrides(sys.argv[1:])
+    args = parser.parse_args(rest)
     eps_default = QUICK_ATTACK["eps"] if args.quick else EPSILONS
     args.eps = [float(e) for e in args.eps.split(",") if e] or list(eps_default)
     args.pgd_steps = args.pgd_steps or (QUICK_ATTACK["pgd_steps"] if args.quick else PGD_STEPS)
     if args.worker:
         model, policy, seed = args.worker
-        run_one(model, policy, int(seed), args.runs, args.set, args.eps, args.pgd_steps)
+        run_one(model, policy, int(seed), args.runs, user_overrides, args.eps, args.pgd_steps)
         return
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}: use some of {sorted(MODELS)}")
+    if user_overrides:  # a misspelt key fails here, not in every worker
+        from bf16jax.config import load_config
+
+        for model in models:
+            try:
+                load_config(MODELS[model], user_overrides)
+            except ValueError as e:
+                parser.exit(2, f"error: {model}: {e}\n")
     policies = [p for p in args.policies.split(",") if p]
     if args.quick:
         policies, seeds = policies or list(QUICK_POLICIES), [0]
@@ -524,9 +534,10 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     jobs = []
     for model in models:
-        overrides = [*STUDY_SETTINGS, *MODEL_SETTINGS.get(model, []), *args.set]
+        overrides = [*STUDY_SETTINGS, *MODEL_SETTINGS.get(model, [])]
         if args.quick:
             overrides = [*overrides, *QUICK_SETTINGS[_model_kind(model)], *QUICK_SETTINGS["all"]]
+        overrides += user_overrides  # last: the user's word wins
         jobs += [(model, policy, seed, args, overrides) for seed in seeds for policy in policies]
     with ThreadPoolExecutor(max(args.jobs, 1)) as pool:  # threads only wait on subprocesses
         outcomes = list(pool.map(lambda job: _launch(*job), jobs))
@@ -540,7 +551,8 @@ def main() -> None:
     command = " ".join(["python", *sys.argv])
     from study_plots import write_plots  # experiments/ is on sys.path when run as a script
 
-    plots = write_plots(args, results, table)
+    bins = {m: {p: pooled_bins(args, results, m, p) for p in table[m]} for m in table}
+    plots = write_plots(args.out, results, table, bins)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         slim = [{k: v for k, v in r.items() if k != "curve"} for r in results]
         json.dump(

@@ -2,22 +2,26 @@
 and bf16-pure-split (same seeds, same steps) and compare final eval loss, swamping and FP32 drift.
 
     python experiments/pure_bf16_study.py --config=configs/gpt_tiny.py --seeds=0,1,2 \
-        --out=experiments/results/pure_bf16
+        --out=experiments/results/pure_bf16 [--config.KEY=VALUE ...]
 
 Each run is a `bf16jax.main` process with its own workdir under --runs, so the sweep is resumable:
 a run whose `result.json` exists is not repeated, and an interrupted run resumes from its
-checkpoint. Writes `results.json` and `results.md` (mean +- std over seeds) to --out.
+checkpoint. `--config.KEY=VALUE` overrides (as on `bf16jax.main`; `--config_help` lists the
+keys) go to every run. Writes `results.json` and `results.md` (mean +- std over seeds) to --out.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from bf16jax import cli
 
 POLICIES = ("fp32", "bf16", "bf16-pure", "bf16-pure-sr", "bf16-pure-kahan", "bf16-pure-split")
 KEYS = ("eval_loss", "eval_accuracy", "drift_rel_gap", "swamped/norm_gains", "swamped/all")
@@ -92,31 +96,41 @@ def summarize(results: list[dict]) -> tuple[dict, str]:
     return table, "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/gpt_tiny.py")
-    parser.add_argument("--policies", default=",".join(POLICIES))
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--out", default="experiments/results/pure_bf16")
-    parser.add_argument("--runs", default="runs/pure_bf16", help="workdirs (checkpoints)")
-    parser.add_argument("--set", action="append", default=[], help="extra --config.K=V")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    extra = [f"--config.{kv}" for kv in args.set]
+def define_flags() -> None:
+    config_flags.DEFINE_config_file(
+        "config", None, "The config every run trains, e.g. configs/gpt_tiny.py (with its "
+        "--config.KEY=VALUE overrides).", lock_config=True,
+    )  # fmt: skip
+    cli.define_config_help_flag()
+    flags.DEFINE_list("policies", list(POLICIES), "Policies to train, in this order.")
+    flags.DEFINE_list("seeds", ["0"], "Seeds (model init and data order) per policy.")
+    flags.DEFINE_string("out", "experiments/results/pure_bf16", "Where results.{md,json} go.")
+    flags.DEFINE_string("runs", "runs/pure_bf16", "Workdirs of the runs (checkpoints, metrics).")
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    del argv
+    os.makedirs(FLAGS.out, exist_ok=True)
+    config_file = FLAGS["config"].config_filename
+    extra = cli.config_override_args()  # checked by config_flags already
     results = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for policy in args.policies.split(","):
-            r = run(args.config, policy, seed, args.runs, extra)
+    for seed in [int(s) for s in FLAGS.seeds]:
+        for policy in FLAGS.policies:
+            r = run(config_file, policy, seed, FLAGS.runs, extra)
             print(json.dumps({k: r.get(k) for k in ("policy", "seed", *KEYS)}), flush=True)
             results.append(r)
     table, md = summarize(results)
     command = " ".join(["python", *sys.argv])
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
         json.dump({"command": command, "table": table, "runs": results}, f, indent=1)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(FLAGS.out, "results.md"), "w") as f:
         f.write(f"Produced by `{command}`\n\n{md}\n")
     print(md)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    cli.run(main, require_config=True)

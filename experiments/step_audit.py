@@ -9,16 +9,16 @@ logging steps only) and, with --compile, the compiled step's per-device memory f
 
     python experiments/step_audit.py --configs=gpt_tiny,t5_small,vit_digits --policies=bf16,fp16
     python experiments/step_audit.py --configs=gpt2_124m --policies=bf16 --compile \
-        --set train.loss_impl=materialized
+        --config.train.loss_impl=materialized
     python experiments/step_audit.py --fuse_qkv=on   # the GPU / TPU program (q, k, v fused)
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import re
+import sys
 import time
 
 
@@ -76,10 +76,11 @@ def audit(name: str, policy: str, extra: list[str], compile_step: bool) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="gpt_tiny,t5_small,vit_digits")
-    p.add_argument("--policies", default="bf16,fp16")
-    p.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE")
+    from bf16jax.cli import script_parser, split_config_overrides
+
+    p = script_parser(__doc__)
+    p.add_argument("--configs", default="gpt_tiny,t5_small,vit_digits", help="configs/ names")
+    p.add_argument("--policies", default="bf16,fp16", help="policies, comma-separated")
     p.add_argument("--compile", action="store_true", help="also compile: memory_analysis()")
     p.add_argument(
         "--fuse_qkv",
@@ -87,13 +88,14 @@ def main() -> None:
         default="auto",
         help="q/k/v as one GEMM: auto = the platform's choice (separate on CPU, fused elsewhere)",
     )
-    args = p.parse_args()
+    rest, overrides = split_config_overrides(sys.argv[1:])
+    args = p.parse_args(rest)
     from bf16jax import layers
 
     layers.Attention.fuse_projections = {"auto": None, "on": True, "off": False}[args.fuse_qkv]
     for name in args.configs.split(","):
         for policy in args.policies.split(","):
-            print(json.dumps(audit(name, policy, args.set, args.compile)), flush=True)
+            print(json.dumps(audit(name, policy, overrides, args.compile)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 """The precision study's PNG plots: loss curves, reliability diagrams, accuracy vs memory and,
 for image models, adversarial accuracy against the attack budget (FGSM, PGD).
 
-Called by `precision_study.py` after the sweep; needs matplotlib (`pip install -e .[plots]`).
-Every figure is drawn from the runs' `result.json` / `predictions.npz`, never from memory.
+Called by `precision_study.py` after the sweep, which hands over everything a plot shows (the
+runs' results and the pooled reliability bins): this module imports nothing from the study.
+Needs matplotlib (`pip install -e .[plots]`). Each `draw_*` function returns the figure (tests
+read its ticks, legend and labels); `write_plots` saves them.
+
+Readability rules the figures keep: a log axis is labelled where the curves are (ticks at the
+quantiles of the plotted values, not at powers of ten they never reach), legends sit outside
+every axes and name every colour and marker, and reliability bars carry their example counts.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
+SPREAD = 0.3  # log2 width over which the policies at one x are spread (accuracy vs memory)
 
 
 def _plt():
@@ -21,83 +29,176 @@ def _plt():
     return plt
 
 
-def loss_curves(results: list[dict], model: str, path: str) -> None:
-    """Train loss (mean over seeds, band = min..max) and eval loss per policy."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    policies = list(dict.fromkeys(r["policy"] for r in results if r["model"] == model))
-    for i, policy in enumerate(policies):
+def ticks_where(values, n: int = 8, min_gap: float = 0.03) -> list[float]:
+    """Log-axis tick positions where the data is: quantiles of `values` at 3 significant digits.
+
+    A curve that spends most of its steps in a narrow band (a loss settling at 2.2-2.4) gets
+    most of the ticks there. Ticks closer than `min_gap` of the axis' log span are dropped.
+    """
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return []
+    picks = [float(f"{q:.3g}") for q in np.quantile(v, np.linspace(0.0, 1.0, n))]
+    lo, hi = np.log(v.min()), np.log(v.max())
+    gap = max(hi - lo, 1e-12) * min_gap
+    out: list[float] = []
+    for t in sorted(set(picks)):
+        if not out or np.log(t) - np.log(out[-1]) >= gap:
+            out.append(t)
+    return out
+
+
+def _label_log_axis(ax, values) -> None:
+    """Labelled major ticks where `values` lie; no minor ticks (their 3x10^0 labels)."""
+    from matplotlib import ticker
+
+    ax.set_yscale("log")
+    ticks = ticks_where(values)
+    ax.yaxis.set_major_locator(ticker.FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_locator(ticker.NullLocator())
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size:
+        pad = (v.max() / v.min()) ** 0.03
+        ax.set_ylim(v.min() / pad, v.max() * pad)
+
+
+def _legend_below(fig, handles) -> None:
+    """The figure's legend under its axes (constrained layout makes room: it covers nothing)."""
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
+
+
+def _series(results: list[dict], model: str) -> dict[str, dict]:
+    """Per policy: steps, train-loss curves of every seed (one row each) and the eval dots."""
+    out = {}
+    for policy in dict.fromkeys(r["policy"] for r in results if r["model"] == model):
         rows = [r for r in results if r["model"] == model and r["policy"] == policy]
         steps = rows[0]["curve"]["train_steps"]
         curves = np.array(
             [r["curve"]["train_loss"] for r in rows if r["curve"]["train_steps"] == steps]
         )
-        color = f"C{i}"
-        ax.plot(steps, curves.mean(0), color=color, label=f"{policy} ({len(curves)} seeds)")
-        if len(curves) > 1:
-            ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.15)
         ev = [r["curve"] for r in rows]
-        ax.plot(ev[0]["eval_steps"], np.mean([c["eval_loss"] for c in ev], 0), "o", color=color)
-    ax.set(xlabel="step", ylabel="loss (train: line, eval: dots)", title=f"{model}: loss curves")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        out[policy] = {
+            "steps": np.asarray(steps),
+            "train": curves,
+            "eval_steps": np.asarray(ev[0]["eval_steps"]),
+            "eval": np.mean([c["eval_loss"] for c in ev], 0),
+        }
+    return out
 
 
-def reliability(bins_by_policy: dict[str, dict], eces: dict[str, str], model: str, path: str):
-    """One reliability diagram per policy (clean eval predictions pooled over seeds)."""
+def draw_loss_curves(results: list[dict], model: str):
+    """Train loss (mean over seeds, band = min..max) and eval loss per policy.
+
+    Left: the whole run on a log axis labelled where the curves are. Right: the second half of
+    training on a linear axis, where the policies part (or don't).
+    """
+    plt = _plt()
+    series = _series(results, model)
+    fig, (whole, late) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    seen = []
+    for i, (policy, s) in enumerate(series.items()):
+        color = f"C{i}"
+        steps, curves = s["steps"], s["train"]
+        half = steps >= steps[-1] / 2
+        for ax, keep in ((whole, np.ones_like(half)), (late, half)):
+            ax.plot(steps[keep], curves.mean(0)[keep], color=color,
+                    label=f"{policy} ({len(curves)} seeds)" if ax is whole else None)  # fmt: skip
+            if len(curves) > 1:
+                ax.fill_between(steps[keep], curves.min(0)[keep], curves.max(0)[keep],
+                                color=color, alpha=0.15)  # fmt: skip
+            ev_keep = s["eval_steps"] >= (steps[-1] / 2 if ax is late else 0)
+            ax.plot(s["eval_steps"][ev_keep], s["eval"][ev_keep], "o", color=color, ms=5)
+        seen += [curves.ravel(), s["eval"]]
+    _label_log_axis(whole, np.concatenate(seen))
+    whole.set(xlabel="step", ylabel="loss (log)", title=f"{model}: whole run")
+    late.set(xlabel="step", ylabel="loss", title="second half (linear)")
+    for ax in (whole, late):
+        ax.grid(alpha=0.3)
+    handles, labels = whole.get_legend_handles_labels()
+    handles.append(whole.plot([], [], "o", color="gray")[0])
+    labels.append("eval loss (mean over seeds); line: train loss, band: min..max over seeds")
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    return fig
+
+
+def draw_reliability(bins_by_policy: dict[str, dict], eces: dict[str, str], model: str):
+    """One reliability diagram per policy (clean eval predictions pooled over seeds), each bin
+    labelled with its example count (tokens for a language model)."""
+    from matplotlib.patches import Patch
+
     from bf16jax.metrics import plot_reliability
 
     plt = _plt()
     n = len(bins_by_policy)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 3.2 * rows + 0.6), squeeze=False, layout="constrained"
+    )
     for ax, (policy, bins) in zip(axes.flat, bins_by_policy.items(), strict=False):
         plot_reliability(bins, ax=ax, title=f"{policy}\nECE {eces[policy]}")
         ax.title.set_fontsize(9)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    handles = [
+        Patch(facecolor="C0", edgecolor="black", label="accuracy in the bin"),
+        Patch(facecolor="tab:red", alpha=0.3, label="gap to the bin's mean confidence"),
+        axes.flat[0].plot([], [], "k--", linewidth=1, label="perfect calibration")[0],
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8,
+               title="numbers: examples per bin", title_fontsize=8)  # fmt: skip
     fig.suptitle(f"{model}: reliability (15 bins, seeds pooled)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def accuracy_vs_memory(table: dict, path: str) -> None:
-    """Clean accuracy (mean ± std over seeds) against training and inference bytes/param."""
+def draw_accuracy_vs_memory(table: dict):
+    """Clean accuracy (mean ± std over seeds) against training-state and inference-weight bytes
+    per parameter. Policies at the same x are spread sideways (at most ±11 %, stated on the axis)
+    so that no error bar hides another."""
+    from matplotlib.lines import Line2D
+
     plt = _plt()
     models = list(table)
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(models), figsize=(5.5 * len(models), 4.8), squeeze=False, layout="constrained"
+    )
+    policies = list(dict.fromkeys(p for m in models for p in table[m]))
+    colors = {p: f"C{i}" for i, p in enumerate(policies)}
     for ax, model in zip(axes[0], models, strict=True):
-        for i, (policy, e) in enumerate(table[model].items()):
-            acc = e.get("clean/accuracy")
-            if acc is None:
-                continue
+        entries = [(p, e) for p, e in table[model].items() if e.get("clean/accuracy")]
+        for j, (policy, e) in enumerate(entries):
+            acc = e["clean/accuracy"]
+            dodge = 2 ** (SPREAD * (j - (len(entries) - 1) / 2) / max(len(entries) - 1, 1))
             for key, marker in (("train_bytes_per_param", "o"), ("inference_bytes_per_param", "s")):
-                x = e[key][0]
-                ax.errorbar(x, 100 * acc[0], yerr=100 * acc[1], fmt=marker, color=f"C{i}",
-                            capsize=3, label=policy if marker == "o" else None)  # fmt: skip
-            ax.annotate(policy, (e["train_bytes_per_param"][0], 100 * acc[0]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
-        ax.set(xlabel="bytes / param (o: training state, s: inference weights)",
-               ylabel="clean accuracy %", title=model)  # fmt: skip
+                if e.get(key) is None:
+                    continue
+                ax.errorbar(e[key][0] * dodge, 100 * acc[0], yerr=100 * acc[1], fmt=marker,
+                            color=colors[policy], capsize=3)  # fmt: skip
+        spread = 100 * (2 ** (SPREAD / 2) - 1)
+        ax.set(xlabel=f"bytes / param (same-x points spread ±{spread:.0f} % to stay legible)",
+               ylabel="clean accuracy % (± std over seeds)", title=model)  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    handles = [Line2D([], [], color=colors[p], marker="o", ls="", label=p) for p in policies]
+    handles += [
+        Line2D([], [], color="black", marker="o", ls="", label="training state (params + optim)"),
+        Line2D([], [], color="black", marker="s", ls="", label="inference weights (deployed)"),
+    ]
+    _legend_below(fig, handles)
+    return fig
 
 
-def robustness(by_policy: dict, model: str, path: str) -> None:
+def draw_robustness(by_policy: dict, model: str):
     """Accuracy (mean ± std over seeds) against the L-inf budget: FGSM left, PGD right; each
     policy attacked under itself (solid) and QAT models as their int8 deployment (dashed)."""
+    from matplotlib.lines import Line2D
+
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True, layout="constrained")
+    shown = {}
     for ax, attack in zip(axes, ("fgsm", "pgd"), strict=True):
         for i, (policy, e) in enumerate(by_policy.items()):
             for target, style in (("policy", "-o"), ("int8", "--s")):
@@ -107,40 +208,46 @@ def robustness(by_policy: dict, model: str, path: str) -> None:
                 eps = [float(k) for k in per]
                 mean = [100 * per[k][0] for k in per]
                 std = [100 * per[k][1] for k in per]
-                label = policy + (" (int8)" if target == "int8" else "")
                 ax.errorbar(eps, mean, yerr=std, fmt=style, color=f"C{i}", ms=3, capsize=2,
-                            label=label, alpha=0.85)  # fmt: skip
+                            alpha=0.85)  # fmt: skip
+                shown[policy] = f"C{i}"
         ax.set(xlabel="ε (L∞, pixels in [0, 1])", title=f"{model}: {attack.upper()}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy %")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axes[0].set_ylabel("accuracy % (± std over seeds)")
+    handles = [Line2D([], [], color=c, marker="o", label=p) for p, c in shown.items()]
+    handles += [
+        Line2D([], [], color="black", ls="-", marker="o", label="attacked under its policy"),
+        Line2D([], [], color="black", ls="--", marker="s", label="QAT model deployed as int8"),
+    ]
+    _legend_below(fig, handles)
+    return fig
 
 
-def write_plots(args, results: list[dict], table: dict) -> list[str]:
-    """Writes every plot of the study to `args.out`; returns the paths."""
-    from precision_study import pooled_bins
+def write_plots(out: str, results: list[dict], table: dict, bins: dict[str, dict]) -> list[str]:
+    """Writes every plot of the study to `out`; returns the paths.
 
-    paths = []
+    Args:
+      out: the output directory.
+      results: one dict per run, with its `curve` (train / eval losses).
+      table: the study's summary, model -> policy -> metric -> [mean, std].
+      bins: model -> policy -> `metrics.calibration_bins` of the pooled clean predictions.
+    """
+    plt = _plt()
+    figures = []
     for model in table:
-        path = os.path.join(args.out, f"loss_curves_{model}.png")
-        loss_curves(results, model, path)
-        paths.append(path)
-        bins = {policy: pooled_bins(args, results, model, policy) for policy in table[model]}
+        figures.append((f"loss_curves_{model}.png", draw_loss_curves(results, model)))
         eces = {}
         for policy, e in table[model].items():
             m, s = e["clean/ece"]
             eces[policy] = f"{100 * m:.2f}% ± {100 * s:.2f}"
-        path = os.path.join(args.out, f"reliability_{model}.png")
-        reliability(bins, eces, model, path)
-        paths.append(path)
+        figures.append((f"reliability_{model}.png", draw_reliability(bins[model], eces, model)))
         if any("robust/policy" in e for e in table[model].values()):
-            path = os.path.join(args.out, f"robustness_{model}.png")
-            robustness(table[model], model, path)
-            paths.append(path)
-    path = os.path.join(args.out, "accuracy_vs_memory.png")
-    accuracy_vs_memory(table, path)
-    paths.append(path)
+            figures.append((f"robustness_{model}.png", draw_robustness(table[model], model)))
+    figures.append(("accuracy_vs_memory.png", draw_accuracy_vs_memory(table)))
+    paths = []
+    for name, fig in figures:
+        path = os.path.join(out, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
     return paths

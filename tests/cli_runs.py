@@ -46,9 +46,15 @@ TINY_OVERRIDES = {
 }
 
 
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+def cli_env(devices: int = 8, **extra: str) -> dict[str, str]:
+    """The environment of a test's subprocess: CPU with `devices` fake devices, plus the
+    suite's other XLA flags and compilation cache (tests/conftest.py), so that a program
+    compiled here and there is the same program (same code, same numerics, one cache entry)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    if devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
     return env
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from cli_runs import REPO, TINY_OVERRIDES
+from cli_runs import REPO, TINY_OVERRIDES, cli_env
 from fault_reading import (
     committed_steps,
     data_position,
@@ -73,10 +73,10 @@ class Harness:
     runs: int = 0  # processes started (for the cost line)
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={self.devices}"
+        env = cli_env(self.devices, PYTHONUNBUFFERED="1", **extra)
         env["PYTHONPATH"] = str(self.code)
-        env["JAX_COMPILATION_CACHE_DIR"] = str(self.root / "jax_cache")
+        # The suite's cache if it has one (tests/conftest.py), else one for this harness.
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", str(self.root / "jax_cache"))
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         return env
 
@@ -180,9 +180,10 @@ def _wait_for(proc: subprocess.Popen, condition, timeout: float = 240) -> bool:
 
 
 def _printed_step(proc: subprocess.Popen) -> int:
-    """The last "step N" line this process printed (its own progress, not the workdir's)."""
+    """The last step this process printed (its own progress, not the workdir's): the progress
+    line `step      3/30  loss ...` and the evaluation line `step     30  eval/loss ...`."""
     text = proc.log.with_suffix(".out").read_text()  # type: ignore[attr-defined]
-    found = re.findall(r"^step +(\d+) ", text, flags=re.M)
+    found = re.findall(r"^step +(\d+)[/ ]", text, flags=re.M)
     return int(found[-1]) if found else 0
 
 
@@ -194,23 +195,15 @@ def _interrupt(h: Harness, workdir: Path, kind: str, rng: random.Random) -> Tria
     stale = set(saving_now(workdir))  # left by an earlier kill: not this run's save
     proc = h.start(workdir, name=kind.replace(" ", "_"))
     if kind == "kill -9 during save":
-
-        def cond():
-            return bool(set(saving_now(workdir)) - stale)
-    else:
-        # Some steps into this run (before the end): after a random number of printed steps.
-        target = min(resume + rng.randint(1, 2 * EVERY + 1), STEPS - 1)
-
-        def cond():
-            return _printed_step(proc) >= target
-
-    if not _wait_for(proc, cond):
+        return _kill_during_save(proc, workdir, trial, stale)
+    # Some steps into this run (before the end): after a random number of printed steps.
+    target = min(resume + rng.randint(1, 2 * EVERY + 1), STEPS - 1)
+    if not _wait_for(proc, lambda: _printed_step(proc) >= target):
         trial.notes.append("the run ended before the fault")
         trial.returncode = finish(proc).returncode
         return trial
-    if kind.startswith("kill -9"):
-        if kind == "kill -9":
-            time.sleep(rng.uniform(0, 0.03))
+    if kind == "kill -9":
+        time.sleep(rng.uniform(0, 0.03))
         os.kill(proc.pid, signal.SIGKILL)
         trial.during_save = bool(set(saving_now(workdir)) - stale)
         trial.returncode = finish(proc).returncode
@@ -223,6 +216,25 @@ def _interrupt(h: Harness, workdir: Path, kind: str, rng: random.Random) -> Tria
     trial.traceback_lines = traceback_lines(done.stderr)
     after = committed_steps(workdir)
     trial.saved_on_signal = bool(after) and after[-1] >= logged  # the step it was on, saved
+    return trial
+
+
+def _kill_during_save(proc, workdir: Path, trial: Trial, stale: set[str]) -> Trial:
+    """kill -9 while an async save is in flight. A save of the tiny model can commit between
+    seeing its temporary directory and the kill, so the process is frozen first (SIGSTOP: no
+    thread moves) and looked at again: still saving, it is killed; committed, it runs on
+    (SIGCONT) to the next save. The run ending first is a note, as for the other faults."""
+    while _wait_for(proc, lambda: bool(set(saving_now(workdir)) - stale)):
+        os.kill(proc.pid, signal.SIGSTOP)
+        if set(saving_now(workdir)) - stale:
+            os.kill(proc.pid, signal.SIGKILL)
+            trial.during_save = bool(set(saving_now(workdir)) - stale)
+            trial.returncode = finish(proc).returncode
+            return trial
+        trial.notes.append("a save committed before the freeze; waiting for the next one")
+        os.kill(proc.pid, signal.SIGCONT)
+    trial.notes.append("the run ended before the fault")
+    trial.returncode = finish(proc).returncode
     return trial
 
 
@@ -295,6 +307,7 @@ def _chain_summary(workdir: Path, ref: Path, trials: list[Trial], final: Finishe
         "kills_during_save": sum(t.during_save for t in kills),
         "resumed_from_newest_committed": sum(t.resumed_at == t.expected_resume for t in trials),
         "trials": len(trials),
+        "faults_delivered": sum("the run ended before the fault" not in t.notes for t in trials),
         "mid_run_resumes_checked": sum(t.identical is not None for t in trials),
         "bit_identical_after_resume": sum(bool(t.identical) for t in trials),
         "final_exit": final.returncode,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-_TIMING = ("train/step_time_s", "train/tokens_per_s", "train/mfu")
+_TIMING = ("train/step_time_s", "train/tokens_per_s", "train/images_per_s", "train/mfu")
 _TMP = re.compile(r"^(\d+)\..*orbax-checkpoint-tmp")
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bf16jax import attacks, quant
+from bf16jax import attacks, quant_model
 from bf16jax.models import build_model
 
 
@@ -61,7 +61,7 @@ def _tiny_vit(policy):
 
 def test_int8_deployment_is_attacked_through_its_fake_quant_model():
     model = _tiny_vit("fp32; q=w8a8")
-    int8 = quant.to_int8(nnx.clone(model))
+    int8 = quant_model.to_int8(nnx.clone(model))
     rng = np.random.default_rng(1)
     images = rng.uniform(0, 1, (24, 8, 8, 1)).astype(np.float32)
     # Labels the model gets right: clean accuracy 1, so every drop is the attack's.

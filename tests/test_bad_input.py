@@ -87,7 +87,7 @@ CASES = [
     Case(
         "unknown key among many",
         (f"--config={TINY}", "--workdir={workdir}", *SHRUNK, "--config.optim.lrate=1"),
-        ("unknown config key config.optim.lrate:", "--helpfull"),
+        ("unknown config key config.optim.lrate:", "--config_help"),
     ),
     Case(
         "int key given text",

@@ -75,6 +75,7 @@ def test_gpt_quality_matches_trainer_evaluate_and_shifts_change_it():
     reference = trainer.evaluate(state.params, num_batches=2)
     assert summary["clean"]["loss"] == pytest.approx(reference["loss"], rel=1e-5)
     assert summary["clean"]["accuracy"] == pytest.approx(reference["accuracy"], abs=1e-6)
+    assert summary["clean"]["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
     n = 2 * config.data.eval_batch_size * config.data.seq_len
     assert preds["clean"]["prediction"].shape == (n,)
     assert 0 <= summary["clean"]["ece"] <= 1
@@ -99,3 +100,6 @@ def test_vit_quality_on_shifted_digits():
     assert set(summary) == {"clean", "noise", "blur", "rotate"}
     assert all(p["prediction"].shape == (40,) for p in preds.values())
     assert len({round(s["loss"], 6) for s in summary.values()}) == 4
+    # A classifier has no perplexity: only language models report one.
+    assert "perplexity" not in summary["clean"]
+    assert set(trainer.evaluate(state.params)) == {"loss", "accuracy"}

@@ -37,7 +37,8 @@ def test_kill_9_sigterm_sigint_resume_bit_identical(harness):
     out = kill_chain(h, ref, kills=8, seed=0)
     detail = out.pop("detail")
     print(json.dumps(out, indent=1))
-    assert out["kills"] == 8 and out["kills_during_save"] >= 4
+    assert out["kills"] == 8 and out["kills_during_save"] >= 4, detail
+    assert out["faults_delivered"] == out["trials"], detail  # none ran to its end first
     assert out["resumed_from_newest_committed"] == out["trials"] == 10, detail
     assert out["mid_run_resumes_checked"] == out["trials"], detail
     assert out["bit_identical_after_resume"] == out["trials"], detail

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from tiny import tiny_gpt_config
 
 from bf16jax import data as data_lib
-from bf16jax import quant, sharding, train
+from bf16jax import quant, quant_model, sharding, train
 from bf16jax.checkpoint import Checkpointer
 from bf16jax.layers import Linear
 from bf16jax.precision import get_policy
@@ -59,7 +59,7 @@ def test_fp8_policy_and_layer_state():
     assert set(dict(nnx.to_flat_state(params))) == {("kernel",)}  # meta is not a param
     assert meta["fp8_scale"][...].dtype == jnp.float32 and meta["fp8_scale"][...].shape == (3,)
     assert meta["fp8_history"][...].shape == (3, quant.FP8_HISTORY_LENGTH)
-    assert quant.quantized_layers(layer) == []  # LSQ-only helpers (int8 export) skip it
+    assert quant_model.quantized_layers(layer) == []  # LSQ-only helpers (int8 export) skip it
 
 
 def test_fp8_matmul_is_close_to_bf16_within_e4m3_error():

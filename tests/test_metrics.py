@@ -101,6 +101,7 @@ def test_prediction_stats_match_softmax_and_the_training_loss():
     assert summary["loss"] == pytest.approx(float(aux["nll"]), rel=1e-5)
     assert summary["accuracy"] == pytest.approx(float(aux["accuracy"]), rel=1e-6)
     assert summary["perplexity"] == pytest.approx(np.exp(summary["loss"]))
+    assert "perplexity" not in metrics.summarize_predictions(stats, perplexity=False)
 
 
 def test_reliability_diagram_draws_the_bin_accuracies(tmp_path):
@@ -114,9 +115,26 @@ def test_reliability_diagram_draws_the_bin_accuracies(tmp_path):
     heights = [p.get_height() for p in ax.patches[:15]]
     assert heights[14] == pytest.approx(0.5) and heights[8] == pytest.approx(1.0)
     assert sum(h > 0 for h in heights) == 2
+    counts = [t.get_text() for t in ax.texts if t.get_gid() == "bin-count"]
+    assert counts == ["1", "2"]  # one label per non-empty bin, its number of examples
     fig.savefig(tmp_path / "r.png")
     plt.close(fig)
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_calibration_bins_match_scikit_learn():
+    # scikit-learn's calibration_curve as the oracle for the (unweighted, non-empty) bins,
+    # edge values included: both put a confidence of exactly m/M in bin m.
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(0)
+    confidence = np.concatenate([rng.uniform(0.1, 1.0, 4000), np.arange(1, 16) / 15])
+    correct = (rng.uniform(size=confidence.size) < confidence**1.5).astype(np.float64)
+    bins = metrics.calibration_bins(confidence, correct)
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=15)
+    filled = bins["weight"] > 0
+    np.testing.assert_allclose(bins["accuracy"][filled], accuracy, rtol=1e-12)
+    np.testing.assert_allclose(bins["confidence"][filled], mean_confidence, rtol=1e-12)
 
 
 @pytest.mark.parametrize("url", [False, True], ids=["local", "url"])

@@ -351,8 +351,8 @@ def test_rules_that_match_nothing_warn_and_hits_are_reported(caplog):
     with record_paths() as paths:
         make_model("gpt", policy)
     text = describe_rule_hits(policy, paths)
-    assert ".*norm.* -> p=f32,c=f32,o=f32,a=f32: 5 module(s)" in text  # 2x2 + norm_f
-    assert "blocks/1/attn/.* -> p=bf16,c=bf16,o=bf16,a=f32: 4 module(s)" in text
+    assert ".*norm.* -> p=f32,c=f32,o=f32: 5 module(s)" in text  # 2x2 + norm_f
+    assert "blocks/1/attn/.* -> p=bf16,c=bf16,o=bf16: 4 module(s)" in text
 
 
 def test_fp32_residual_stream():

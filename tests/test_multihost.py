@@ -11,6 +11,7 @@ steps 1-2 and checkpoints into a shared workdir; a second launch restores step 2
 import functools
 import importlib.util
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -71,14 +72,14 @@ def _free_port() -> int:
 def _env(cache: Path) -> dict[str, str]:
     """The CLI tests' environment, with a compilation cache shared by every launch."""
     env = cli_env()
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))  # the suite's own, if it has one
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
 
 def _process_env(port: int, process_id: int, cache: Path) -> dict[str, str]:
     env = _env(cache)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
+    env["XLA_FLAGS"] = cli_env(DEVICES_PER_PROCESS)["XLA_FLAGS"]
     env["JAX_COORDINATOR_ADDRESS"] = f"localhost:{port}"
     env["JAX_NUM_PROCESSES"] = str(PROCESSES)
     env["JAX_PROCESS_ID"] = str(process_id)
@@ -323,8 +324,9 @@ def test_a_signal_to_one_host_stops_every_host_at_one_saved_step(
     out0 = logs[0].with_suffix(".out")
     deadline = time.monotonic() + 240
     try:
-        while "step      3 " not in out0.read_text() and time.monotonic() < deadline:
+        while not re.search(r"^step +([3-9]|\d\d+)[/ ]", out0.read_text(), flags=re.M):
             assert all(p.poll() is None for p in procs), logs[0].with_suffix(".err").read_text()
+            assert time.monotonic() < deadline, "process 0 printed no step >= 3 in 240 s"
             time.sleep(0.05)
         procs[frozen].send_signal(signal.SIGSTOP)
         time.sleep(0.3)  # the other host runs on until it needs the frozen one

@@ -81,6 +81,7 @@ def test_kernel_runs_this_interpreter(tmp_path):
     assert nb.cells[0].outputs[0].text.strip() == sys.executable
 
 
+@pytest.mark.slow  # a kernel per notebook, each training for BF16JAX_NB_STEPS
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, tmp_path):
     nb = nbformat.read(COLAB / name, as_version=4)

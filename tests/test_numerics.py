@@ -359,6 +359,7 @@ def test_update_rules_are_bit_identical_on_any_sharding(rule):
     assert bool(jnp.any(params["w"] != start))  # the rule did move the weights
 
 
+@pytest.mark.slow  # two CLI runs per policy
 @pytest.mark.parametrize("policy", ["bf16-pure-sr", "bf16-pure-kahan", "bf16-pure-split"])
 def test_rule_state_survives_checkpoint_resume_bit_exactly(policy, tmp_path):
     from bf16jax import sharding

@@ -150,9 +150,21 @@ def test_schedule_warmup_then_cosine_or_constant():
     assert sched(jnp.int32(3)).dtype == F32
     cfg.schedule = "constant"
     sched = optim.make_schedule(cfg, total_steps=110)
-    np.testing.assert_allclose([float(sched(s)) for s in (0, 9, 10, 500)], [0.1, 1, 1, 1])
+    got = [float(sched(s)) for s in (0, 9, 10, 500)]
+    np.testing.assert_allclose(got, [0.1, 1, 1, 1], rtol=1e-6)  # optax's FP32 arithmetic
     cfg.warmup_steps = 0
     assert float(optim.make_schedule(cfg, total_steps=5)(0)) == 1.0
+
+
+def test_global_norm_of_bf16_leaves_is_fp32_exact():
+    # optax.tree.norm alone sums the squares in BF16 and returns BF16 (about 1e-3 off here).
+    rng = np.random.default_rng(0)
+    tree = {k: jnp.asarray(rng.normal(size=(256, 300)) * 1e-3, BF16) for k in "abc"}
+    exact = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in tree.values()))
+    norm = jax.jit(optim.global_norm)(tree)
+    assert norm.dtype == F32
+    assert abs(float(norm) - exact) / exact < 1e-6
+    assert float(optim.global_norm({})) == 0.0
 
 
 def test_learning_rate_follows_applied_updates():

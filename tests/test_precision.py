@@ -143,10 +143,11 @@ def test_casts_touch_only_floating_leaves():
         ("p=bf61", "Unknown dtype 'bf61'"),
         ("p=f32,c=bf61", "use one of f32, bf16"),
         ("x=f32", "Unknown key 'x'"),
-        ("p=f32,x=bf16", "p/params, c/compute"),
+        ("p=f32,x=bf16", "should be 'params', 'compute' or 'output' \\(p, c, o\\), or"),
         ("p=f32,,c=bf16", "Malformed part"),
         ("p=f32,p=bf16", "given twice"),
-        ("bogus", "Unknown policy 'bogus'"),
+        ("bogus", "Unknown dtype 'bogus' in policy 'bogus': use a preset \\(fp32, bf16"),
+        ("p=f64", "float64 is not a policy dtype"),
         ("", "Empty policy"),
         ("bf16; [->fp32", "Bad override regex '['"),
         ("bf16; .*norm.*", "Malformed override"),
@@ -154,7 +155,7 @@ def test_casts_touch_only_floating_leaves():
     ],
 )
 def test_bad_input_names_the_problem(text, fragment):
-    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("*", r"\*")):
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace(".*", r"\.\*")):
         get_policy(text)
 
 
@@ -173,7 +174,7 @@ def test_bad_python_construction():
 def test_residual_dtype_key_and_amending_segments():
     p = get_policy("bf16; r=f32")
     assert p.residual_dtype == F32 and p.residual == F32 and p.compute_dtype == BF16
-    assert str(p) == "p=f32,c=bf16,o=f32,a=f32,r=f32"
+    assert str(p) == "p=f32,c=bf16,o=f32,r=f32"  # a= only when not f32 (jmp's form)
     assert get_policy(str(p)) == p
     assert get_policy("bf16").residual == BF16  # unset: the residual follows compute
     assert get_policy("bf16-pure; u=split") == get_policy("bf16-pure-split")
@@ -217,3 +218,95 @@ def test_fp8_options_parse_and_round_trip(text, canonical, options):
 def test_bad_fp8_options(text):
     with pytest.raises(ValueError, match="FP8"):
         get_policy(f"bf16; q={text}")
+
+
+# ----------------------------------------------------------------- jmp drop-in, jmp as oracle
+# jmp's own policy tests run unchanged in tests/jmp/; here the installed jmp (test extra) is the
+# oracle for what its grammar means, what its errors say and what its casts do.
+JMP_SPECS = [
+    "f32",
+    "full",
+    "half",
+    "bfloat16",
+    "float16",
+    "f16",
+    "c=f16",
+    "c=half,o=full",
+    "p=f16,c=f16",
+    "p=f16,c=bf16",
+    "p=f32,c=bf16,o=f32",
+    "params=float32,compute=bfloat16,output=float32",
+    "p=bf16",
+]
+
+
+@pytest.mark.parametrize("spec", JMP_SPECS)
+def test_get_policy_agrees_with_jmp(spec):
+    jmp = pytest.importorskip("jmp")
+    ours, theirs = get_policy(spec), jmp.get_policy(spec)
+    jmp_dtypes = tuple(np.dtype(d) for d in (theirs.param_dtype, theirs.compute_dtype))
+    assert (ours.param_dtype, ours.compute_dtype) == jmp_dtypes
+    assert ours.output_dtype == np.dtype(theirs.output_dtype) and ours.accum_dtype == F32
+    # str() is jmp's p=..,c=..,o=.. form, parsed alike by both libraries.
+    assert str(ours).count(",") == 2
+    assert get_policy(str(theirs)) == ours
+    back = jmp.get_policy(str(ours))
+    assert np.dtype(back.output_dtype) == ours.output_dtype
+    assert np.dtype(back.compute_dtype) == ours.compute_dtype
+
+
+def test_bf16_is_the_one_divergence_from_jmp():
+    # "bf16" is bf16jax's mixed-precision preset (FP32 params); to jmp it is a bare dtype (all
+    # BF16). The migration note says so; jmp's meaning is "bfloat16" or "p=bf16" in both.
+    jmp = pytest.importorskip("jmp")
+    assert np.dtype(jmp.get_policy("bf16").param_dtype) == BF16
+    assert dtypes(get_policy("bf16")) == (F32, BF16, F32, F32)
+    for spec in ("bfloat16", "p=bf16"):
+        assert np.dtype(jmp.get_policy(spec).param_dtype) == get_policy(spec).param_dtype == BF16
+
+
+@pytest.mark.parametrize(
+    "spec, shared",
+    [
+        # The part of jmp's message bf16jax repeats word for word (bf16jax then adds the fix).
+        ("compute_float16", "Unknown dtype 'compute_float16'"),
+        ("c=bf61", "Unknown dtype 'bf61'"),
+        ("x=f16", "Unknown key 'x' in 'x=f16' should be 'params', 'compute' or 'output'"),
+        ("p=f32,zz=f16", "Unknown key 'zz' in 'p=f32,zz=f16' should be 'params', 'compute'"),
+    ],
+)
+def test_errors_worded_as_jmp(spec, shared):
+    jmp = pytest.importorskip("jmp")
+    with pytest.raises(ValueError) as theirs:
+        jmp.get_policy(spec)
+    with pytest.raises(ValueError) as ours:
+        get_policy(spec)
+    assert str(theirs.value).startswith(shared)
+    assert str(ours.value).startswith(shared)
+
+
+def test_jmp_public_policy_api_by_import_swap():
+    jmp = pytest.importorskip("jmp")
+    names = ("Policy", "get_policy", "half_dtype", "cast_to_full", "cast_to_half")
+    assert all(hasattr(jmp, n) and hasattr(bf16jax, n) for n in names)
+    tree = {"w": np.ones(2, np.float32), "h": jnp.ones(2, F16), "i": jnp.ones(2, jnp.int8)}
+    for lib in (jmp, bf16jax):
+        policy = lib.Policy(jnp.float32, jnp.bfloat16, jnp.float32).with_output_dtype(jnp.float16)
+        assert np.dtype(policy.output_dtype) == F16 and np.dtype(policy.compute_dtype) == BF16
+    ours = bf16jax.Policy(jnp.float32, jnp.bfloat16, jnp.float16)
+    theirs = jmp.Policy(jnp.float32, jnp.bfloat16, jnp.float16)
+    for cast in ("cast_to_param", "cast_to_compute", "cast_to_output"):
+        got, want = getattr(ours, cast)(tree), getattr(theirs, cast)(tree)
+        assert jax.tree.map(lambda x: x.dtype, got) == jax.tree.map(lambda x: x.dtype, want)
+    for cast in ("cast_to_full", "cast_to_half"):
+        got, want = getattr(bf16jax, cast)(tree), getattr(jmp, cast)(tree)
+        assert jax.tree.map(lambda x: x.dtype, got) == jax.tree.map(lambda x: x.dtype, want)
+    assert bf16jax.half_dtype() == np.dtype(jmp.half_dtype())
+
+
+def test_with_output_dtype_keeps_the_rest():
+    policy = get_policy("bf16-pure-kahan; q=w8a8; .*norm.*->fp32")
+    out = policy.with_output_dtype("f32")
+    assert out.output_dtype == F32 and out.param_dtype == BF16
+    assert (out.update_rule, out.quant, out.overrides) == ("kahan", "w8a8", policy.overrides)
+    assert str(get_policy("p=f32,c=bf16,a=bf16")) == "p=f32,c=bf16,o=bf16,a=bf16"

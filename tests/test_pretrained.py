@@ -26,6 +26,7 @@ def flan_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.slow  # converts and fine-tunes a tiny FLAN-T5 through the CLI
 def test_finetune_config_starts_from_the_checkpoint(flan_dir, tmp_path):
     """configs/flan_t5_small_ft.py under bf16-pure-kahan: the pretrained architecture and
     params at step 0 (eval of the imported model logged), and the loss falls."""

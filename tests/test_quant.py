@@ -18,7 +18,7 @@ from tiny import make_mesh
 
 from bf16jax import config as config_lib
 from bf16jax import data as data_lib
-from bf16jax import quant, train
+from bf16jax import quant, quant_model, train
 from bf16jax.checkpoint import Checkpointer
 from bf16jax.layers import Linear
 from bf16jax.models import build_model
@@ -155,11 +155,11 @@ def test_edge_layers_stay_float_unless_asked():
     cfg = config_lib.base_config("vit").model
     cfg.update(embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32)
     vit = build_model(cfg, "fp32; q=w8a8", rngs=nnx.Rngs(0))
-    names = {"/".join(map(str, p)) for p, _ in quant.quantized_layers(vit)}
+    names = {"/".join(map(str, p)) for p, _ in quant_model.quantized_layers(vit)}
     assert "head" not in names and "patch_embed" not in names
     assert {"blocks/0/attn/q", "blocks/0/mlp/fc2"} <= names
     vit = build_model(cfg, "fp32; q=w8a8; head->q=w8a8", rngs=nnx.Rngs(0))
-    assert "head" in {"/".join(map(str, p)) for p, _ in quant.quantized_layers(vit)}
+    assert "head" in {"/".join(map(str, p)) for p, _ in quant_model.quantized_layers(vit)}
 
 
 @pytest.mark.parametrize(
@@ -173,7 +173,7 @@ def test_int8_dot_equals_fake_quant_exactly(policy, input_min):
         x = jnp.maximum(x, input_min)
     x = x.astype(get_policy(policy).compute_dtype)
     fake = layer(x)
-    real = quant.set_int8_mode(layer)(x)
+    real = quant_model.set_int8_mode(layer)(x)
     np.testing.assert_array_equal(np.asarray(fake, np.float32), np.asarray(real, np.float32))
     hlo = jax.jit(lambda x: layer(x)).lower(x).as_text()
     assert "xi8>" in hlo and "-> tensor<4x32xi32>" in hlo  # int8 operands, int32 accumulator
@@ -316,17 +316,17 @@ def test_real_int8_and_exported_int8_agree_with_fake_quant(qat_run, tmp_path):
         labels.append(batch["label"])
     images = jnp.asarray(np.concatenate(images))
     fake = jax.jit(lambda m, x: m(x))(model, images)
-    int8_model = quant.set_int8_mode(nnx.clone(model))
+    int8_model = quant_model.set_int8_mode(nnx.clone(model))
     real = jax.jit(lambda m, x: m(x))(int8_model, images)
-    assert quant.prediction_agreement(fake, real) >= 0.995
+    assert quant_model.prediction_agreement(fake, real) >= 0.995
     np.testing.assert_allclose(real, fake, rtol=1e-5, atol=1e-5)
 
-    quant.export_int8(model, tmp_path / "int8")
+    quant_model.export_int8(model, tmp_path / "int8")
     config = trainer.config
-    loaded = quant.load_int8(
+    loaded = quant_model.load_int8(
         tmp_path / "int8", lambda: build_model(config.model, config.precision, rngs=nnx.Rngs(0))
     )
-    kernels = [layer.kernel[...] for _, layer in quant.quantized_layers(loaded)]
+    kernels = [layer.kernel[...] for _, layer in quant_model.quantized_layers(loaded)]
     assert kernels and all(k.dtype == jnp.int8 for k in kernels)
     assert loaded.head.kernel[...].dtype == jnp.float32  # edge layer kept in float
     exported = jax.jit(lambda m, x: m(x))(loaded, images)

@@ -110,3 +110,20 @@ def test_clipping_reuses_the_gradient_norm():
 def test_qkv_share_one_gemm():
     separate = dot_dtypes(lowered("gpt_tiny", "bf16", fuse_qkv=False))
     assert len(separate) == EXPECTED_DOTS["gpt_tiny"] + 2 * 6  # 2 more GEMMs x 3 per layer
+
+
+def test_the_skip_predicate_is_computed_once():
+    """The finite check that selects every param and moment (skip a non-finite step) is one
+    scalar that each select reads, not re-derived inside each select's fusion: XLA duplicated
+    the `and` of one flag per leaf into every select (leaves^2 `and`s: the full vit_digits step
+    held 62,335 and compiled in 11 s on a CPU instead of 2; 74 s instead of 4 under LSQ)."""
+    path = config_lib.config_path("vit_digits")
+    config = config_lib.load_config(path, ["precision=fp32", "mesh.data=1", *SHRINK["vit_digits"]])
+    trainer = train.create_trainer(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    step = trainer.lower(diagnostics=False)
+    leaves = len(jax.tree.leaves(step.args_info))
+    hlo = step.compile().as_text()
+    selects = len(re.findall(r"= f32\[[\d,]*\]\S* select\(", hlo))
+    assert selects >= leaves // 2  # the selects are there (one per param and moment)
+    # At most one `and` per select (the gradients' and the update's predicates, combined).
+    assert len(re.findall(r"= pred\[\]\S* and\(", hlo)) <= leaves

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_runs import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "precision_study.py")
@@ -14,7 +15,7 @@ SCRIPT = os.path.join(ROOT, "experiments", "precision_study.py")
 def _study(tmp_path, *extra):
     cmd = [sys.executable, SCRIPT, "--quick", f"--runs={tmp_path / 'runs'}"]
     cmd += [f"--out={tmp_path / 'out'}", *extra]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one device per run
+    env = cli_env(devices=1)  # one device per run
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_runs import cli_env
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
 from tiny import make_mesh, tiny_gpt_config
@@ -229,7 +230,7 @@ def get_config():
     c.checkpoint.update(every_steps=2)
     return c
 """
-_TIMING = ("train/step_time_s", "train/tokens_per_s", "train/mfu")
+_TIMING = ("train/step_time_s", "train/tokens_per_s", "train/images_per_s", "train/mfu")
 
 
 def load_config(path, **train_overrides):
@@ -240,9 +241,7 @@ def load_config(path, **train_overrides):
 
 
 def subprocess_env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    return env
+    return cli_env(8, **extra)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,73 @@
+"""bf16jax.loop: what a run reports while it trains.
+
+Step time, throughput and MFU count training steps only: evaluation, the drift check and
+checkpoints are made to look slow here (a fake clock jumps 100 s in each) and must not show in
+them, while the ETA, which is about the whole run, must include them. The progress line is
+printed at each logged step when stderr is not a terminal (as under pytest).
+"""
+
+import json
+import re
+import time
+
+from tiny import tiny_gpt_config
+
+from bf16jax import flops, loop, metrics
+from bf16jax.checkpoint import Checkpointer
+from bf16jax.train import Trainer
+
+STEPS, LOG_EVERY = 4, 2
+
+
+def test_timing_counts_training_steps_only_and_the_progress_line(tmp_path, monkeypatch, capsys):
+    jump = [0.0]
+
+    class Clock:  # loop's `time`: real time plus 100 s per evaluation / drift check / save
+        @staticmethod
+        def perf_counter():
+            return time.perf_counter() + jump[0]
+
+    def slow(method):
+        def wrapped(*args, **kwargs):
+            jump[0] += 100.0
+            return method(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(loop, "time", Clock)
+    for cls, name in ((Trainer, "evaluate"), (Trainer, "drift"), (Checkpointer, "save")):
+        monkeypatch.setattr(cls, name, slow(getattr(cls, name)))
+    peak = 1e12
+    monkeypatch.setattr(metrics, "device_peak_flops", lambda device=None: peak)
+    config = tiny_gpt_config(
+        "bf16", steps=STEPS, log_every=LOG_EVERY, eval_every=1, drift_every=1, sample_tokens=0
+    )
+    config.unlock()
+    config.checkpoint.every_steps = 1
+    config.lock()
+
+    result = loop.train_and_evaluate(config, str(tmp_path / "run"))
+
+    assert jump[0] >= 100.0 * 3 * STEPS  # every step evaluated, drift-checked and saved
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/step_time_s" in r]
+    assert [r["step"] for r in train_rows] == [2, 4]
+    cost = flops.train_cost(config, result["trainer"].abstract.params)
+    for row in train_rows:
+        dt = row["train/step_time_s"]
+        assert 0 < dt < 20.0, dt  # 2 x 300 s of evaluation, drift and saves are not in it
+        assert row["train/tokens_per_s"] == cost.units_per_step / dt
+        assert row["train/mfu"] == cost.flops_per_step / dt / (peak * 8)  # 8 fake devices
+        assert "train/images_per_s" not in row
+    assert "eval/perplexity" in rows[-1] or any("eval/perplexity" in r for r in rows)
+
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if re.match(r"step +\d+/4 ", ln)]
+    assert len(lines) == STEPS // LOG_EVERY, out
+    pattern = r"loss \d\.\d{4}  acc [\d.]+  lr [\d.e-]+  [\d.]+ ms/step  [\d.]+k? tokens/s  mfu "
+    assert re.search(pattern, lines[0]), lines[0]
+    eta = re.search(r"eta (\d+):(\d\d):(\d\d)$", lines[0])
+    # Logged at step 2 of 4 after one step's 300 s of evaluation, drift and save: 150 s per
+    # step so far, 2 to go.
+    assert eta and 250 <= 3600 * int(eta[1]) + 60 * int(eta[2]) + int(eta[3]) <= 400, lines[0]
+    assert re.search(r"step +4  eval/loss [\d.]+  eval/accuracy [\d.]+  eval/perplexity", out)
