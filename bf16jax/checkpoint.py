@@ -509,15 +509,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - the target was checked: a read failure is damage
             raise CheckpointDamaged(step, self._step_dir(step), first_line(e)) from e
         by_path = integrity.flat_leaves(restored)
-        for path, asked in as_saved.items():  # e.g. Orbax's array metadata lost: keys as uint32
-            got = by_path[path]
-            if got.dtype != asked.dtype or tuple(got.shape) != tuple(asked.shape):
-                raise CheckpointDamaged(
-                    step,
-                    self._step_dir(step),
-                    f"{path} read back as {got.dtype}{list(got.shape)}, saved as "
-                    f"{asked.dtype}{list(asked.shape)}",
-                )
+        integrity.check_read_back(step, self._step_dir(step), by_path, as_saved)
         if manifest is not None:
             mine = {p: by_path[p] for p in wanted}  # a partial restore leaves placeholders
             integrity.verify(step, self._step_dir(step), mine, manifest)

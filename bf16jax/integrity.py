@@ -32,6 +32,7 @@ __all__ = [
     "MANIFEST_FORMAT",
     "check_metadata",
     "check_data_file",
+    "check_read_back",
     "verify",
     "verify_host",
     "checksums",
@@ -247,6 +248,22 @@ def check_metadata(step: int, where: Any, saved: Mapping[str, Any], manifest: di
                 where,
                 f"leaf {path}: metadata {tuple(meta.shape)} {meta.dtype} but saved as "
                 f"{tuple(want['shape'])} {want['dtype']}",
+            )
+
+
+def check_read_back(
+    step: int, where: Any, restored: Mapping[str, Any], asked: Mapping[str, Any]
+) -> None:
+    """Each leaf asked for ({leaf path: ShapeDtypeStruct}) must come back with that shape and
+    dtype: with Orbax's array metadata lost, PRNG keys come back as their uint32 words."""
+    for path, want in asked.items():
+        got = restored[path]
+        if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+            raise CheckpointDamaged(
+                step,
+                where,
+                f"leaf {path}: read back as {tuple(got.shape)} {got.dtype} but saved as "
+                f"{tuple(want.shape)} {want.dtype}",
             )
 
 
