@@ -39,17 +39,22 @@ EXPECTED_DOTS = {
 }
 
 
+def _trainer(name: str, policy: str, *overrides: str):
+    """The Trainer of shrunk `name` under `policy` on one device."""
+    path = config_lib.config_path(name)
+    config = config_lib.load_config(
+        path, [f"precision={policy}", "mesh.data=1", *SHRINK[name], *overrides]
+    )
+    return train.create_trainer(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
+
+
 @functools.cache
 def lowered(
     name: str, policy: str, *overrides: str, diagnostics: bool = False, fuse_qkv: bool = True
 ) -> str:
     """The StableHLO text (with op locations) of the Trainer's jitted step, or of its logging
     variant with `diagnostics`; `fuse_qkv=False` traces q, k, v as three GEMMs."""
-    path = config_lib.config_path(name)
-    config = config_lib.load_config(
-        path, [f"precision={policy}", "mesh.data=1", *SHRINK[name], *overrides]
-    )
-    trainer = train.create_trainer(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    trainer = _trainer(name, policy, *overrides)
     default = layers.Attention.fuse_projections
     layers.Attention.fuse_projections = fuse_qkv  # the GPU / TPU choice; CPU's is separate
     try:
@@ -117,10 +122,7 @@ def test_the_skip_predicate_is_computed_once():
     scalar that each select reads, not re-derived inside each select's fusion: XLA duplicated
     the `and` of one flag per leaf into every select (leaves^2 `and`s: the full vit_digits step
     held 62,335 and compiled in 11 s on a CPU instead of 2; 74 s instead of 4 under LSQ)."""
-    path = config_lib.config_path("vit_digits")
-    config = config_lib.load_config(path, ["precision=fp32", "mesh.data=1", *SHRINK["vit_digits"]])
-    trainer = train.create_trainer(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
-    step = trainer.lower(diagnostics=False)
+    step = _trainer("vit_digits", "fp32").lower(diagnostics=False)
     leaves = len(jax.tree.leaves(step.args_info))
     hlo = step.compile().as_text()
     selects = len(re.findall(r"= f32\[[\d,]*\]\S* select\(", hlo))
