@@ -5,6 +5,7 @@ Each command runs in a fresh process on 8 fake CPU devices, from the repository 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,10 @@ def final_metrics(stdout: str) -> dict:
     """The `{"final": {...}}` line bf16jax.main prints at the end."""
     line = next(ln for ln in stdout.splitlines() if ln.startswith('{"final"'))
     return json.loads(line)["final"]
+
+
+def printed_step(stdout: str) -> int:
+    """The last step a CLI run printed: its progress line `step      3/30  loss ...` or its
+    evaluation line `step     30  eval/loss ...`; 0 before the first."""
+    found = re.findall(r"^step +(\d+)[/ ]", stdout, flags=re.M)
+    return int(found[-1]) if found else 0

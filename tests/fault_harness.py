@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from cli_runs import REPO, TINY_OVERRIDES, cli_env
+from cli_runs import REPO, TINY_OVERRIDES, cli_env, printed_step
 from fault_reading import (
     committed_steps,
     data_position,
@@ -180,11 +179,8 @@ def _wait_for(proc: subprocess.Popen, condition, timeout: float = 240) -> bool:
 
 
 def _printed_step(proc: subprocess.Popen) -> int:
-    """The last step this process printed (its own progress, not the workdir's): the progress
-    line `step      3/30  loss ...` and the evaluation line `step     30  eval/loss ...`."""
-    text = proc.log.with_suffix(".out").read_text()  # type: ignore[attr-defined]
-    found = re.findall(r"^step +(\d+)[/ ]", text, flags=re.M)
-    return int(found[-1]) if found else 0
+    """The last step this process printed (its own progress, not the workdir's)."""
+    return printed_step(proc.log.with_suffix(".out").read_text())  # type: ignore[attr-defined]
 
 
 def _interrupt(h: Harness, workdir: Path, kind: str, rng: random.Random) -> Trial:
