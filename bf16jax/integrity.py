@@ -129,8 +129,12 @@ def _finite(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _device_summary(leaves: list[jax.Array]):
-    return [(*_checksum(x), _finite(x)) for x in leaves]
+def _leaf_summary(x: jax.Array):
+    """(h1, h2, finite) of one leaf. One small program per leaf shape, dtype and sharding, shared
+    by all the leaves (and runs) that have them: one program over the whole train state of
+    vit_digits under `fp32; q=w8a8` took 4.4 s to compile on CPU (XLA's CPU backend is
+    superlinear in the number of kernels in a program); its 12 distinct leaves take 0.27 s."""
+    return (*_checksum(x), _finite(x))
 
 
 def _hex(h1, h2) -> str:
@@ -140,11 +144,13 @@ def _hex(h1, h2) -> str:
 def checksums(tree: Any) -> dict[str, dict[str, Any]]:
     """{leaf path: {"checksum": 16 hex digits, "finite": bool}} of a pytree of jax Arrays.
 
-    Jitted over the whole tree (one small program per tree structure); every process gets the
-    same answer for global arrays.
+    Jitted per leaf, one program in flight at a time: with several in flight, XLA:CPU's
+    collectives can deadlock (the checksums of an FSDP-sharded state on 8 fake CPU devices hung
+    in an all-gather rendezvous). Every process gets the same answer for global arrays.
     """
     leaves = flat_leaves(tree)
-    summary = jax.device_get(_device_summary(list(leaves.values())))
+    summary = [jax.block_until_ready(_leaf_summary(x)) for x in leaves.values()]
+    summary = jax.device_get(summary)
     return {
         path: {"checksum": _hex(h1, h2), "finite": bool(ok)}
         for path, (h1, h2, ok) in zip(leaves, summary, strict=True)
