@@ -211,11 +211,12 @@ def _train(run: Run, stop: StopRequest) -> dict[str, Any]:
             result.update({"init_" + k.replace("/", "_"): v for k, v in ev.items()})
             _report(bar, 0, ev)
         batch = trainer.global_batch(next(run.train_it))
-        result["compile_s"] = trainer.compile(run.state, batch)
+        plain = _runs_plain_step(run.start, steps, config.train.log_every)
+        result["compile_s"] = trainer.compile(run.state, batch, plain=plain)
         clock.reset(run.start)
         step, previous, tick = run.start, None, run.start
         while step < steps:
-            logged = (step + 1) % config.train.log_every == 0 or step + 1 == steps
+            logged = _is_logged(step + 1, steps, config.train.log_every)
             # Diagnostics (swamping, gradient health) only in the steps whose metrics are logged.
             clock.start()
             run.state, metrics = trainer.step(run.state, batch, diagnostics=logged)
@@ -253,6 +254,18 @@ def _train(run: Run, stop: StopRequest) -> dict[str, Any]:
         if bar is not None:
             bar.close()
     return result
+
+
+def _is_logged(step: int, steps: int, log_every: int) -> bool:
+    """Whether `step` (counted from 1) logs its metrics, and so runs the diagnostics variant."""
+    return step % log_every == 0 or step == steps
+
+
+def _runs_plain_step(start: int, steps: int, log_every: int) -> bool:
+    """Whether a run from `start` to `steps` has a step that is not logged: one that logs every
+    step never runs the plain train step, so it need not compile it."""
+    unlogged = (s for s in range(start + 1, steps + 1) if not _is_logged(s, steps, log_every))
+    return log_every > 1 and next(unlogged, None) is not None
 
 
 class _StepClock:
@@ -301,7 +314,7 @@ class _StepClock:
 def _log_and_evaluate(run: Run, step: int, metrics, clock: _StepClock, bar, result) -> None:
     config, trainer, state = run.config, run.trainer, run.state
     steps = run.steps
-    if step % config.train.log_every == 0 or step == steps:
+    if _is_logged(step, steps, config.train.log_every):
         clock.pause(metrics)
         timing = clock.row(step)
         eta = timing.pop("eta_s", None)

@@ -71,3 +71,17 @@ def test_timing_counts_training_steps_only_and_the_progress_line(tmp_path, monke
     # step so far, 2 to go.
     assert eta and 250 <= 3600 * int(eta[1]) + 60 * int(eta[2]) + int(eta[3]) <= 400, lines[0]
     assert re.search(r"step +4  eval/loss [\d.]+  eval/accuracy [\d.]+  eval/perplexity", out)
+
+
+def test_a_run_that_logs_every_step_never_builds_the_plain_step(tmp_path):
+    """The plain train step is compiled only when some step is not logged (every logged step
+    runs the diagnostics variant): a full compile saved, e.g. notebook runs at log_every=1."""
+    config = tiny_gpt_config("bf16", steps=2, log_every=1, diagnostics=True, sample_tokens=0)
+    result = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["step"] == 2 and result["compile_s"] > 0
+    assert "_step_fn" not in vars(result["trainer"])  # never built, never compiled
+    assert "_diagnostic_step_fn" in vars(result["trainer"])
+    # (start, steps, log_every) -> whether a step before the last is not logged.
+    table = {(0, 4, 1): False, (0, 4, 2): True, (1, 3, 2): False, (3, 4, 2): False,
+             (0, 1, 5): False, (2, 5, 3): True, (3, 5, 2): False, (0, 3, 3): True}  # fmt: skip
+    assert {k: loop._runs_plain_step(*k) for k in table} == table
