@@ -47,6 +47,16 @@ TINY_OVERRIDES = {
 }
 
 
+# XLA:CPU flags that change how fast a program compiles, not what it computes: the suite's time
+# is compiling tiny programs (tests/conftest.py sets them; tests/test_compile_flags.py checks
+# that they change no number).
+FAST_COMPILE_FLAGS = (
+    "--xla_backend_optimization_level=0",
+    "--xla_cpu_use_fusion_emitters=false",
+    "--xla_cpu_parallel_codegen_split_count=1",
+)
+
+
 def cli_env(devices: int = 8, **extra: str) -> dict[str, str]:
     """The environment of a test's subprocess: CPU with `devices` fake devices, plus the
     suite's other XLA flags and compilation cache (tests/conftest.py), so that a program

@@ -1,13 +1,22 @@
 """Test setup, fixed before JAX starts: 8 fake CPU devices, strict dtype promotion, and two
 things that make the suite's thousands of XLA compiles cheaper without changing what is tested.
 
-- LLVM at -O0 (`--xla_backend_optimization_level=0`, as experiments/aot_tpu.py's
-  FAST_CPU_COMPILE): the suite's time is compiling tiny programs, not running them. Measured:
-  the tiny GPT train step compiles in 4.4-5.5 CPU s instead of 7.0-8.6; test_train + test_models +
-  test_numerics took 234 CPU s with this and the cache below, 383 with the cache alone, 405
-  with neither. XLA's HLO passes, and so the program, are unchanged; only the machine code
-  is less optimized, and floating-point results may differ from -O2 in the last bit, so every
-  subprocess a test starts gets the same flags (tests/cli_runs.py `cli_env`).
+- XLA:CPU flags that make compiling cheaper (tests/cli_runs.py FAST_COMPILE_FLAGS): the
+  suite's time is compiling tiny programs, not running them.
+  - LLVM at -O0 (`--xla_backend_optimization_level=0`, as experiments/aot_tpu.py's
+    FAST_CPU_COMPILE). Measured: the tiny GPT train step compiles in 4.4-5.5 CPU s instead of
+    7.0-8.6; test_train + test_models + test_numerics took 234 CPU s with this and the cache
+    below, 383 with the cache alone, 405 with neither.
+  - XLA's classic elemental emitters instead of its MLIR fusion emitters
+    (`--xla_cpu_use_fusion_emitters=false`) and one LLVM module per program
+    (`--xla_cpu_parallel_codegen_split_count=1`): the tiny GPT train step's backend compile
+    took 2.3-2.9 CPU s at -O0, 0.76-1.02 s without the fusion emitters and 0.53-0.84 s with
+    one module too. The fusion emitters alone took the suite's in-process compile time from
+    817 s to 589 s.
+  XLA's HLO passes, and so the program, are unchanged; only the machine code differs, and
+  floating-point results may differ in the last bit, so every subprocess a test starts gets the
+  same flags (tests/cli_runs.py `cli_env`). tests/test_compile_flags.py checks that tiny FP32
+  and BF16 runs under these flags and under XLA's defaults agree.
 - One persistent compilation cache per pytest run, made by the first process (the xdist
   controller) and inherited through the environment by the workers and every subprocess (CLI
   runs, notebook kernels, the study): a program that several tests or processes build compiles
@@ -35,10 +44,14 @@ if os.environ.get("BF16JAX_TEST_XLA_CACHE", "1") != "0":
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         _OWNED_CACHE = tempfile.mkdtemp(prefix="bf16jax-xla-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWNED_CACHE
-    # Cache every program, however fast it compiled. A size bound turns on the cache's file
-    # lock, so concurrent processes never read a half-written entry.
+    # Cache every program, however fast it compiled, and never evict: with a size bound JAX's
+    # cache takes a file lock around every read and write and rescans the whole directory at
+    # every write (jax/_src/lru_cache.py), quadratic in the suite's thousands of programs:
+    # test_loss + test_layers took 51 CPU s with a 4 GiB bound, 33 without. Without the lock,
+    # a process may read an entry another is still writing: JAX then fails to decompress it,
+    # warns and compiles the program itself.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
