@@ -30,13 +30,16 @@ import os
 import shutil
 import tempfile
 
+from cli_runs import FAST_COMPILE_FLAGS
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "").split()
 if not any("xla_force_host_platform_device_count" in f for f in _flags):
     _flags.append("--xla_force_host_platform_device_count=8")
 if os.environ.get("BF16JAX_TEST_FAST_COMPILE", "1") != "0":
-    if not any(f.startswith("--xla_backend_optimization_level") for f in _flags):
-        _flags.append("--xla_backend_optimization_level=0")
+    for _flag in FAST_COMPILE_FLAGS:
+        if not any(f.startswith(_flag.split("=")[0]) for f in _flags):
+            _flags.append(_flag)
 os.environ["XLA_FLAGS"] = " ".join(_flags)
 
 _OWNED_CACHE = None
@@ -61,10 +64,16 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 POLICIES = ("fp32", "bf16", "bf16-pure")
 
 
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
 def pytest_collection_modifyitems(config, items):
-    # Tests marked slow (CLI runs, notebooks, the docs) first, in collection order otherwise:
-    # with 2 xdist workers a long test handed out last runs alone at the end.
-    items.sort(key=lambda item: "slow" not in item.keywords)
+    # The modules with a test marked slow (CLI runs, notebooks, the docs) first, each module's
+    # tests together, in collection order otherwise: xdist hands out whole modules in this
+    # order (pyproject's --dist loadfile), so no long one is left to run alone at the end.
+    slow = {_module(item) for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: _module(item) not in slow)
     if jax.default_backend() == "gpu":
         return
     skip = pytest.mark.skip(reason="needs a GPU")
