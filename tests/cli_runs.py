@@ -73,15 +73,20 @@ def main_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "bf16jax.main", *args]
 
 
-def run_main(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_python(*args: str, env: dict | None = None, timeout: int = 300):
+    """`python ARGS` from the repository root, in `env` (`cli_env()` by default), captured."""
     return subprocess.run(
-        main_command(*args),
+        [sys.executable, *args],
         cwd=REPO,
-        env=cli_env(),
+        env=cli_env() if env is None else env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_main(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run_python(*main_command(*args)[1:], timeout=timeout)
 
 
 def final_metrics(stdout: str) -> dict:

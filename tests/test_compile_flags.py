@@ -6,12 +6,10 @@ a subprocess under XLA's defaults, must agree as closely as two orderings of the
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from cli_runs import FAST_COMPILE_FLAGS, REPO, cli_env
+from cli_runs import FAST_COMPILE_FLAGS, cli_env, run_python
 
 STEPS = 4
 
@@ -46,14 +44,7 @@ def _run(policies, flags_off: bool) -> dict:
         kept = [f for f in env["XLA_FLAGS"].split() if f.split("=")[0] not in names]
         env["XLA_FLAGS"] = " ".join(kept)
         env.pop("JAX_COMPILATION_CACHE_DIR", None)  # XLA's defaults, compiled afresh
-    proc = subprocess.run(
-        [sys.executable, "-c", _PROGRAM, *policies],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python("-c", _PROGRAM, *policies, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
