@@ -264,8 +264,10 @@ def _is_logged(step: int, steps: int, log_every: int) -> bool:
 def _runs_plain_step(start: int, steps: int, log_every: int) -> bool:
     """Whether a run from `start` to `steps` has a step that is not logged: one that logs every
     step never runs the plain train step, so it need not compile it."""
+    if log_every == 1:  # every step logs (and the scan below would walk all of them)
+        return False
     unlogged = (s for s in range(start + 1, steps + 1) if not _is_logged(s, steps, log_every))
-    return log_every > 1 and next(unlogged, None) is not None
+    return next(unlogged, None) is not None
 
 
 class _StepClock:

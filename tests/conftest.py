@@ -22,8 +22,9 @@ things that make the suite's thousands of XLA compiles cheaper without changing 
   runs, notebook kernels, the study): a program that several tests or processes build compiles
   once. It is deleted at the end, so every run starts cold, as CI does.
 
-BF16JAX_TEST_FAST_COMPILE=0 keeps LLVM at its default level; BF16JAX_TEST_XLA_CACHE=0 turns the
-cache off; a JAX_COMPILATION_CACHE_DIR already set is used as is and kept.
+BF16JAX_TEST_FAST_COMPILE=0 keeps XLA's default compile flags (test_compile_flags then skips);
+BF16JAX_TEST_XLA_CACHE=0 turns the cache off; a JAX_COMPILATION_CACHE_DIR already set is used as
+is and kept.
 """
 
 import os
