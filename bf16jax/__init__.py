@@ -1,7 +1,8 @@
 """bf16jax: train JAX/Flax NNX models in BF16 and lower without losing accuracy.
 
 The public names live here; everything else is imported from its module
-(`bf16jax.layers`, `bf16jax.models`, `bf16jax.train`, ...). jmp's policy API is a subset:
+(`bf16jax.nn.layers`, `bf16jax.models`, `bf16jax.training.trainer`, ...). jmp's policy API is a
+subset:
 `import bf16jax as jmp` keeps `jmp.Policy`, `jmp.get_policy`, `jmp.half_dtype`,
 `jmp.cast_to_full` and `jmp.cast_to_half` working (README, "Coming from jmp").
 """

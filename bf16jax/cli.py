@@ -57,7 +57,7 @@ def define_source_flags(*, artifact: bool = True) -> None:
     flags.DEFINE_string("workdir", None, "The training run's --workdir (its checkpoints).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     if artifact:
-        flags.DEFINE_string("artifact", None, "An artifact directory (bf16jax.export).")
+        flags.DEFINE_string("artifact", None, "An artifact directory (bf16jax.serving.export).")
 
 
 def define_config_help_flag() -> None:
@@ -271,7 +271,7 @@ def _os_error(e: OSError) -> str | None:
 
 def _message(e: BaseException, argv: list[str]) -> tuple[int, str] | None:
     """(exit code, one line) for an exception the user can act on; None for a bug."""
-    from bf16jax.checkpoint import CheckpointDamaged
+    from bf16jax.checkpoint.manager import CheckpointDamaged
 
     if isinstance(e, BadInput):
         return BAD_INPUT_EXIT, str(e)

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 import ml_collections
 
-from bf16jax.attention import normalize_implementation
+from bf16jax.nn.attention import normalize_implementation
 from bf16jax.precision import get_policy, parse_dtype
 
 MODEL_DEFAULTS = {
@@ -33,7 +33,7 @@ MODEL_DEFAULTS = {
         max_len=256,
         scan_layers=False,
         remat="none",  # none | save_dots | full (bf16jax.models.gpt.REMAT_POLICIES)
-        attention_impl="auto",  # auto | xla | cudnn | pallas (bf16jax.attention)
+        attention_impl="auto",  # auto | xla | cudnn | pallas (bf16jax.nn.attention)
         norm_eps=1e-5,
         mlp_activation="gelu",
         dropout_rate=0.0,

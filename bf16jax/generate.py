@@ -1,53 +1,14 @@
-"""Text generation with a KV cache from an artifact or a training run.
+"""Command: `python -m bf16jax.generate` (library: `bf16jax.serving.runners`).
 
-`python -m bf16jax.generate --artifact=DIR --prompt="And God said"` (or `--config=...
---workdir=...`) prints one JSON line per prompt: the text, its token ids and why it stopped
-(length, eos, stop, context). Greedy by default (`--temperature=0`); `--temperature`,
-`--top_k`, `--top_p`, `--max_tokens`, `--stop` (repeatable) and `--seed` as in
-`bf16jax.sampling`. Invariant: a run and its artifact generate through the same program
-(`inference.Programs.generate`, jit-compiled here, `jax.export`-ed there) and the same request
-code (`artifact.Runner`), so their outputs agree.
+See `bf16jax.serving.runners` for what it computes; this module holds its flags and `main`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-from typing import Any
 
-import jax
-
-from bf16jax import inference
-from bf16jax.artifact import Artifact, Runner
-
-__all__ = ["ProgramRunner", "runner_from_workdir", "load_runner"]
-
-
-class ProgramRunner(Runner):
-    """A `Runner` on a training run's params: the serving programs, jit-compiled in process."""
-
-    def __init__(self, programs: inference.Programs, description: dict[str, Any]):
-        self.family = programs.family
-        self.limits = programs.limits
-        self.tokenizer = programs.tokenizer
-        self.description = description
-        self._programs = programs
-
-    @functools.cache  # noqa: B019 (one runner per model: the jitted programs live with it)
-    def _jitted(self, name: str):
-        return jax.jit(self._programs.function(name))
-
-    def call(self, name: str, *args):
-        return self._jitted(name)(self._programs.params, *args)
-
-
-def runner_from_workdir(config, workdir: str, precision: str = "train", step: int | None = None):
-    """A runner on a run's checkpoint at a serving precision ("train": its own policy)."""
-    params, meta, step = inference.restore_params(config, workdir, step)
-    model = inference.serving_model(config, params, meta, precision)
-    desc = {"workdir": os.path.abspath(workdir), "step": step, "precision": precision}
-    return ProgramRunner(inference.Programs(model, config), desc)
+from bf16jax.serving.artifact import Artifact, Runner
+from bf16jax.serving.runners import runner_from_workdir
 
 
 def load_runner(flags_values) -> Runner:

@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from bf16jax import cli
 from bf16jax.cli import BAD_INPUT_EXIT, DIVERGED_EXIT, INTERRUPTED_EXIT, BadInput
-from bf16jax.preemption import PREEMPTED_EXIT
+from bf16jax.training.preemption import PREEMPTED_EXIT
 
 __all__ = ["run", "main", "BAD_INPUT_EXIT", "DIVERGED_EXIT", "PREEMPTED_EXIT", "INTERRUPTED_EXIT"]
 
@@ -61,12 +61,12 @@ def main(argv) -> None:
             f"{type(config).__name__}, not an ml_collections.ConfigDict."
         )
     # Before anything touches a device: on a pod every host must join first.
-    from bf16jax import sharding
+    from bf16jax.parallel import sharding
 
     sharding.maybe_initialize_distributed(config.mesh.distributed)
     import jax
 
-    from bf16jax import loop
+    from bf16jax.training import loop
 
     # Orbax logs every save at INFO through absl, and the tracebacks of its background threads
     # at ERROR; its errors reach bf16jax as exceptions (one line each, see `run`). Keep the

@@ -37,7 +37,7 @@ def get_config():
         attention_dropout_rate=0.1,
         mlp_dropout_rate=0.1,
     )
-    c.init_from = ""  # --config.init_from=DIR, the output of `bf16jax.convert import`
+    c.init_from = ""  # --config.init_from=DIR, the output of `bf16jax.interop.convert import`
     c.data.update(
         name="kjv_continuation",
         tokenizer="init_from",

@@ -29,9 +29,18 @@ import sys
 import time
 from typing import Any
 
-GIB = 1024**3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # aot_results.py beside this file
+from aot_results import (  # noqa: E402, F401 (tests read them here)
+    GIB,
+    OUT_DIR,
+    _key,
+    _remat_name,
+    choose_remat,
+    to_markdown,
+    write_results,
+)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT_DIR = os.path.join(HERE, "results", "aot_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +119,8 @@ def abstract_batch(config, mesh) -> dict:
     """The global batch as sharded ShapeDtypeStructs (what `Trainer.global_batch` would make)."""
     import jax
 
-    from bf16jax import data, sharding
+    from bf16jax.data import datasets as data
+    from bf16jax.parallel import sharding
 
     b, sh = int(config.data.batch_size), sharding.batch_sharding(mesh)
     return {
@@ -139,7 +149,7 @@ def _compile(config, mesh, compiler_options: dict | None = None):
     """(trainer, batch, compiled or OOM message, lower seconds, compile seconds)."""
     import jax
 
-    from bf16jax import train
+    from bf16jax.training import trainer as train
 
     trainer = train.create_trainer(config, mesh=mesh)
     batch = abstract_batch(config, mesh)
@@ -191,7 +201,7 @@ def materialized_loss(config):
 
 def _attention_calls(config) -> list[tuple[int, int, bool, int]]:
     """(query length, key length, causal, layers) of each kind of attention in the model."""
-    from bf16jax import data
+    from bf16jax.data import datasets as data
 
     m = config.model
     if m.name == "gpt":
@@ -206,9 +216,9 @@ def _attention_calls(config) -> list[tuple[int, int, bool, int]]:
 
 
 def attention_kernel(config, platform: str) -> str:
-    """The attention a config's layers use on `platform` (bf16jax.attention): "pallas", "xla",
+    """The attention a config's layers use on `platform` (bf16jax.nn.attention): "pallas", "xla",
     or "pallas/xla" when "auto" falls back for some (lengths the kernels do not tile)."""
-    from bf16jax import attention
+    from bf16jax.nn import attention
     from bf16jax.precision import get_policy
 
     policy = get_policy(config.precision)
@@ -236,7 +246,7 @@ def pallas_attention_flops(config, mesh) -> float:
     kernel's output), each 2M FLOPs; causal: times the fraction of (block x block) tiles at or
     below the diagonal, (n + 1) / 2n for n = T / block, the only ones the kernels run.
     """
-    from bf16jax import attention
+    from bf16jax.nn import attention
 
     m = config.model
     width = int(m.num_heads) * int(m.get("head_dim") or m.embed_dim // m.num_heads)
@@ -304,7 +314,7 @@ def aot_compile(
     """
     import jax
 
-    from bf16jax import loop, metrics
+    from bf16jax.training import loop, metrics
 
     n_dev = mesh.devices.size
     trainer, batch, compiled, lower_s, compile_s = _compile(config, mesh, compiler_options)
@@ -390,13 +400,6 @@ def _with(config, **train):
     return c
 
 
-def _remat_name(value) -> str:
-    """model.remat as a policy name (rows from before the policies recorded a bool)."""
-    if isinstance(value, bool):
-        return "full" if value else "none"
-    return value
-
-
 def run_case(
     config_name: str,
     slice_name: str,
@@ -407,7 +410,7 @@ def run_case(
 ) -> list[dict]:
     """Rows for one case: the config as is (or with `remat`) and, if it does not fit, the first
     grad accumulation (same global batch, smaller per-device micro-batch) that does."""
-    from bf16jax import sharding
+    from bf16jax.parallel import sharding
 
     topo = TOPOLOGIES[slice_name]
     config = load_config(config_name)
@@ -426,137 +429,6 @@ def run_case(
         accum *= 2
         if row["fits"] or row["micro_batch_per_device"] <= 1 or accum > max_accum:
             return rows
-
-
-# ----------------------------------------------------------------------------- results
-def _key(row: dict) -> tuple:
-    """(config, topology, policy, remat, variant); the first four are a case."""
-    remat = _remat_name(row.get("remat", "none"))
-    return (row["config"], row["topology"], row["policy"], remat, row["variant"])
-
-
-def choose_remat(rows: list[dict]) -> dict[tuple, dict]:
-    """Per (config, topology, policy): the fitting row with the least gradient accumulation,
-    then the shortest step at peak (fewest FLOPs), then the smaller peak. That remat policy is
-    the one that spends the chip's free HBM on keeping activations instead of recomputing them.
-    Accumulation comes first because every extra micro-batch repeats FSDP's weight all-gathers,
-    a cost the FLOPs lower bound does not show."""
-
-    def score(r):
-        return (r["grad_accum_steps"], r["step_s_at_peak"], r["peak_bytes"])
-
-    best: dict[tuple, dict] = {}
-    for r in rows:
-        if not r.get("fits") or not r.get("step_s_at_peak"):
-            continue
-        case = _key(r)[:3]
-        if case not in best or score(r) < score(best[case]):
-            best[case] = r
-    return best
-
-
-def _gb(x) -> str:
-    return "—" if x is None else f"{x / 1e9:.2f}"
-
-
-def to_markdown(rows: list[dict]) -> str:
-    head = (
-        "| config | topology (chip, HBM) | policy | remat | attention | setting | µbatch/dev "
-        "| state GB/dev (global) | args GB | temp GB | code GB | peak GB/dev | fits | HBM used "
-        "| TFLOP/dev (full depth) | step / model FLOPs | step at peak (ms) | compile s |\n"
-        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- "
-        "| ---: | ---: | ---: | ---: | ---: |"
-    )
-    lines = [head]
-    for r in rows:
-        chip = (
-            f"{r['topology']} ({r['n_devices']}× {r['device_kind']}, {r['hbm_bytes'] / GIB:g} GiB)"
-        )
-        state = f"{_gb(r['state_bytes_per_device'])} ({_gb(r['state_bytes_global'])})"
-        compile_s = f"{r['lower_s'] + r['compile_s']:.0f}"
-        # Rows from before the attention choice ran bf16jax's XLA attention.
-        lead = (
-            f"| {r['config']} | {chip} | {r['policy']} | {_remat_name(r.get('remat', 'none'))} "
-            f"| {r.get('attention') or 'xla'} | {r['variant']} | "
-        )
-        if not r.get("argument_bytes"):
-            fits = f"**no**: {r['oom']}"
-            lines.append(
-                f"{lead}{r['micro_batch_per_device']} | {state} | — | — | — | — | {fits} | — "
-                f"| — | — | — | {compile_s} |"
-            )
-            continue
-        model, xla, full = r["model_flops_per_step"], r["xla_flops_per_step"], None
-        ratio = "—" if not (model and xla) else f"{xla / model:.2f}"
-        total = r.get("flops_per_device", r["xla_flops_per_device_full_depth"])
-        if total is not None:
-            full = f"{total / 1e12:.3g}"
-        at_peak = r["step_s_at_peak"]
-        lines.append(
-            f"{lead}"
-            f"{r['micro_batch_per_device']} | {state} | {_gb(r['argument_bytes'])} | "
-            f"{_gb(r['temp_bytes'])} | {_gb(r['code_bytes'])} | {_gb(r['peak_bytes'])} | "
-            f"{'yes' if r['fits'] else '**no**'} | {100 * r['hbm_used']:.1f}% | "
-            f"{full or '—'} | {ratio} | "
-            f"{'—' if at_peak is None else f'{1e3 * at_peak:.3g}'} | {compile_s} |"
-        )
-    return "\n".join(lines)
-
-
-def write_results(rows: list[dict], command: str, out_dir: str = OUT_DIR) -> None:
-    """Merges `rows` into out_dir/results.json, replacing every earlier row of their cases
-    (config, topology, policy, remat), and rewrites results.md."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "results.json")
-    merged = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            merged = {_key(r): r for r in json.load(f)["rows"]}
-    # A case's rows replace all its earlier ones: a rerun that fits as configured must not
-    # leave the grad-accumulation fallbacks of an older run behind as if current.
-    cases = {_key(r)[:4] for r in rows}
-    merged = {k: r for k, r in merged.items() if k[:4] not in cases}
-    for r in rows:
-        merged[_key(r)] = r | {"command": command}
-    ordered = sorted(merged.values(), key=_key)
-    commands = sorted({r["command"] for r in ordered})
-    with open(path, "w") as f:
-        json.dump({"commands": commands, "rows": ordered}, f, indent=1)
-    notes = (
-        "# Ahead-of-time compiled train steps on TPU pod topologies (CPU machine, libtpu)\n\n"
-        "Produced by:\n\n" + "\n".join(f"    {c}" for c in commands) + "\n\n"
-        "Per device. peak = argument + output − alias (donated state) + temp + generated code, "
-        "from `compiled.memory_analysis()`; HBM = the datasheet figure per chip (libtpu refuses "
-        "programs above its usable HBM, e.g. 15.75 GB on v5e, at compile time: `fits` = no). "
-        "TFLOP/dev: XLA FLOPs from `compiled.cost_analysis()` per device; for scanned GPT "
-        "models extrapolated to full depth from unrolled 1- and 2-layer compiles (XLA counts a "
-        "loop body once; — where skipped with --skip_full_depth_flops); plus, where attention "
-        "runs in the Pallas splash kernel (`attention` = pallas), the kernel's FLOPs counted "
-        "analytically (`pallas_attention_flops`: XLA sees none inside a Pallas call). Model "
-        "FLOPs: 6N + 6LTD per token (bf16jax.metrics; GPT only), so the ratio shows remat's "
-        "recompute, the kernels' backward recompute and the FP32 loss / optimizer work. Step at "
-        "peak: FLOPs / dense BF16 peak of the chip, in ms (a lower bound on step time). remat: "
-        "`model.remat` (none / save_dots / full). Compile s = lower + compile of the main step "
-        "on a shared 2-core CPU (the FLOPs compiles not included). Rows without an attention "
-        "column value predate the per-backend choice (XLA attention). results.json gives each "
-        "row's command, jax version and git revision.\n\n"
-    )
-    best = choose_remat(ordered)
-    chosen = ""
-    if best:
-        chosen = (
-            "\n## Remat policy per case: the fitting setting with the fewest FLOPs\n\n"
-            "| config | topology | policy | remat | setting | peak GB/dev | HBM used "
-            "| step at peak (ms) |\n| --- | --- | --- | --- | --- | ---: | ---: | ---: |\n"
-        )
-        for case, r in sorted(best.items()):
-            chosen += (
-                f"| {case[0]} | {case[1]} | {case[2]} | {_remat_name(r['remat'])} | "
-                f"{r['variant']} | {_gb(r['peak_bytes'])} | {100 * r['hbm_used']:.1f}% | "
-                f"{1e3 * r['step_s_at_peak']:.3g} |\n"
-            )
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(notes + to_markdown(ordered) + "\n" + chosen)
 
 
 def main() -> None:

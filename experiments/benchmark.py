@@ -18,7 +18,7 @@ extra). All train on random tokens (bf16jax: `data.name=synthetic_tokens`).
 
 Per participant: tokens/s, step time, compile time, peak memory (the device allocator's peak on a
 GPU/TPU, else the process's max RSS), MFU under both conventions against the chip's dense BF16
-peak (`bf16jax.metrics`; `--peak_tflops` to state one, e.g. for a CPU): 6N + 6LTD per token
+peak (`bf16jax.training.metrics`; `--peak_tflops` to state one, e.g. for a CPU): 6N + 6LTD per token
 (causal attention counted once: bf16jax's metrics) and 6N + 12LTD (PaLM's, used by the shared
 peers' table), N = that participant's parameters without position embeddings; and tokens/s as a
 ratio to the torch peer of the same model. Writes results/benchmark/results.{json,md} (merged
@@ -121,7 +121,10 @@ def run_bf16jax(model: str, shape: dict, policy: str, steps: int, warmup: int, e
     import numpy as np
 
     from bf16jax import config as config_lib
-    from bf16jax import data, loop, sharding, train
+    from bf16jax.data import datasets as data
+    from bf16jax.parallel import sharding
+    from bf16jax.training import loop
+    from bf16jax.training import trainer as train
 
     overrides = bf16jax_overrides(model, shape, policy, steps + warmup) + list(extra)
     config = config_lib.load_config(os.path.join(ROOT, model_spec(model)["config"]), overrides)
@@ -163,7 +166,7 @@ def run_bf16jax(model: str, shape: dict, policy: str, steps: int, warmup: int, e
 def _attention_layers(trainer):
     from flax import nnx
 
-    from bf16jax.layers import Attention
+    from bf16jax.nn.layers import Attention
 
     model = nnx.merge(trainer.graphdef, trainer.abstract.params, trainer.abstract.fp8_meta)
     return [m for _, m in nnx.iter_modules(model) if isinstance(m, Attention)]
@@ -227,7 +230,9 @@ def add_figures(row: dict, peak_flops: float | None) -> dict:
         return row
     s, n, tps = row["shape"], row["n_params"], row["tokens_per_s"]
     attention = s["L"] * s["T"] * s["D"]  # L * T * D
-    row["flops_per_token_6LTD"] = 6.0 * n + 6.0 * attention  # causal half (bf16jax.metrics)
+    row["flops_per_token_6LTD"] = (
+        6.0 * n + 6.0 * attention
+    )  # causal half (bf16jax.training.metrics)
     row["flops_per_token_12LTD"] = 6.0 * n + 12.0 * attention  # PaLM's, the shared peers'
     row["peak_flops"] = peak_flops
     for conv in ("6LTD", "12LTD"):
@@ -304,7 +309,8 @@ def write_results(rows: list[dict], run_info: dict, out_dir: str) -> str:
         "# Training-step benchmark: bf16jax beside its peers (experiments/benchmark.py)\n\n"
         "Generated; each section is one run of the script on one device. MFU = tokens/s × "
         "FLOPs per token / the device's dense BF16 peak (stated per run); FLOPs per token = "
-        "6N + 6LTD (causal attention counted once, bf16jax.metrics) or 6N + 12LTD (PaLM, as "
+        "6N + 6LTD (causal attention counted once, bf16jax.training.metrics) or 6N + 12LTD (PaLM, "
+        "as "
         "in the shared peers' H100 table), N = the participant's parameters without position "
         "embeddings. vs torch = tokens/s ÷ the PyTorch peer's in the same run. Peak memory: "
         "the device allocator's peak, or (RSS) the process's max resident memory on a CPU, "
@@ -443,7 +449,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _finish(rows: list[dict], args, argv) -> str:
     """Adds MFU and ratios to `rows` (in place) and writes the results files."""
-    from bf16jax import metrics
+    from bf16jax.training import metrics
 
     device = next((r["device"] for r in rows if "tokens_per_s" in r), "?")
     peak = args.peak_tflops * 1e12 if args.peak_tflops else metrics.peak_flops_of_kind(device)

@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 
 def _prompts(n: int, seed: int = 0) -> list[str]:
-    from bf16jax import data
+    from bf16jax.data import datasets as data
 
     verses = [text for _, text in data.kjv_verses("eval")]
     rng = np.random.default_rng(seed)
@@ -116,7 +116,7 @@ def _metric(text: str, name: str, labels: str) -> float:
 
 
 def run_one(name: str, directory: str, args) -> dict:
-    from bf16jax import artifact
+    from bf16jax.serving import artifact
 
     manifest = artifact.verify(directory)
     port = _free_port()

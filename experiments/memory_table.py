@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/gpt2_124m.py")
     args = parser.parse_args()
     from bf16jax import config as config_lib
-    from bf16jax import metrics, train
+    from bf16jax.training import metrics
+    from bf16jax.training import trainer as train
 
     print(f"config: {args.config}\n")
     print("| setup | params | optimizer state | total | + grads | weights + master | tiny update |")

@@ -66,7 +66,9 @@ def _step_sizes(params) -> dict[str, np.ndarray]:
 
 
 def lsq(steps: int = 80) -> dict:
-    from bf16jax import data, sharding, train
+    from bf16jax.data import datasets as data
+    from bf16jax.parallel import sharding
+    from bf16jax.training import trainer as train
 
     cfg = _config("gpt_tiny", ["precision=bf16; q=w4a8", "train.diagnostics=false"])
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
@@ -89,8 +91,8 @@ def lsq(steps: int = 80) -> dict:
 
 
 def decay_mask() -> dict:
-    from bf16jax import optim
     from bf16jax.models import build_model
+    from bf16jax.training import optim
 
     cfg = _config("gpt_tiny", ["model.scan_layers=true", "model.num_layers=2"]).model
     model = nnx.eval_shape(lambda: build_model(cfg, "bf16; q=w4a8", rngs=nnx.Rngs(0)))
@@ -126,8 +128,8 @@ def _accumulate(rule: str, u: float, steps: int, dtype=BF16) -> tuple[float, flo
     Returns the fraction of the intended change n * u applied to the stored weight w, and to
     the value the rule keeps (w + c for Kahan, the FP32 master for split, w otherwise).
     """
-    from bf16jax import optim
     from bf16jax.config import base_config
+    from bf16jax.training import optim
 
     cfg = base_config().optim
     cfg.update(name="sgd", momentum=0.0, learning_rate=u, weight_decay=0.0, clip_norm=0.0,
@@ -156,7 +158,7 @@ def _accumulate(rule: str, u: float, steps: int, dtype=BF16) -> tuple[float, flo
 
 
 def kahan(steps: int = 20_000) -> dict:
-    from bf16jax import optim
+    from bf16jax.training import optim
 
     rules = [r for r in ("kahan", "stochastic", "split") if r in optim.update_rules()]
     out = {}
@@ -177,8 +179,8 @@ def kahan(steps: int = 20_000) -> dict:
 
 
 def fp16_rules() -> dict:
-    from bf16jax import optim
     from bf16jax.precision import get_policy
+    from bf16jax.training import optim
 
     out = {}
     sub = {"w": jnp.asarray([3e-5, 1e-6], F16)}  # FP16 subnormals (smallest normal 6.1e-5)
@@ -205,7 +207,7 @@ def fp16_rules() -> dict:
 
 
 def cross_entropy() -> dict:
-    from bf16jax.loss import cross_entropy as ce
+    from bf16jax.nn.loss import cross_entropy as ce
 
     logits = jax.random.normal(jax.random.key(0), (3, 5))
     out = {}
@@ -224,8 +226,10 @@ def cross_entropy() -> dict:
 
 
 def grad_subnormal() -> dict:
-    from bf16jax import data, sharding, train
-    from bf16jax.loss import cross_entropy as ce
+    from bf16jax.data import datasets as data
+    from bf16jax.nn.loss import cross_entropy as ce
+    from bf16jax.parallel import sharding
+    from bf16jax.training import trainer as train
 
     over = ["precision=fp16", "train.loss_scale=static", "train.loss_scale_init=32768.0",
             "model.num_layers=1", "model.embed_dim=32", "model.mlp_dim=64", "model.max_len=32",
@@ -240,7 +244,7 @@ def grad_subnormal() -> dict:
     def scaled_loss(p):  # the step's own loss (fused or materialised) times the loss scale
         model = nnx.merge(trainer.graphdef, p, state.fp8_meta)
         if hasattr(trainer, "loss"):
-            from bf16jax.loss import model_loss
+            from bf16jax.nn.loss import model_loss
 
             return model_loss(model, batch, trainer.loss, grad_scale=32768.0)[0] * 32768.0
         return ce(*model.logits_and_targets(batch))[0] * 32768.0  # checkouts before issue 11
@@ -257,8 +261,8 @@ def grad_subnormal() -> dict:
 
 
 def weight_decay(steps: int = 2000) -> dict:
-    from bf16jax import optim
     from bf16jax.config import base_config
+    from bf16jax.training import optim
 
     out = {}
     for rule in [r for r in ("nearest", "split") if r in optim.update_rules()]:
@@ -288,8 +292,8 @@ def weight_decay(steps: int = 2000) -> dict:
 
 
 def residual_gelu_fp8() -> dict:
-    from bf16jax import quant
     from bf16jax.models import build_model
+    from bf16jax.nn import quant
 
     cfg = _config("gpt_tiny", ["model.num_layers=12"]).model
     tokens = jax.random.randint(jax.random.key(1), (4, 128), 0, 256)

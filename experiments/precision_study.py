@@ -139,7 +139,8 @@ def _robustness(trainer, state, epsilons, pgd_steps: int) -> dict:
     model, of its int8 deployment (attacked through the fake-quant model's STE gradients)."""
     from flax import nnx
 
-    from bf16jax import attacks, quant_model
+    from bf16jax.evaluation import attacks
+    from bf16jax.nn import quant_model
 
     model = trainer.host_model(state)
     batches = [(b["image"], b["label"]) for b in trainer.eval_batches()]
@@ -162,8 +163,8 @@ def _inference_bytes(trainer) -> float:
     import jax
     from flax import nnx
 
-    from bf16jax import quant_model
     from bf16jax.models import build_model
+    from bf16jax.nn import quant_model
 
     cfg, policy = trainer.config, trainer.policy
 
@@ -194,8 +195,9 @@ def run_one(
     """Trains (or resumes) one run, evaluates it clean, shifted and (images) under attack,
     writes result.json."""
     from bf16jax import config as config_lib
-    from bf16jax import evaluation, loop
-    from bf16jax import metrics as metrics_lib
+    from bf16jax.evaluation import heldout as evaluation
+    from bf16jax.training import loop
+    from bf16jax.training import metrics as metrics_lib
 
     workdir = os.path.join(runs, model, run_name(policy, seed))
     config = config_lib.load_config(
@@ -292,7 +294,7 @@ def _load_predictions(args, model: str, policy: str, seed: int) -> dict[str, dic
 
 def add_agreement(args, results: list[dict]) -> None:
     """Adds `agreement[condition]` with the FP32 run of the same model and seed, in place."""
-    from bf16jax import evaluation
+    from bf16jax.evaluation import heldout as evaluation
 
     cache: dict = {}
     for r in results:
@@ -308,7 +310,7 @@ def add_agreement(args, results: list[dict]) -> None:
 def seed_agreement(args, results: list[dict]) -> dict[str, float]:
     """Per model, the mean agreement between FP32 runs of different seeds (clean eval): how much
     a change of seed alone moves the predictions, the yardstick for `agree w/ fp32`."""
-    from bf16jax import metrics as metrics_lib
+    from bf16jax.evaluation import calibration as metrics_lib
 
     out = {}
     for model in dict.fromkeys(r["model"] for r in results):
@@ -330,7 +332,7 @@ def seed_agreement(args, results: list[dict]) -> dict[str, float]:
 
 def pooled_bins(args, results: list[dict], model: str, policy: str) -> dict:
     """Reliability bins of the clean eval predictions pooled over seeds."""
-    from bf16jax import metrics as metrics_lib
+    from bf16jax.evaluation import calibration as metrics_lib
 
     parts = [
         _load_predictions(args, model, policy, r["seed"])["clean"]

@@ -5,9 +5,9 @@
         --workdir=runs/serving_gpt_tiny --out=experiments/results/serving
 
 Artifacts go to WORKDIR/artifacts/<name> (fp32, bf16, int8 are the honest exports; int4_head,
-stale_int8_scales, softmax_bf16 the planted ones, `bf16jax.gate.PLANTS`); every candidate is
+stale_int8_scales, softmax_bf16 the planted ones, `bf16jax.serving.gate.PLANTS`); every candidate is
 gated against the fp32 export on the eval split (`--num_batches`). Prints one JSON line per
-candidate and writes gate_results.json + gate_table.md (with the exit code `bf16jax.gate`
+candidate and writes gate_results.json + gate_table.md (with the exit code `bf16jax.serving.gate`
 would return) to --out.
 """
 
@@ -20,7 +20,9 @@ import sys
 from absl import flags
 from flax import nnx
 
-from bf16jax import artifact, cli, evaluate, export, gate, inference
+from bf16jax import cli
+from bf16jax.serving import artifact, export, gate, inference
+from bf16jax.serving import scoring as evaluate
 
 cli.define_source_flags(artifact=False)
 flags.DEFINE_string("out", None, "Directory for gate_results.json and gate_table.md.")

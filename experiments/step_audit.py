@@ -25,7 +25,8 @@ import time
 def _lower(config, diagnostics: bool):
     import jax
 
-    from bf16jax import sharding, train
+    from bf16jax.parallel import sharding
+    from bf16jax.training import trainer as train
 
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     trainer = train.create_trainer(config, mesh=mesh)
@@ -38,8 +39,8 @@ def _reductions(text: str) -> int:
 
 def audit(name: str, policy: str, extra: list[str], compile_step: bool) -> dict:
     from bf16jax import config as config_lib
-    from bf16jax import layers
-    from bf16jax.matmul import dot_dtypes
+    from bf16jax.nn import layers
+    from bf16jax.precision.matmul import dot_dtypes
 
     overrides = [f"precision={policy}", "mesh.data=1", *extra]
     config = config_lib.load_config(config_lib.config_path(name), overrides)
@@ -90,7 +91,7 @@ def main() -> None:
     )
     rest, overrides = split_config_overrides(sys.argv[1:])
     args = p.parse_args(rest)
-    from bf16jax import layers
+    from bf16jax.nn import layers
 
     layers.Attention.fuse_projections = {"auto": None, "on": True, "off": False}[args.fuse_qkv]
     for name in args.configs.split(","):

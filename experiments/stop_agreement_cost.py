@@ -1,4 +1,5 @@
-"""Host time of the multi-host stop agreement (`bf16jax.preemption.StopAgreement`), measured.
+"""Host time of the multi-host stop agreement (`bf16jax.training.preemption.StopAgreement`),
+measured.
 
 Starts `--processes` CPU processes under jax.distributed (no model: the check is host work only,
 a barrier and one key read on JAX's coordination service), runs `--ticks` checks without a
@@ -28,7 +29,7 @@ def _child(args) -> None:
     jax.distributed.initialize(f"localhost:{args.port}", args.processes, args.process_id)
     from jax._src import distributed
 
-    from bf16jax.preemption import StopAgreement
+    from bf16jax.training.preemption import StopAgreement
 
     client, pid = distributed.global_state.client, args.process_id
     quiet = StopAgreement(client, pid, every=1)

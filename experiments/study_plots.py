@@ -129,7 +129,7 @@ def draw_reliability(bins_by_policy: dict[str, dict], eces: dict[str, str], mode
     labelled with its example count (tokens for a language model)."""
     from matplotlib.patches import Patch
 
-    from bf16jax.metrics import plot_reliability
+    from bf16jax.evaluation.calibration import plot_reliability
 
     plt = _plt()
     n = len(bins_by_policy)

@@ -354,10 +354,10 @@ def damage_trials(ref: Path, work: Path, counts: dict[str, int], seed: int = 0) 
     it from a process whose `bf16jax` is the checkout under test."""
     import traceback
 
-    from bf16jax import data as data_lib
-    from bf16jax.checkpoint import Checkpointer
+    from bf16jax.checkpoint.manager import Checkpointer
     from bf16jax.config import load_config
-    from bf16jax.train import create_trainer
+    from bf16jax.data import datasets as data_lib
+    from bf16jax.training.trainer import create_trainer
 
     overrides = [o.removeprefix("--config.") for o in OVERRIDES]
     code = Path.cwd() if (Path.cwd() / CONFIG).exists() else REPO  # the checkout under test

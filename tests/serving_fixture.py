@@ -63,7 +63,8 @@ def _build(root: Path) -> None:
 
 def build(root: str) -> None:
     """Trains the fixture's run under `root` and exports it (run by `_build` in a subprocess)."""
-    from bf16jax import export, inference, loop
+    from bf16jax.serving import export, inference
+    from bf16jax.training import loop
 
     root = Path(root)
 

@@ -10,7 +10,8 @@ import sys
 import jax
 from tiny import make_mesh, tiny_gpt_config
 
-from bf16jax import loop, train
+from bf16jax.training import loop
+from bf16jax.training import trainer as train
 
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "aot_tpu.py")
 _spec = importlib.util.spec_from_file_location("aot_tpu", _PATH)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bf16jax import attacks, quant_model
+from bf16jax.evaluation import attacks
 from bf16jax.models import build_model
+from bf16jax.nn import quant_model
 
 
 def _linear_problem():

@@ -1,4 +1,4 @@
-"""bf16jax.attention: what "auto" picks on each backend, start-up errors for forced kernels a
+"""bf16jax.nn.attention: what "auto" picks on each backend, start-up errors for forced kernels a
 backend lacks, and the Pallas TPU kernels (run in interpret mode on CPU) against the XLA path:
 outputs and gradients, causal / key-padding masks / T5 bias, under a sharded mesh, in a GPT.
 The cuDNN comparison needs a GPU (`@pytest.mark.gpu`)."""
@@ -14,12 +14,12 @@ from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
 from tiny import make_mesh, tiny_gpt_config
 
-from bf16jax import attention as attn_lib
 from bf16jax import config as config_lib
-from bf16jax import train
-from bf16jax.loss import cross_entropy
 from bf16jax.models import build_model
+from bf16jax.nn import attention as attn_lib
+from bf16jax.nn.loss import cross_entropy
 from bf16jax.precision import get_policy
+from bf16jax.training import trainer as train
 
 B, T, HEADS, DH = 2, 128, 2, 16  # the Pallas TPU kernels tile sequences by multiples of 128
 F32, BF16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16)
@@ -194,7 +194,7 @@ def test_unsupported_call_falls_back_under_auto_and_raises_when_forced(caplog):
     policy = get_policy("fp32")
     ref = attn_lib.xla_attention(q, k, v, policy, causal=True)
     attn_lib._WARNED.clear()
-    with caplog.at_level(logging.WARNING, logger="bf16jax.attention"):
+    with caplog.at_level(logging.WARNING, logger="bf16jax.nn.attention"):
         out = attn_lib.attention(
             q, k, v, policy, causal=True, implementation="pallas", fallback=True
         )

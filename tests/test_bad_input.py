@@ -283,11 +283,11 @@ CASES = [
 def make_resumable(root: Path) -> Path:
     """A workdir of the shrunk config holding a committed checkpoint of step 2 and config.json
     (the initial state saved as step 2: nothing is compiled but the init and the checksums)."""
-    from bf16jax import data as data_lib
-    from bf16jax import workdir as workdir_lib
-    from bf16jax.checkpoint import Checkpointer
+    from bf16jax.checkpoint.manager import Checkpointer
     from bf16jax.config import load_config
-    from bf16jax.train import create_trainer
+    from bf16jax.data import datasets as data_lib
+    from bf16jax.training import workdir as workdir_lib
+    from bf16jax.training.trainer import create_trainer
 
     workdir = root / "resumable"
     config = load_config(str(REPO / TINY), [a.removeprefix("--config.") for a in SHRUNK])
@@ -368,7 +368,7 @@ def resumable(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_exits_2_with_one_line(case, resumable, tmp_path, capfd, monkeypatch):
-    from bf16jax import loop
+    from bf16jax.training import loop
 
     # Every case must be refused at start-up: training would be a failure (and slow).
     monkeypatch.setattr(loop, "_train", lambda *a: pytest.fail("start-up accepted it"))

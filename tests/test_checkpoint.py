@@ -1,4 +1,5 @@
-"""Tests for bf16jax.checkpoint: bit-exact round trips, other meshes, dtype casts, bad dirs."""
+"""Tests for bf16jax.checkpoint.manager: bit-exact round trips, other meshes, dtype casts, bad
+dirs."""
 
 import json
 import os
@@ -12,8 +13,8 @@ import optax
 import pytest
 from flax import nnx
 
-from bf16jax import sharding
-from bf16jax.checkpoint import Checkpointer
+from bf16jax.checkpoint.manager import Checkpointer
+from bf16jax.parallel import sharding
 from bf16jax.precision import get_policy
 
 

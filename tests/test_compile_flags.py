@@ -21,7 +21,8 @@ import json, sys
 import jax
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 sys.path.insert(0, "tests")
-from bf16jax import data as data_lib, train
+from bf16jax.data import datasets as data_lib
+from bf16jax.training import trainer as train
 from tiny import make_mesh, tiny_gpt_config
 out = {{}}
 for policy in sys.argv[1:]:

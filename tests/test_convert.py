@@ -1,4 +1,5 @@
-"""bf16jax.convert / bf16jax.hf against transformers' own outputs (tests/golden, no torch here).
+"""bf16jax.interop.convert / bf16jax.interop.hf against transformers' own outputs (tests/golden, no
+torch here).
 
 The golden directories hold small random GPT-2, FLAN-T5-shaped (T5 v1.1) and T5 v1.0 checkpoints
 written by transformers, and the logits transformers computed for fixed inputs
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bf16jax import convert, hf
+from bf16jax import convert as convert_cmd
+from bf16jax.interop import convert, hf
 from bf16jax.models import build_model
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -208,11 +210,11 @@ def test_export_needs_a_converted_directory(tmp_path):
 
 def test_cli_import_export(tmp_path):
     out, back = str(tmp_path / "c"), str(tmp_path / "hf")
-    assert convert.main(["import", os.path.join(GOLDEN, "gpt2"), out, "--precision=fp32"]) == 0
-    assert convert.main(["export", out, back]) == 0
+    assert convert_cmd.main(["import", os.path.join(GOLDEN, "gpt2"), out, "--precision=fp32"]) == 0
+    assert convert_cmd.main(["export", out, back]) == 0
     assert filecmp.cmp(
         os.path.join(back, "model.safetensors"),
         os.path.join(GOLDEN, "gpt2", "model.safetensors"),
         shallow=False,
     )
-    assert convert.main(["import", os.path.join(GOLDEN, "gpt2"), out]) == 2  # not empty
+    assert convert_cmd.main(["import", os.path.join(GOLDEN, "gpt2"), out]) == 2  # not empty

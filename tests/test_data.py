@@ -9,8 +9,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bf16jax import data, span_corruption
 from bf16jax.config import base_config
+from bf16jax.data import datasets as data
+from bf16jax.data import span_corruption
 
 MODEL_FOR = {"kjv_bytes": "gpt", "kjv_span": "t5", "digits": "vit"}
 MODEL_FOR.update(synthetic_tokens="gpt", synthetic_images="vit")

@@ -1,13 +1,16 @@
-"""Shifted inputs (bf16jax.shifts) and the held-out evaluation on them (bf16jax.evaluation)."""
+"""Shifted inputs (bf16jax.evaluation.shifts) and the held-out evaluation on them
+(bf16jax.evaluation.heldout)."""
 
 import numpy as np
 import pytest
 from tiny import tiny_gpt_config
 
 from bf16jax import config as config_lib
-from bf16jax import data, evaluation, shifts
-from bf16jax.tokenizer import BYTE_OFFSET, PAD_ID
-from bf16jax.train import create_trainer
+from bf16jax.data import datasets as data
+from bf16jax.data.tokenizer import BYTE_OFFSET, PAD_ID
+from bf16jax.evaluation import heldout as evaluation
+from bf16jax.evaluation import shifts
+from bf16jax.training.trainer import create_trainer
 
 
 def _digits(n=16):

@@ -1,4 +1,5 @@
-"""bf16jax.flops: the model FLOPs of a training step per family, checked against XLA's count.
+"""bf16jax.training.flops: the model FLOPs of a training step per family, checked against XLA's
+count.
 
 XLA's HLO cost analysis of the lowered train step (no compile) counts every FLOP the program
 does: the model FLOPs, the masked half of causal attention (XLA computes the full score matrix
@@ -11,9 +12,10 @@ import jax
 import pytest
 from tiny import make_mesh
 
-from bf16jax import data as data_lib
-from bf16jax import flops, loop, train
 from bf16jax.config import config_path, load_config
+from bf16jax.data import datasets as data_lib
+from bf16jax.training import flops, loop
+from bf16jax.training import trainer as train
 
 CASES = {
     "gpt_tiny": (
@@ -87,7 +89,7 @@ def test_units_and_the_gpt_figure_of_the_tpu_report():
     assert costs["t5_small"][2].units_per_step == 2 * (512 + 128)
     assert costs["vit_digits"][2].units_per_step == 4
     config, trainer, cost = costs["gpt_tiny"]
-    # experiments/aot_tpu.py's 6N + 6LTD (bf16jax.metrics) for GPT, the same number.
+    # experiments/aot_tpu.py's 6N + 6LTD (bf16jax.training.metrics) for GPT, the same number.
     per_token = loop.flops_per_token(config, trainer.n_params)
     assert cost.flops_per_step == pytest.approx(per_token * loop.tokens_per_step(config))
     assert cost.mfu(0.5, 100e12, 4) == pytest.approx(cost.flops_per_step / 0.5 / 400e12)

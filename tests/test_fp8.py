@@ -19,11 +19,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from tiny import tiny_gpt_config
 
-from bf16jax import data as data_lib
-from bf16jax import quant, quant_model, sharding, train
-from bf16jax.checkpoint import Checkpointer
-from bf16jax.layers import Linear
+from bf16jax.checkpoint.manager import Checkpointer
+from bf16jax.data import datasets as data_lib
+from bf16jax.nn import quant, quant_model
+from bf16jax.nn.layers import Linear
+from bf16jax.parallel import sharding
 from bf16jax.precision import get_policy
+from bf16jax.training import trainer as train
 
 E4M3_MAX, E5M2_MAX = 448.0, 57344.0
 FMAX = np.asarray([E4M3_MAX, E4M3_MAX, E5M2_MAX], np.float32)  # rows x, w, gradient

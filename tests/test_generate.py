@@ -1,4 +1,4 @@
-"""KV-cache generation (models' decode_step, bf16jax.sampling, inference.Programs.generate).
+"""KV-cache generation (models' decode_step, bf16jax.serving.sampling, inference.Programs.generate).
 
 The oracle is recomputation without a cache: the cached logits must equal the full forward's,
 and greedy tokens must equal `gpt.generate` (which recomputes the whole window per token) and
@@ -13,10 +13,10 @@ from flax import nnx
 from tiny import tiny_gpt_config
 
 from bf16jax import config as config_lib
-from bf16jax import inference, sampling
+from bf16jax.data.tokenizer import EOS_ID, PAD_ID
 from bf16jax.models import build_model
 from bf16jax.models.gpt import generate as generate_no_cache
-from bf16jax.tokenizer import EOS_ID, PAD_ID
+from bf16jax.serving import inference, sampling
 
 
 def _gpt(policy="fp32", **changes):
@@ -221,8 +221,8 @@ def test_t5_generate_program_equals_recomputed_greedy():
 
 
 def test_t5_and_vit_artifacts_round_trip(tmp_path):
-    from bf16jax import artifact, export
-    from bf16jax.generate import ProgramRunner
+    from bf16jax.serving import artifact, export
+    from bf16jax.serving.runners import ProgramRunner
 
     t5_cfg = _t5_config("bf16")
     t5_cfg.lock()
@@ -257,8 +257,8 @@ def test_t5_and_vit_artifacts_round_trip(tmp_path):
 
 
 def test_fp8_artifact_holds_e4m3_codes_and_computes_the_fp8_forward(tmp_path):
-    from bf16jax import artifact, export
-    from bf16jax.quant import FP8Meta
+    from bf16jax.nn.quant import FP8Meta
+    from bf16jax.serving import artifact, export
 
     cfg, model = _gpt("bf16; q=fp8")
     params, meta = nnx.state(model, nnx.Param), nnx.state(model, FP8Meta)

@@ -11,17 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bf16jax.layers import (
-    MLP,
-    Attention,
-    Embed,
-    LayerNorm,
-    Linear,
-    RMSNorm,
-    attention,
-)
-from bf16jax.loss import cross_entropy
 from bf16jax.models.t5 import RelativePositionBias, relative_position_bucket
+from bf16jax.nn.layers import MLP, Attention, Embed, LayerNorm, Linear, RMSNorm, attention
+from bf16jax.nn.loss import cross_entropy
 from bf16jax.precision import get_policy
 
 POLICIES = ("fp32", "bf16", "bf16-pure")
@@ -32,7 +24,7 @@ D, H, T, S, V = 8, 2, 4, 5, 11  # embed dim, heads, query length, context length
 @pytest.fixture(autouse=True)
 def _logical_axes_only():
     # Params carry logical axis names ("embed", ...); NNX eager sharding would read them as mesh
-    # axes. bf16jax.models and bf16jax.sharding build under this same switch.
+    # axes. bf16jax.models and bf16jax.parallel.sharding build under this same switch.
     with nnx.use_eager_sharding(False):
         yield
 

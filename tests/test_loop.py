@@ -1,4 +1,4 @@
-"""bf16jax.loop: what a run reports while it trains.
+"""bf16jax.training.loop: what a run reports while it trains.
 
 Step time, throughput and MFU count training steps only: evaluation, the drift check and
 checkpoints are made to look slow here (a fake clock jumps 100 s in each) and must not show in
@@ -12,9 +12,9 @@ import time
 
 from tiny import tiny_gpt_config
 
-from bf16jax import flops, loop, metrics
-from bf16jax.checkpoint import Checkpointer
-from bf16jax.train import Trainer
+from bf16jax.checkpoint.manager import Checkpointer
+from bf16jax.training import flops, loop, metrics
+from bf16jax.training.trainer import Trainer
 
 STEPS, LOG_EVERY = 4, 2
 

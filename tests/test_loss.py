@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bf16jax import loss as loss_lib
-from bf16jax import metrics
-from bf16jax.layers import Embed, Linear
+from bf16jax.evaluation import calibration as metrics
+from bf16jax.nn import loss as loss_lib
+from bf16jax.nn.layers import Embed, Linear
 from bf16jax.precision import get_policy
 
 B, T, D, V = 4, 12, 16, 37
@@ -156,7 +156,7 @@ def test_trainer_chooses_the_loss():
     from tiny import tiny_gpt_config
 
     from bf16jax import config as config_lib
-    from bf16jax import train
+    from bf16jax.training import trainer as train
 
     def loss_of(config):
         return train.create_trainer(config, mesh=_one_device_mesh()).loss

@@ -1,13 +1,14 @@
-"""Tests for bf16jax.loss_scale: dynamic scaling under jit, static config, FP16 underflow."""
+"""Tests for bf16jax.precision.loss_scale: dynamic scaling under jit, static config, FP16
+underflow."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bf16jax import loss_scale as ls
-from bf16jax import optim
 from bf16jax.config import base_config
+from bf16jax.precision import loss_scale as ls
+from bf16jax.training import optim
 
 F16 = jnp.float16
 F32 = jnp.float32

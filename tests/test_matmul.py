@@ -1,4 +1,5 @@
-"""bf16jax.matmul: the custom VJP is the transpose rule of lax.dot_general (exact in FP32), its
+"""bf16jax.precision.matmul: the custom VJP is the transpose rule of lax.dot_general (exact in
+FP32), its
 backward GEMMs take 16-bit operands with FP32 accumulation, FP32 master weights get unrounded FP32
 gradients, FP16 cotangents need (and get) loss scaling, and a whole model's gradients stay within
 a stated tolerance of plain autodiff's."""
@@ -12,12 +13,11 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from bf16jax import loss_scale as ls
-from bf16jax import matmul
 from bf16jax.config import base_config
-from bf16jax.loss import cross_entropy, fused_cross_entropy
 from bf16jax.models import build_model
-from bf16jax.precision import get_policy
+from bf16jax.nn.loss import cross_entropy, fused_cross_entropy
+from bf16jax.precision import get_policy, matmul
+from bf16jax.precision import loss_scale as ls
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
 # (x shape, y shape, dimension numbers): Linear, attention scores and values, tied head, a
@@ -38,7 +38,7 @@ def normal(shape, seed, dtype=jnp.float32):
 @contextlib.contextmanager
 def plain_autodiff():
     """Traces matmuls as plain lax.dot_general (JAX's own VJP: FP32 backward GEMMs): the
-    behaviour before bf16jax.matmul, used as the oracle."""
+    behaviour before bf16jax.precision.matmul, used as the oracle."""
     saved = matmul._dot16
     matmul._dot16 = lambda x, y, dims, c, a: lax.dot_general(
         x.astype(c), y.astype(c), dims, preferred_element_type=a
@@ -170,7 +170,8 @@ def _gpt(policy):
 @pytest.fixture(scope="module")
 def model_grads():
     """GPT gradients of one loss four ways, in one compiled program: bf16 with plain autodiff
-    (before bf16jax.matmul), bf16 with 16-bit backward GEMMs, bf16 with the fused loss, and the
+    (before bf16jax.precision.matmul), bf16 with 16-bit backward GEMMs, bf16 with the fused loss,
+    and the
     fp32 policy (the yardstick: what BF16 compute itself changes)."""
     rng = np.random.default_rng(0)
     batch = {

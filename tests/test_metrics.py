@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bf16jax import metrics
-from bf16jax.loss import cross_entropy
+from bf16jax.evaluation import calibration as metrics
+from bf16jax.nn.loss import cross_entropy
+from bf16jax.training import metrics as training_metrics
 
 
 def _ece_by_loop(conf, correct, num_bins=15):
@@ -141,10 +142,10 @@ def test_calibration_bins_match_scikit_learn():
 def test_metric_writer_appends_across_restarts(tmp_path, monkeypatch, url):
     # A gs:// workdir goes through etils.epath and rewrites the file; emulate it on disk.
     monkeypatch.setattr(metrics, "_is_url", lambda path: url)
-    first = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    first = training_metrics.MetricWriter(str(tmp_path), tensorboard=False)
     first.write(1, {"loss": np.float32(2.5)}, prefix="train/")
     first.close()
-    second = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    second = training_metrics.MetricWriter(str(tmp_path), tensorboard=False)
     row = second.write(2, {"loss": jnp.asarray(1.5), "hist": np.arange(2)}, prefix="train/")
     second.close()
     assert row == {"train/loss": 1.5, "train/hist": [0, 1]}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bf16jax.loss import cross_entropy
 from bf16jax.models import build_model, param_count
+from bf16jax.nn.loss import cross_entropy
 from bf16jax.precision import get_policy
 
 POLICIES = ("fp32", "bf16", "bf16-pure")
@@ -340,8 +340,8 @@ def test_per_layer_override_under_scan_is_refused_and_uniform_ones_apply():
 
 
 def test_rules_that_match_nothing_warn_and_hits_are_reported(caplog):
-    from bf16jax.overrides import describe_rule_hits
     from bf16jax.precision import record_paths
+    from bf16jax.precision.overrides import describe_rule_hits
 
     with pytest.warns(UserWarning, match=r"'blockz/\.\*' matches no module"):
         make_model("gpt", "bf16; blockz/.*->fp32")

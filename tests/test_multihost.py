@@ -31,9 +31,9 @@ from cli_runs import (
     run_main,
 )
 
-from bf16jax import sharding
-from bf16jax.checkpoint import Checkpointer
-from bf16jax.train import create_trainer
+from bf16jax.checkpoint.manager import Checkpointer
+from bf16jax.parallel import sharding
+from bf16jax.training.trainer import create_trainer
 
 CONFIG = "configs/gpt_tiny.py"
 STEPS, RESUME_AT = 4, 2
@@ -58,7 +58,8 @@ OVERRIDES = (
     f"--config.checkpoint.every_steps={RESUME_AT}",
 )
 # The two runs sum the same rows in another order: process p holds rows p, p+2, ... of the
-# one-process batch (bf16jax.data), so devices see other rows and the FP32 batch sums (loss mean,
+# one-process batch (bf16jax.data.datasets), so devices see other rows and the FP32 batch sums
+# (loss mean,
 # gradient all-reduce) round differently, ~1e-7 relative (measured: 1.7e-7 on losses and gradient
 # norms, 6e-8 on the state). SGD + momentum keeps that size in the state: its update is linear in
 # the gradient. (With AdamW, m / (sqrt(v) + eps) turns a gradient that is zero up to rounding into
@@ -97,7 +98,7 @@ def _process_env(port: int, process_id: int, cache: Path) -> dict[str, str]:
 # whether to stop: a slow host the others run ahead of, as far as the stop agreement lets them.
 SLOW_HOST = """
 import random, sys, time
-import bf16jax.preemption as preemption
+import bf16jax.training.preemption as preemption
 from bf16jax.main import run
 
 asked = preemption.StopRequest.requested

@@ -10,8 +10,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bf16jax import numerics, optim
 from bf16jax.config import base_config
+from bf16jax.precision import numerics
+from bf16jax.training import optim
 
 BF16 = jnp.bfloat16
 
@@ -257,7 +258,8 @@ def tiny_gpt_config(policy: str, **train):
 
 
 def _train(config, mesh, steps=5):
-    from bf16jax import data, train
+    from bf16jax.data import datasets as data
+    from bf16jax.training import trainer as train
 
     trainer = train.create_trainer(config, mesh)
     it = iter(data.make_dataset(config.data, "train"))
@@ -283,7 +285,7 @@ def _norm_gains(state):
 @pytest.mark.parametrize("policy", ["bf16-pure", "bf16-pure-sr", "bf16-pure-kahan"])
 def test_norm_gains_move_only_with_sr_or_kahan(policy):
     """Adam at lr 1e-3 moves each gain by ~1e-3 < half an ulp of 1.0 (2^-8)."""
-    from bf16jax import sharding
+    from bf16jax.parallel import sharding
 
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     _, state, metrics = _train(tiny_gpt_config(policy), mesh, steps=6)
@@ -303,7 +305,7 @@ def test_norm_gains_move_only_with_sr_or_kahan(policy):
 @pytest.mark.parametrize("policy", ["bf16-pure-sr", "bf16-pure-kahan"])
 def test_sharded_equals_unsharded_and_replicas_agree(policy):
     """SR keys are fold_in(key, step, leaf): the same bits on every replica and any mesh."""
-    from bf16jax import sharding
+    from bf16jax.parallel import sharding
 
     config = tiny_gpt_config(policy)
     one = sharding.make_mesh({"data": 1}, jax.devices()[:1])
@@ -336,7 +338,7 @@ def test_update_rules_are_bit_identical_on_any_sharding(rule):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from bf16jax import sharding
+    from bf16jax.parallel import sharding
 
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
     rng = np.random.default_rng(0)
@@ -362,8 +364,8 @@ def test_update_rules_are_bit_identical_on_any_sharding(rule):
 @pytest.mark.slow  # two CLI runs per policy
 @pytest.mark.parametrize("policy", ["bf16-pure-sr", "bf16-pure-kahan", "bf16-pure-split"])
 def test_rule_state_survives_checkpoint_resume_bit_exactly(policy, tmp_path):
-    from bf16jax import sharding
-    from bf16jax.checkpoint import Checkpointer
+    from bf16jax.checkpoint.manager import Checkpointer
+    from bf16jax.parallel import sharding
 
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
     config = tiny_gpt_config(policy)
@@ -381,7 +383,7 @@ def test_rule_state_survives_checkpoint_resume_bit_exactly(policy, tmp_path):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The next step from the restored state equals the next step from the live one.
-    from bf16jax import data
+    from bf16jax.data import datasets as data
 
     it = iter(data.make_dataset(config.data, "train"))
     batch = trainer.global_batch(next(it))
@@ -396,7 +398,7 @@ def test_rule_state_survives_checkpoint_resume_bit_exactly(policy, tmp_path):
 def test_attention_logit_tracking_matches_direct_computation():
     from flax import nnx
 
-    from bf16jax.layers import Attention
+    from bf16jax.nn.layers import Attention
     from bf16jax.precision import get_policy
 
     policy = get_policy("fp32")
@@ -412,7 +414,8 @@ def test_attention_logit_tracking_matches_direct_computation():
 
 
 def test_drift_diagnostic_reports_the_bf16_gap_and_attention_logits():
-    from bf16jax import sharding, train
+    from bf16jax.parallel import sharding
+    from bf16jax.training import trainer as train
 
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     trainer = train.create_trainer(tiny_gpt_config("bf16"), mesh)

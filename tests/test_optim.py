@@ -1,4 +1,5 @@
-"""Tests for bf16jax.optim: FP32 moment math, state dtypes, schedule, masks, update rules."""
+"""Tests for bf16jax.training.optim: FP32 moment math, state dtypes, schedule, masks, update
+rules."""
 
 import dataclasses
 
@@ -10,8 +11,9 @@ import optax
 import pytest
 from flax import nnx
 
-from bf16jax import optim, update_rules
 from bf16jax.config import base_config
+from bf16jax.precision import update_rules
+from bf16jax.training import optim
 
 BF16 = jnp.bfloat16
 F32 = jnp.float32

@@ -207,7 +207,7 @@ def test_fp16_params_with_bit_pattern_rules_are_refused(rule):
     ],
 )
 def test_fp8_options_parse_and_round_trip(text, canonical, options):
-    from bf16jax import quant
+    from bf16jax.nn import quant
 
     policy = get_policy(f"bf16; q={text}")
     assert policy.quant == canonical and get_policy(str(policy)) == policy

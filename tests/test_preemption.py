@@ -1,4 +1,5 @@
-"""The multi-host stop agreement (`bf16jax.preemption.StopAgreement`) against a stand-in for
+"""The multi-host stop agreement (`bf16jax.training.preemption.StopAgreement`) against a stand-in
+for
 JAX's coordination service: processes are threads running at different, random speeds, a signal
 reaches one (or two) of them at a random moment; all must stop after the same tick, at or after
 the tick each signalled process had reached. The real service is exercised by
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from bf16jax.preemption import StopAgreement
+from bf16jax.training.preemption import StopAgreement
 
 
 class FakeCoordination:

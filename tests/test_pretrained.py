@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bf16jax import convert
 from bf16jax.config import config_path, load_config
-from bf16jax.layers import Attention
-from bf16jax.loop import train_and_evaluate
+from bf16jax.interop import convert
 from bf16jax.models import build_model
+from bf16jax.nn.layers import Attention
 from bf16jax.precision import get_policy
+from bf16jax.training.loop import train_and_evaluate
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
@@ -159,7 +159,7 @@ def test_gpt2_vocabulary_50257_builds_and_shards():
     """GPT-2's exact vocabulary: not a multiple of the tensor axis, so its dim is replicated."""
     from tiny import make_mesh
 
-    from bf16jax import sharding
+    from bf16jax.parallel import sharding
 
     cfg = _tiny("gpt", vocab_size=50257)
     mesh = make_mesh((4, 1, 2))

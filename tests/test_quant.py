@@ -17,12 +17,14 @@ from flax import nnx
 from tiny import make_mesh
 
 from bf16jax import config as config_lib
-from bf16jax import data as data_lib
-from bf16jax import quant, quant_model, train
-from bf16jax.checkpoint import Checkpointer
-from bf16jax.layers import Linear
+from bf16jax.checkpoint.manager import Checkpointer
+from bf16jax.data import datasets as data_lib
+from bf16jax.evaluation import calibration
 from bf16jax.models import build_model
+from bf16jax.nn import quant, quant_model
+from bf16jax.nn.layers import Linear
 from bf16jax.precision import get_policy
+from bf16jax.training import trainer as train
 
 
 # ----------------------------------------------------------------------------- LSQ numerics
@@ -207,7 +209,7 @@ def test_log_step_sizes_stay_positive_under_adamw():
     against s0 ~ 0.07 it crossed zero (10 of 896 in gpt_tiny w4a8 within 80 steps). A loss
     that asks every s to shrink, 80 AdamW steps at lr 3e-3: in the log domain s only shrinks
     by a factor ~exp(-lr) per step."""
-    from bf16jax import optim
+    from bf16jax.training import optim
 
     layer = Linear(32, 16, policy=get_policy("fp32; q=w4a8"), name="fc", rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer, nnx.Param)
@@ -318,7 +320,7 @@ def test_real_int8_and_exported_int8_agree_with_fake_quant(qat_run, tmp_path):
     fake = jax.jit(lambda m, x: m(x))(model, images)
     int8_model = quant_model.set_int8_mode(nnx.clone(model))
     real = jax.jit(lambda m, x: m(x))(int8_model, images)
-    assert quant_model.prediction_agreement(fake, real) >= 0.995
+    assert calibration.prediction_agreement(fake, real) >= 0.995
     np.testing.assert_allclose(real, fake, rtol=1e-5, atol=1e-5)
 
     quant_model.export_int8(model, tmp_path / "int8")

@@ -1,4 +1,5 @@
-"""The HTTP server (bf16jax.serve + bf16jax.engine), in process through aiohttp's test client,
+"""The HTTP server (bf16jax.serving.http + bf16jax.serving.engine), in process through aiohttp's
+test client,
 plus one real loopback run of the load test. Uses the trained fixture's artifacts."""
 
 import asyncio
@@ -12,8 +13,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from cli_runs import REPO, cli_env
 from serving_fixture import served  # noqa: F401 (the fixture)
 
-from bf16jax import artifact, registry, serve
-from bf16jax.engine import Engine
+from bf16jax.serving import artifact, registry
+from bf16jax.serving import http as serve
+from bf16jax.serving.engine import Engine
 
 
 def _passing(candidate, reference, **kw):  # the gate itself is tested in test_serving.py

@@ -19,8 +19,9 @@ from cli_runs import REPO, cli_env
 from flax import nnx
 from serving_fixture import served  # noqa: F401 (the fixture)
 
-from bf16jax import artifact, evaluate, export, gate, inference, registry
-from bf16jax.generate import runner_from_workdir
+from bf16jax.serving import artifact, export, gate, inference, registry
+from bf16jax.serving import scoring as evaluate
+from bf16jax.serving.runners import runner_from_workdir
 
 PROMPTS = ["And the LORD", "In the beginning"]
 

@@ -1,4 +1,4 @@
-"""Tests for bf16jax.sharding on 8 fake CPU devices: mesh, rules, sharded init, batches."""
+"""Tests for bf16jax.parallel.sharding on 8 fake CPU devices: mesh, rules, sharded init, batches."""
 
 import logging
 
@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bf16jax import sharding
+from bf16jax.parallel import sharding
 
 
 # ----------------------------------------------------------------------------- a tiny model
@@ -121,7 +121,7 @@ def test_logical_to_pspec(mesh, caplog):
     )
     # Same mesh axis twice: the second use is replicated instead of an invalid spec.
     assert sharding.logical_to_pspec(("mlp", "heads"), (4, 4), mesh, rules) == P("tensor", None)
-    with caplog.at_level(logging.WARNING, logger="bf16jax.sharding"):
+    with caplog.at_level(logging.WARNING, logger="bf16jax.parallel.sharding"):
         spec = sharding.logical_to_pspec(("vocab", "embed"), (7, 8), mesh, rules, where="emb")
     assert spec == P(None, "fsdp")
     assert "emb" in caplog.text and "not divisible" in caplog.text
@@ -271,7 +271,8 @@ def _step_temp_bytes(mesh_shape, devices):
     """Per-device temporaries of the compiled train step of a small GPT (global batch 64)."""
     from tiny import make_mesh, tiny_gpt_config
 
-    from bf16jax import data, train
+    from bf16jax.data import datasets as data
+    from bf16jax.training import trainer as train
 
     c = tiny_gpt_config("bf16")
     c.unlock()
@@ -292,8 +293,8 @@ def _step_temp_bytes(mesh_shape, devices):
 def test_fsdp_step_holds_only_its_share_of_the_activations(constrained, monkeypatch):
     """The bug the TPU AOT compiles found: without the constraints GSPMD all-gathers the batch
     to contract FSDP-sharded weights, so each device holds the global batch's activations."""
-    from bf16jax import loss
     from bf16jax.models import gpt
+    from bf16jax.nn import loss
 
     if not constrained:
         monkeypatch.setattr(gpt, "constrain_batch", lambda x: x)

@@ -11,8 +11,10 @@ import jax
 import pytest
 
 from bf16jax import config as config_lib
-from bf16jax import layers, sharding, train
-from bf16jax.matmul import dot_dtypes
+from bf16jax.nn import layers
+from bf16jax.parallel import sharding
+from bf16jax.precision.matmul import dot_dtypes
+from bf16jax.training import trainer as train
 
 # Fewer layers and shorter sequences: the dots per layer, and their dtypes, are the same.
 SHRINK = {

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import study_plots  # noqa: E402
 
-from bf16jax import metrics  # noqa: E402
+from bf16jax.evaluation import calibration as metrics  # noqa: E402
 
 POLICIES = ("fp32", "bf16", "bf16-pure", "bf16-pure-sr", "bf16-pure-kahan", "bf16;q=w8a8")
 

@@ -1,4 +1,5 @@
-"""Pretrained tokenizers (bf16jax.tokenizer.load_tokenizer): tiny models built offline here, and
+"""Pretrained tokenizers (bf16jax.data.tokenizer.load_tokenizer): tiny models built offline here,
+and
 the ids transformers' tokenizers gave for the golden directories' files (tests/golden)."""
 
 import io
@@ -8,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from bf16jax import data
-from bf16jax.tokenizer import (
+from bf16jax.data import datasets as data
+from bf16jax.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
     SentencePieceTokenizer,

@@ -1,4 +1,5 @@
-"""Tests for bf16jax.train: mesh invariance, grad accumulation, restore, resume, skipped steps.
+"""Tests for bf16jax.training.trainer: mesh invariance, grad accumulation, restore, resume, skipped
+steps.
 
 A tiny GPT (1 layer, width 32) in FP32 trains the same batches unsharded, on three meshes and in
 micro-batches; all must agree. Compiles dominate the runtime: each expensive setup serves one
@@ -28,9 +29,11 @@ from jax.sharding import PartitionSpec as P
 from tiny import make_mesh, tiny_gpt_config
 
 from bf16jax import config as config_lib
-from bf16jax import data as data_lib
-from bf16jax import loop, optim, sharding, train
-from bf16jax.checkpoint import Checkpointer
+from bf16jax.checkpoint.manager import Checkpointer
+from bf16jax.data import datasets as data_lib
+from bf16jax.parallel import sharding
+from bf16jax.training import loop, optim
+from bf16jax.training import trainer as train
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -522,7 +525,7 @@ def test_grad_subnormal_is_measured_on_the_scaled_16bit_gradients(fp16_run):
     where the loss-scaled FP16 values the backward produced had none)."""
     from flax import nnx
 
-    from bf16jax.loss import model_loss
+    from bf16jax.nn.loss import model_loss
 
     trainer, local = fp16_run
     batch = trainer.global_batch(local)

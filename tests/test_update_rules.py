@@ -12,8 +12,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bf16jax import numerics, optim
 from bf16jax.config import base_config
+from bf16jax.precision import numerics
+from bf16jax.training import optim
 
 BF16 = jnp.bfloat16
 

@@ -1,7 +1,7 @@
 """Shared by the training tests: a tiny GPT config that compiles in seconds, and meshes."""
 
 from bf16jax import config as config_lib
-from bf16jax import sharding
+from bf16jax.parallel import sharding
 
 
 def tiny_gpt_config(policy: str = "fp32", steps: int = 4, **train_overrides):

@@ -10,6 +10,7 @@ for `loss.fused_cross_entropy`) and `output_head`. `param_count(model)` is N in 
 FLOPs-per-token MFU convention.
 Every policy override must decide some module of the built model, or a UserWarning says so
 (`overrides.check_rules`).
+May import: nn, precision, parallel.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import jax
 import ml_collections
 from flax import nnx
 
-from bf16jax.attention import normalize_implementation
-from bf16jax.layers import MLP_ACTIVATIONS
 from bf16jax.models.gpt import GPT, REMAT_POLICIES
 from bf16jax.models.t5 import T5
 from bf16jax.models.vit import ViT
-from bf16jax.overrides import check_rules
+from bf16jax.nn.attention import normalize_implementation
+from bf16jax.nn.layers import MLP_ACTIVATIONS
 from bf16jax.precision import Policy, get_policy, record_paths
+from bf16jax.precision.overrides import check_rules
 
 __all__ = ["GPT", "T5", "ViT", "MODEL_NAMES", "build_model", "param_count"]
 
@@ -123,7 +124,8 @@ def build_model(
         )
     cfg = _read_config(name, model_cfg)
     cfg["platform"] = platform
-    # Params carry logical axis names ("embed", ...) as metadata; bf16jax.sharding maps them to
+    # Params carry logical axis names ("embed", ...) as metadata; bf16jax.parallel.sharding maps
+    # them to
     # mesh axes. NNX eager sharding would read them as mesh axes (and fails without a mesh).
     with nnx.use_eager_sharding(False), record_paths() as paths:
         if name == "gpt":

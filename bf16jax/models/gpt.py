@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bf16jax.layers import (
+from bf16jax.nn.layers import (
     MATMUL_OUTPUT,
     MLP,
     Attention,
@@ -36,10 +36,10 @@ from bf16jax.layers import (
     dropout,
     dropout_keys,
 )
-from bf16jax.loss import head_logits, materialize
-from bf16jax.overrides import check_stacked_layers
+from bf16jax.nn.loss import head_logits, materialize
+from bf16jax.parallel.sharding import constrain_batch
 from bf16jax.precision import Policy, record_paths
-from bf16jax.sharding import constrain_batch
+from bf16jax.precision.overrides import check_stacked_layers
 
 __all__ = [
     "Block",
@@ -215,7 +215,7 @@ class GPT(nnx.Module):
         (`REMAT_POLICIES`).
       attention_impl: "auto" (cuDNN on a GPU under 16-bit compute, Pallas splash attention on
         a TPU, bf16jax's XLA path otherwise), or "xla", "cudnn", "pallas" to force one; see
-        `bf16jax.attention`.
+        `bf16jax.nn.attention`.
       platform: the platform the model will run on ("cpu", "gpu", "tpu"; default
         `jax.default_backend()`), for resolving `attention_impl`.
       tie_embeddings: logits from the token embedding (GPT-2) or a separate "head".
@@ -453,7 +453,8 @@ def generate(
     """Samples `num_tokens` ids after `prompt` (1-D int ids); returns prompt + samples.
 
     Recomputes the whole window each token (no KV cache): the reference that the KV-cache
-    generation (`bf16jax.sampling`) is tested against, and the sampler of `loop.sample_text`.
+    generation (`bf16jax.serving.sampling`) is tested against, and the sampler of
+    `loop.sample_text`.
     The window slides once the text is longer than `model.max_len`. `temperature=0` is greedy;
     `vocab_limit` keeps only ids below it (e.g. the tokenizer's vocabulary when the model's is
     padded).

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bf16jax.layers import (
+from bf16jax.models.gpt import cache_dtype
+from bf16jax.nn.layers import (
     MLP,
     Attention,
     Embed,
@@ -36,10 +37,9 @@ from bf16jax.layers import (
     dropout_keys,
     logical_param,
 )
-from bf16jax.loss import head_logits, materialize
-from bf16jax.models.gpt import cache_dtype
+from bf16jax.nn.loss import head_logits, materialize
+from bf16jax.parallel.sharding import constrain_batch
 from bf16jax.precision import Policy
-from bf16jax.sharding import constrain_batch
 
 __all__ = ["T5", "T5Stack", "RelativePositionBias", "relative_position_bucket"]
 

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bf16jax.layers import Embed, LayerNorm, Linear
-from bf16jax.loss import materialize
 from bf16jax.models.gpt import Block
+from bf16jax.nn.layers import Embed, LayerNorm, Linear
+from bf16jax.nn.loss import materialize
+from bf16jax.parallel.sharding import constrain_batch
 from bf16jax.precision import Policy
-from bf16jax.sharding import constrain_batch
 
 __all__ = ["ViT", "patchify"]
 

@@ -30,7 +30,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
-from bf16jax import precision as jmp  # bf16jax: was `from jmp._src import policy as jmp`
+from bf16jax.precision import policy as jmp  # bf16jax: was `from jmp._src import policy as jmp`
 import numpy as np
 
 HALF_DTYPES = (np.float16, jnp.float16, jnp.bfloat16)

@@ -1,0 +1,85 @@
+"""Start-up checks of a run's data against its model and mesh, made before the first step.
+
+Everything a run would otherwise discover late is checked here: the train, eval and drift
+batches split evenly over the processes and the batch mesh axes (data * fsdp), the eval split
+holds at least one eval batch (else the first evaluation, after all training, would fail), the
+model's vocabulary covers every id the data can produce (else the loss is NaN and every step is
+skipped), and an image model matches the images. Each failure is a ValueError naming the key
+and the fix.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from bf16jax.data import datasets as data_lib
+from bf16jax.data.span_corruption import random_spans_helper, span_counts
+from bf16jax.parallel.sharding import BATCH_AXES
+
+__all__ = ["check_data", "vocab_needed"]
+
+
+def vocab_needed(data_cfg) -> int | None:
+    """The smallest model vocabulary that covers every token id the data yields (None: no
+    token ids, i.e. images)."""
+    name = data_cfg.name
+    if data_cfg.get("tokenizer"):
+        return None  # a pretrained tokenizer's ids: the imported model's vocabulary covers them
+    if name == "kjv_bytes":
+        return int(max(data_lib.kjv_tokens(s).max() for s in data_lib.SPLITS)) + 1
+    if name == "kjv_span":
+        density, mean_span = float(data_cfg.noise_density), float(data_cfg.mean_noise_span)
+        tokens_length, _ = random_spans_helper(int(data_cfg.enc_len), density, mean_span)
+        _, spans = span_counts(tokens_length, density, mean_span)
+        # One sentinel per noise span, and the targets' one more (T5's layout).
+        return data_lib.SENTINEL_OFFSET + spans + 1
+    if name == "synthetic_tokens":
+        return int(data_cfg.get("vocab_size", data_lib.VOCAB_SIZE))
+    return None
+
+
+def _check_batch(key: str, global_rows: int, mesh) -> None:
+    shards = 1
+    for axis in BATCH_AXES:
+        shards *= mesh.shape[axis]
+    if global_rows % shards:
+        sizes = "*".join(str(mesh.shape[a]) for a in BATCH_AXES)
+        raise ValueError(
+            f"config.data.{key}={global_rows} is not divisible by {'*'.join(BATCH_AXES)} = "
+            f"{sizes} = {shards} (the batch mesh axes): make it a multiple of {shards} or change "
+            "config.mesh."
+        )
+
+
+def check_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Raises ValueError for data that the model or the mesh cannot take (module docstring)."""
+    d, m = config.data, config.model
+    _check_batch("batch_size", int(d.batch_size), mesh)
+    _check_batch("eval_batch_size", int(d.eval_batch_size), mesh)
+    # Builds (does not read) the eval pipeline: too few eval examples, or a batch that does not
+    # split over the processes, fail here rather than at the first evaluation.
+    data_lib.make_dataset(
+        d, "eval", process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    needed = vocab_needed(d)
+    if needed is not None and m.name in ("gpt", "t5") and m.vocab_size < needed:
+        raise ValueError(
+            f"config.model.vocab_size={m.vocab_size} is too small for data.name={d.name!r}, "
+            f"whose token ids reach {needed - 1}: set model.vocab_size >= {needed} "
+            f"(the tokenizer's is {data_lib.VOCAB_SIZE})."
+        )
+    if m.name == "vit" and d.name in ("digits", "synthetic_images"):
+        shape = data_lib.example_spec(d)["image"][0]
+        want = (m.image_size, m.image_size, m.channels)
+        if tuple(shape) != want:
+            raise ValueError(
+                f"data.name={d.name!r} yields images of shape {tuple(shape)}, the model expects "
+                f"{want}: set model.image_size={shape[0]} and model.channels={shape[2]}."
+            )
+        classes = 10 if d.name == "digits" else int(d.get("num_classes", 10))
+        if m.num_classes < classes:
+            raise ValueError(
+                f"config.model.num_classes={m.num_classes} is below the {classes} classes of "
+                f"data.name={d.name!r}: set model.num_classes >= {classes}."
+            )
