@@ -150,10 +150,10 @@ import numpy as np
 from flax import nnx
 
 import bf16jax
-from bf16jax.nn import layers
-from bf16jax.precision import numerics
 from bf16jax.config import base_config
 from bf16jax.models import build_model
+from bf16jax.nn import layers
+from bf16jax.precision import numerics
 
 print("bf16jax", bf16jax.__version__, "| jax", jax.__version__, "| devices:", jax.devices())""",
     ),

@@ -31,11 +31,12 @@ import numpy as np
 from flax import nnx
 
 import bf16jax
-from bf16jax.nn import quant_model
 from bf16jax.config import config_path, load_config
 from bf16jax.data.datasets import digits_split
-from bf16jax.training.loop import train_and_evaluate
+from bf16jax.evaluation.calibration import prediction_agreement
 from bf16jax.models import build_model
+from bf16jax.nn import quant_model
+from bf16jax.training.loop import train_and_evaluate
 
 print("bf16jax", bf16jax.__version__, "| jax", jax.__version__, "| devices:", jax.devices())""",
     ),
@@ -184,7 +185,7 @@ for precision in PRECISIONS[1:]:
     )
     print(
         "  argmax agreement int8 vs fake-quant "
-        f"{quant_model.prediction_agreement(fake, real):.2%}, "
+        f"{prediction_agreement(fake, real):.2%}, "
         f"max |logit difference| {diff:.2e}"
     )
     print(
@@ -232,10 +233,10 @@ import tempfile
 
 import matplotlib.pyplot as plt
 
-from bf16jax.interop import convert
 from bf16jax.config import config_path, load_config
-from bf16jax.training.loop import train_and_evaluate
 from bf16jax.data.tokenizer import load_tokenizer
+from bf16jax.interop import convert
+from bf16jax.training.loop import train_and_evaluate
 
 WORK = tempfile.mkdtemp(prefix="bf16jax_ft_")
 if "google.colab" in sys.modules:

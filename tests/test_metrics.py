@@ -141,7 +141,7 @@ def test_calibration_bins_match_scikit_learn():
 @pytest.mark.parametrize("url", [False, True], ids=["local", "url"])
 def test_metric_writer_appends_across_restarts(tmp_path, monkeypatch, url):
     # A gs:// workdir goes through etils.epath and rewrites the file; emulate it on disk.
-    monkeypatch.setattr(metrics, "_is_url", lambda path: url)
+    monkeypatch.setattr(training_metrics, "_is_url", lambda path: url)
     first = training_metrics.MetricWriter(str(tmp_path), tensorboard=False)
     first.write(1, {"loss": np.float32(2.5)}, prefix="train/")
     first.close()
