@@ -20,6 +20,7 @@ PROGRAMS = (
     ".venv/bin/python",
     ".venv/bin/pip",
     ".venv/bin/tensorboard",
+    ".venv/bin/mkdocs",
     "make",
     "bash",
     "pip",

@@ -1,13 +1,15 @@
-"""The docs are true: every command and snippet in README.md and experiments/README.md runs.
+"""The docs are true: every command and snippet in README.md, experiments/README.md and docs/ runs.
 
 Each one (tests/doc_snippets.py reads them out) matches exactly one rule below, and every rule
 matches something (a rule for a command the docs dropped fails too). A rule runs the command
 as written, shrunk where it would take long (tiny model sizes and few steps appended as
 `--config.KEY=VALUE` overrides, fewer seeds, a free port), in a scratch copy of the repository's
-layout, in document order (later commands use what earlier ones made: `make demo`'s run is the
-one the serving commands export). `pip install` lines run as `--dry-run --no-index --no-deps`
-and their extras must exist. What cannot run here says why: another test that runs it (named,
-and it must exist), the network, a TPU, or this suite itself.
+layout, in document order: README.md, experiments/README.md, then the pages of docs/ in the
+order of mkdocs.yml's nav (later commands use what earlier ones made: `make demo`'s run is the
+one the serving commands export). A command or snippet that several pages repeat runs once.
+`pip install` lines run as `--dry-run --no-index --no-deps` and their extras must exist. What
+cannot run here says why: another test that runs it (named, and it must exist), the network, a
+TPU, or this suite itself.
 
 The runs share one Python process (tests/doc_driver.py): one JAX import, one compile of each
 program, as `make test` on 2 cores allows.
@@ -30,7 +32,7 @@ import pytest
 from cli_runs import REPO, TINY_OVERRIDES, cli_env
 from doc_snippets import Snippet, snippets
 
-DOCS = ("README.md", "experiments/README.md")
+FRONT_DOCS = ("README.md", "experiments/README.md")  # then docs/, in mkdocs.yml's nav order
 GOLDEN_T5 = REPO / "tests" / "golden" / "t5_v1_1"  # a tiny FLAN-T5-shaped checkpoint
 # The docs' placeholders, filled in; an optional `[...]` part naming one is left out.
 PLACEHOLDERS = {
@@ -151,6 +153,12 @@ RULES = [
     ),  # fmt: skip
     Rule(r"experiments/load_test\.py", "covered", test="tests/test_serve.py", marker="load_test"),
     Rule(r"experiments/benchmark\.py", "skip", "benchmark: see tests/test_benchmark.py"),
+    Rule(r"mkdocs build", "covered", test="tests/test_docs_site.py", marker="mkdocs"),
+    Rule(
+        r"mkdocs serve",
+        "skip",
+        "a live-reload server; tests/test_docs_site.py builds the same site",
+    ),
     Rule(r"^```python", "python"),
 ]
 
@@ -167,8 +175,19 @@ def _rule_for(snippet: Snippet) -> Rule:
     return hits[0]
 
 
+def doc_files(root: Path = REPO) -> list[Path]:
+    """README.md, experiments/README.md, then every page of docs/: those in mkdocs.yml's nav in
+    nav order (the reading order), any other page after them."""
+    nav = re.findall(
+        r"^\s*-\s*(?:[^:\n]+:\s*)?([\w/.-]+\.md)\s*$", (root / "mkdocs.yml").read_text(), re.M
+    )
+    pages = [root / "docs" / page for page in nav]
+    pages += sorted(p for p in (root / "docs").rglob("*.md") if p not in pages)
+    return [root / doc for doc in FRONT_DOCS] + pages
+
+
 def all_snippets() -> list[Snippet]:
-    return [s for doc in DOCS for s in snippets(REPO / doc, REPO)]
+    return [s for doc in doc_files() for s in snippets(doc, REPO)]
 
 
 def test_every_command_and_snippet_has_a_rule_and_every_rule_is_used():
@@ -327,7 +346,9 @@ def _plan(found: list[Snippet], root: Path) -> list[dict]:
     for snippet in found:
         rule = _rule_for(snippet)
         if rule.kind == "python":
-            plan.append({"where": snippet.where, "argv": ["python", "-c", snippet.text]})
+            if snippet.text not in seen:  # the README's example, repeated in a guide: one run
+                seen.add(snippet.text)
+                plan.append({"where": snippet.where, "argv": ["python", "-c", snippet.text]})
             continue
         if rule.kind != "run":
             continue
@@ -337,7 +358,8 @@ def _plan(found: list[Snippet], root: Path) -> list[dict]:
             continue
         argv = _shell_words(text, env)
         for step in _steps(argv, rule, root, snippet):
-            key = json.dumps(step["argv"])
+            # a server's free port differs per step: the same documented server is one step
+            key = json.dumps([re.sub(r"^--port=\d+$", "--port", a) for a in step["argv"]])
             if key not in seen:  # `make demo` and its command line: one run
                 seen.add(key)
                 plan.append({**step, "where": snippet.where})
@@ -358,7 +380,7 @@ def _steps(argv: list[str], rule: Rule, root: Path, snippet: Snippet) -> list[di
         return [s for cmd in _make_recipe(argv[1]) for s in _steps(cmd, rule, root, snippet)]
     if argv[0] == "huggingface-cli":
         target = root / argv[argv.index("--local-dir") + 1]
-        shutil.copytree(GOLDEN_T5, target)
+        shutil.copytree(GOLDEN_T5, target, dirs_exist_ok=True)  # README and the guide: one copy
         return []
     if Path(argv[0]).name == "tensorboard":
         return [{"argv": [str(root / ".venv/bin/tensorboard"), "--inspect", *argv[1:]],

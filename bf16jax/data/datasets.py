@@ -236,7 +236,7 @@ class TokenWindows:
 
 
 class ArrayRecords:
-    """Record i = {key: arrays[key][i]} over equal-length in-memory arrays."""
+    """Record `i` = `{key: arrays[key][i]}` over equal-length in-memory arrays."""
 
     def __init__(self, name: str, arrays: dict[str, np.ndarray]):
         self.name, self.arrays = name, arrays

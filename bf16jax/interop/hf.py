@@ -299,7 +299,7 @@ def read_safetensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, A
 
     Raises:
       FileNotFoundError / ValueError: no safetensors file (a torch-only `pytorch_model.bin`
-      included), a shard the index names but the directory lacks, or a malformed file.
+        included), a shard the index names but the directory lacks, or a malformed file.
     """
     from safetensors import SafetensorError, safe_open
 

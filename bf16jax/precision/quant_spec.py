@@ -1,7 +1,7 @@
 """The `q=` grammar of policy strings: quantization settings and FP8 options.
 
 A setting is "none", w<bits>[a<bits>] with 2..8 bits each (LSQ, `bf16jax.nn.quant`), or
-fp8[:h<N>][:m<N>][:<format>] (FP8 delayed scaling). `parse_quant` turns what a user wrote into
+`fp8[:h<N>][:m<N>][:<format>]` (FP8 delayed scaling). `parse_quant` turns what a user wrote into
 the canonical setting every layer compares against; `quant_bits`, `is_fp8` and `fp8_options`
 read a canonical setting. `bf16jax.precision` re-exports them.
 """
