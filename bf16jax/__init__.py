@@ -4,7 +4,7 @@ The public names live here; everything else is imported from its module
 (`bf16jax.nn.layers`, `bf16jax.models`, `bf16jax.training.trainer`, ...). jmp's policy API is a
 subset:
 `import bf16jax as jmp` keeps `jmp.Policy`, `jmp.get_policy`, `jmp.half_dtype`,
-`jmp.cast_to_full` and `jmp.cast_to_half` working (README, "Coming from jmp").
+`jmp.cast_to_full` and `jmp.cast_to_half` working (docs/guides/jmp.md).
 """
 
 from bf16jax.precision import (

@@ -331,7 +331,7 @@ Round-to-nearest never moves the weight: every update is below half a BF16 spaci
 compensation tracks the exact sum to within half a BF16 spacing at 11 (0.0625), and stochastic
 rounding is right on average while a single run wanders (a spread of about 9 spacings here).
 That is the difference between the `bf16-pure`, `bf16-pure-kahan` and `bf16-pure-sr` presets
-in training (README, "Pure BF16").""",
+in training (docs/guides/pure_bf16.md).""",
     ),
 ]
 
@@ -364,7 +364,8 @@ NUMBERS = {
     ),
     "__QUANT_NUMBERS__": (
         "held-out accuracy **93.89%** for `fp32`, **94.17%** (+0.28 points) for `fp32; q=w8a8` "
-        "and **94.72%** (+0.83) for `fp32; q=w4a8`, the README's QAT table to the digit. In the "
+        "and **94.72%** (+0.83) for `fp32; q=w4a8`, the QAT table (experiments/results/qat.md) to "
+        "the digit. In the "
         "w4a8 model the activation step sizes moved from their init 0.1416 to between 0.023 "
         "(`blocks/0/attn/o`) and 0.154 (`blocks/2/attn/v`), the mean weight step size of a "
         "layer by up to about 20% (`blocks/0/attn/o` 0.0765 -> 0.0615). Real int8 inference "

@@ -1,10 +1,10 @@
-"""GPT tiny on the King James Bible, byte level: the README's CPU demo.
+"""GPT tiny on the King James Bible, byte level: the CPU demo of `make demo`.
 
 Launch:   python -m bf16jax.main --config=configs/gpt_tiny.py --workdir=runs/gpt_tiny
 Hardware: a laptop / CI CPU (2 cores); any GPU or TPU.
 Expected: 0.86M params, 300 steps of 32x128 bytes in 2-3 minutes on 2 CPU cores; final eval
           loss 2.22 nats/byte (35% next-byte accuracy) under `bf16` and `fp32` (measured, seed 0;
-          see README for the pure-BF16 variants).
+          see docs/guides/pure_bf16.md for the pure-BF16 variants).
 """
 
 from bf16jax.config import base_config

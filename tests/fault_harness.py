@@ -9,7 +9,8 @@ measures any checkout of the code: `tests/test_faults.py` runs it on this one, a
 
     .venv/bin/python tests/fault_harness.py [--code=DIR] [--kills=8] [--flips=40]
 
-prints the figures (JSON) for the checkout at DIR, e.g. main before a change (README: "Faults").
+prints the figures (JSON) for the checkout at DIR, e.g. main before a change
+(docs/guides/faults.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ fix, prints no traceback, and changes nothing already written.
 
 The CLI's entry function (`bf16jax.main.run(argv)`) runs in this process: no case gets as far as
 compiling a step, so no subprocess is needed. `python tests/test_bad_input.py` prints the table
-(case -> message -> exit code) for the README.
+(case -> message -> exit code) for docs/guides/faults.md.
 """
 
 from __future__ import annotations
@@ -394,7 +394,7 @@ def test_the_table_has_at_least_30_cases():
     assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
 
 
-if __name__ == "__main__":  # the README's table
+if __name__ == "__main__":  # the table in docs/guides/faults.md
     import os
     import tempfile
 

@@ -15,8 +15,9 @@ input). Checks, all paired on identical examples:
   how far the candidate's probabilities moved, which catches regressions (a 16-bit softmax)
   long before they flip enough argmaxes to move accuracy.
 
-Default thresholds sit between measured honest exports and planted regressions (README:
-"Serving"); every one is a flag, or a JSON file (`--thresholds=FILE`).
+Default thresholds sit between measured honest exports and planted regressions
+(docs/guides/serving.md);
+every one is a flag, or a JSON file (`--thresholds=FILE`).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def gate(
 
 
 # ----------------------------------------------------------------------------- planted regressions
-# What the gate is validated against (tests/test_serving.py, README): params edited the way a
+# What the gate is validated against (tests/test_serving.py, experiments/results/serving.md):
+# params edited the way a
 # careless serving change would, exported and gated like any candidate.
 def _int4_head(params: dict) -> None:
     """The untied output head rounded to 4-bit per-channel codes (a too-eager quantization)."""
