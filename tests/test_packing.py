@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental.pallas import tpu as pltpu
 from tiny import tiny_gpt_config
 
 from bf16jax.models import build_model
@@ -246,6 +247,37 @@ def test_cudnn_falls_back_to_xla_with_one_warning(caplog):
     forced = build(GPT, "bf16", platform="gpu", attention_impl="cudnn")
     with pytest.raises(ValueError, match="attention_impl='cudnn' cannot run .* no segment ids"):
         forced(ids, **packing)
+
+
+def test_packed_models_built_for_a_tpu_match_xla():
+    """GPT (splash, causal) and T5 (flash with the per-example relative bias) built for a TPU
+    run packed rows in Pallas interpret mode with the XLA model's logits."""
+    n = 128  # the Pallas TPU kernels tile by 128
+    docs = [tokens(50, 1), tokens(60, 2)]
+    ids, seg, pos = (jnp.asarray(x[None]) for x in pack(docs, n))
+    examples = [(tokens(50, 3), tokens(40, 4)), (tokens(45, 5), tokens(60, 6))]
+    enc, enc_seg, enc_pos = (jnp.asarray(x[None]) for x in pack([e for e, _ in examples], n))
+    dec, dec_seg, dec_pos = (
+        jnp.asarray(x[None]) for x in pack([shifted(t) for _, t in examples], n)
+    )
+    t5_packing = dict(
+        encoder_segment_ids=enc_seg,
+        encoder_positions=enc_pos,
+        decoder_segment_ids=dec_seg,
+        decoder_positions=dec_pos,
+    )
+    for base, args, packing in (
+        (GPT, (ids,), {"segment_ids": seg, "positions": pos}),
+        (T5, (enc, dec), t5_packing),
+    ):
+        changes = {"max_len": n} if base is GPT else {}
+        on_tpu = build(base, platform="tpu", **changes)
+        kernels = {m.implementation for _, m in nnx.iter_modules(on_tpu) if hasattr(m, "fallback")}
+        assert kernels == {"pallas"}
+        with attn_lib.pallas_interpret(), pltpu.force_tpu_interpret_mode():
+            out = nnx.jit(lambda m, p, *a: m(*a, **p))(on_tpu, packing, *args)
+        ref = build(base, **changes)(*args, **packing)
+        np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
 # ----------------------------------------------------------------------------- training
