@@ -199,13 +199,17 @@ def test_t5_token_logits_ignore_the_other_examples_of_its_row(policy):
 def test_t5_packed_examples_get_the_logits_they_get_alone():
     """Relative positions from per-example positions, decoder shift restarting per example,
     cross-attention only to the example's own encoder tokens."""
+    run = nnx.jit(lambda m, enc, dec, p: m(enc, dec, **p))
     t5 = build(T5)
-    enc, dec, packing = t5_batch(T5_EXAMPLES)
-    packed = t5(enc, dec, **packing)
+    packed = run(t5, *t5_batch(T5_EXAMPLES))
     start = 0
-    for enc, target in T5_EXAMPLES:
-        alone = t5(jnp.asarray(enc[None]), jnp.asarray(shifted(target)[None]))
-        np.testing.assert_allclose(packed[0, start : start + len(target)], alone[0], atol=1e-5)
+    for enc, target in T5_EXAMPLES:  # alone: the example in its own (PAD-padded) row
+        alone_enc = jnp.asarray(pack([enc], E)[0][None])
+        alone_dec = jnp.asarray(pack([shifted(target)], D)[0][None])
+        alone = run(t5, alone_enc, alone_dec, {})
+        np.testing.assert_allclose(
+            packed[0, start : start + len(target)], alone[0, : len(target)], atol=1e-5
+        )
         start += len(target)
     assert bool(jnp.all(jnp.isfinite(packed)))
 
@@ -274,9 +278,10 @@ def test_packed_models_built_for_a_tpu_match_xla():
         on_tpu = build(base, platform="tpu", **changes)
         kernels = {m.implementation for _, m in nnx.iter_modules(on_tpu) if hasattr(m, "fallback")}
         assert kernels == {"pallas"}
+        run = nnx.jit(lambda m, p, *a: m(*a, **p))
         with attn_lib.pallas_interpret(), pltpu.force_tpu_interpret_mode():
-            out = nnx.jit(lambda m, p, *a: m(*a, **p))(on_tpu, packing, *args)
-        ref = build(base, **changes)(*args, **packing)
+            out = run(on_tpu, packing, *args)
+        ref = run(build(base, **changes), packing, *args)
         np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
