@@ -365,6 +365,11 @@ def _cudnn(q, k, v, *, bias, mask, causal, scale, auto, segments):
         raise _Unsupported("it would round the additive bias to 16 bits")
     if q.shape[1] != k.shape[1] and causal:
         raise _Unsupported("causal attention with T != S")
+    if mask is not None:
+        # jax turns the mask into a bias whose last two dims must be (T, S) exactly (its
+        # check_layout): a key-padding mask [B, 1, 1, S] is broadcast over the queries.
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))
     try:
         # Inputs are all in the compute dtype; the standard promotion only guards JAX's own
         # internals under a strict-promotion setting (the tests'), as for the flash kernel.
