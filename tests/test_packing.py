@@ -157,18 +157,42 @@ def test_gpt_unpacked_program_has_no_segment_mask_and_ones_change_nothing():
     np.testing.assert_array_equal(jax.jit(logits)(params, ones), jax.jit(logits)(params, {}))
 
 
-def test_padding_changes_no_loss_and_fused_matches_materialized():
-    gpt = build(GPT)
-    ids, packing = gpt_batch(GPT_DOCS)
-    seg = packing["segment_ids"]
-    targets = jnp.where(seg > 0, jnp.roll(ids, -1, axis=1), 0)
-    batch = {"inputs": ids, "targets": targets, "weights": (seg > 0).astype(jnp.float32)}
-    batch |= packing
-    pad = seg == 0
-    junk = batch | {"inputs": jnp.where(pad, 33, ids), "targets": jnp.where(pad, 7, targets)}
+def packed_lm_batches(name):
+    """(batch, the batch with other tokens and targets at its padding) of a packed row."""
+    if name == "gpt":
+        ids, packing = gpt_batch(GPT_DOCS)
+        seg = packing["segment_ids"]
+        targets = jnp.where(seg > 0, jnp.roll(ids, -1, axis=1), 0)
+        batch = {"inputs": ids, "targets": targets, "weights": (seg > 0).astype(jnp.float32)}
+        pad = seg == 0
+        junk = {"inputs": jnp.where(pad, 33, ids), "targets": jnp.where(pad, 7, targets)}
+        return batch | packing, batch | packing | junk
+    enc, dec, packing = t5_batch(T5_EXAMPLES)
+    targets = pack([t for _, t in T5_EXAMPLES], D)[0][None]
+    seg, enc_pad = packing["decoder_segment_ids"], packing["encoder_segment_ids"] == 0
+    batch = dict(encoder_inputs=enc, decoder_inputs=dec, targets=jnp.asarray(targets))
+    batch |= packing | {"weights": (seg > 0).astype(jnp.float32)}
+    junk = dict(
+        encoder_inputs=jnp.where(enc_pad, 33, enc),
+        decoder_inputs=jnp.where(seg == 0, 21, dec),
+        targets=jnp.where(seg == 0, 7, batch["targets"]),
+    )
+    return batch, batch | junk
+
+
+@pytest.mark.parametrize("name", ["gpt", "t5"])
+def test_padding_changes_no_loss_and_fused_matches_materialized(name):
+    model = build(GPT if name == "gpt" else T5)
+    batch, junk = packed_lm_batches(name)
+
+    def jitted(fused):
+        options = LossOptions(fused=fused, chunk_tokens=8)
+        return nnx.jit(lambda m, b: model_loss(m, b, options)[0])
+
+    fns = {fused: jitted(fused) for fused in (False, True)}
 
     def loss(batch, fused):
-        return model_loss(gpt, batch, LossOptions(fused=fused, chunk_tokens=8))[0]
+        return fns[fused](model, batch)
 
     materialized = loss(batch, False)
     assert float(loss(junk, False)) == float(materialized)

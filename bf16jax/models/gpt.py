@@ -52,7 +52,11 @@ __all__ = [
     "run_layers",
     "generate",
     "cache_dtype",
+    "PACKING_KEYS",
 ]
+
+# The extra arrays of a packed batch (`data.packing`); a batch without them is unpacked.
+PACKING_KEYS = ("segment_ids", "positions")
 
 LAYERS_AXIS = "layers"  # logical axis name of the stacked-layer dimension
 

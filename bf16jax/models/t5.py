@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 PAD_ID = 0
-# A packed batch's extra arrays (data contract of issue #25); absent = unpacked rows.
+# The extra arrays of a packed batch (`data.packing`); a batch without them is unpacked.
 PACKING_KEYS = (
     "encoder_segment_ids",
     "encoder_positions",
