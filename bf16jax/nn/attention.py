@@ -415,7 +415,7 @@ def _pallas(q, k, v, *, bias, mask, causal, scale, auto, segments):
         raise _Unsupported(f"lengths T={t}, S={s} are not multiples of {_LANES}")
     if causal and t != s:
         raise _Unsupported("causal attention with T != S")
-    ids = _kernel_segment_ids(_key_padding(mask, b, s), segments, b, t)
+    q_ids, kv_ids = _kernel_segment_ids(_key_padding(mask, b, s), segments)
     if bias is not None and (bias.ndim != 4 or bias.shape[-2:] != (t, s)):
         raise _Unsupported(f"the bias of shape {tuple(bias.shape)} is not [B|1, H|1, T, S]")
     # Kernels take [B, H, T, Dh].
@@ -426,29 +426,34 @@ def _pallas(q, k, v, *, bias, mask, causal, scale, auto, segments):
         )
     else:
         local = functools.partial(_flash_local, causal=causal, scale=scale)
-    extra = tuple(x for x in (*(ids or ()), bias) if x is not None)
+    extra = tuple(x for x in (q_ids, kv_ids, bias) if x is not None)
 
     def fn(q, k, v, *extra):  # shard_map takes arrays only: None args are re-inserted here
         rest = iter(extra)
-        seg = (next(rest), next(rest)) if ids is not None else None
-        return local(q, k, v, seg, *rest)
+        ids = [next(rest) if x is not None else None for x in (q_ids, kv_ids)]
+        return local(q, k, v, *ids, *rest)
 
     return jnp.swapaxes(_over_mesh(fn, (q, k, v, *extra)), 1, 2)
 
 
-def _kernel_segment_ids(keep, segments, batch: int, q_len: int):
-    """(q ids [B, T], kv ids [B, S]) int32 for the kernels' `SegmentIds`, or None.
+def _kernel_segment_ids(keep, segments):
+    """(q ids [B, T] or None, kv ids [B, S] or None), int32, for the kernels' `SegmentIds`.
 
-    A key-padding mask alone is q = 1, kv = keep (1 / 0); with segment ids, a masked-out key
-    gets id -1, which no query carries.
+    A key-padding mask alone is kv = keep (1 / 0), q = None (all 1, made per device); with
+    segment ids, a masked-out key gets id -1, which no query carries.
     """
     if segments is None:
-        return None if keep is None else (jnp.ones((batch, q_len), jnp.int32), keep)
+        return None, keep
     q_ids, kv_ids = segments
     return q_ids, kv_ids if keep is None else jnp.where(keep == 1, kv_ids, -1)
 
 
-def _splash_local(q, k, v, segments, *, causal: bool, scale: float, interpret: bool):
+def _local_q_ids(q_ids, batch: int, q_len: int):
+    """The queries' ids on one device's shard: all 1 for a key-padding mask alone."""
+    return jnp.ones((batch, q_len), jnp.int32) if q_ids is None else q_ids
+
+
+def _splash_local(q, k, v, q_ids, kv_ids, *, causal: bool, scale: float, interpret: bool):
     """Splash attention on one device's shard: q [b, h, T, Dh], k/v [b, h, S, Dh]."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
@@ -481,12 +486,13 @@ def _splash_local(q, k, v, segments, *, causal: bool, scale: float, interpret: b
     # otherwise one rounding of q in the compute dtype). The logits and softmax inside are FP32.
     if scale != 1.0:
         q = (q.astype(jnp.float32) * jnp.float32(scale)).astype(q.dtype)
-    if segments is None:
+    if kv_ids is None:
         return jax.vmap(kernel)(q, k, v)
-    return jax.vmap(kernel)(q, k, v, splash.SegmentIds(q=segments[0], kv=segments[1]))
+    ids = splash.SegmentIds(q=_local_q_ids(q_ids, q.shape[0], t), kv=kv_ids)
+    return jax.vmap(kernel)(q, k, v, ids)
 
 
-def _flash_local(q, k, v, segments, bias, *, causal: bool, scale: float):
+def _flash_local(q, k, v, q_ids, kv_ids, bias, *, causal: bool, scale: float):
     """Pallas flash attention with an additive FP32 bias on one device's shard."""
     from jax.experimental.pallas.ops.tpu import flash_attention as flash
 
@@ -509,7 +515,9 @@ def _flash_local(q, k, v, segments, bias, *, causal: bool, scale: float):
         block_k_dq=bk,
         block_q_dq=bq,
     )
-    ids = None if segments is None else flash.SegmentIds(q=segments[0], kv=segments[1])
+    ids = None
+    if kv_ids is not None:
+        ids = flash.SegmentIds(q=_local_q_ids(q_ids, b, t), kv=kv_ids)
     # The kernel's cost estimate traces its reference, which adds the FP32 `ab` to 16-bit
     # logits by implicit promotion: allow it under strict promotion (the tests' setting).
     with jax.numpy_dtype_promotion("standard"):
