@@ -238,6 +238,26 @@ def test_t5_packed_examples_get_the_logits_they_get_alone():
     assert bool(jnp.all(jnp.isfinite(packed)))
 
 
+def test_t5_decoder_padding_over_a_full_encoder_row_stays_finite():
+    """Decoder padding (segment 0) finds no encoder key when the encoder row has no padding:
+    its cross-attention row is fully masked, yet logits, loss and gradients stay finite."""
+    t5 = build(T5)
+    examples = [(tokens(7, 3), tokens(3, 4)), (tokens(5, 5), tokens(4, 6))]  # 12 = E tokens
+    enc, dec, packing = t5_batch(examples)
+    assert int(jnp.min(packing["encoder_segment_ids"])) == 1
+    assert int(jnp.min(packing["decoder_segment_ids"])) == 0
+    targets = jnp.asarray(pack([t for _, t in examples], D)[0][None])
+    batch = dict(encoder_inputs=enc, decoder_inputs=dec, targets=targets, **packing)
+    batch["weights"] = (packing["decoder_segment_ids"] > 0).astype(jnp.float32)
+
+    def loss(m):
+        return cross_entropy(*m.logits_and_targets(batch))[0]
+
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(t5)
+    assert bool(jnp.isfinite(value))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
 def test_t5_relative_bias_from_positions_equals_the_static_bias():
     t5 = build(T5)
     for relpos, length in ((t5.encoder.relpos, E), (t5.decoder.relpos, D)):

@@ -445,7 +445,7 @@ def _kernel_segment_ids(keep, segments):
     if segments is None:
         return None, keep
     q_ids, kv_ids = segments
-    return q_ids, kv_ids if keep is None else jnp.where(keep == 1, kv_ids, -1)
+    return q_ids, (kv_ids if keep is None else jnp.where(keep == 1, kv_ids, -1))
 
 
 def _local_q_ids(q_ids, batch: int, q_len: int):
