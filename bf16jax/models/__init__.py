@@ -6,7 +6,9 @@ tiling images), the attention implementation for the platform and the remat poli
 ValueError naming the key and the fix. Every model has `features(...)` (hidden states
 in the policy's output_dtype), `logits_and_targets(batch)` (logits in accum_dtype, targets
 int32, weights float32), `head_and_targets(batch)` (the output head's input and the head itself,
-for `loss.fused_cross_entropy`) and `output_head`. `param_count(model)` is N in the 6N
+for `loss.fused_cross_entropy`) and `output_head`. A packed batch adds per-token segment ids and
+positions (`gpt.PACKING_KEYS`, `t5.PACKING_KEYS`), which the models read from
+the batch; without them a model runs its unpacked program. `param_count(model)` is N in the 6N
 FLOPs-per-token MFU convention.
 Every policy override must decide some module of the built model, or a UserWarning says so
 (`overrides.check_rules`).

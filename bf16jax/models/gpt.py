@@ -12,6 +12,9 @@ override that would treat layers differently is refused (`overrides.check_stacke
 recomputes the rest (attention scores, norms, GELU), "full" keeps only the block inputs.
 Dropout (GPT-2's embd/resid/attn pdrop, plus an optional MLP-hidden rate) is active only when
 `dropout_key` is passed (training); each layer gets `fold_in(key, i)`.
+Packed rows: a batch with `segment_ids` and `positions` [B, T] (several documents per row)
+attends causally within each document and reads the position embedding at `positions`; a batch
+without them runs the same program as an unpacked model.
 `init_cache` / `decode_step` run the same blocks with a KV cache for generation.
 Policy paths: embed, pos_embed, blocks/{i}/{norm1,attn,norm2,mlp}, norm_f, head.
 """
@@ -49,7 +52,11 @@ __all__ = [
     "run_layers",
     "generate",
     "cache_dtype",
+    "PACKING_KEYS",
 ]
+
+# The extra arrays of a packed batch (`data.packing`); a batch without them is unpacked.
+PACKING_KEYS = ("segment_ids", "positions")
 
 LAYERS_AXIS = "layers"  # logical axis name of the stacked-layer dimension
 
@@ -116,10 +123,18 @@ class Block(nnx.Module):
             dropout_rate=mlp_dropout_rate,
         )
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        # [B, T, D] -> [B, T, D]
+    def __call__(
+        self,
+        x: jax.Array,
+        dropout_key: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:  # [B, T, D] -> [B, T, D]; segment_ids [B, T] for packed rows
         k_attn, *keys = dropout_keys(dropout_key, 4)
-        return self._forward(x, lambda h: (self.attn(h, dropout_key=k_attn), None), keys)[0]
+
+        def attend(h):
+            return self.attn(h, dropout_key=k_attn, segment_ids=segment_ids), None
+
+        return self._forward(x, attend, keys)[0]
 
     def decode(self, x: jax.Array, cache: KVCache, index: jax.Array) -> tuple[jax.Array, KVCache]:
         """The block on new tokens `x` [B, T, D] at positions index[b] + t, reading and writing
@@ -307,8 +322,15 @@ class GPT(nnx.Module):
                 edge=True,  # output logits: unquantized unless an override asks
             )
 
-    def _hidden(self, inputs: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        """Final-norm hidden states [B, T, D] in compute dtype."""
+    def _hidden(
+        self,
+        inputs: jax.Array,
+        dropout_key: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-norm hidden states [B, T, D] in compute dtype (packed rows: see `__call__`)."""
         if inputs.ndim != 2:
             raise ValueError(f"GPT inputs must be [batch, seq] token ids, got {inputs.shape}.")
         seq_len = inputs.shape[1]
@@ -317,10 +339,16 @@ class GPT(nnx.Module):
                 f"Sequence length {seq_len} exceeds model.max_len={self.max_len}: raise "
                 "model.max_len or shorten data.seq_len."
             )
+        _check_packing(inputs, segment_ids=segment_ids, positions=positions)
         x = self.policy.cast_to_residual(self.embed(inputs))  # [B, T, D]
-        pos = self.policy.cast_to_residual(self.pos_embed(jnp.arange(seq_len)))  # [T, D]
+        if positions is None:
+            pos = self.policy.cast_to_residual(self.pos_embed(jnp.arange(seq_len)))[None]
+        else:  # restarting at 0 in each packed document (< seq_len <= max_len)
+            pos = self.policy.cast_to_residual(self.pos_embed(positions))  # [B, T, D]
         k_embed, k_layers = dropout_keys(dropout_key, 2)
-        x = constrain_batch(dropout(x + pos[None], self.dropout_rate, k_embed))
+        x = constrain_batch(dropout(x + pos, self.dropout_rate, k_embed))
+        # Without segment ids the blocks get no extra argument: the unpacked program is unchanged.
+        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
         x = run_layers(
             self.blocks,
             x,
@@ -328,24 +356,42 @@ class GPT(nnx.Module):
             remat=self.remat,
             num_layers=self.num_layers,
             dropout_key=k_layers,
+            **packed,
         )
         return self.policy.cast_to_compute(self.norm_f(x))
 
-    def features(self, inputs: jax.Array) -> jax.Array:
+    def features(
+        self,
+        inputs: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """Final hidden states [B, T, D] in output dtype for token ids `inputs` [B, T]."""
-        return self.policy.cast_to_output(self._hidden(inputs))
+        h = self._hidden(inputs, segment_ids=segment_ids, positions=positions)
+        return self.policy.cast_to_output(h)
 
     @property
     def output_head(self) -> Embed | Linear:
         """The output projection: the tied token embedding or the separate "head"."""
         return self.embed if self.tie_embeddings else self.head
 
-    def __call__(self, inputs: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        inputs: jax.Array,
+        *,
+        dropout_key: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """Logits [B, T, V] in accum dtype (FP32 island) for token ids `inputs` [B, T].
 
         `dropout_key` turns dropout on (training); without it the model is deterministic.
+        Packed rows: `segment_ids` [B, T] int (1, 2, ... per document, 0 = padding) keep
+        attention inside each document; `positions` [B, T] int (restarting at 0 per document)
+        index the position embedding.
         """
-        h = self._hidden(inputs, dropout_key)
+        h = self._hidden(inputs, dropout_key, segment_ids=segment_ids, positions=positions)
         return self._logits(h)
 
     def _logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] compute -> [B, T, V] accum
@@ -355,12 +401,18 @@ class GPT(nnx.Module):
         self, batch: dict, *, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, Embed | Linear, jax.Array, jax.Array]:
         """(hidden [B, T, D] compute, output head, targets int32 [B, T], weights f32 [B, T]):
-        what `loss.fused_cross_entropy` takes instead of the [B, T, V] logits."""
+        what `loss.fused_cross_entropy` takes instead of the [B, T, V] logits. A packed batch
+        also holds "segment_ids" and "positions" [B, T] (see `__call__`)."""
         targets = jnp.asarray(batch["targets"], jnp.int32)
         weights = batch.get("weights")
         if weights is None:
             weights = jnp.ones(targets.shape, jnp.float32)
-        hidden = self._hidden(batch["inputs"], dropout_key)
+        hidden = self._hidden(
+            batch["inputs"],
+            dropout_key,
+            segment_ids=batch.get("segment_ids"),
+            positions=batch.get("positions"),
+        )
         return hidden, self.output_head, targets, jnp.asarray(weights, jnp.float32)
 
     # ----------------------------------------------------------------- KV-cache decoding
@@ -431,6 +483,19 @@ class GPT(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits f32 [B, T, V], targets int32 [B, T], weights f32 [B, T]) for an LM batch."""
         return materialize(*self.head_and_targets(batch, dropout_key=dropout_key))
+
+
+def _check_packing(inputs: jax.Array, **packing: jax.Array | None) -> None:
+    """ValueError unless each given packing array (segment ids, positions) is integer
+    [batch, seq] like `inputs`."""
+    for name, ids in packing.items():
+        if ids is not None and (
+            tuple(ids.shape) != tuple(inputs.shape) or not jnp.issubdtype(ids.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"GPT {name} must be integers shaped like inputs {tuple(inputs.shape)}, got "
+                f"{ids.dtype} {tuple(ids.shape)}: the data's packing yields one per token."
+            )
 
 
 def cache_dtype(model: nnx.Module):

@@ -10,7 +10,12 @@ q's initialisation instead, so checkpoints load unchanged), and a separate LM he
 `mlp_activation`: "gated-gelu" (v1.1 / FLAN-T5) or "relu" (v1.0). Dropout as T5 places it: on
 the embeddings, attention probabilities, the MLP hidden, each sub-layer's output and the final
 norm's output, only when a `dropout_key` is passed. Encoder padding (PAD=0) is masked as
-attention keys in the encoder self-attention and the decoder cross-attention.
+attention keys in the encoder self-attention and the decoder cross-attention. Packed rows
+(several examples per row): a batch with "encoder_segment_ids" / "decoder_segment_ids" (example
+k is segment k on both sides, 0 = padding) and "encoder_positions" / "decoder_positions"
+(restarting per example) attends within each example (cross-attention: decoder segment ==
+encoder segment; the segments replace the PAD mask) and takes relative positions from the
+positions; a batch without them runs the unpacked program.
 `init_cache` (runs the encoder once) and `decode_step` generate with a KV cache.
 Policy paths: embed, {encoder,decoder}/relpos, {encoder,decoder}/layers_{i}/..., {..}/norm, head.
 """
@@ -41,9 +46,22 @@ from bf16jax.nn.loss import head_logits, materialize
 from bf16jax.parallel.sharding import constrain_batch
 from bf16jax.precision import Policy
 
-__all__ = ["T5", "T5Stack", "RelativePositionBias", "relative_position_bucket"]
+__all__ = [
+    "T5",
+    "T5Stack",
+    "RelativePositionBias",
+    "relative_position_bucket",
+    "PACKING_KEYS",
+]
 
 PAD_ID = 0
+# The extra arrays of a packed batch (`data.packing`); a batch without them is unpacked.
+PACKING_KEYS = (
+    "encoder_segment_ids",
+    "encoder_positions",
+    "decoder_segment_ids",
+    "decoder_positions",
+)
 
 
 class _Layer(nnx.Module):
@@ -89,14 +107,37 @@ class _Layer(nnx.Module):
             dropout_rate=cfg["mlp_dropout_rate"],
         )
 
-    def __call__(self, x, *, bias, mask=None, context=None, context_mask=None, dropout_key=None):
+    def __call__(
+        self,
+        x,
+        *,
+        bias,
+        mask=None,
+        context=None,
+        context_mask=None,
+        dropout_key=None,
+        segment_ids=None,
+        context_segment_ids=None,
+    ):
         keys = dropout_keys(dropout_key, 6)
-        return self._forward(
-            x,
-            lambda h: (self.self_attn(h, mask=mask, bias=bias, dropout_key=keys[0]), None),
-            lambda h: self.cross_attn(h, context, mask=context_mask, dropout_key=keys[2]),
-            keys,
-        )[0]
+
+        def self_attend(h):
+            out = self.self_attn(
+                h, mask=mask, bias=bias, dropout_key=keys[0], segment_ids=segment_ids
+            )
+            return out, None
+
+        def cross_attend(h):
+            return self.cross_attn(
+                h,
+                context,
+                mask=context_mask,
+                dropout_key=keys[2],
+                segment_ids=segment_ids,
+                kv_segment_ids=context_segment_ids,
+            )
+
+        return self._forward(x, self_attend, cross_attend, keys)[0]
 
     def decode(self, x, cache: KVCache, index, *, bias, context_kv: KVCache, context_mask):
         """A decoder layer on new tokens with a self-attention KV cache and the cross-attention
@@ -145,13 +186,34 @@ class T5Stack(nnx.Module):
             cfg["embed_dim"], policy=policy, name=f"{name}/norm", rngs=rngs, eps=cfg["norm_eps"]
         )
 
-    def __call__(self, x, *, mask=None, context=None, context_mask=None, dropout_key=None):
-        """x [B, T, D] compute -> [B, T, D] compute after the final norm (and its dropout)."""
+    def __call__(
+        self,
+        x,
+        *,
+        mask=None,
+        context=None,
+        context_mask=None,
+        dropout_key=None,
+        segment_ids=None,
+        positions=None,
+        context_segment_ids=None,
+    ):
+        """x [B, T, D] compute -> [B, T, D] compute after the final norm (and its dropout).
+
+        Packed rows: `segment_ids` / `positions` [B, T] of x, `context_segment_ids` [B, S] of
+        the encoder output (cross-attention).
+        """
         t = x.shape[1]
         n = len(self.layers)
         keys = dropout_keys(dropout_key, n + 2)  # embeddings, each layer, final norm
         # T5 computes the position bias once (first layer) and reuses it in every layer.
-        bias = self.relpos(t, t)  # [1, H, T, T] accum
+        if positions is None:
+            bias = self.relpos(t, t)  # [1, H, T, T] accum
+        else:
+            bias = self.relpos.from_positions(positions, positions)  # [B, H, T, T] accum
+        packed = {}
+        if segment_ids is not None:  # only then: the unpacked program stays as it is
+            packed = dict(segment_ids=segment_ids, context_segment_ids=context_segment_ids)
         x = dropout(self.policy.cast_to_residual(x), self.dropout_rate, keys[0])
         x = constrain_batch(x)
         for layer, key in zip(self.layers, keys[1 : n + 1], strict=True):
@@ -162,6 +224,7 @@ class T5Stack(nnx.Module):
                 context=context,
                 context_mask=context_mask,
                 dropout_key=key,
+                **packed,
             )
             x = constrain_batch(x)
         x = self.policy.cast_to_compute(self.norm(x))
@@ -226,11 +289,24 @@ class T5(nnx.Module):
         # masked as keys everywhere), and no row is ever fully masked, so no NaN.
         return (encoder_inputs != PAD_ID)[:, None, None, :]
 
-    def encode(self, encoder_inputs: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        """Encoder outputs [B, Te, D] in compute dtype for token ids [B, Te] (PAD=0)."""
+    def encode(
+        self,
+        encoder_inputs: jax.Array,
+        dropout_key: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Encoder outputs [B, Te, D] in compute dtype for token ids [B, Te] (PAD=0); packed
+        rows: `segment_ids`, `positions` [B, Te] (then the segments mask padding, not PAD)."""
         _check_ids(encoder_inputs, "encoder_inputs")
+        _check_packing(encoder_inputs, "encoder", segment_ids, positions)
         x = self.policy.cast_to_compute(self.embed(encoder_inputs))
-        return self.encoder(x, mask=self._padding_mask(encoder_inputs), dropout_key=dropout_key)
+        if segment_ids is None:
+            return self.encoder(x, mask=self._padding_mask(encoder_inputs), dropout_key=dropout_key)
+        return self.encoder(
+            x, dropout_key=dropout_key, segment_ids=segment_ids, positions=positions
+        )
 
     def decode(
         self,
@@ -238,32 +314,80 @@ class T5(nnx.Module):
         encoder_inputs: jax.Array,
         decoder_inputs: jax.Array,
         dropout_key: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        encoder_segment_ids: jax.Array | None = None,
     ):
-        """Decoder hidden states [B, Td, D] in compute dtype (after the final norm)."""
+        """Decoder hidden states [B, Td, D] in compute dtype (after the final norm); packed
+        rows: the decoder's `segment_ids`, `positions` [B, Td] and `encoder_segment_ids`."""
         _check_ids(decoder_inputs, "decoder_inputs")
+        _check_packing(decoder_inputs, "decoder", segment_ids, positions)
+        if (segment_ids is None) != (encoder_segment_ids is None):
+            raise ValueError(
+                "T5 packed rows need segment ids on both sides: pass encoder_segment_ids and "
+                "decoder_segment_ids together (or neither)."
+            )
         y = self.policy.cast_to_compute(self.embed(decoder_inputs))
+        if segment_ids is None:
+            return self.decoder(
+                y,
+                context=encoded,
+                context_mask=self._padding_mask(encoder_inputs),
+                dropout_key=dropout_key,
+            )
         return self.decoder(
             y,
             context=encoded,
-            context_mask=self._padding_mask(encoder_inputs),
             dropout_key=dropout_key,
+            segment_ids=segment_ids,
+            positions=positions,
+            context_segment_ids=encoder_segment_ids,
         )
 
-    def features(self, encoder_inputs: jax.Array, decoder_inputs: jax.Array) -> jax.Array:
-        """Decoder final hidden states [B, Td, D] in output dtype."""
-        encoded = self.encode(encoder_inputs)
-        return self.policy.cast_to_output(self.decode(encoded, encoder_inputs, decoder_inputs))
+    def features(
+        self, encoder_inputs: jax.Array, decoder_inputs: jax.Array, **packing: jax.Array | None
+    ) -> jax.Array:
+        """Decoder final hidden states [B, Td, D] in output dtype; `packing`: the batch's
+        `PACKING_KEYS` (see `__call__`)."""
+        return self.policy.cast_to_output(
+            self._decoder_output(encoder_inputs, decoder_inputs, None, packing)
+        )
 
     @property
     def output_head(self) -> Embed | Linear:
         """The output projection: the tied token embedding or the separate "head"."""
         return self.embed if self.tie_embeddings else self.head
 
-    def _head_input(self, encoder_inputs, decoder_inputs, dropout_key=None) -> jax.Array:
-        """The decoder's final hidden states [B, Td, D] as the output head reads them."""
+    def _decoder_output(self, encoder_inputs, decoder_inputs, dropout_key, packing: dict):
+        """The decoder's final hidden states [B, Td, D] (compute dtype)."""
+        unknown = set(packing) - set(PACKING_KEYS)
+        if unknown:
+            raise ValueError(
+                f"Unknown T5 packing arrays {sorted(unknown)}: use {', '.join(PACKING_KEYS)}."
+            )
+        get = packing.get
         k_enc, k_dec = dropout_keys(dropout_key, 2)
-        encoded = self.encode(encoder_inputs, k_enc)
-        return self._scaled_for_head(self.decode(encoded, encoder_inputs, decoder_inputs, k_dec))
+        encoded = self.encode(
+            encoder_inputs,
+            k_enc,
+            segment_ids=get("encoder_segment_ids"),
+            positions=get("encoder_positions"),
+        )
+        return self.decode(
+            encoded,
+            encoder_inputs,
+            decoder_inputs,
+            k_dec,
+            segment_ids=get("decoder_segment_ids"),
+            positions=get("decoder_positions"),
+            encoder_segment_ids=get("encoder_segment_ids"),
+        )
+
+    def _head_input(self, encoder_inputs, decoder_inputs, dropout_key=None, **packing):
+        """The decoder's final hidden states [B, Td, D] as the output head reads them."""
+        h = self._decoder_output(encoder_inputs, decoder_inputs, dropout_key, packing)
+        return self._scaled_for_head(h)
 
     def _scaled_for_head(self, h: jax.Array) -> jax.Array:
         # T5 rescales before the tied projection so logits do not grow with sqrt(D).
@@ -275,9 +399,15 @@ class T5(nnx.Module):
         decoder_inputs: jax.Array,
         *,
         dropout_key: jax.Array | None = None,
+        **packing: jax.Array | None,
     ) -> jax.Array:
-        """Logits [B, Td, V] in accum dtype (FP32 island); `dropout_key` = training."""
-        h = self._head_input(encoder_inputs, decoder_inputs, dropout_key)
+        """Logits [B, Td, V] in accum dtype (FP32 island); `dropout_key` = training.
+
+        Packed rows: `packing` holds `PACKING_KEYS`: encoder_segment_ids / encoder_positions
+        [B, Te], decoder_segment_ids / decoder_positions [B, Td] (int; example k of the row is
+        segment k on both sides, 0 = padding; positions restart at 0 per example).
+        """
+        h = self._head_input(encoder_inputs, decoder_inputs, dropout_key, **packing)
         return constrain_batch(head_logits(h, self.output_head))
 
     def head_and_targets(
@@ -289,7 +419,10 @@ class T5(nnx.Module):
         weights = batch.get("weights")
         if weights is None:
             weights = (targets != PAD_ID).astype(jnp.float32)
-        hidden = self._head_input(batch["encoder_inputs"], batch["decoder_inputs"], dropout_key)
+        packing = {k: batch[k] for k in PACKING_KEYS if k in batch}
+        hidden = self._head_input(
+            batch["encoder_inputs"], batch["decoder_inputs"], dropout_key, **packing
+        )
         return hidden, self.output_head, targets, jnp.asarray(weights, jnp.float32)
 
     # ----------------------------------------------------------------- KV-cache decoding
@@ -409,7 +542,42 @@ class RelativePositionBias(nnx.Module):
         values = jnp.take(table, jnp.asarray(buckets, jnp.int32), axis=0)  # [T, S, H]
         return jnp.transpose(values, (2, 0, 1))[None]
 
+    def from_positions(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+        """[B, H, T, S] accum: the bias of key - query position offsets per example, for
+        packed rows whose positions (q [B, T], k [B, S]) restart in each segment.
+
+        Offsets lie in [-(T-1), S-1] (positions < the row length): their buckets are a static
+        numpy table, as in `__call__`, so equal offsets give bit-equal biases.
+        """
+        t, s = q_positions.shape[1], k_positions.shape[1]
+        offsets = np.arange(-(t - 1), s)  # key - query, index 0 <-> offset -(T-1)
+        buckets = relative_position_bucket(
+            offsets,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        table = self.policy.cast_to_accum(self.embedding[...])  # [buckets, H]
+        per_offset = jnp.take(table, jnp.asarray(buckets, jnp.int32), axis=0)  # [T+S-1, H]
+        rel = k_positions[:, None, :] - q_positions[:, :, None] + (t - 1)  # [B, T, S]
+        # Clipped: pairs of two segments may reach past the table; the segment mask drops them.
+        values = jnp.take(per_offset, rel.astype(jnp.int32), axis=0, mode="clip")  # [B,T,S,H]
+        return jnp.transpose(values, (0, 3, 1, 2))
+
 
 def _check_ids(ids: jax.Array, key: str) -> None:
     if ids.ndim != 2:
         raise ValueError(f"T5 {key} must be [batch, seq] token ids, got shape {ids.shape}.")
+
+
+def _check_packing(ids: jax.Array, side: str, segment_ids, positions) -> None:
+    """ValueError unless the given packing arrays are integer and shaped like `ids`."""
+    for name, x in (("segment_ids", segment_ids), ("positions", positions)):
+        if x is not None and (
+            tuple(x.shape) != tuple(ids.shape) or not jnp.issubdtype(x.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"T5 {side}_{name} must be integers shaped like {side}_inputs "
+                f"{tuple(ids.shape)}, got {x.dtype} {tuple(x.shape)}: the data's packing yields "
+                "one per token."
+            )

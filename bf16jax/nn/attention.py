@@ -24,6 +24,14 @@ implementations (`model.attention_impl`):
   on a TPU; attention-probability dropout, which only the XLA path has) falls back to the XLA
   path, with a warning naming the reason.
 
+Segment ids (packed rows: several documents per row, `segment_ids` [B, T] for the queries and
+`kv_segment_ids` [B, S] for the keys, 0 = padding) restrict attention to keys of the query's own
+segment, on top of the causal / boolean masks: the XLA path ANDs them into its mask, splash and
+flash take them as their `SegmentIds`; cuDNN falls back to the XLA path (jax's
+`dot_product_attention` takes no segment ids). Padding (id 0) attends to padding; a query with
+no key left (cross-attention from decoder padding to a row without encoder padding) gets a
+finite output that the loss weighs 0.
+
 Forcing "cudnn" or "pallas" where they cannot run is an error when the model is built
 (`resolve_implementation`), and a call the forced kernel cannot take is an error when the step
 is traced (compile time), never a failure mid-training.
@@ -54,6 +62,7 @@ __all__ = [
     "resolve_implementation",
     "attention",
     "xla_attention",
+    "segment_mask",
     "pallas_interpret",
     "pallas_block",
 ]
@@ -164,13 +173,17 @@ def xla_attention(
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_key: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """bf16jax's XLA attention: FP32 logits + softmax over the full [B, H, T, S] scores.
 
     (JAX's own `jax.nn.dot_product_attention(implementation="xla")` also computes its logits in
     FP32 in jax 0.10; this path additionally adds the bias in FP32 and reports max |logit|.)
-    `dropout_rate` drops attention probabilities when `dropout_key` is given.
+    `dropout_rate` drops attention probabilities when `dropout_key` is given; segment ids (see
+    `attention`) are ANDed into the mask.
     """
+    segments = _segment_ids(q, k, segment_ids, kv_segment_ids)
     q, k, v = policy.cast_to_compute((q, k, v))
     acc = policy.accum_dtype
     logits = _scores(q, k, policy, bias, scale)
@@ -179,12 +192,40 @@ def xla_attention(
     if causal:
         keep = jnp.tril(jnp.ones((t, s), jnp.bool_), k=s - t)
         mask = keep if mask is None else jnp.logical_and(mask, keep)
+    if segments is not None:
+        same = segment_mask(*segments)
+        mask = same if mask is None else jnp.logical_and(mask, same)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.asarray(jnp.finfo(acc).min, acc))
     probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key)
     out = matmul.einsum("bhts,bshd->bthd", policy.cast_to_compute(probs), v, policy)
     out = policy.cast_to_compute(out)
     return (out, logit_max) if return_logit_max else out
+
+
+def segment_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+    """[B, 1, T, S] boolean, True where query t and key s carry the same segment id."""
+    return segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+
+
+def _segment_ids(q, k, segment_ids, kv_segment_ids) -> tuple[jax.Array, jax.Array] | None:
+    """(query ids [B, T], key ids [B, S]) as int32, or None; ValueError for bad shapes."""
+    if segment_ids is None:
+        if kv_segment_ids is not None:
+            raise ValueError(
+                "attention got kv_segment_ids without segment_ids: pass the queries' segment ids "
+                "too (for self-attention, segment_ids alone)."
+            )
+        return None
+    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    for name, ids, x in (("segment_ids", segment_ids, q), ("kv_segment_ids", kv_segment_ids, k)):
+        if tuple(ids.shape) != tuple(x.shape[:2]) or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(
+                f"attention {name} must be integers of shape {tuple(x.shape[:2])} (batch, "
+                f"length), got {ids.dtype} {tuple(ids.shape)}: pass one id per token "
+                "(kv_segment_ids for cross-attention keys)."
+            )
+    return segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
 
 
 def _scale(q, scale: float | None) -> float:
@@ -223,6 +264,8 @@ def attention(
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_key: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """softmax(q k^T * scale + bias, masked) v over [B, T, H, Dh] inputs -> [B, T, H, Dh].
 
@@ -243,6 +286,11 @@ def attention(
         factor into q's initialisation).
       dropout_rate, dropout_key: attention-probability dropout, active when a key is given
         (training); only the XLA path has it.
+      segment_ids: int [B, T], the queries' segment (document) ids in a packed row; query t
+        attends only keys of its own segment (ANDed with `mask` and `causal`). 0 marks
+        padding, which attends to padding (finite outputs, weight 0 in the loss).
+      kv_segment_ids: int [B, S], the keys' segment ids (cross-attention); defaults to
+        `segment_ids` (self-attention).
 
     Returns:
       The output in compute dtype (and the logit max).
@@ -251,6 +299,7 @@ def attention(
         implementation, auto = resolve_implementation(None, compute_dtype=policy.compute_dtype)
         fallback = auto if fallback is None else fallback
     fallback = bool(fallback)
+    segments = _segment_ids(q, k, segment_ids, kv_segment_ids)
     xla = functools.partial(
         xla_attention,
         bias=bias,
@@ -260,6 +309,8 @@ def attention(
         scale=scale,
         dropout_rate=dropout_rate,
         dropout_key=dropout_key,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
     )
     if implementation == "xla":
         return xla(q, k, v, policy)
@@ -271,7 +322,15 @@ def attention(
                 "it has no attention-probability dropout (set model.attention_dropout_rate=0)"
             )
         out = kernel(
-            q, k, v, bias=bias, mask=mask, causal=causal, scale=_scale(q, scale), auto=fallback
+            q,
+            k,
+            v,
+            bias=bias,
+            mask=mask,
+            causal=causal,
+            scale=_scale(q, scale),
+            auto=fallback,
+            segments=segments,
         )
     except _Unsupported as e:
         if not fallback:
@@ -292,13 +351,25 @@ def attention(
 
 
 # ----------------------------------------------------------------------------- cuDNN
-def _cudnn(q, k, v, *, bias, mask, causal, scale, auto):
+def _cudnn(q, k, v, *, bias, mask, causal, scale, auto, segments):
+    if segments is not None:
+        # jax 0.10's dot_product_attention has no segment ids; its query_seq_lengths /
+        # key_value_seq_lengths are one trailing-padding length per row, not several documents.
+        raise _Unsupported(
+            "jax.nn.dot_product_attention(implementation='cudnn') takes no segment ids (its "
+            "seq_lengths are one padding length per row)"
+        )
     if bias is not None and auto:
         # cuDNN takes the bias in the compute dtype (and adds the mask to it): T5's FP32
         # relative-position bias would be rounded to 16 bits.
         raise _Unsupported("it would round the additive bias to 16 bits")
     if q.shape[1] != k.shape[1] and causal:
         raise _Unsupported("causal attention with T != S")
+    if mask is not None:
+        # jax turns the mask into a bias whose last two dims must be (T, S) exactly (its
+        # check_layout): a key-padding mask [B, 1, 1, S] is broadcast over the queries.
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))
     try:
         # Inputs are all in the compute dtype; the standard promotion only guards JAX's own
         # internals under a strict-promotion setting (the tests'), as for the flash kernel.
@@ -313,7 +384,7 @@ def _cudnn(q, k, v, *, bias, mask, causal, scale, auto):
                 scale=scale,
                 implementation="cudnn",
             )
-    except (NotImplementedError, RuntimeError) as e:  # shapes / versions cuDNN rejects
+    except (NotImplementedError, RuntimeError, ValueError) as e:  # what cuDNN rejects
         raise _Unsupported(f"cuDNN refused it ({e})") from e
 
 
@@ -335,7 +406,7 @@ def _key_padding(mask, batch: int, kv_len: int):
     return jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len)).astype(jnp.int32)
 
 
-def _pallas(q, k, v, *, bias, mask, causal, scale, auto):
+def _pallas(q, k, v, *, bias, mask, causal, scale, auto, segments):
     del auto
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
     if np.dtype(q.dtype) not in _PALLAS_DTYPES:
@@ -344,7 +415,7 @@ def _pallas(q, k, v, *, bias, mask, causal, scale, auto):
         raise _Unsupported(f"lengths T={t}, S={s} are not multiples of {_LANES}")
     if causal and t != s:
         raise _Unsupported("causal attention with T != S")
-    segments = _key_padding(mask, b, s)
+    q_ids, kv_ids = _kernel_segment_ids(_key_padding(mask, b, s), segments)
     if bias is not None and (bias.ndim != 4 or bias.shape[-2:] != (t, s)):
         raise _Unsupported(f"the bias of shape {tuple(bias.shape)} is not [B|1, H|1, T, S]")
     # Kernels take [B, H, T, Dh].
@@ -355,17 +426,34 @@ def _pallas(q, k, v, *, bias, mask, causal, scale, auto):
         )
     else:
         local = functools.partial(_flash_local, causal=causal, scale=scale)
-    extra = tuple(x for x in (segments, bias) if x is not None)
+    extra = tuple(x for x in (q_ids, kv_ids, bias) if x is not None)
 
     def fn(q, k, v, *extra):  # shard_map takes arrays only: None args are re-inserted here
         rest = iter(extra)
-        seg = next(rest) if segments is not None else None
-        return local(q, k, v, seg, *rest)
+        ids = [next(rest) if x is not None else None for x in (q_ids, kv_ids)]
+        return local(q, k, v, *ids, *rest)
 
     return jnp.swapaxes(_over_mesh(fn, (q, k, v, *extra)), 1, 2)
 
 
-def _splash_local(q, k, v, segments, *, causal: bool, scale: float, interpret: bool):
+def _kernel_segment_ids(keep, segments):
+    """(q ids [B, T] or None, kv ids [B, S] or None), int32, for the kernels' `SegmentIds`.
+
+    A key-padding mask alone is kv = keep (1 / 0), q = None (all 1, made per device); with
+    segment ids, a masked-out key gets id -1, which no query carries.
+    """
+    if segments is None:
+        return None, keep
+    q_ids, kv_ids = segments
+    return q_ids, (kv_ids if keep is None else jnp.where(keep == 1, kv_ids, -1))
+
+
+def _local_q_ids(q_ids, batch: int, q_len: int):
+    """The queries' ids on one device's shard: all 1 for a key-padding mask alone."""
+    return jnp.ones((batch, q_len), jnp.int32) if q_ids is None else q_ids
+
+
+def _splash_local(q, k, v, q_ids, kv_ids, *, causal: bool, scale: float, interpret: bool):
     """Splash attention on one device's shard: q [b, h, T, Dh], k/v [b, h, S, Dh]."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
@@ -398,13 +486,13 @@ def _splash_local(q, k, v, segments, *, causal: bool, scale: float, interpret: b
     # otherwise one rounding of q in the compute dtype). The logits and softmax inside are FP32.
     if scale != 1.0:
         q = (q.astype(jnp.float32) * jnp.float32(scale)).astype(q.dtype)
-    if segments is None:
+    if kv_ids is None:
         return jax.vmap(kernel)(q, k, v)
-    ids = splash.SegmentIds(q=jnp.ones(q.shape[:1] + (t,), jnp.int32), kv=segments)
+    ids = splash.SegmentIds(q=_local_q_ids(q_ids, q.shape[0], t), kv=kv_ids)
     return jax.vmap(kernel)(q, k, v, ids)
 
 
-def _flash_local(q, k, v, segments, bias, *, causal: bool, scale: float):
+def _flash_local(q, k, v, q_ids, kv_ids, bias, *, causal: bool, scale: float):
     """Pallas flash attention with an additive FP32 bias on one device's shard."""
     from jax.experimental.pallas.ops.tpu import flash_attention as flash
 
@@ -428,8 +516,8 @@ def _flash_local(q, k, v, segments, bias, *, causal: bool, scale: float):
         block_q_dq=bq,
     )
     ids = None
-    if segments is not None:
-        ids = flash.SegmentIds(q=jnp.ones((b, t), jnp.int32), kv=segments)
+    if kv_ids is not None:
+        ids = flash.SegmentIds(q=_local_q_ids(q_ids, b, t), kv=kv_ids)
     # The kernel's cost estimate traces its reference, which adds the FP32 `ab` to 16-bit
     # logits by implicit promotion: allow it under strict promotion (the tests' setting).
     with jax.numpy_dtype_promotion("standard"):
@@ -456,7 +544,7 @@ def _over_mesh(fn: Callable, args: tuple):
         return fn(*args)
 
     def spec(x):
-        if x.ndim == 2:  # segment ids [B, S]
+        if x.ndim == 2:  # segment ids [B, T] / [B, S]
             return P(batch, None)
         return P(batch if x.shape[0] > 1 else None, heads if x.shape[1] > 1 else None)
 

@@ -310,9 +310,10 @@ class Attention(CachedAttention, nnx.Module):
 
     Projections q, k, v ([D, H*Dh], logical ("embed", "joined_kv")) and o ([H*Dh, D]) are
     `Linear`s, so each can be overridden by path (".../attn/q"). Optional additive `bias`
-    (e.g. T5 relative positions, [1|B, H, T, S]) and boolean `mask` (True = attend). With
-    `track_logits = True` each call sows max |attention logit| as an `nnx.Intermediate`
-    ("logit_max"); bf16jax's drift diagnostic turns it on in a copy of the model.
+    (e.g. T5 relative positions, [1|B, H, T, S]), boolean `mask` (True = attend) and segment
+    ids (packed documents: `bf16jax.nn.attention.attention`). With `track_logits = True` each
+    call sows max |attention logit| as an `nnx.Intermediate` ("logit_max"); bf16jax's drift
+    diagnostic turns it on in a copy of the model.
 
     `scale_logits=False` is T5 / Mesh TensorFlow: scores are not multiplied by 1/sqrt(head_dim);
     q's initialisation is scaled by head_dim**-0.5 instead (the same function at init, and a
@@ -389,7 +390,11 @@ class Attention(CachedAttention, nnx.Module):
         mask: jax.Array | None = None,
         bias: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        kv_segment_ids: jax.Array | None = None,
     ) -> jax.Array:  # x [B, T, D], context [B, S, D] -> [B, T, D] compute
+        """Attention of x's queries over x (or `context`); `segment_ids` [B, T] (and, for
+        cross-attention, the context's `kv_segment_ids` [B, S]) keep packed documents apart."""
         fuse = self.fuse_projections
         fuse = sharding.target_platform() != "cpu" if fuse is None else fuse
         q = None
@@ -401,14 +406,26 @@ class Attention(CachedAttention, nnx.Module):
         else:
             kv = self.kv(x if context is None else context)
         return self._attend(x, kv, q=q, mask=mask, bias=bias, causal=self.causal,
-                            implementation=self.implementation,
-                            dropout_key=dropout_key)  # fmt: skip
+                            implementation=self.implementation, dropout_key=dropout_key,
+                            segment_ids=segment_ids,
+                            kv_segment_ids=kv_segment_ids)  # fmt: skip
 
     def _heads(self, y: jax.Array) -> jax.Array:  # [B, L, H*Dh] -> [B, L, H, Dh]
         return y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
 
     def _attend(
-        self, x, kv: KVCache, *, mask, bias, causal, implementation, dropout_key=None, q=None
+        self,
+        x,
+        kv: KVCache,
+        *,
+        mask,
+        bias,
+        causal,
+        implementation,
+        dropout_key=None,
+        q=None,
+        segment_ids=None,
+        kv_segment_ids=None,
     ) -> jax.Array:
         """Attention of x's queries (or the given `q` [B, T, H, Dh]) over kv, projected by o."""
         k, v = kv
@@ -427,6 +444,8 @@ class Attention(CachedAttention, nnx.Module):
             scale=None if self.scale_logits else 1.0,
             dropout_rate=self.dropout_rate,
             dropout_key=dropout_key,
+            segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
         )
         if self.track_logits:
             out, logit_max = out
