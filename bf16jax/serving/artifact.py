@@ -7,8 +7,9 @@ and `loader.py`, a copy of this file. Invariants:
 
 - this module imports only the standard library, NumPy and JAX, so an artifact runs where
   bf16jax is not installed (`python ARTIFACT/loader.py ARTIFACT --prompt "..."`);
-- nothing is read before every file listed in the manifest matches its sha256 and size: a
-  missing or altered file raises `IntegrityError` naming it (and a given manifest digest is
+- nothing is read before every file listed in the manifest matches its sha256 and size, and the
+  manifest itself matches the digest of its canonical JSON in `manifest.sha256`: a missing,
+  altered or unparsable file raises `IntegrityError` naming it (and a given manifest digest is
   checked too, as the registry does);
 - programs have a symbolic batch dimension and fixed sequence shapes (`manifest["limits"]`);
   `Artifact` pads inputs to them and validates every request against them;
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -32,12 +34,15 @@ import numpy as np
 __all__ = [
     "FORMAT",
     "MANIFEST",
+    "MANIFEST_DIGEST",
     "PARAMS",
     "LOADER",
     "FINISH_REASONS",
     "IntegrityError",
     "sha256_file",
     "file_entry",
+    "manifest_digest",
+    "read_manifest",
     "write_safetensors",
     "read_safetensors",
     "verify",
@@ -47,6 +52,7 @@ __all__ = [
 
 FORMAT = "bf16jax-artifact/1"
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.sha256"  # hex sha256 of the manifest's canonical JSON
 PARAMS = "params.safetensors"
 LOADER = "loader.py"
 FINISH_REASONS = ("length", "eos", "stop", "context")  # = bf16jax.serving.sampling.FINISH_REASONS
@@ -86,6 +92,52 @@ def sha256_file(path: str) -> str:
 def file_entry(path: str) -> dict[str, Any]:
     """{"sha256": ..., "bytes": ...} of a file, as the manifest lists it."""
     return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """Hex sha256 of a manifest's canonical JSON (sorted keys, no spaces, ASCII): the same for
+    any formatting of the same content, different for any changed value."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    """The manifest of an artifact, checked against `manifest.sha256` beside it.
+
+    Raises:
+      IntegrityError: naming the file: no manifest, a manifest that is not JSON, a missing or
+        unreadable digest, or a manifest whose content differs from its digest.
+    """
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise IntegrityError(f"{directory} has no {MANIFEST}: not a bf16jax artifact.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise IntegrityError(
+            f"{path} is not valid JSON ({str(e)[:120]}): the manifest is damaged; re-export "
+            "the artifact."
+        ) from None
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{path} holds a {type(manifest).__name__}, not a manifest object.")
+    digest_path = os.path.join(directory, MANIFEST_DIGEST)
+    try:
+        with open(digest_path, encoding="ascii") as f:
+            expected = f.read().split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        raise IntegrityError(
+            f"{digest_path} is missing or unreadable, so {path} cannot be checked: refusing to "
+            "load it. Re-export the artifact."
+        ) from None
+    actual = manifest_digest(manifest)
+    if actual != expected:
+        raise IntegrityError(
+            f"{path}: its content (sha256 {actual[:16]}...) differs from {digest_path} "
+            f"({expected[:16]}...): the manifest was changed after export; refusing to load "
+            "it. Re-export the artifact."
+        )
+    return manifest
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -149,15 +201,16 @@ def verify(directory: str, manifest_sha256: str | None = None) -> dict[str, Any]
         unknown format; the message names the file.
     """
     path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        raise IntegrityError(f"{directory} has no {MANIFEST}: not a bf16jax artifact.")
-    if manifest_sha256 is not None and sha256_file(path) != manifest_sha256:
+    if (
+        manifest_sha256 is not None
+        and os.path.isfile(path)
+        and sha256_file(path) != manifest_sha256
+    ):
         raise IntegrityError(
             f"{path} is not the manifest that was registered (sha256 differs): the artifact "
             "was changed after it was registered; re-export and promote it again."
         )
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = read_manifest(directory)
     if manifest.get("format") != FORMAT:
         raise IntegrityError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}.")
     listed = manifest.get("files", {})
@@ -179,7 +232,8 @@ def verify(directory: str, manifest_sha256: str | None = None) -> dict[str, Any]
                 "Re-export the artifact."
             )
     extra = sorted(n for n in os.listdir(directory)
-                   if n not in listed and n != MANIFEST and not n.startswith("."))  # fmt: skip
+                   if n not in listed and n not in (MANIFEST, MANIFEST_DIGEST)
+                   and not n.startswith("."))  # fmt: skip
     if extra:
         warnings.warn(
             f"{directory} holds files the manifest does not list (ignored): {extra}", stacklevel=2
@@ -444,7 +498,11 @@ def _main() -> None:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args()
-    art = Artifact(args.artifact)
+    try:
+        art = Artifact(args.artifact)
+    except ValueError as e:  # IntegrityError included: one line naming the file, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps({"family": art.family, "precision": art.manifest["precision"],
                       "source": art.manifest["source"]}))  # fmt: skip
     if args.prompt:

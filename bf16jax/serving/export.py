@@ -189,13 +189,20 @@ def _dtype_counts(params: dict) -> dict[str, int]:
 
 
 def _write_manifest(directory: str, manifest: dict) -> None:
+    """manifest.json, then manifest.sha256: the digest of the JSON as written and read back."""
     import json
 
     path = os.path.join(directory, artifact_lib.MANIFEST)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, default=float)
         f.write("\n")
+    with open(path + ".tmp", encoding="utf-8") as f:
+        digest = artifact_lib.manifest_digest(json.load(f))
+    digest_path = os.path.join(directory, artifact_lib.MANIFEST_DIGEST)
+    with open(digest_path + ".tmp", "w", encoding="ascii") as f:
+        f.write(f"{digest}\n")
     os.replace(path + ".tmp", path)
+    os.replace(digest_path + ".tmp", digest_path)
 
 
 def _metrics(tmp, config, params, fp8_meta, precision, policy, source, eval_batches):
