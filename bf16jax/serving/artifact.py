@@ -13,7 +13,9 @@ and `loader.py`, a copy of this file. Invariants:
   checked too, as the registry does);
 - programs have a symbolic batch dimension and fixed sequence shapes (`manifest["limits"]`);
   `Artifact` pads inputs to them and validates every request against them;
-- text goes through the tokenizer the manifest describes (`bytes`: UTF-8 bytes + offset).
+- text goes through the tokenizer the manifest describes: `bytes` (UTF-8 bytes + offset, no
+  package), or the artifact's own copy of a BPE `tokenizer.json` (the `tokenizers` package) or
+  SentencePiece model (`sentencepiece`), hashed like every file; a prompt may be token ids.
 """
 
 from __future__ import annotations
@@ -258,40 +260,54 @@ class Runner:
     def call(self, name: str, *args):
         raise NotImplementedError
 
-    # ----------------------------------------------------------------- tokenizer (bytes)
-    def encode(self, text: str) -> np.ndarray:
-        """Token ids of `text` under the manifest's tokenizer (UTF-8 bytes + offset)."""
+    tokenizer_dir: str = ""  # where the tokenizer's file (manifest "file") lies
+
+    # ----------------------------------------------------------------- tokenizer
+    def encode(self, text: str | Sequence[int]) -> np.ndarray:
+        """Token ids of `text` under the model's tokenizer; a sequence of ids passes through
+        (checked against the vocabulary)."""
         tok = self.tokenizer
-        if tok.get("kind") != "bytes":
-            raise ValueError(
-                f"This model's tokenizer is {tok.get('kind')} ({tok.get('source')}): encode "
-                "text with it (bf16jax.data.tokenizer.load_tokenizer) and pass token ids "
-                "(generate_arrays / score_ids); this loader encodes bytes only."
-            )
-        raw = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-        return raw + np.int32(tok["byte_offset"])
+        if not isinstance(text, str):
+            ids = np.asarray(text)
+            if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+                raise ValueError("a prompt is a string or a list of token ids (ints).")
+            vocab = tok.get("vocab_size") or self.limits.get("vocab_size")
+            if ids.size and (ids.min() < 0 or (vocab and ids.max() >= vocab)):
+                raise ValueError(f"token ids must lie in [0, {vocab}), got [{ids.min()}, "
+                                 f"{ids.max()}].")  # fmt: skip
+            return ids.astype(np.int32)
+        if tok.get("kind") == "bytes":
+            raw = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+            return raw + np.int32(tok["byte_offset"])
+        return np.asarray(self._text_tokenizer().encode(text), np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of byte ids; special ids (PAD, EOS, sentinels) are dropped."""
+        """Text of generated ids; special ids (PAD, EOS) are dropped."""
+        ids = [int(i) for i in ids]
         if self.tokenizer.get("kind") != "bytes":
-            self.encode("")  # raises, naming the model's tokenizer
+            return self._text_tokenizer().decode(ids)
         off = self.tokenizer["byte_offset"]
         raw = bytes(i - off for i in ids if off <= i < off + 256)
         return raw.decode("utf-8", errors="replace")
 
+    def _text_tokenizer(self) -> _FileTokenizer:
+        if getattr(self, "_tok", None) is None:
+            self._tok = _FileTokenizer(self.tokenizer, self.tokenizer_dir)
+        return self._tok
+
     # ----------------------------------------------------------------- requests
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | Sequence[int]],
         *,
         max_tokens: int | Sequence[int] | None = None,
         temperature: float | Sequence[float] = 0.0,
         top_k: int | Sequence[int] = 0,
         top_p: float | Sequence[float] = 1.0,
-        stop: Sequence[Sequence[str]] | None = None,
+        stop: Sequence[Sequence[str | Sequence[int]]] | None = None,
         seed: int | Sequence[int] = 0,
     ) -> list[dict[str, Any]]:
-        """Generates for a batch of prompts with the `generate` program (one call).
+        """Generates for a batch of prompts (text or token ids) with the `generate` program.
 
         Scalar settings apply to every prompt; sequences give one value per prompt; max_tokens
         defaults to min(64, the cache length). Returns per prompt {"text", "tokens" (ids),
@@ -425,6 +441,7 @@ class Artifact(Runner):
         self.family: str = m["family"]
         self.limits: dict[str, Any] = m["limits"]
         self.tokenizer: dict[str, Any] = m.get("tokenizer") or {}
+        self.tokenizer_dir = self.directory
         params = read_safetensors(os.path.join(self.directory, m["params"]["file"]))
         self.params = {k: jax.device_put(v) for k, v in params.items()}
         self._programs = {}
@@ -443,6 +460,53 @@ class Artifact(Runner):
             raise ValueError(f"This {self.family} artifact has no {name!r} program: "
                              f"it has {sorted(self._programs)}.")  # fmt: skip
         return self._programs[name](self.params, *args)
+
+
+class _FileTokenizer:
+    """A BPE `tokenizer.json` (GPT-2's conventions: nothing added on encode) or a SentencePiece
+    model (T5's: `extra_ids` sentinels counted down from the top) read from the artifact, as
+    `bf16jax.data.tokenizer` reads them; needs `tokenizers` or `sentencepiece`."""
+
+    def __init__(self, info: dict[str, Any], directory: str):
+        self.kind, self.info = info.get("kind"), info
+        if "file" not in info:
+            raise ValueError(f"The manifest names a {self.kind} tokenizer but no file of it: "
+                             "re-export, or pass token ids.")  # fmt: skip
+        path = os.path.join(directory, info["file"])
+        try:
+            if self.kind == "BPETokenizer":
+                import tokenizers
+
+                self._tok = tokenizers.Tokenizer.from_file(path)
+            elif self.kind == "SentencePieceTokenizer":
+                import sentencepiece
+
+                self._tok = sentencepiece.SentencePieceProcessor(model_file=path)
+                self.pieces = self._tok.get_piece_size()
+            else:
+                raise ValueError(f"Unknown tokenizer kind {self.kind!r} in the manifest.")
+        except ImportError as e:
+            raise ValueError(f"This model's text needs the {e.name} package (pip install "
+                             f"{e.name}), or pass token ids.") from None  # fmt: skip
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "BPETokenizer":
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "BPETokenizer":
+            return self._tok.decode(ids, skip_special_tokens=True)
+        out, run, top = [], [], self.info["vocab_size"] - 1
+        for i in ids:
+            if i in (self.info["pad_id"], self.info["eos_id"]):
+                continue
+            if i >= self.pieces:  # a sentinel
+                out += [self._tok.decode(run), f"<extra_id_{top - i}>"]
+                run = []
+            else:
+                run.append(i)
+        return "".join([*out, self._tok.decode(run)])
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
