@@ -60,10 +60,13 @@ def test_manifest_names_everything_and_hashes_every_file(served):  # noqa: F811
         assert m["source"] == {"workdir": served.workdir, "step": served.step}
         assert m["config"]["model"]["num_layers"] == 1 and m["train_policy"].endswith("q=w8a8")
         assert m["git_revision"] != "unknown" and m["versions"]["jax"] == jax.__version__
-        assert set(m["programs"]) == {"score", "prefill", "decode_step", "generate"}
+        assert m["limits"]["prefill_buckets"] == [16, 32]
+        assert set(m["programs"]) == {"score", "prefill", "decode_step", "generate", "insert",
+                                      "step", "prefill_16", "prefill_32"}  # fmt: skip
         assert set(m["files"]) == {"params.safetensors", "loader.py"} | {
             f"{p}.jaxexport" for p in m["programs"]
         }
+        assert os.path.isfile(os.path.join(directory, "manifest.sha256"))
         for name, entry in m["files"].items():
             assert artifact.sha256_file(os.path.join(directory, name)) == entry["sha256"]
         sizes[precision] = m["params"]["bytes"]

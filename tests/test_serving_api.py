@@ -4,6 +4,7 @@ aiohttp's test server. Uses the trained fixture's artifacts (tests/serving_fixtu
 
 import asyncio
 import functools
+import json
 import threading
 import time
 
@@ -223,3 +224,32 @@ def test_continuous_batching_runs_the_whole_context(served):  # noqa: F811
     got = _run(scenario, artifact=served.artifacts["bf16"], max_batch=1, warmup=False)
     assert got["tokens"] == expected["tokens"] and len(got["tokens"]) == 7
     assert np.all(np.asarray(got["tokens"]) >= 0)
+
+
+@pytest.mark.slow
+def test_serving_bench_runs_both_modes(served, tmp_path):  # noqa: F811
+    """experiments/serving_bench.py end to end, tiny: one rate, both batching modes."""
+    from cli_runs import run_python
+
+    art = served.artifacts["int8"]
+    md = tmp_path / "bench.md"
+    proc = run_python("experiments/serving_bench.py", f"--artifact={art}",
+                      f"--eval_artifacts=bf16={served.artifacts['bf16']},int8={art}",
+                      "--rates=20", "--requests=6", "--warmup=2", "--min_tokens=2",
+                      "--max_tokens=6", "--max_prompt=16", "--max_batch=2",
+                      f"--markdown={md}", timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    modes = {r["mode"]: r for r in rows if "mode" in r}
+    assert set(modes) == {"continuous", "window"}
+    for r in modes.values():
+        assert r["requests"] == 6 and r["errors"] == 0 and r["output_tokens_per_s"] > 0
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["e2e_p99_s"] + 1e-9
+    # window batching answers at the end of a batch: its first token is its last
+    assert modes["window"]["ttft_p99_s"] == pytest.approx(modes["window"]["e2e_p99_s"], abs=0.05)
+    accuracy = [r for r in rows if "accuracy" in r]
+    assert [a["precision"] for a in accuracy] == ["bf16", "int8"]
+    assert accuracy[0]["accuracy"] > 0.2 and accuracy[1]["accuracy"] is None  # no eval: None
+    assert "| continuous | 20.0 |" in md.read_text() and (
+        "target" in rows[-1] or "target_rate" in rows[-1]
+    )

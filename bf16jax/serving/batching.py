@@ -67,7 +67,8 @@ class GenRequest:
 
 class ContinuousBatcher:
     """See the module docstring. `observe(metric, seconds)` receives "queue", "ttft", "itl"
-    and "e2e" observations; `gauges(running, waiting)` the slot use after each turn."""
+    and "e2e" observations; `gauges(running, waiting, stepped)` the slot use after each turn
+    (stepped: the rows of its decode step, 0 without one)."""
 
     def __init__(self, runner, slots: int, *, observe: Callable[[str, float], None] | None = None,
                  gauges: Callable[[int, int], None] | None = None):  # fmt: skip
@@ -153,13 +154,15 @@ class ContinuousBatcher:
                         self._finish(request, "cancelled")
                     else:
                         admit.append(request)
+            stepped = 0
             try:
                 for slot, request in zip(free, admit, strict=False):
                     self._admit(slot, request)
                 for slot, request in enumerate(self._slot):
                     if request is not None and request.cancelled:
                         self._release(slot, "cancelled")
-                if self.running:
+                stepped = self.running
+                if stepped:
                     self._step()
             except Exception as e:  # a failed program call fails its requests, not the loop
                 log.exception("Continuous batching step failed.")
@@ -172,7 +175,7 @@ class ContinuousBatcher:
                     if not request.finished and request not in self._slot:
                         self._emit(request, ("error", e))
                         request.finished = True
-            self._gauges(self.running, self.waiting)
+            self._gauges(self.running, self.waiting, stepped)
 
     def _prefill(self, ids: np.ndarray, length: int, r: GenRequest) -> dict:
         prompt = np.zeros((1, length), np.int32)

@@ -194,6 +194,9 @@ class Engine:
                                     registry=r)  # fmt: skip
         self.m_waiting = prom.Gauge("bf16jax_requests_waiting", "Requests waiting for a slot.",
                                     vp, registry=r)  # fmt: skip
+        self.m_step_rows = prom.Histogram("bf16jax_decode_step_rows",
+                                          "Requests in each continuous-batching decode step.", vp,
+                                          buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)  # fmt: skip
         self.m_slots = prom.Gauge("bf16jax_slot_use", "Fraction of decode slots in use.", vp,
                                   registry=r)  # fmt: skip
 
@@ -214,7 +217,9 @@ class Engine:
             self._prepare(loaded)
         return loaded
 
-    def _slot_gauges(self, labels, running: int, waiting: int) -> None:
+    def _slot_gauges(self, labels, running: int, waiting: int, stepped: int) -> None:
+        if stepped:
+            self.m_step_rows.labels(*labels).observe(stepped)
         self.m_running.labels(*labels).set(running)
         self.m_waiting.labels(*labels).set(waiting)
         self.m_slots.labels(*labels).set(running / self.max_batch)

@@ -26,22 +26,26 @@ label known routes only.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 
 from aiohttp import web
 
+from bf16jax.serving import openai_api
 from bf16jax.serving.engine import Engine, NotReady, Overloaded, RequestTimeout, UnknownVersion
-from bf16jax.serving.validation import PARSERS, BadRequest
+from bf16jax.serving.validation import (
+    ENGINE,
+    MAX_BODY_BYTES,
+    PARSERS,
+    BadRequest,
+    read_json,
+    resolve,
+)
 
-__all__ = ["make_app", "ENGINE", "API_KEY", "MAX_BODY_BYTES", "MAX_ERROR_CHARS", "error",
-           "read_json", "resolve"]  # fmt: skip
+__all__ = ["make_app", "ENGINE", "API_KEY", "MAX_BODY_BYTES", "MAX_ERROR_CHARS", "error"]
 
 log = logging.getLogger(__name__)
-ENGINE = web.AppKey("engine", Engine)
 API_KEY = web.AppKey("api_key", str)
-MAX_BODY_BYTES = 1 << 20
 MAX_ERROR_CHARS = 400
 _OPEN = ("/healthz", "/metrics")  # routes that need no API key
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -116,32 +120,6 @@ async def _auth(request: web.Request, handler):
 
 
 # ----------------------------------------------------------------------------- handlers
-async def read_json(request: web.Request) -> dict:
-    """The request's JSON object body, or BadRequest (malformed, too deep, not an object)."""
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes.", 413) from None
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"malformed JSON: {str(e)[:80]}.") from None
-    except RecursionError:
-        raise BadRequest("malformed JSON: nested too deeply.") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}.")
-    return body
-
-
-async def resolve(engine: Engine, name, key: str = "version"):
-    """The loaded version a request names (None: the active one)."""
-    if name is not None and not isinstance(name, str):
-        raise BadRequest(f"'{key}' must be a string such as 'v0002'.", param=key)
-    if not engine.ready:
-        raise NotReady("the server is compiling its programs: retry shortly.")
-    return await engine.resolve(name)
-
-
 def _endpoint(kind: str):
     async def handle(request: web.Request) -> web.Response:
         engine = request.app[ENGINE]
@@ -189,8 +167,6 @@ def make_app(engine: Engine, *, api_key: str | None = None) -> web.Application:
       api_key: if given, every route but /healthz and /metrics needs `Authorization: Bearer
         api_key`.
     """
-    from bf16jax.serving import openai_api
-
     app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY_BYTES)
     app[ENGINE] = engine
     app[API_KEY] = api_key or ""

@@ -27,8 +27,16 @@ from typing import Any
 
 from aiohttp import web
 
-from bf16jax.serving.http import ENGINE, read_json, resolve
-from bf16jax.serving.validation import BadRequest, clip, only, sampling_request, typed
+from bf16jax.serving.validation import (
+    ENGINE,
+    BadRequest,
+    clip,
+    only,
+    read_json,
+    resolve,
+    sampling_request,
+    typed,
+)
 
 __all__ = ["add_routes", "FIELDS"]
 

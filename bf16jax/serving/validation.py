@@ -16,11 +16,17 @@ import math
 from typing import Any
 
 import numpy as np
+from aiohttp import web
 
-__all__ = ["BadRequest", "clip", "typed", "only", "prompt_ids", "sampling_request",
-           "parse_generate", "parse_score", "parse_classify", "PARSERS"]  # fmt: skip
+from bf16jax.serving.engine import Engine, NotReady
+
+__all__ = ["ENGINE", "MAX_BODY_BYTES", "read_json", "resolve", "BadRequest", "clip", "typed",
+           "only", "prompt_ids", "sampling_request", "parse_generate", "parse_score",
+           "parse_classify", "PARSERS"]  # fmt: skip
 
 MAX_QUOTE = 40  # characters of a client's value quoted back in an error
+MAX_BODY_BYTES = 1 << 20
+ENGINE = web.AppKey("engine", Engine)
 
 
 class BadRequest(ValueError):
@@ -73,6 +79,32 @@ def only(body: dict, allowed: set[str]) -> None:
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise BadRequest(f"Unknown field(s) [{shown}]{more}: this endpoint takes "
                          f"{sorted(allowed)}.", param=clip(unknown[0], 30))  # fmt: skip
+
+
+async def read_json(request: web.Request) -> dict:
+    """The request's JSON object body, or BadRequest (malformed, too deep, not an object)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes.", 413) from None
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"malformed JSON: {str(e)[:80]}.") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply.") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}.")
+    return body
+
+
+async def resolve(engine: Engine, name, key: str = "version"):
+    """The loaded version a request names (None: the active one)."""
+    if name is not None and not isinstance(name, str):
+        raise BadRequest(f"'{key}' must be a string such as 'v0002'.", param=key)
+    if not engine.ready:
+        raise NotReady("the server is compiling its programs: retry shortly.")
+    return await engine.resolve(name)
 
 
 def prompt_ids(art, value: Any, key: str, limit: int) -> np.ndarray:
