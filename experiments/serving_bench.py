@@ -148,7 +148,7 @@ async def _bench_mode(mode: str, args) -> list[dict]:
         timeout = aiohttp.ClientTimeout(total=args.time_limit_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             await _wait_ready(session, url, proc, time.time() + args.startup_s)
-            warm = _workload(args.warmup, 100.0, args, seed=args.seed - 1)
+            warm = _workload(args.warmup, 100.0, args, seed=args.seed + 999_999)
             await asyncio.gather(*(_one(session, url, p, m) for _, p, m in warm))
             for rate in args.rates:
                 row = await _rate(session, url, mode, rate, args)

@@ -166,6 +166,8 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_survives(served, reg
                         "'echo' with 'logprobs'"),
             "v1_n": (await post(v1, json={"prompt": "a", "n": 3}), 400, "'n' must be 1"),
             "v1_prompt": (await post(v1, json={"prompt": [[1], "a", 3]}), 400, "'prompt'"),
+            "v1_prompt_bool": (await post(v1, json={"prompt": True}), 400, "'prompt'"),
+            "v1_prompt_empty": (await post(v1, json={"prompt": []}), 400, "'prompt'"),
             "v1_prompts": (await post(v1, json={**streamed, "prompt": ["a", "b"]}), 400,
                            "one prompt"),
             "v1_options": (await post(v1, json={**streamed, "stream_options": {"x": 1}}), 400,

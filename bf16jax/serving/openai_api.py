@@ -75,7 +75,9 @@ def _prompts(value: Any) -> list:
     """The request's prompts: a string, a list of ids, or a list of strings / id lists."""
     if value is None:
         raise BadRequest("'prompt' is required.", param="prompt")
-    if isinstance(value, str) or (value and all(isinstance(i, int) for i in value)):
+    if isinstance(value, str) or (
+        isinstance(value, list) and value and all(isinstance(i, int) for i in value)
+    ):
         return [value]
     if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
         if len(value) > 16:
