@@ -79,6 +79,7 @@ def test_continuous_batching_equals_the_generate_program(served):  # noqa: F811
         return got, got_sampled, done, engine.metrics_text().decode()
 
     got, got_sampled, done, metrics = _run(scenario, artifact=served.artifacts["int8"],
+                                           reference=served.artifacts["fp32"], shadow_rate=1.0,
                                            max_batch=2, warmup=False)  # fmt: skip
     assert [g["tokens"] for g in got] == [r["tokens"] for r in greedy]
     assert [g["finish_reason"] for g in got] == [r["finish_reason"] for r in greedy]
@@ -90,6 +91,12 @@ def test_continuous_batching_equals_the_generate_program(served):  # noqa: F811
                  "queue_time"):  # fmt: skip
         assert f'bf16jax_{name}_seconds_count{{precision="int8",version="int8"}}' in metrics
     assert 'bf16jax_slot_use{precision="int8",version="int8"} 0.0' in metrics
+    shadowed = [ln for ln in metrics.splitlines() if ln.startswith("bf16jax_shadow_requests_total")]
+    assert float(shadowed[0].split()[-1]) >= 8  # shadow mode compares continuous requests too
+    agreement = [
+        ln for ln in metrics.splitlines() if ln.startswith("bf16jax_shadow_agreement_mean")
+    ]
+    assert 0.9 < float(agreement[0].split()[-1]) <= 1.0
 
 
 def test_openai_client_completions_streaming_models_and_errors(served):  # noqa: F811
