@@ -115,3 +115,54 @@ def test_sentencepiece_t5_text_through_the_loader_and_the_server(spm_t5, spm_dir
     served, status, too_long = asyncio.run(scenario())
     assert [(s["tokens"], s["text"]) for s in served] == [(r["tokens"], r["text"]) for r in rows]
     assert status == 400 and "max_tokens=9 exceeds the decoder's 8" in too_long["error"]["message"]
+
+
+def test_continuous_batching_with_scanned_layers():
+    """A scan_layers GPT stacks its KV cache [L, B, ...]: `insert` writes batch axis 1. (Run
+    jitted in process: the whole-batch `generate` program does not trace under scan_layers.)"""
+    import numpy as np
+
+    from bf16jax.serving import inference
+    from bf16jax.serving.batching import ContinuousBatcher, GenRequest
+    from bf16jax.serving.runners import ProgramRunner
+
+    c = config_lib.base_config("gpt")
+    c.precision = "fp32"
+    c.model.update(num_layers=2, embed_dim=32, num_heads=2, mlp_dim=64, max_len=32,
+                   scan_layers=True)  # fmt: skip
+    c.data.update(seq_len=32)
+    c.lock()
+    model = build_model(c.model, "fp32", rngs=nnx.Rngs(0))
+    runner = ProgramRunner(inference.Programs(model, c), {})
+    prompts, lengths = ["And God said", "In", "And the LORD spake"], [5, 9, 3]
+
+    def greedy(prompt, n):  # prefill + decode_step on the host, one row
+        ids = runner.encode(prompt)
+        buf = np.zeros((1, 32), np.int32)
+        buf[0, : ids.size] = ids
+        logits, cache, start = runner.call("prefill", buf, np.asarray([ids.size], np.int32))
+        out = []
+        for i in range(n):
+            out.append(int(np.argmax(logits[0])))
+            token = np.asarray([[out[-1]]], np.int32)
+            logits, cache = runner.call("decode_step", cache, token, np.asarray(start) + i)
+        return out
+
+    async def batched():
+        batcher = ContinuousBatcher(runner, 2)
+        batcher.start()
+        loop, requests = asyncio.get_running_loop(), []
+        for p, n in zip(prompts, lengths, strict=True):
+            requests.append(GenRequest(runner.encode(p), n, queue=asyncio.Queue(), loop=loop))
+            batcher.submit(requests[-1])
+        out = []
+        for r in requests:
+            tokens = []
+            while (event := await r.queue.get())[0] == "token":
+                tokens.append(int(event[1]))
+            out.append(tokens)
+        batcher.stop()
+        return out
+
+    got = asyncio.run(batched())
+    assert got == [greedy(p, n) for p, n in zip(prompts, lengths, strict=True)]
