@@ -2,11 +2,13 @@
 
 An artifact is a directory written by `bf16jax.serving.export`: `manifest.json`, the params in
 `params.safetensors` (the safetensors layout, read and written here with NumPy), one
-`jax.export`-serialized program per `<name>.jaxexport` (score, prefill, decode_step, generate)
-and `loader.py`, a copy of this file. Invariants:
+`jax.export`-serialized program per `<name>.jaxexport` (score, prefill, decode_step, generate,
+and the continuous-batching prefill_<L>, insert, step), the tokenizer's file if it has one,
+`loader.py` (a copy of this file) and `manifest.sha256`. Invariants:
 
-- this module imports only the standard library, NumPy and JAX, so an artifact runs where
-  bf16jax is not installed (`python ARTIFACT/loader.py ARTIFACT --prompt "..."`);
+- this module imports only the standard library, NumPy and JAX (and `tokenizers` or
+  `sentencepiece` for a BPE / SentencePiece model's text), so an artifact runs where bf16jax
+  is not installed (`python ARTIFACT/loader.py ARTIFACT --prompt "..."`);
 - nothing is read before every file listed in the manifest matches its sha256 and size, and the
   manifest itself matches the digest of its canonical JSON in `manifest.sha256`: a missing,
   altered or unparsable file raises `IntegrityError` naming it (and a given manifest digest is
