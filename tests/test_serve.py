@@ -190,6 +190,13 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_survives(served, reg
             assert code == status, (name, code, error)
             if message:
                 assert message in error, (name, error)
+        # Window batching streams too: every token at the end of its batch, then [DONE].
+        ok = {"prompt": "And God said", "max_tokens": 6, "temperature": 0}
+        whole = await (await client.post(v1, json=ok)).json()
+        events = (await (await client.post(v1, json={**ok, "stream": True})).text()).split("\n\n")
+        chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+        assert events[-2] == "data: [DONE]" and chunks[-1]["usage"]["completion_tokens"] == 6
+        assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
         # An unexpected failure inside a batch: 500 with the reason; the server keeps serving.
         engine._compute_batch = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
         code, error = await post("/score", json={"text": "ab"})
