@@ -6,11 +6,14 @@ See `bf16jax.serving.http` for what it computes; this module holds its flags and
 from __future__ import annotations
 
 import json
+import os
 
 from aiohttp import web
 
 from bf16jax.serving.engine import Engine
 from bf16jax.serving.http import make_app
+
+API_KEY_ENV = "BF16JAX_API_KEY"
 
 
 def _main(argv) -> None:
@@ -24,9 +27,13 @@ def _main(argv) -> None:
     cli.quiet_logs()
     engine = Engine(registry=f.registry, artifact=f.artifact, reference=f.reference,
                     max_batch=f.max_batch, max_wait_ms=f.max_wait_ms, shadow_rate=f.shadow_rate,
-                    max_queue=f.max_queue, poll_s=f.poll_s, warmup=f.warmup)  # fmt: skip
-    print(json.dumps({"serving": f"http://{f.host}:{f.port}"}), flush=True)
-    web.run_app(make_app(engine), host=f.host, port=f.port, print=None)
+                    max_queue=f.max_queue, poll_s=f.poll_s, warmup=f.warmup,
+                    batching=f.batching, request_timeout_s=f.request_timeout_s)  # fmt: skip
+    api_key = f.api_key or os.environ.get(API_KEY_ENV) or None
+    print(json.dumps({"serving": f"http://{f.host}:{f.port}", "batching": f.batching,
+                      "api_key": api_key is not None}), flush=True)  # fmt: skip
+    web.run_app(make_app(engine, api_key=api_key), host=f.host, port=f.port, print=None,
+                access_log=None)  # fmt: skip
 
 
 def _define_flags() -> None:
@@ -37,12 +44,22 @@ def _define_flags() -> None:
     flags.DEFINE_string("reference", None, "FP32 reference for shadow mode (default: registry's).")
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
     flags.DEFINE_integer("port", 8000, "Port.")
-    flags.DEFINE_integer("max_batch", 8, "Largest batch of concurrent requests.")
+    flags.DEFINE_integer("max_batch", 8, "Decode slots (continuous) or largest batch (window).")
     flags.DEFINE_float("max_wait_ms", 5.0, "How long a batch waits for more requests.")
     flags.DEFINE_float("shadow_rate", 0.0, "Fraction of requests compared with FP32 (0-1).")
-    flags.DEFINE_integer("max_queue", 256, "Waiting requests beyond this get 503.")
+    flags.DEFINE_integer("max_queue", 256, "Waiting requests beyond this get 429.")
     flags.DEFINE_float("poll_s", 0.5, "Registry poll interval (promote / rollback).")
     flags.DEFINE_bool("warmup", True, "Compile every batch size when a version loads.")
+    flags.DEFINE_enum(
+        "batching",
+        "continuous",
+        ["continuous", "window"],
+        "continuous: decode slots refilled between steps; window: batches of "
+        "requests that arrive within --max_wait_ms, each run to its end.",
+    )
+    flags.DEFINE_float("request_timeout_s", 60.0, "A generate request running longer: 504.")
+    flags.DEFINE_string("api_key", None, f"Require 'Authorization: Bearer KEY' on every route "
+                        f"but /healthz and /metrics (or set ${API_KEY_ENV}).")  # fmt: skip
 
 
 if __name__ == "__main__":

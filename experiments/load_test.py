@@ -9,7 +9,8 @@ Bounded in count and time (`--time_limit_s` per artifact); nothing leaves the ma
         --concurrency=8 --max_tokens=32 --out=experiments/results/serving
 
 Prints one JSON line per artifact (p50 / p99 / mean latency, requests/s, generated tokens/s,
-mean batch size from the server's metrics, artifact bytes) and writes results.json and a
+mean batch size from the server's metrics: requests per decode step under --batching=continuous,
+per batch under window; artifact bytes) and writes results.json and a
 markdown table to --out.
 """
 
@@ -92,8 +93,12 @@ async def _drive(url: str, proc, prompts, args) -> dict:
         async with session.get(f"{url}/metrics") as r:
             metrics = await r.text()
     lat = np.asarray(latencies)
-    batches = _metric(metrics, "bf16jax_batch_size_count", 'endpoint="generate"')
-    rows = _metric(metrics, "bf16jax_batch_size_sum", 'endpoint="generate"')
+    if args.batching == "window":  # requests per batch
+        batches = _metric(metrics, "bf16jax_batch_size_count", 'endpoint="generate"')
+        rows = _metric(metrics, "bf16jax_batch_size_sum", 'endpoint="generate"')
+    else:  # requests per decode step
+        batches = _metric(metrics, "bf16jax_decode_step_rows_count", "version=")
+        rows = _metric(metrics, "bf16jax_decode_step_rows_sum", "version=")
     return {
         "version": health["version"],
         "requests": len(latencies),
@@ -122,6 +127,7 @@ def run_one(name: str, directory: str, args) -> dict:
     port = _free_port()
     cmd = [sys.executable, "-m", "bf16jax.serve", f"--artifact={directory}", f"--port={port}",
            f"--max_batch={args.max_batch}", f"--max_wait_ms={args.max_wait_ms}",
+           f"--batching={args.batching}",
            f"--warmup={str(args.warmup).lower()}"]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     log = tempfile.TemporaryFile("w+")  # the server's stderr, shown if it fails
@@ -172,6 +178,7 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=32)
     parser.add_argument("--max_batch", type=int, default=8)
     parser.add_argument("--max_wait_ms", type=float, default=5.0)
+    parser.add_argument("--batching", default="continuous", choices=["continuous", "window"])
     parser.add_argument("--time_limit_s", type=float, default=300.0)
     parser.add_argument("--startup_s", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=0)

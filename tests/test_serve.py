@@ -31,10 +31,15 @@ def reg_dir(served, tmp_path_factory):  # noqa: F811
     return reg.directory
 
 
-def _run(scenario, **engine_kw):
+def _run(scenario, api_key=None, **engine_kw):
     async def main():
         engine = Engine(**engine_kw)
-        async with TestClient(TestServer(serve.make_app(engine))) as client:
+        app = serve.make_app(engine, api_key=api_key) if api_key else serve.make_app(engine)
+        async with TestClient(TestServer(app)) as client:
+            for _ in range(600):  # /healthz is 503 until the programs are compiled
+                if (await client.get("/healthz")).status == 200:
+                    break
+                await asyncio.sleep(0.1)
             return await scenario(client, engine)
 
     return asyncio.run(main())
@@ -56,7 +61,7 @@ def test_generate_batches_versions_shadow_and_metrics(served, reg_dir):  # noqa:
 
     async def scenario(client, engine):
         health = await (await client.get("/healthz")).json()
-        assert health["version"] == "v0002" and health["precision"] == "int8"
+        assert health == {"status": "ok", "version": "v0002"}
         replies = await asyncio.gather(
             *(client.post("/generate", json={"prompt": p, "max_tokens": 10}) for p in prompts)
         )
@@ -83,7 +88,7 @@ def test_generate_batches_versions_shadow_and_metrics(served, reg_dir):  # noqa:
         return await (await client.get("/metrics")).text()
 
     metrics = _run(scenario, registry=reg_dir, max_batch=4, max_wait_ms=50, shadow_rate=1.0,
-                   warmup=False)  # fmt: skip
+                   warmup=False, batching="window")  # fmt: skip
     # 5 concurrent generate requests ran in fewer than 5 batches.
     assert _metric(metrics, "bf16jax_batch_size_count", endpoint="generate") < 5 + 3
     assert _metric(metrics, "bf16jax_batch_size_sum", endpoint="generate") == 5 + 3
@@ -102,7 +107,7 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_survives(served, reg
     async def scenario(client, engine):
         async def post(path, data=None, **kw):
             r = await client.post(path, data=data, **kw)
-            return r.status, (await r.json())["error"] if r.status != 200 else None
+            return r.status, (await r.json())["error"]["message"] if r.status != 200 else None
 
         cases = {
             "malformed": (await post("/generate", data=b'{"prompt": "a",'), 400, "malformed JSON"),
@@ -144,19 +149,96 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_survives(served, reg
             "score": (await post("/score", json={"text": "a"}), 400, "at least 2 tokens"),
             "body": (await post("/score", data=b"x" * (serve.MAX_BODY_BYTES + 10)), 413, ""),
             "route": ((await client.get("/nope")).status, 404, None),
+            "ids": (await post("/generate", json={"prompt": [1, 999]}), 400, "[0, 384)"),
+            "ids_type": (await post("/generate", json={"prompt": [1, True]}), 400, "token ids"),
+            "context": (
+                await post("/generate", json={"prompt": "x" * 30, "max_tokens": 5}),
+                400,
+                "(30 tokens) + max_tokens (5) = 35 exceeds the model's context of 32",
+            ),
         }
+        v1 = "/v1/completions"
+        streamed = {"prompt": "a", "stream": True}
+        cases.update({
+            "v1_stream": (await post(v1, json={**streamed, "stream": "yes"}), 400, "'stream'"),
+            "v1_logprobs": (await post(v1, json={"prompt": "a", "logprobs": 6}), 400, "logprobs"),
+            "v1_echo": (await post(v1, json={"prompt": "a", "logprobs": 1, "echo": True}), 400,
+                        "'echo' with 'logprobs'"),
+            "v1_n": (await post(v1, json={"prompt": "a", "n": 3}), 400, "'n' must be 1"),
+            "v1_prompt": (await post(v1, json={"prompt": [[1], "a", 3]}), 400, "'prompt'"),
+            "v1_prompt_bool": (await post(v1, json={"prompt": True}), 400, "'prompt'"),
+            "v1_prompt_empty": (await post(v1, json={"prompt": []}), 400, "'prompt'"),
+            "v1_prompts": (await post(v1, json={**streamed, "prompt": ["a", "b"]}), 400,
+                           "one prompt"),
+            "v1_options": (await post(v1, json={**streamed, "stream_options": {"x": 1}}), 400,
+                           "stream_options"),
+            "v1_penalty": (await post(v1, json={"prompt": "a", "presence_penalty": 1}), 400,
+                           "presence_penalty"),
+            "v1_model": (await post(v1, json={"prompt": "a", "model": 3}), 400, "'model'"),
+            "v1_unknown": (await post(v1, json={**streamed, "temp": 1}), 400, "'temp'"),
+            "v1_stop": (await post(v1, json={**streamed, "stop": ["a"] * 5}), 400, "at most 4"),
+            "v1_long": (await post(v1, json={**streamed, "prompt": "x" * 40}), 413, "at most 32"),
+            "v1_context": (await post(v1, json={**streamed, "prompt": "x" * 30,
+                                                "max_tokens": 9}), 400, "= 39 exceeds"),
+            "v1_temperature": (await post(v1, json={**streamed, "temperature": -1}), 400,
+                               "temperature"),
+            "v1_deep": (await post(v1, data=b"[" * 3000), 400, "nested too deeply"),
+            "v1_get": ((await client.get(v1)).status, 405, None),
+        })  # fmt: skip
         for name, (got, status, message) in cases.items():
             code, error = got if isinstance(got, tuple) else (got, None)
             assert code == status, (name, code, error)
             if message:
                 assert message in error, (name, error)
+        # Window batching streams too: every token at the end of its batch, then [DONE].
+        ok = {"prompt": "And God said", "max_tokens": 6, "temperature": 0}
+        whole = await (await client.post(v1, json=ok)).json()
+        events = (await (await client.post(v1, json={**ok, "stream": True})).text()).split("\n\n")
+        chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+        assert events[-2] == "data: [DONE]" and chunks[-1]["usage"]["completion_tokens"] == 6
+        assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
         # An unexpected failure inside a batch: 500 with the reason; the server keeps serving.
         engine._compute_batch = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
-        code, error = await post("/generate", json={"prompt": "a", "max_tokens": 2})
+        code, error = await post("/score", json={"text": "ab"})
         assert code == 500 and "boom" in error
         return (await client.get("/healthz")).status
 
-    assert _run(scenario, registry=reg_dir, max_batch=4, warmup=False) == 200
+    assert _run(scenario, registry=reg_dir, max_batch=4, warmup=False, batching="window") == 200
+
+
+def test_hostile_requests_get_bounded_400s_labels_and_healthz(served, reg_dir):  # noqa: F811
+    """Issue #23 item 5: deeply nested JSON is a 400 (was a 500 RecursionError), the metrics'
+    endpoint label takes known routes only (was the raw path), error messages cap what they
+    echo (a 10,000-character version, 20,000 field names), /healthz says status and version
+    only (was the training command line and workdir)."""
+
+    async def scenario(client, engine):
+        out = {}
+        for name, raw in {"list": b"[" * 5000, "dict": b'{"a":' * 30000}.items():
+            r = await client.post("/generate", data=raw)
+            out[name] = (r.status, await r.text())
+        for path in ("/../../etc/passwd", "/x" * 50):
+            await client.get(path)
+        r = await client.post("/generate", json={"prompt": "a", "version": "v" * 10000})
+        out["version"] = (r.status, await r.text())
+        r = await client.post(
+            "/generate", json={"prompt": "a", **{f"f{i}": 0 for i in range(20000)}}
+        )
+        out["fields"] = (r.status, await r.text())
+        out["healthz"] = await (await client.get("/healthz")).json()
+        out["metrics"] = await (await client.get("/metrics")).text()
+        return out
+
+    out = _run(scenario, registry=reg_dir, max_batch=2, warmup=False)
+    for name in ("list", "dict"):
+        assert out[name][0] == 400 and "nested too deeply" in out[name][1], out[name]
+    assert out["version"][0] == 404 and len(out["version"][1]) < 1000
+    assert out["fields"][0] == 400 and len(out["fields"][1]) < 1000
+    assert out["healthz"] == {"status": "ok", "version": "v0002"}
+    endpoints = {line.split('endpoint="')[1].split('"')[0]
+                 for line in out["metrics"].splitlines() if 'endpoint="' in line}  # fmt: skip
+    assert endpoints <= {"generate", "score", "classify", "healthz", "metrics", "other",
+                         "v1/completions", "v1/models"}, endpoints  # fmt: skip
 
 
 def test_promote_and_rollback_switch_without_dropping_requests(served, reg_dir):  # noqa: F811

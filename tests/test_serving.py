@@ -15,7 +15,7 @@ import threading
 import jax
 import numpy as np
 import pytest
-from cli_runs import REPO, cli_env
+from cli_runs import REPO, cli_env, run_python
 from flax import nnx
 from serving_fixture import served  # noqa: F401 (the fixture)
 
@@ -60,10 +60,13 @@ def test_manifest_names_everything_and_hashes_every_file(served):  # noqa: F811
         assert m["source"] == {"workdir": served.workdir, "step": served.step}
         assert m["config"]["model"]["num_layers"] == 1 and m["train_policy"].endswith("q=w8a8")
         assert m["git_revision"] != "unknown" and m["versions"]["jax"] == jax.__version__
-        assert set(m["programs"]) == {"score", "prefill", "decode_step", "generate"}
+        assert m["limits"]["prefill_buckets"] == [16, 32]
+        assert set(m["programs"]) == {"score", "prefill", "decode_step", "generate", "insert",
+                                      "step", "prefill_16", "prefill_32"}  # fmt: skip
         assert set(m["files"]) == {"params.safetensors", "loader.py"} | {
             f"{p}.jaxexport" for p in m["programs"]
         }
+        assert os.path.isfile(os.path.join(directory, "manifest.sha256"))
         for name, entry in m["files"].items():
             assert artifact.sha256_file(os.path.join(directory, name)) == entry["sha256"]
         sizes[precision] = m["params"]["bytes"]
@@ -93,6 +96,43 @@ def test_altered_or_missing_files_are_refused(served, tmp_path):  # noqa: F811
         artifact.verify(served.artifacts["bf16"], manifest_sha256="0" * 64)
     with pytest.raises(ValueError, match="exists: pass a new --out"):
         _export_variant(served, served.artifacts["bf16"])
+
+
+def test_a_changed_or_broken_manifest_is_refused_by_every_loader(served, tmp_path):  # noqa: F811
+    """manifest.json is covered by manifest.sha256 (the digest of its canonical JSON): an edited
+    value, a broken JSON or a missing digest stops serve, generate, evaluate and loader.py with
+    a message naming the file (issue #23 item 3: byte_offset 2 -> 3 once loaded silently)."""
+    import asyncio
+
+    from bf16jax.serving.engine import Engine
+
+    copy = tmp_path / "art"
+    shutil.copytree(served.artifacts["bf16"], copy)
+    manifest = copy / "manifest.json"
+    good = manifest.read_text()
+    assert '"byte_offset": 2' in good
+    manifest.write_text(good.replace('"byte_offset": 2', '"byte_offset": 3'))
+    with pytest.raises(artifact.IntegrityError, match=r"manifest.json: its content .* differs"):
+        artifact.Artifact(str(copy))
+    with pytest.raises(artifact.IntegrityError, match="manifest.json"):  # serve
+        asyncio.run(Engine(artifact=str(copy), warmup=False).start())
+    commands = {
+        "loader.py": [str(copy / "loader.py"), str(copy), "--prompt=a", "--max_tokens=2"],
+        "generate": ["-m", "bf16jax.generate", f"--artifact={copy}", "--prompt=a"],
+        "evaluate": ["-m", "bf16jax.evaluate", f"--artifact={copy}"],
+    }
+    for name, args in commands.items():
+        proc = run_python(*args)
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert "manifest.json" in proc.stderr and "Traceback" not in proc.stderr, name
+    manifest.write_text(good[:-40])  # a truncated file: broken JSON
+    with pytest.raises(artifact.IntegrityError, match=r"manifest.json is not valid JSON"):
+        artifact.Artifact(str(copy))
+    manifest.write_text(json.dumps(json.loads(good)))  # reformatted, same content: accepted
+    assert artifact.verify(str(copy))["tokenizer"]["byte_offset"] == 2
+    (copy / "manifest.sha256").unlink()
+    with pytest.raises(artifact.IntegrityError, match="manifest.sha256 is missing"):
+        artifact.Artifact(str(copy))
 
 
 _NO_TRAINING_CODE = r"""

@@ -2,17 +2,22 @@
 
 An artifact is a directory written by `bf16jax.serving.export`: `manifest.json`, the params in
 `params.safetensors` (the safetensors layout, read and written here with NumPy), one
-`jax.export`-serialized program per `<name>.jaxexport` (score, prefill, decode_step, generate)
-and `loader.py`, a copy of this file. Invariants:
+`jax.export`-serialized program per `<name>.jaxexport` (score, prefill, decode_step, generate,
+and the continuous-batching prefill_<L>, insert, step), the tokenizer's file if it has one,
+`loader.py` (a copy of this file) and `manifest.sha256`. Invariants:
 
-- this module imports only the standard library, NumPy and JAX, so an artifact runs where
-  bf16jax is not installed (`python ARTIFACT/loader.py ARTIFACT --prompt "..."`);
-- nothing is read before every file listed in the manifest matches its sha256 and size: a
-  missing or altered file raises `IntegrityError` naming it (and a given manifest digest is
+- this module imports only the standard library, NumPy and JAX (and `tokenizers` or
+  `sentencepiece` for a BPE / SentencePiece model's text), so an artifact runs where bf16jax
+  is not installed (`python ARTIFACT/loader.py ARTIFACT --prompt "..."`);
+- nothing is read before every file listed in the manifest matches its sha256 and size, and the
+  manifest itself matches the digest of its canonical JSON in `manifest.sha256`: a missing,
+  altered or unparsable file raises `IntegrityError` naming it (and a given manifest digest is
   checked too, as the registry does);
 - programs have a symbolic batch dimension and fixed sequence shapes (`manifest["limits"]`);
   `Artifact` pads inputs to them and validates every request against them;
-- text goes through the tokenizer the manifest describes (`bytes`: UTF-8 bytes + offset).
+- text goes through the tokenizer the manifest describes: `bytes` (UTF-8 bytes + offset, no
+  package), or the artifact's own copy of a BPE `tokenizer.json` (the `tokenizers` package) or
+  SentencePiece model (`sentencepiece`), hashed like every file; a prompt may be token ids.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -32,12 +38,15 @@ import numpy as np
 __all__ = [
     "FORMAT",
     "MANIFEST",
+    "MANIFEST_DIGEST",
     "PARAMS",
     "LOADER",
     "FINISH_REASONS",
     "IntegrityError",
     "sha256_file",
     "file_entry",
+    "manifest_digest",
+    "read_manifest",
     "write_safetensors",
     "read_safetensors",
     "verify",
@@ -47,6 +56,7 @@ __all__ = [
 
 FORMAT = "bf16jax-artifact/1"
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.sha256"  # hex sha256 of the manifest's canonical JSON
 PARAMS = "params.safetensors"
 LOADER = "loader.py"
 FINISH_REASONS = ("length", "eos", "stop", "context")  # = bf16jax.serving.sampling.FINISH_REASONS
@@ -86,6 +96,52 @@ def sha256_file(path: str) -> str:
 def file_entry(path: str) -> dict[str, Any]:
     """{"sha256": ..., "bytes": ...} of a file, as the manifest lists it."""
     return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """Hex sha256 of a manifest's canonical JSON (sorted keys, no spaces, ASCII): the same for
+    any formatting of the same content, different for any changed value."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    """The manifest of an artifact, checked against `manifest.sha256` beside it.
+
+    Raises:
+      IntegrityError: naming the file: no manifest, a manifest that is not JSON, a missing or
+        unreadable digest, or a manifest whose content differs from its digest.
+    """
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise IntegrityError(f"{directory} has no {MANIFEST}: not a bf16jax artifact.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise IntegrityError(
+            f"{path} is not valid JSON ({str(e)[:120]}): the manifest is damaged; re-export "
+            "the artifact."
+        ) from None
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{path} holds a {type(manifest).__name__}, not a manifest object.")
+    digest_path = os.path.join(directory, MANIFEST_DIGEST)
+    try:
+        with open(digest_path, encoding="ascii") as f:
+            expected = f.read().split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        raise IntegrityError(
+            f"{digest_path} is missing or unreadable, so {path} cannot be checked: refusing to "
+            "load it. Re-export the artifact."
+        ) from None
+    actual = manifest_digest(manifest)
+    if actual != expected:
+        raise IntegrityError(
+            f"{path}: its content (sha256 {actual[:16]}...) differs from {digest_path} "
+            f"({expected[:16]}...): the manifest was changed after export; refusing to load "
+            "it. Re-export the artifact."
+        )
+    return manifest
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -149,15 +205,16 @@ def verify(directory: str, manifest_sha256: str | None = None) -> dict[str, Any]
         unknown format; the message names the file.
     """
     path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        raise IntegrityError(f"{directory} has no {MANIFEST}: not a bf16jax artifact.")
-    if manifest_sha256 is not None and sha256_file(path) != manifest_sha256:
+    if (
+        manifest_sha256 is not None
+        and os.path.isfile(path)
+        and sha256_file(path) != manifest_sha256
+    ):
         raise IntegrityError(
             f"{path} is not the manifest that was registered (sha256 differs): the artifact "
             "was changed after it was registered; re-export and promote it again."
         )
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = read_manifest(directory)
     if manifest.get("format") != FORMAT:
         raise IntegrityError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}.")
     listed = manifest.get("files", {})
@@ -179,7 +236,8 @@ def verify(directory: str, manifest_sha256: str | None = None) -> dict[str, Any]
                 "Re-export the artifact."
             )
     extra = sorted(n for n in os.listdir(directory)
-                   if n not in listed and n != MANIFEST and not n.startswith("."))  # fmt: skip
+                   if n not in listed and n not in (MANIFEST, MANIFEST_DIGEST)
+                   and not n.startswith("."))  # fmt: skip
     if extra:
         warnings.warn(
             f"{directory} holds files the manifest does not list (ignored): {extra}", stacklevel=2
@@ -204,40 +262,54 @@ class Runner:
     def call(self, name: str, *args):
         raise NotImplementedError
 
-    # ----------------------------------------------------------------- tokenizer (bytes)
-    def encode(self, text: str) -> np.ndarray:
-        """Token ids of `text` under the manifest's tokenizer (UTF-8 bytes + offset)."""
+    tokenizer_dir: str = ""  # where the tokenizer's file (manifest "file") lies
+
+    # ----------------------------------------------------------------- tokenizer
+    def encode(self, text: str | Sequence[int]) -> np.ndarray:
+        """Token ids of `text` under the model's tokenizer; a sequence of ids passes through
+        (checked against the vocabulary)."""
         tok = self.tokenizer
-        if tok.get("kind") != "bytes":
-            raise ValueError(
-                f"This model's tokenizer is {tok.get('kind')} ({tok.get('source')}): encode "
-                "text with it (bf16jax.data.tokenizer.load_tokenizer) and pass token ids "
-                "(generate_arrays / score_ids); this loader encodes bytes only."
-            )
-        raw = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-        return raw + np.int32(tok["byte_offset"])
+        if not isinstance(text, str):
+            ids = np.asarray(text)
+            if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+                raise ValueError("a prompt is a string or a list of token ids (ints).")
+            vocab = tok.get("vocab_size") or self.limits.get("vocab_size")
+            if ids.size and (ids.min() < 0 or (vocab and ids.max() >= vocab)):
+                raise ValueError(f"token ids must lie in [0, {vocab}), got [{ids.min()}, "
+                                 f"{ids.max()}].")  # fmt: skip
+            return ids.astype(np.int32)
+        if tok.get("kind") == "bytes":
+            raw = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+            return raw + np.int32(tok["byte_offset"])
+        return np.asarray(self._text_tokenizer().encode(text), np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of byte ids; special ids (PAD, EOS, sentinels) are dropped."""
+        """Text of generated ids; special ids (PAD, EOS) are dropped."""
+        ids = [int(i) for i in ids]
         if self.tokenizer.get("kind") != "bytes":
-            self.encode("")  # raises, naming the model's tokenizer
+            return self._text_tokenizer().decode(ids)
         off = self.tokenizer["byte_offset"]
         raw = bytes(i - off for i in ids if off <= i < off + 256)
         return raw.decode("utf-8", errors="replace")
 
+    def _text_tokenizer(self) -> _FileTokenizer:
+        if getattr(self, "_tok", None) is None:
+            self._tok = _FileTokenizer(self.tokenizer, self.tokenizer_dir)
+        return self._tok
+
     # ----------------------------------------------------------------- requests
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | Sequence[int]],
         *,
         max_tokens: int | Sequence[int] | None = None,
         temperature: float | Sequence[float] = 0.0,
         top_k: int | Sequence[int] = 0,
         top_p: float | Sequence[float] = 1.0,
-        stop: Sequence[Sequence[str]] | None = None,
+        stop: Sequence[Sequence[str | Sequence[int]]] | None = None,
         seed: int | Sequence[int] = 0,
     ) -> list[dict[str, Any]]:
-        """Generates for a batch of prompts with the `generate` program (one call).
+        """Generates for a batch of prompts (text or token ids) with the `generate` program.
 
         Scalar settings apply to every prompt; sequences give one value per prompt; max_tokens
         defaults to min(64, the cache length). Returns per prompt {"text", "tokens" (ids),
@@ -371,6 +443,7 @@ class Artifact(Runner):
         self.family: str = m["family"]
         self.limits: dict[str, Any] = m["limits"]
         self.tokenizer: dict[str, Any] = m.get("tokenizer") or {}
+        self.tokenizer_dir = self.directory
         params = read_safetensors(os.path.join(self.directory, m["params"]["file"]))
         self.params = {k: jax.device_put(v) for k, v in params.items()}
         self._programs = {}
@@ -389,6 +462,53 @@ class Artifact(Runner):
             raise ValueError(f"This {self.family} artifact has no {name!r} program: "
                              f"it has {sorted(self._programs)}.")  # fmt: skip
         return self._programs[name](self.params, *args)
+
+
+class _FileTokenizer:
+    """A BPE `tokenizer.json` (GPT-2's conventions: nothing added on encode) or a SentencePiece
+    model (T5's: `extra_ids` sentinels counted down from the top) read from the artifact, as
+    `bf16jax.data.tokenizer` reads them; needs `tokenizers` or `sentencepiece`."""
+
+    def __init__(self, info: dict[str, Any], directory: str):
+        self.kind, self.info = info.get("kind"), info
+        if "file" not in info:
+            raise ValueError(f"The manifest names a {self.kind} tokenizer but no file of it: "
+                             "re-export, or pass token ids.")  # fmt: skip
+        path = os.path.join(directory, info["file"])
+        try:
+            if self.kind == "BPETokenizer":
+                import tokenizers
+
+                self._tok = tokenizers.Tokenizer.from_file(path)
+            elif self.kind == "SentencePieceTokenizer":
+                import sentencepiece
+
+                self._tok = sentencepiece.SentencePieceProcessor(model_file=path)
+                self.pieces = self._tok.get_piece_size()
+            else:
+                raise ValueError(f"Unknown tokenizer kind {self.kind!r} in the manifest.")
+        except ImportError as e:
+            raise ValueError(f"This model's text needs the {e.name} package (pip install "
+                             f"{e.name}), or pass token ids.") from None  # fmt: skip
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "BPETokenizer":
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "BPETokenizer":
+            return self._tok.decode(ids, skip_special_tokens=True)
+        out, run, top = [], [], self.info["vocab_size"] - 1
+        for i in ids:
+            if i in (self.info["pad_id"], self.info["eos_id"]):
+                continue
+            if i >= self.pieces:  # a sentinel
+                out += [self._tok.decode(run), f"<extra_id_{top - i}>"]
+                run = []
+            else:
+                run.append(i)
+        return "".join([*out, self._tok.decode(run)])
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -444,7 +564,11 @@ def _main() -> None:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args()
-    art = Artifact(args.artifact)
+    try:
+        art = Artifact(args.artifact)
+    except ValueError as e:  # IntegrityError included: one line naming the file, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps({"family": art.family, "precision": art.manifest["precision"],
                       "source": art.manifest["source"]}))  # fmt: skip
     if args.prompt:

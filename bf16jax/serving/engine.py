@@ -2,8 +2,11 @@
 metrics.
 
 `Engine` holds the loaded artifacts (the registry's active version, versions asked for by
-name, the FP32 reference), groups concurrent requests into batches per (version, endpoint),
-runs each batch on one compute thread, and compares a sample of requests with the FP32
+name, the FP32 reference). Generation runs by continuous batching (`batching.
+ContinuousBatcher`: one decode slot per request, tokens streamed as they come) or, with
+batching="window" or an artifact without the step programs, in batches of the requests that
+arrived within a window, each running its whole decode loop; score / classify requests always
+batch by window, on one compute thread. A sample of requests is compared with the FP32
 reference afterwards. Invariants:
 
 - a request is bound to a version when it arrives and its batch runs on that version to the
@@ -16,7 +19,10 @@ reference afterwards. Invariants:
   agreement) and `bf16jax_shadow_logprob_drift` (mean |log p_candidate - log p_reference| of
   the actual tokens, nats) record how far the served model has moved — the silent-regression
   monitor;
-- metrics live in the engine's own Prometheus registry (several engines per process work).
+- `ready` turns true once the active version's programs are compiled and warm;
+- metrics live in the engine's own Prometheus registry (several engines per process work);
+  the request-level series (TTFT, inter-token latency, end-to-end, queue time, running /
+  waiting requests, slot use) carry the version and precision.
 """
 
 from __future__ import annotations
@@ -24,21 +30,30 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import functools
 import logging
+import os
 import random
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import prometheus_client as prom
 
 from bf16jax.serving.artifact import Artifact
+from bf16jax.serving.batching import ContinuousBatcher, GenRequest
 from bf16jax.serving.registry import Registry
 
-__all__ = ["Engine", "UnknownVersion", "Overloaded", "KINDS"]
+__all__ = ["Engine", "UnknownVersion", "Overloaded", "RequestTimeout", "NotReady", "KINDS",
+           "BATCHING"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 KINDS = ("generate", "score", "classify")
+BATCHING = ("continuous", "window")
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_GEN_FIELDS = ("prompt_ids", "max_tokens", "temperature", "top_k", "top_p", "stop_ids", "seed")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _WINDOW = 256  # shadowed requests in the rolling agreement / drift gauges
 
@@ -48,13 +63,23 @@ class UnknownVersion(ValueError):
 
 
 class Overloaded(RuntimeError):
-    """The queue is full: the client should retry later (HTTP 503)."""
+    """The queue is full: the client should retry later (HTTP 429)."""
+
+
+class NotReady(RuntimeError):
+    """The programs are still compiling (HTTP 503)."""
+
+
+class RequestTimeout(RuntimeError):
+    """A request ran past the engine's request_timeout_s (HTTP 504)."""
 
 
 class _Loaded:
-    def __init__(self, name: str, artifact: Artifact):
+    def __init__(self, name: str, artifact: Artifact, batcher: ContinuousBatcher | None = None):
         self.name = name
         self.artifact = artifact
+        self.batcher = batcher
+        self.precision = artifact.manifest["precision"]
 
 
 class Engine:
@@ -70,18 +95,27 @@ class Engine:
       max_queue: requests waiting beyond this get `Overloaded`.
       poll_s: how often the registry's active version is checked.
       warmup: compile each program for every batch bucket when a version loads.
+      batching: "continuous" (decode slots, max_batch of them) or "window".
+      request_timeout_s: a generate request still running after this fails with 504.
     """
 
     def __init__(self, *, registry: str | None = None, artifact: str | None = None,
                  reference: str | None = None, max_batch: int = 8, max_wait_ms: float = 5.0,
                  shadow_rate: float = 0.0, max_queue: int = 256, poll_s: float = 0.5,
-                 warmup: bool = True, seed: int = 0):  # fmt: skip
+                 warmup: bool = True, seed: int = 0, batching: str = "continuous",
+                 request_timeout_s: float = 60.0):  # fmt: skip
         if (registry is None) == (artifact is None):
             raise ValueError("Serve either --registry=DIR or --artifact=DIR (one of them).")
         if not 0.0 <= shadow_rate <= 1.0:
             raise ValueError(f"shadow_rate={shadow_rate} must lie in [0, 1].")
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1.")
+        if batching not in BATCHING:
+            raise ValueError(f"batching={batching!r}: use one of {BATCHING}.")
+        if not request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s={request_timeout_s} must be > 0.")
+        self.batching, self.request_timeout_s = batching, request_timeout_s
+        self.ready = False
         self.registry = Registry(registry) if registry else None
         self._static = artifact
         self._reference_dir = reference or (self.registry.reference_dir if registry else None)
@@ -103,6 +137,7 @@ class Engine:
         self._tasks: set[asyncio.Task] = set()
         self._agreement = collections.deque(maxlen=_WINDOW)
         self._drift = collections.deque(maxlen=_WINDOW)
+        self._warm_task: asyncio.Task | None = None
         self._metrics()
 
     # ----------------------------------------------------------------- metrics
@@ -143,21 +178,75 @@ class Engine:
         self.m_drift_mean = prom.Gauge("bf16jax_shadow_logprob_drift_mean",
                                        f"Mean drift of the last {_WINDOW} shadowed requests.",
                                        registry=r)  # fmt: skip
+        vp = ["version", "precision"]
+        self.m_request = {
+            name: prom.Histogram(f"bf16jax_{metric}_seconds", doc, vp, buckets=buckets, registry=r)
+            for name, metric, doc, buckets in (
+                ("ttft", "time_to_first_token", "Arrival to first generated token.",
+                 _LATENCY_BUCKETS),
+                ("itl", "inter_token_latency", "Between consecutive tokens of a request.",
+                 _TOKEN_BUCKETS),
+                ("e2e", "e2e_request_latency", "Arrival to the last token.", _LATENCY_BUCKETS),
+                ("queue", "queue_time", "Arrival to a decode slot.", _LATENCY_BUCKETS),
+            )
+        }  # fmt: skip
+        self.m_running = prom.Gauge("bf16jax_requests_running", "Requests in decode slots.", vp,
+                                    registry=r)  # fmt: skip
+        self.m_waiting = prom.Gauge("bf16jax_requests_waiting", "Requests waiting for a slot.",
+                                    vp, registry=r)  # fmt: skip
+        self.m_step_rows = prom.Histogram("bf16jax_decode_step_rows",
+                                          "Requests in each continuous-batching decode step.", vp,
+                                          buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)  # fmt: skip
+        self.m_slots = prom.Gauge("bf16jax_slot_use", "Fraction of decode slots in use.", vp,
+                                  registry=r)  # fmt: skip
 
     # ----------------------------------------------------------------- versions
-    def _load(self, name: str, directory: str, sha: str | None) -> _Loaded:
-        loaded = _Loaded(name, Artifact(directory, manifest_sha256=sha))
-        if self.warmup:
-            self._warm(loaded.artifact)
+    def _load(self, name: str, directory: str, sha: str | None, prepare: bool = True) -> _Loaded:
+        art = Artifact(directory, manifest_sha256=sha)
+        batcher = None
+        if self.batching == "continuous" and "step" in art.programs:
+            labels = (name, art.manifest["precision"])
+            batcher = ContinuousBatcher(
+                art,
+                self.max_batch,
+                observe=lambda m, s: self.m_request[m].labels(*labels).observe(s),
+                gauges=functools.partial(self._slot_gauges, labels),
+            )
+        loaded = _Loaded(name, art, batcher)
+        if prepare:
+            self._prepare(loaded)
         return loaded
 
-    def _warm(self, art: Artifact) -> None:
+    def _slot_gauges(self, labels, running: int, waiting: int, stepped: int) -> None:
+        if stepped:
+            self.m_step_rows.labels(*labels).observe(stepped)
+        self.m_running.labels(*labels).set(running)
+        self.m_waiting.labels(*labels).set(waiting)
+        self.m_slots.labels(*labels).set(running / self.max_batch)
+
+    def _prepare(self, loaded: _Loaded) -> None:
+        """Starts the version's batcher (compiling its programs) and warms the rest."""
+        if loaded.batcher is not None:
+            loaded.batcher.start()
+        if self.warmup:
+            self._warm(loaded.artifact, generate=loaded.batcher is None)
+
+    async def _prepare_active(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._loader, self._prepare, self.active)
+            self.ready = True
+        except Exception:
+            log.exception("Warming up version %s failed: not ready.", self.active.name)
+
+    def _warm(self, art: Artifact, generate: bool = True) -> None:
         """Compiles the served programs for every batch bucket (first requests stay fast)."""
         for size in self._buckets():
             if art.family == "vit":
                 art.classify(np.zeros((size, *art.limits["image_shape"]), np.float32))
                 continue
-            art.generate(["a"] * size, max_tokens=1)
+            if generate:
+                art.generate(["a"] * size, max_tokens=1)
             if art.family == "gpt":
                 art.score(["ab"] * size)
             else:
@@ -175,9 +264,12 @@ class Engine:
         self._cache[loaded.name] = loaded
         self._cache.move_to_end(loaded.name)
         while len(self._cache) > 3:
-            self._cache.popitem(last=False)
+            _, evicted = self._cache.popitem(last=False)
+            if evicted.batcher is not None and not (evicted.batcher.running
+                                                    or evicted.batcher.waiting):  # fmt: skip
+                evicted.batcher.stop()
         self.m_active.clear()
-        self.m_active.labels(loaded.name, loaded.artifact.manifest["precision"]).set(1)
+        self.m_active.labels(loaded.name, loaded.precision).set(1)
         if previous is not None and previous.name != loaded.name:
             self.m_switches.inc()
             log.info("Serving version %s (was %s).", loaded.name, previous.name)
@@ -185,21 +277,33 @@ class Engine:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         if self._static:
-            loaded = await loop.run_in_executor(self._loader, self._load, "static",
-                                                self._static, None)  # fmt: skip
-            self._set_active(loaded)
+            active = (self.static_name, self._static, None)
         else:
             active = self.registry.active()
             if active is None:
                 raise ValueError(f"Registry {self.registry.directory} has no active version: "
                                  "promote an artifact first.")  # fmt: skip
-            self._set_active(await loop.run_in_executor(self._loader, self._load, *active))
+        # Verify and load now (errors stop the server); compile in the background (/healthz
+        # answers 503 until then).
+        self._set_active(await loop.run_in_executor(self._loader, self._load, *active, False))
+        self._warm_task = asyncio.create_task(self._prepare_active())
+        if self.registry is not None:
             self._watch = asyncio.create_task(self._watch_registry())
         if self.shadow_rate > 0:
             self.reference = await loop.run_in_executor(self._loader, Artifact,
                                                         self._reference_dir)  # fmt: skip
 
+    @property
+    def static_name(self) -> str:
+        """The version name of a served `artifact` (its directory's name)."""
+        return os.path.basename(os.path.normpath(self._static)) if self._static else ""
+
     async def stop(self) -> None:
+        if self._warm_task is not None:
+            await asyncio.gather(self._warm_task, return_exceptions=True)
+        for loaded in self._cache.values():
+            if loaded.batcher is not None:
+                loaded.batcher.stop()
         if self._watch is not None:
             self._watch.cancel()
         for task in list(self._tasks):
@@ -223,6 +327,10 @@ class Engine:
                 self.m_load_errors.inc()
                 log.exception("Could not switch to the registry's active version.")
 
+    def loaded_versions(self) -> list[_Loaded]:
+        """The versions in memory (the active one and recently asked-for ones)."""
+        return list(self._cache.values())
+
     async def resolve(self, name: str | None) -> _Loaded:
         """The version a request asked for (None: the active one)."""
         if name is None or name == self.active.name:
@@ -231,7 +339,7 @@ class Engine:
             return self._cache[name]
         if self.registry is None:
             raise UnknownVersion(f"Unknown version {name!r}: this server serves one artifact "
-                                 f"(version 'static').")  # fmt: skip
+                                 f"(version {self.static_name!r}).")  # fmt: skip
         try:
             directory, sha = self.registry.resolve(name)
         except ValueError as e:
@@ -241,7 +349,81 @@ class Engine:
         self._cache[name] = loaded
         return loaded
 
-    # ----------------------------------------------------------------- batching
+    # ----------------------------------------------------------------- generation
+    async def stream(self, version: _Loaded, request: dict[str, Any]) -> AsyncIterator[tuple]:
+        """Events of one generate request: ("token", id, logprob, top) ..., ("done", reason).
+        Closing the iterator early cancels the request and frees its slot."""
+        if not self.ready:
+            raise NotReady("the server is compiling its programs: retry shortly.")
+        batcher = version.batcher
+        if batcher is None:  # window batching: every token comes at the end
+            start = time.perf_counter()
+            result = await self.submit("generate", version, request)
+            for histogram in ("ttft", "e2e"):
+                self.m_request[histogram].labels(version.name, version.precision).observe(
+                    time.perf_counter() - start)  # fmt: skip
+            for token in result["tokens"]:
+                yield ("token", token, None, None)
+            yield ("done", result["finish_reason"])
+            return
+        if batcher.waiting >= self.max_queue:
+            raise Overloaded(f"{batcher.waiting} requests are waiting: retry later.")
+        r = GenRequest(queue=asyncio.Queue(), loop=asyncio.get_running_loop(),
+                       **{k: request[k] for k in _GEN_FIELDS})  # fmt: skip
+        batcher.submit(r)
+        tokens = self.m_tokens.labels(version.name)
+        try:
+            while True:
+                event = await r.queue.get()
+                if event[0] == "error":
+                    raise event[1]
+                if event[0] == "token":
+                    tokens.inc()
+                yield event
+                if event[0] == "done":
+                    return
+        finally:
+            if not r.finished:
+                r.cancel()
+
+    @contextlib.asynccontextmanager
+    async def deadline(self):
+        """Fails the block with RequestTimeout after request_timeout_s."""
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                yield
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request ran past the server's {self.request_timeout_s:g} s limit: ask "
+                "for fewer tokens or retry."
+            ) from None
+
+    async def generate(self, version: _Loaded, request: dict[str, Any]) -> dict[str, Any]:
+        """One generate request to the end: {"tokens", "logprobs", "top_logprobs",
+        "finish_reason"} (logprobs None under window batching)."""
+        out = {"tokens": [], "logprobs": [], "top_logprobs": [], "finish_reason": None}
+        async with self.deadline(), contextlib.aclosing(self.stream(version, request)) as events:
+            async for event in events:
+                if event[0] == "token":
+                    out["tokens"].append(int(event[1]))
+                    out["logprobs"].append(event[2])
+                    out["top_logprobs"].append(event[3])
+                else:
+                    out["finish_reason"] = event[1]
+        if (version.batcher is not None and self.reference is not None
+                and self._rng.random() < self.shadow_rate):  # fmt: skip
+            loop = asyncio.get_running_loop()
+            pairs = [(request, out)]
+            task = asyncio.ensure_future(
+                loop.run_in_executor(
+                    self._compute, self._shadow, "generate", version.artifact, pairs
+                )
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return out
+
+    # ----------------------------------------------------------------- window batching
     async def submit(self, kind: str, version: _Loaded, request: dict[str, Any]) -> dict:
         """Queues one validated request and waits for its result."""
         if self._queued >= self.max_queue:

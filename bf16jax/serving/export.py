@@ -9,6 +9,8 @@ of the same checkpoint (`bf16jax.serving.scoring`) and writes `manifest.json`. I
 
 - the directory appears complete or not at all: it is written beside `--out` and renamed into
   place; an existing `--out` is never overwritten unless `--overwrite`;
+- the artifact carries its tokenizer's file (BPE `tokenizer.json` or SentencePiece model),
+  hashed like the others, so text in and out works without the training run;
 - the manifest names the source (workdir, step, config file, command line), the config, the
   training and serving policies, the git revision, versions, limits, the tokenizer, the
   evaluation metrics, and the sha256 + size of every file (`bf16jax.serving.artifact.verify`);
@@ -49,6 +51,15 @@ PROGRAM_SIGNATURES = {
     "generate": "(params, prompt, prompt_len, seeds [b] u32, temperature [b], top_k [b] i32, "
     "top_p [b], max_tokens [b] i32, stop [b, max_stop_sequences, max_stop_length] i32 right-"
     "aligned, -1 padded) -> {tokens [b, cache_len], length [b], finish_reason [b]}",
+    "prefill_L": "(params, prompt [b, L] int32 (L: this bucket), prompt_len [b], seeds [b] u32, "
+    "temperature [b], top_k [b] i32, top_p [b]) -> {token [b] (the first new token, sampled as "
+    "generate samples it), logprob [b], top_ids [b, top_logprobs], top_logprobs [b, "
+    "top_logprobs], cache (batch b), start [b]}",
+    "insert": "(params (unused), cache (every slot), row (a batch-1 prefill's cache), slot "
+    "int32) -> cache with that slot replaced",
+    "step": "(params, cache, token [b] to feed, index [b] where, count [b] = the number of the "
+    "token sampled next, seeds [b] u32, temperature [b], top_k [b] i32, top_p [b]) -> {token "
+    "[b], logprob [b], top_ids, top_logprobs, cache}",
 }
 
 
@@ -140,8 +151,12 @@ def _write(tmp, config, model, programs, precision, source, platforms) -> dict[s
         with open(os.path.join(tmp, file), "wb") as f:
             f.write(exported.serialize())
         timings[name] = round(time.perf_counter() - start, 3)
-        entries[name] = {"file": file, "signature": PROGRAM_SIGNATURES[name]}
+        key = "prefill_L" if name.startswith("prefill_") else name
+        entries[name] = {"file": file, "signature": PROGRAM_SIGNATURES[key]}
     shutil.copyfile(artifact_lib.__file__, os.path.join(tmp, artifact_lib.LOADER))
+    tokenizer = dict(programs.tokenizer) if programs.tokenizer else None
+    if tokenizer and "path" in tokenizer:  # the tokenizer's file travels with the artifact
+        shutil.copyfile(tokenizer.pop("path"), os.path.join(tmp, tokenizer["file"]))
     files = sorted(os.listdir(tmp))
     param_arrays = programs.params.values()
     limits = dict(programs.limits)
@@ -163,7 +178,7 @@ def _write(tmp, config, model, programs, precision, source, platforms) -> dict[s
         "platforms": list(platforms),
         "batch": "symbolic (any batch size)",
         "limits": limits,
-        "tokenizer": programs.tokenizer,
+        "tokenizer": tokenizer,
         "programs": entries,
         "export_seconds": timings,
         "params": {
@@ -189,13 +204,20 @@ def _dtype_counts(params: dict) -> dict[str, int]:
 
 
 def _write_manifest(directory: str, manifest: dict) -> None:
+    """manifest.json, then manifest.sha256: the digest of the JSON as written and read back."""
     import json
 
     path = os.path.join(directory, artifact_lib.MANIFEST)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, default=float)
         f.write("\n")
+    with open(path + ".tmp", encoding="utf-8") as f:
+        digest = artifact_lib.manifest_digest(json.load(f))
+    digest_path = os.path.join(directory, artifact_lib.MANIFEST_DIGEST)
+    with open(digest_path + ".tmp", "w", encoding="ascii") as f:
+        f.write(f"{digest}\n")
     os.replace(path + ".tmp", path)
+    os.replace(digest_path + ".tmp", digest_path)
 
 
 def _metrics(tmp, config, params, fp8_meta, precision, policy, source, eval_batches):

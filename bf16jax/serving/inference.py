@@ -3,8 +3,11 @@
 `restore_params(config, workdir)` reads a checkpoint's params (and FP8 scales);
 `serving_model(config, params, fp8_meta, precision)` casts them to a serving precision;
 `Programs(model)` holds the model's pure programs — `score`, `prefill`, `decode_step`,
-`generate` — as functions of (flat params, arrays), which `bf16jax.serving.export` serializes with
-`jax.export` and `bf16jax.serving.runners` / `bf16jax.serving.scoring` jit on a workdir. Invariants:
+`generate`, and for continuous batching `prefill_<L>` (one per prompt-length bucket, sampling
+the first token), `insert` (a prefilled row into a decode slot) and `step` (one sampled token
+for every slot) — as functions of (flat params, arrays), which `bf16jax.serving.export`
+serializes with `jax.export` and `bf16jax.serving.runners` / `bf16jax.serving.scoring` jit on a
+workdir. Invariants:
 
 - serving precisions: `fp32` (the FP32 reference: `precision.fp32_reference`, the training
   run's quantization kept), `bf16` (params and compute BF16, FP32 accumulation / softmax /
@@ -39,6 +42,7 @@ __all__ = [
     "TRAIN",
     "MAX_STOP_SEQUENCES",
     "MAX_STOP_LENGTH",
+    "TOP_LOGPROBS",
     "serving_policy",
     "serving_model",
     "restore_params",
@@ -51,6 +55,8 @@ PRECISIONS = ("fp32", "bf16", "int8", "fp8")
 TRAIN = "train"  # serve / evaluate a run under its own training policy
 MAX_STOP_SEQUENCES = 4  # stop sequences per request (the generate program's static shape)
 MAX_STOP_LENGTH = 16  # tokens per stop sequence
+TOP_LOGPROBS = 5  # alternatives per token the step programs return (OpenAI's logprobs <= 5)
+MIN_BUCKET = 16  # the shortest prefill bucket (GPT prompts: 16, 32, ... up to max_len)
 _BF16_SERVING = dict(param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
 
 
@@ -215,9 +221,9 @@ def flatten_params(model: nnx.Module) -> dict[str, np.ndarray]:
 def tokenizer_info(config=None) -> dict[str, Any]:
     """The run's tokenizer (`config.data.tokenizer`) as an artifact's manifest records it.
 
-    Bytes (the default) carry their constants, so `bf16jax.serving.artifact` encodes text with JAX
-    alone; a SentencePiece / BPE tokenizer is named (kind, source) with its special ids, and
-    text requests then need its package (token-id requests work anywhere).
+    Bytes (the default) carry their constants; a SentencePiece / BPE tokenizer records its
+    kind, special ids, `file` (the model file's name: export copies it into the artifact) and
+    `path` (where it lies now; the manifest drops it), so text works wherever the artifact goes.
     """
     from bf16jax.data import tokenizer as t
 
@@ -227,8 +233,12 @@ def tokenizer_info(config=None) -> dict[str, Any]:
                 "byte_offset": t.BYTE_OFFSET, "sentinel_offset": t.SENTINEL_OFFSET,
                 "num_sentinels": t.NUM_SENTINELS, "vocab_size": t.VOCAB_SIZE}  # fmt: skip
     tok = t.load_tokenizer(spec)
-    return {"kind": type(tok).__name__, "source": os.path.abspath(spec), "pad_id": tok.pad_id,
-            "eos_id": tok.eos_id, "vocab_size": tok.vocab_size}  # fmt: skip
+    info = {"kind": type(tok).__name__, "source": os.path.abspath(spec), "pad_id": tok.pad_id,
+            "eos_id": tok.eos_id, "vocab_size": tok.vocab_size,
+            "file": os.path.basename(tok.path), "path": os.path.abspath(tok.path)}  # fmt: skip
+    if isinstance(tok, t.SentencePieceTokenizer):
+        info["extra_ids"] = tok.extra_ids
+    return info
 
 
 # ----------------------------------------------------------------------------- programs
@@ -246,8 +256,9 @@ class Programs:
         self.params = flatten_params(model)
         self.limits = _limits(config, decode_len)
         self.tokenizer = tokenizer_info(config) if self.family != "vit" else None
+        buckets = [f"prefill_{n}" for n in self.limits.get("prefill_buckets", ())]
         self.names = ("score",) if self.family == "vit" else (
-            "score", "prefill", "decode_step", "generate")  # fmt: skip
+            "score", "prefill", "decode_step", "generate", *buckets, "insert", "step")  # fmt: skip
 
     def model(self, params: dict[str, jax.Array]) -> nnx.Module:
         """The module holding flat `params` (inside a traced function)."""
@@ -314,6 +325,59 @@ class Programs:
             pad_id=self.tokenizer["pad_id"],
         )
 
+    # ----------------------------------------------------------------- continuous batching
+    def _sampled(self, logits, seeds, count, temperature, top_k, top_p) -> dict:
+        """Token `count` of each row sampled as `sampling.decode_loop` samples it (same keys),
+        with its log-probability and the TOP_LOGPROBS most likely tokens (raw logits)."""
+        keys = jax.vmap(jax.random.key)(seeds.astype(jnp.uint32))
+        keys = jax.vmap(jax.random.fold_in)(keys, count.astype(jnp.int32))
+        token = sampling_lib.sample(logits, keys, temperature, top_k, top_p)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # why: FP32 logprobs
+        top_logprobs, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+        return {"token": token, "logprob": jnp.take_along_axis(logp, token[:, None], -1)[:, 0],
+                "top_ids": top_ids.astype(jnp.int32), "top_logprobs": top_logprobs}  # fmt: skip
+
+    def prefill_sample(self, params, prompt, prompt_len, seeds, temperature, top_k, top_p):
+        """`prefill` of prompts [B, L] (any bucket L) and their first sampled token: {"token",
+        "logprob", "top_ids", "top_logprobs", "cache", "start"}."""
+        logits, cache, start = self.prefill(params, prompt, prompt_len)
+        count = jnp.zeros(prompt.shape[:1], jnp.int32)
+        return {**self._sampled(logits, seeds, count, temperature, top_k, top_p),
+                "cache": cache, "start": start}  # fmt: skip
+
+    def step(self, params, cache, token, index, count, seeds, temperature, top_k, top_p):
+        """Feeds token [B] at positions index [B] and samples token number count [B] of each
+        row: {"token", "logprob", "top_ids", "top_logprobs", "cache"}. Free slots compute
+        garbage that the host ignores."""
+        logits, cache = self.decode_step(params, cache, token[:, None], index)
+        return {**self._sampled(logits, seeds, count, temperature, top_k, top_p), "cache": cache}
+
+    def insert(self, params, cache, row, slot):
+        """`cache` (every slot) with slot `slot` replaced by `row` (a batch-1 prefill's)."""
+        del params  # a program signature like the others: (params, *arrays)
+        return jax.tree.map(
+            lambda c, r, axis: jax.lax.dynamic_update_slice_in_dim(
+                c, r.astype(c.dtype), slot, axis
+            ),  # fmt: skip
+            cache,
+            row,
+            self._cache_batch_axes(),
+        )
+
+    def _cache_batch_axes(self):
+        """Per cache leaf, the axis that is the batch (0, or 1 for scanned layers' stacks)."""
+        params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self.params.items()}
+
+        def shapes(b):
+            prompt = jax.ShapeDtypeStruct((b, self.limits["prompt_len"]), jnp.int32)
+            return jax.eval_shape(self.prefill, params, prompt,
+                                  jax.ShapeDtypeStruct((b,), jnp.int32))[1]  # fmt: skip
+
+        def axis(a, b):
+            return next(i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y)
+
+        return jax.tree.map(axis, shapes(1), shapes(2))
+
     # ----------------------------------------------------------------- shapes
     def specs(self, name: str, batch: Any) -> tuple:
         """ShapeDtypeStructs of program `name`'s arguments for a batch of `batch` rows."""
@@ -340,24 +404,40 @@ class Programs:
             row = [s((batch,), t) for t in (jnp.uint32, f32, i32, f32, i32)]
             stop = s((batch, MAX_STOP_SEQUENCES, MAX_STOP_LENGTH), i32)
             return (params, *prompt, *row, stop)
+        sampling = [s((batch,), t) for t in (jnp.uint32, f32, i32, f32)]
+        if name.startswith("prefill_") and name in self.names:
+            length = int(name.split("_")[1])
+            return params, s((batch, length), i32), s((batch,), i32), *sampling
+        if name in ("step", "insert"):
+            _, cache, _ = jax.eval_shape(self.prefill, params, *prompt)
+            if name == "step":
+                return params, cache, *[s((batch,), i32)] * 3, *sampling
+            one = (s((1, lim["prompt_len"]), i32), s((1,), i32))
+            _, row, _ = jax.eval_shape(self.prefill, params, *one)
+            return params, cache, row, s((), i32)
         raise ValueError(f"Unknown program {name!r} for {self.family}: use one of {self.names}.")
 
     def function(self, name: str):
         """The pure function of program `name` (to jit or export)."""
         if name not in self.names:
             raise ValueError(f"{self.family} has no program {name!r}: use one of {self.names}.")
-        return getattr(self, name)
+        return self.prefill_sample if name.startswith("prefill_") else getattr(self, name)
 
 
 def _limits(config, decode_len: int | None) -> dict[str, Any]:
     m, d = config.model, config.data
     stops = {"max_stop_sequences": MAX_STOP_SEQUENCES, "max_stop_length": MAX_STOP_LENGTH}
     if m.name == "gpt":
+        buckets = sorted({min(MIN_BUCKET << i, m.max_len) for i in range(32)
+                          if i == 0 or MIN_BUCKET << (i - 1) < m.max_len})  # fmt: skip
         return {"seq_len": m.max_len, "prompt_len": m.max_len, "cache_len": m.max_len,
-                "vocab_size": m.vocab_size, **stops}  # fmt: skip
-    if m.name == "t5":
+                "vocab_size": m.vocab_size, "prefill_buckets": buckets,
+                "top_logprobs": TOP_LOGPROBS, **stops}  # fmt: skip
+    if m.name == "t5":  # one bucket: the encoder's output shapes the cross-attention cache
         decode_len = int(decode_len or d.dec_len)
         return {"enc_len": int(d.enc_len), "prompt_len": int(d.enc_len), "decode_len": decode_len,
-                "cache_len": decode_len, "vocab_size": m.vocab_size, **stops}  # fmt: skip
+                "cache_len": decode_len, "vocab_size": m.vocab_size,
+                "prefill_buckets": [int(d.enc_len)], "top_logprobs": TOP_LOGPROBS,
+                **stops}  # fmt: skip
     return {"image_shape": [m.image_size, m.image_size, m.get("channels", 1)],
             "num_classes": m.num_classes}  # fmt: skip

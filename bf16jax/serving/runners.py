@@ -30,6 +30,8 @@ class ProgramRunner(Runner):
         self.family = programs.family
         self.limits = programs.limits
         self.tokenizer = programs.tokenizer
+        path = (programs.tokenizer or {}).get("path")
+        self.tokenizer_dir = os.path.dirname(path) if path else ""
         self.description = description
         self._programs = programs
 

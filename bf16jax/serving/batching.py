@@ -1,0 +1,277 @@
+"""Continuous batching (JetStream's scheme): a host loop admits requests into free decode slots
+between decode steps.
+
+`ContinuousBatcher(runner, slots)` keeps a KV cache of `slots` rows on the device and one
+thread that loops: admit waiting requests (`prefill_<L>` in the smallest prompt-length bucket
+holding the prompt, then `insert` into a free slot), then one `step` program over every slot.
+A request that finishes or is cancelled frees its slot at once, so a short request never waits
+for a long one to end. Invariants:
+
+- fixed shapes: each prefill bucket at batch 1, `insert`, and `step` at batch `slots` compile
+  once (`warm`); free slots compute garbage that is never read;
+- a request's tokens are the `generate` program's for the same settings and seed: token i is
+  sampled with fold_in(key(seed), i) from the same logits (`inference.Programs.step`);
+- stopping is `sampling.decode_loop`'s (EOS, stop sequence, max_tokens, context) and so are
+  the finish reasons; with stop sequences, the last (longest stop - 1) tokens are held back
+  until they cannot start a match, so a streamed token is never taken back;
+- events reach the request's asyncio queue in order: ("token", id, logprob, top) ... then
+  ("done", finish_reason) or ("error", exception).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GenRequest", "ContinuousBatcher"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class GenRequest:
+    """One generation request (validated token ids and settings) and its progress."""
+
+    prompt_ids: np.ndarray
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_ids: list = dataclasses.field(default_factory=list)
+    seed: int = 0
+    # progress (the host loop's)
+    queue: asyncio.Queue | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    cancelled: bool = False
+    finished: bool = False
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    last_token: float | None = None
+    start: int = 0
+    count: int = 0
+    kept: list = dataclasses.field(default_factory=list)  # (id, logprob, top) not yet sent
+    sent: int = 0
+
+    def cancel(self) -> None:
+        """Frees the request's slot (or its queue place) at the host loop's next turn."""
+        self.cancelled = True
+
+
+class ContinuousBatcher:
+    """See the module docstring. `observe(metric, seconds)` receives "queue", "ttft", "itl"
+    and "e2e" observations; `gauges(running, waiting, stepped)` the slot use after each turn
+    (stepped: the rows of its decode step, 0 without one)."""
+
+    def __init__(self, runner, slots: int, *, observe: Callable[[str, float], None] | None = None,
+                 gauges: Callable[[int, int], None] | None = None):  # fmt: skip
+        if slots < 1:
+            raise ValueError(f"slots={slots} must be >= 1.")
+        self.runner, self.slots = runner, slots
+        lim = runner.limits
+        self.buckets = list(lim["prefill_buckets"])
+        self.cache_len = lim["cache_len"]
+        self.t5 = runner.family == "t5"
+        self.eos = runner.tokenizer.get("eos_id")
+        self._observe = observe or (lambda *_: None)
+        self._gauges = gauges or (lambda *_: None)
+        self._slot: list[GenRequest | None] = [None] * slots
+        self._waiting: collections.deque[GenRequest] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._cache = None
+        self._host = {k: np.zeros(slots, d) for k, d in (
+            ("token", np.int32), ("index", np.int32), ("count", np.int32), ("seed", np.uint32),
+            ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32))}  # fmt: skip
+        self._host["top_p"][:] = 1.0
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    def warm(self) -> None:
+        """Builds the slot cache and compiles every prefill bucket, insert and step."""
+        s = self.slots
+        zeros = [np.zeros(s, d) for d in (np.uint32, np.float32, np.int32)]
+        first = self.runner.call(f"prefill_{self.buckets[0]}",
+                                 np.zeros((s, self.buckets[0]), np.int32),
+                                 np.ones(s, np.int32), *zeros, np.ones(s, np.float32))  # fmt: skip
+        cache = first["cache"]
+        for length in self.buckets:
+            row = self._prefill(np.ones(1, np.int32), length, GenRequest(np.ones(1), 1))
+            cache = self.runner.call("insert", cache, row["cache"], np.int32(0))
+        h = self._host
+        out = self.runner.call("step", cache, h["token"], h["index"], h["count"], h["seed"],
+                               h["temperature"], h["top_k"], h["top_p"])  # fmt: skip
+        np.asarray(out["token"])
+        self._cache = out["cache"]
+
+    def start(self) -> None:
+        if self._cache is None:
+            self.warm()
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self._slot)
+
+    def submit(self, request: GenRequest) -> None:
+        """Queues `request` (its `queue` and `loop` set by the caller's event loop)."""
+        with self._cv:
+            self._waiting.append(request)
+            self._cv.notify()
+
+    # ----------------------------------------------------------------- the host loop
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self.running:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                admit = []
+                free = [i for i, r in enumerate(self._slot) if r is None]
+                while self._waiting and len(admit) < len(free):
+                    request = self._waiting.popleft()
+                    if request.cancelled:
+                        self._finish(request, "cancelled")
+                    else:
+                        admit.append(request)
+            stepped = 0
+            try:
+                for slot, request in zip(free, admit, strict=False):
+                    self._admit(slot, request)
+                for slot, request in enumerate(self._slot):
+                    if request is not None and request.cancelled:
+                        self._release(slot, "cancelled")
+                stepped = self.running
+                if stepped:
+                    self._step()
+            except Exception as e:  # a failed program call fails its requests, not the loop
+                log.exception("Continuous batching step failed.")
+                for slot, request in enumerate(self._slot):
+                    if request is not None:
+                        self._slot[slot] = None
+                        self._emit(request, ("error", e))
+                        request.finished = True
+                for request in admit:
+                    if not request.finished and request not in self._slot:
+                        self._emit(request, ("error", e))
+                        request.finished = True
+            self._gauges(self.running, self.waiting, stepped)
+
+    def _prefill(self, ids: np.ndarray, length: int, r: GenRequest) -> dict:
+        prompt = np.zeros((1, length), np.int32)
+        prompt[0, : ids.size] = ids
+        return self.runner.call(
+            f"prefill_{length}", prompt, np.asarray([ids.size], np.int32),
+            np.asarray([r.seed], np.uint32), np.asarray([r.temperature], np.float32),
+            np.asarray([r.top_k], np.int32), np.asarray([r.top_p], np.float32),
+        )  # fmt: skip
+
+    def _admit(self, slot: int, r: GenRequest) -> None:
+        ids = np.asarray(r.prompt_ids, np.int32)
+        if self.t5:
+            ids = np.append(ids, np.int32(self.eos))  # the encoder input ends with EOS
+        length = next((b for b in self.buckets if b >= ids.size), None)
+        if length is None:
+            raise ValueError(f"prompt of {ids.size} tokens exceeds {self.buckets[-1]}.")
+        r.admitted = time.perf_counter()
+        self._observe("queue", r.admitted - r.arrived)
+        out = self._prefill(ids, length, r)
+        self._cache = self.runner.call("insert", self._cache, out["cache"], np.int32(slot))
+        self._slot[slot] = r
+        r.start = int(np.asarray(out["start"])[0])
+        h = self._host
+        h["seed"][slot], h["temperature"][slot] = r.seed, r.temperature
+        h["top_k"][slot], h["top_p"][slot] = r.top_k, r.top_p
+        self._accept(slot, *(np.asarray(out[k])[0] for k in (
+            "token", "logprob", "top_ids", "top_logprobs")))  # fmt: skip
+
+    def _step(self) -> None:
+        h = self._host
+        out = self.runner.call("step", self._cache, h["token"], h["index"], h["count"],
+                               h["seed"], h["temperature"], h["top_k"], h["top_p"])  # fmt: skip
+        self._cache = out["cache"]
+        token, logprob, top_ids, top_lp = (np.asarray(out[k]) for k in (
+            "token", "logprob", "top_ids", "top_logprobs"))  # fmt: skip
+        for slot, r in enumerate(self._slot):
+            if r is not None:
+                self._accept(slot, token[slot], logprob[slot], top_ids[slot], top_lp[slot])
+
+    def _accept(self, slot: int, token, logprob, top_ids, top_lp) -> None:
+        """Token number r.count of the request in `slot`: stop checks, then send what is safe."""
+        r, now = self._slot[slot], time.perf_counter()
+        self._observe("ttft" if r.count == 0 else "itl", now - (r.last_token or r.arrived))
+        r.last_token = now
+        i, token = r.count, int(token)
+        r.count += 1
+        reason = None
+        if token == self.eos:
+            reason = "eos"
+        else:
+            top = list(zip(top_ids.tolist(), top_lp.tolist(), strict=True))
+            r.kept.append((token, float(logprob), top))
+            matched = self._stop_match(r)
+            if matched:
+                del r.kept[len(r.kept) - matched :]
+                reason = "stop"
+            elif r.count >= r.max_tokens:
+                reason = "length"
+            elif r.start + i >= self.cache_len:
+                reason = "context"  # token i cannot be fed: no position left
+        hold = 0 if reason else max((len(s) for s in r.stop_ids), default=1) - 1
+        for item in r.kept[: max(len(r.kept) - hold, 0)]:
+            self._emit(r, ("token", *item))
+        r.kept = r.kept[max(len(r.kept) - hold, 0) :]
+        if reason:
+            self._release(slot, reason)
+            return
+        h = self._host
+        h["token"][slot], h["index"][slot], h["count"][slot] = token, r.start + i, r.count
+
+    @staticmethod
+    def _stop_match(r: GenRequest) -> int:
+        """Length of a stop sequence the generated tokens end with (0: none)."""
+        tail = [t for t, _, _ in r.kept[-16:]]
+        best = 0
+        for stop in r.stop_ids:
+            n = len(stop)
+            if 0 < n <= len(tail) and tail[-n:] == [int(x) for x in stop]:
+                best = max(best, n)
+        return best
+
+    def _release(self, slot: int, reason: str) -> None:
+        r = self._slot[slot]
+        self._slot[slot] = None
+        h = self._host
+        for key in ("token", "index", "count"):
+            h[key][slot] = 0
+        self._finish(r, reason)
+
+    def _finish(self, r: GenRequest, reason: str) -> None:
+        r.finished = True
+        self._observe("e2e", time.perf_counter() - r.arrived)
+        self._emit(r, ("done", reason))
+
+    @staticmethod
+    def _emit(r: GenRequest, event: tuple[Any, ...]) -> None:
+        if r.loop is not None and not r.loop.is_closed():
+            r.loop.call_soon_threadsafe(r.queue.put_nowait, event)

@@ -1,0 +1,168 @@
+"""Text in and out for every tokenizer: artifacts carry their BPE / SentencePiece files (covered
+by the manifest's hashes), loader.py encodes text without bf16jax, a prompt may be token ids,
+and continuous batching serves T5 (the encoder input as the prompt) and BPE GPTs."""
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from cli_runs import cli_env
+from flax import nnx
+from test_tokenizers import bpe_dir, spm_dir  # noqa: F401 (fixtures)
+
+from bf16jax import config as config_lib
+from bf16jax.data.tokenizer import load_tokenizer
+from bf16jax.models import build_model
+from bf16jax.serving import artifact, export
+from bf16jax.serving import http as serve
+from bf16jax.serving.engine import Engine
+
+PROMPT = "And God said, Let there be light"
+
+_LOADER_ALONE = r"""
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"bf16jax", "flax", "optax", "orbax", "grain", "ml_collections"}:
+            raise ImportError(f"{name} must not be needed to load an artifact")
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, sys.argv[1])
+import loader
+art = loader.Artifact(sys.argv[1])
+print(json.dumps(art.generate([sys.argv[2]], max_tokens=6)[0]))
+"""
+
+
+def _export(config, out) -> artifact.Artifact:
+    config.lock()
+    model = build_model(config.model, config.precision, rngs=nnx.Rngs(0))
+    export.export_artifact(config, nnx.state(model, nnx.Param), None, str(out), precision="fp32",
+                           source={"random_init": True}, platforms=("cpu",),
+                           eval_batches=0)  # fmt: skip
+    return artifact.Artifact(str(out))
+
+
+@pytest.fixture(scope="module")
+def bpe_gpt(bpe_dir, tmp_path_factory):  # noqa: F811
+    c = config_lib.base_config("gpt")
+    c.precision = "fp32"
+    c.model.update(num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64, max_len=32,
+                   vocab_size=300)  # fmt: skip
+    c.data.update(seq_len=32, tokenizer=str(bpe_dir))
+    return _export(c, tmp_path_factory.mktemp("bpe_art") / "gpt")
+
+
+@pytest.fixture(scope="module")
+def spm_t5(spm_dir, tmp_path_factory):  # noqa: F811
+    c = config_lib.base_config("t5")
+    c.precision = "fp32"
+    c.model.update(embed_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
+                   num_decoder_layers=1, vocab_size=250)  # fmt: skip
+    c.data.update(enc_len=16, dec_len=8, tokenizer=str(spm_dir))
+    return _export(c, tmp_path_factory.mktemp("spm_art") / "t5")
+
+
+def test_bpe_artifact_carries_its_tokenizer_and_takes_text_or_ids(bpe_gpt, bpe_dir, tmp_path):  # noqa: F811
+    art, tok = bpe_gpt, load_tokenizer(str(bpe_dir))
+    m = art.manifest
+    assert m["tokenizer"]["kind"] == "BPETokenizer" and m["tokenizer"]["file"] == "tokenizer.json"
+    assert "path" not in m["tokenizer"] and "tokenizer.json" in m["files"]
+    row = art.generate([PROMPT], max_tokens=6)[0]
+    assert row["text"] == tok.decode(row["tokens"]) and len(row["tokens"]) == 6
+    ids = tok.encode(PROMPT).tolist()
+    assert art.generate([ids], max_tokens=6)[0] == row  # token ids give the same answer
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 300\)"):
+        art.encode([5, 300])
+    # The artifact moves without its source tokenizer directory and still speaks text.
+    moved = tmp_path / "moved"
+    shutil.copytree(art.directory, moved)
+    proc = subprocess.run([sys.executable, "-c", _LOADER_ALONE, str(moved), PROMPT],
+                          env=cli_env(), capture_output=True, text=True, timeout=300,
+                          cwd="/")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == row
+    (moved / "tokenizer.json").write_text((moved / "tokenizer.json").read_text() + " ")
+    with pytest.raises(artifact.IntegrityError, match="tokenizer.json has"):
+        artifact.Artifact(str(moved))
+
+
+def test_sentencepiece_t5_text_through_the_loader_and_the_server(spm_t5, spm_dir):  # noqa: F811
+    art, tok = spm_t5, load_tokenizer(str(spm_dir))
+    assert art.manifest["tokenizer"]["file"] == "spiece.model"
+    assert art.manifest["tokenizer"]["extra_ids"] == 100
+    rows = art.generate([PROMPT, "In the beginning"], max_tokens=5)
+    assert rows[0]["text"] == tok.decode(rows[0]["tokens"])
+    assert art.encode(PROMPT).tolist() == tok.encode(PROMPT).tolist()
+    assert art.decode([*tok.encode("In"), tok.sentinel_id(0)]) == "In<extra_id_0>"
+
+    async def scenario():
+        engine = Engine(artifact=art.directory, max_batch=2, warmup=False)
+        async with TestClient(TestServer(serve.make_app(engine))) as client:
+            while (await client.get("/healthz")).status != 200:
+                await asyncio.sleep(0.1)
+            replies = await asyncio.gather(*(
+                client.post("/generate", json={"prompt": p, "max_tokens": 5})
+                for p in (PROMPT, "In the beginning")))  # fmt: skip
+            served = [await r.json() for r in replies]
+            r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 9,
+                                                           "temperature": 0})  # fmt: skip
+            return served, r.status, await r.json()
+
+    served, status, too_long = asyncio.run(scenario())
+    assert [(s["tokens"], s["text"]) for s in served] == [(r["tokens"], r["text"]) for r in rows]
+    assert status == 400 and "max_tokens=9 exceeds the decoder's 8" in too_long["error"]["message"]
+
+
+def test_continuous_batching_with_scanned_layers():
+    """A scan_layers GPT stacks its KV cache [L, B, ...]: `insert` writes batch axis 1. (Run
+    jitted in process: the whole-batch `generate` program does not trace under scan_layers.)"""
+    import numpy as np
+
+    from bf16jax.serving import inference
+    from bf16jax.serving.batching import ContinuousBatcher, GenRequest
+    from bf16jax.serving.runners import ProgramRunner
+
+    c = config_lib.base_config("gpt")
+    c.precision = "fp32"
+    c.model.update(num_layers=2, embed_dim=32, num_heads=2, mlp_dim=64, max_len=32,
+                   scan_layers=True)  # fmt: skip
+    c.data.update(seq_len=32)
+    c.lock()
+    model = build_model(c.model, "fp32", rngs=nnx.Rngs(0))
+    runner = ProgramRunner(inference.Programs(model, c), {})
+    prompts, lengths = ["And God said", "In", "And the LORD spake"], [5, 9, 3]
+
+    def greedy(prompt, n):  # prefill + decode_step on the host, one row
+        ids = runner.encode(prompt)
+        buf = np.zeros((1, 32), np.int32)
+        buf[0, : ids.size] = ids
+        logits, cache, start = runner.call("prefill", buf, np.asarray([ids.size], np.int32))
+        out = []
+        for i in range(n):
+            out.append(int(np.argmax(logits[0])))
+            token = np.asarray([[out[-1]]], np.int32)
+            logits, cache = runner.call("decode_step", cache, token, np.asarray(start) + i)
+        return out
+
+    async def batched():
+        batcher = ContinuousBatcher(runner, 2)
+        batcher.start()
+        loop, requests = asyncio.get_running_loop(), []
+        for p, n in zip(prompts, lengths, strict=True):
+            requests.append(GenRequest(runner.encode(p), n, queue=asyncio.Queue(), loop=loop))
+            batcher.submit(requests[-1])
+        out = []
+        for r in requests:
+            tokens = []
+            while (event := await r.queue.get())[0] == "token":
+                tokens.append(int(event[1]))
+            out.append(tokens)
+        batcher.stop()
+        return out
+
+    got = asyncio.run(batched())
+    assert got == [greedy(p, n) for p, n in zip(prompts, lengths, strict=True)]
