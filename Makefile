@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean aot-tpu
+.PHONY: setup demo test lint clean aot-tpu aot-tpu-compare
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,12 @@ $(TPU_STAMP): pyproject.toml
 
 aot-tpu: $(TPU_STAMP)
 	$(TPU_VENV)/bin/python experiments/aot_tpu.py $(AOT_ARGS)
+
+# bf16jax's gpt2_124m train step beside the plain-JAX peer's, compiled for one TPU v5e chip
+# (results/program_compare/: FLOPs, bytes, HBM, copies, reductions, converts, fusions).
+COMPARE_ARGS ?=
+aot-tpu-compare: $(TPU_STAMP)
+	$(TPU_VENV)/bin/python experiments/program_compare.py --dump_hlo $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TPU_VENV) .pytest_cache .ruff_cache

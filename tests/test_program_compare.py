@@ -1,0 +1,82 @@
+"""experiments/program_compare.py's HLO counter, on a hand-written module and on XLA:CPU's own
+optimized HLO (the TPU compiles themselves need libtpu: `make aot-tpu-compare`)."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "experiments"))
+import program_compare  # noqa: E402
+
+HLO = """HloModule m
+
+%fused_computation (p0: f32[8,4]) -> f32[8] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  %c = bf16[8,4]{1,0} convert(%p0)
+  %d = f32[8,4]{1,0} convert(%c)
+  %z = f32[] constant(0)
+  ROOT %r = f32[8]{0} reduce(%d, %z), dimensions={1}, to_apply=%add
+}
+
+%cast (p: f32[8,8]) -> bf16[8,8] {
+  %p = f32[8,8]{1,0} parameter(0)
+  ROOT %c = bf16[8,8]{1,0} convert(%p)
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+ENTRY %main (x: f32[8,4]) -> (f32[8], f32[4,8]) {
+  %x = f32[8,4]{1,0} parameter(0)
+  %f = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_computation
+  %t = f32[8,4]{0,1} copy(%x)
+  %cs = (f32[8,4]{1,0:S(1)}, f32[8,4]{1,0}, u32[]) copy-start(%x)
+  %k = f32[4,8]{1,0} custom-call(%t), custom_call_target="tpu_custom_call"
+  %g = (f32[8,8]{1,0}, s8[0]{0}) custom-call(%x, %x), custom_call_target="__cublas$gemm"
+  %gc = bf16[8,8]{1,0} fusion(%g), kind=kLoop, calls=%cast
+
+  %cv = bf16[8]{0} convert(%f)
+  ROOT %out = (f32[8]{0}, f32[4,8]{1,0}) tuple(%f, %k)
+}
+"""
+
+
+def test_counts_a_hand_written_module():
+    counts = program_compare.hlo_counts(HLO)
+    assert counts == {
+        "copies": 1,  # the layout copy in ENTRY
+        "async_copies": 1,  # a memory-space move, not a layout copy
+        "reductions": 1,  # inside the fusion body
+        "converts": 3,  # inside the fusion bodies
+        "fusions": 2,
+        "custom_calls": 2,
+        "reductions_unfused": 0,  # %add is a reducer, not a fusion body: its add is no reduce
+        "converts_unfused": 1,  # the convert in ENTRY runs as its own kernel
+        "convert_only_fusions": 1,  # %cast: the GEMM's FP32 output cast by a kernel of its own
+        "gemm_out_f32": 1,
+    }
+
+
+def test_counts_xla_cpu_optimized_hlo():
+    # A reduction XLA must keep and a transpose it materializes: the counter sees both in the
+    # real optimized text (fusion bodies and the entry computation as XLA prints them).
+    def f(x):
+        return jnp.sum(jnp.exp(x), axis=1), (x.T * 2.0).astype(jnp.bfloat16)
+
+    compiled = jax.jit(f).lower(jnp.ones((64, 32), jnp.float32)).compile()
+    counts = program_compare.hlo_counts(compiled.as_text())
+    assert counts["reductions"] + counts["reductions_unfused"] >= 1
+    assert counts["fusions"] >= 1
+    assert counts["converts"] + counts["converts_unfused"] >= 1
+
+
+def test_extrapolate_is_linear_in_depth():
+    rows = {1: {"flops": 10.0, "copies": 3, "compile_s": 5.0}, 2: {"flops": 14.0, "copies": 5}}
+    out = program_compare.extrapolate(rows, 12)
+    assert out["flops"] == 10.0 + 11 * 4.0 and out["flops_per_layer"] == 4.0
+    assert out["copies"] == 3 + 11 * 2 and "compile_s" not in out
