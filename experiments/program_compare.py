@@ -3,6 +3,7 @@
     make aot-tpu-compare   # = .venv-tpu/bin/python experiments/program_compare.py (`tpu` extra)
     .venv-tpu/bin/python experiments/program_compare.py --config=gpt2_124m --precision=bf16 \
         --layers=1,2 [--full_depth] [--chip=v5e]
+    python experiments/program_compare.py --chip=local --dump_hlo   # on a GPU machine
 
 Both steps (bf16jax's `Trainer` step and `experiments/peers/jax_gpt.py`'s, same shape: B, T, V,
 D, H from the config) are lowered for ShapeDtypeStruct inputs and compiled by libtpu for one chip
@@ -14,7 +15,9 @@ and custom calls (`hlo_counts`). bf16jax runs twice: its defaults (splash attent
 FLOPs corrected for what XLA cannot see, the Pallas kernels analytically and the loss's chunk
 loop from a materialized-loss compile) and the variant XLA counts fully on both sides
 (`attention_impl=xla`, `loss_impl=materialized`), which is where bytes compare like for like.
-Writes results/program_compare/results.{json,md} with the command.
+On a GPU (`--chip=local`, run by experiments/gpu/run_benchmark.sh) the same table says whether
+the FP32-output -> BF16 casts fuse into the GEMM epilogues (`convert_only_fusions`,
+`gemm_out_<dtype>`). Writes results/program_compare/results.{json,md} with the command.
 """
 
 from __future__ import annotations
@@ -153,11 +156,16 @@ def _aot_tpu():
 
 
 def chip_mesh(chip: str):
-    """A one-chip ("data", "fsdp", "tensor") mesh over libtpu's compile-only device."""
+    """A one-chip ("data", "fsdp", "tensor") mesh over libtpu's compile-only device, or over
+    this machine's first device for `local` (the GPU of a lent machine; the CPU for a dry run)."""
     import numpy as np
     from jax.experimental import topologies
     from jax.sharding import Mesh
 
+    if chip == "local":
+        import jax
+
+        return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     topo = topologies.get_topology_desc(
         topology_name=CHIPS[chip], platform="tpu", chips_per_host_bounds=(1, 1, 1), num_slices=1
     )
@@ -181,7 +189,9 @@ def bf16jax_program(config, mesh, variant: str) -> dict[str, float]:
     if variant == "default":
         # What XLA cannot count: the Pallas kernels' FLOPs (analytic) and the fused loss's chunk
         # loop (a while loop's body counts once): take the head from a materialized-loss compile.
-        row["kernel_flops"] = aot.pallas_attention_flops(c, mesh)
+        platform = mesh.devices.flat[0].platform
+        pallas = "pallas" in aot.attention_kernel(c, platform)
+        row["kernel_flops"] = aot.pallas_attention_flops(c, mesh) if pallas else 0.0
         m = aot.materialized_loss(c)
         _, _, unlooped, _, _ = aot._compile(m, mesh)
         row["flops_visible"] = row["flops"]
@@ -260,6 +270,7 @@ RATIO_ROWS = (
     ("custom_calls", "custom calls"),
     ("converts_unfused", "unfused converts"),
     ("reductions_unfused", "unfused reductions"),
+    ("convert_only_fusions", "convert-only fusions"),
 )
 
 
@@ -282,11 +293,14 @@ def to_markdown(result: dict) -> str:
         "| figure | peer | bf16jax default | ratio | bf16jax xla+materialized | ratio |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for key, label in RATIO_ROWS:
-        p = peer[key]
+    programs = result["programs"].values()
+    gemms = sorted({k for p in programs for k in p if re.fullmatch(r"gemm_out_\w+", k)})
+    rows = [*RATIO_ROWS, *((k, f"GEMM calls with {k[9:]} output") for k in gemms)]
+    for key, label in rows:
+        p = peer.get(key, 0)
         cells = [label, _fmt(p)]
         for variant in ("default", "xla"):
-            v = result["programs"][variant][key]
+            v = result["programs"][variant].get(key, 0)
             cells += [_fmt(v), f"{v / p:.2f}" if p else ("=" if v == 0 else "inf")]
         lines.append("| " + " | ".join(cells) + " |")
     per = result["per_layer_bytes_ratio"]
@@ -328,7 +342,7 @@ def compare(config_name: str, precision: str, chip: str, layers: list[int], full
     return {
         "config": config_name,
         "precision": precision,
-        "chip": chip,
+        "chip": mesh.devices.flat[0].device_kind if chip == "local" else chip,
         "depth": depth,
         "method": method,
         "shape": {
@@ -349,7 +363,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="gpt2_124m", help="a GPT config name or file")
     parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--chip", default="v5e", choices=sorted(CHIPS))
+    parser.add_argument(
+        "--chip", default="v5e", choices=[*sorted(CHIPS), "local"],
+        help="a TPU chip compiled through libtpu, or `local`: this machine's first device",
+    )  # fmt: skip
     parser.add_argument("--layers", default="1,2", help="two depths to extrapolate from")
     parser.add_argument("--full_depth", action="store_true", help="compile the config's depth")
     parser.add_argument("--out", default=OUT_DIR)

