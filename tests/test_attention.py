@@ -290,6 +290,45 @@ def test_gpt_with_pallas_attention_matches_xla():
     )
 
 
+@pytest.mark.parametrize("policy,t", [("fp32", T), ("bf16", T), ("fp32", 96)],
+                         ids=["fp32", "bf16", "untiled-fallback"])  # fmt: skip
+def test_heads_first_projections_equal_the_token_major_path(policy, t):
+    """A Pallas layer with fused projections runs q, k, v and o heads first ([B, H, T, Dh],
+    the kernel's layout, q pre-scaled by the power-of-two 1/sqrt(Dh)): outputs and gradients
+    equal the [B, T, H, Dh] path's, and a length the kernel cannot tile (96) falls back to XLA
+    with the same result."""
+    from bf16jax.nn import layers
+
+    attn = layers.Attention(HEADS * DH, HEADS, policy=get_policy(policy), name="attn",
+                            rngs=nnx.Rngs(0), causal=True, platform="tpu")  # fmt: skip
+    assert attn.implementation == "pallas" and attn._heads_first_ok()
+    x = jax.random.normal(jax.random.key(1), (B, t, HEADS * DH), jnp.float32)
+
+    def run(fuse):
+        attn.fuse_projections = fuse
+        graphdef, params = nnx.split(attn)
+
+        def loss(p, x):
+            out = nnx.merge(graphdef, p)(x)
+            return jnp.sum(out.astype(jnp.float32) * jnp.cos(x)), out
+
+        with attn_lib.pallas_interpret():
+            (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+        return out, grads
+
+    (out_h, grads_h), (out_t, grads_t) = run(True), run(False)
+    assert out_h.dtype == out_t.dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if policy == "fp32" else dict(rtol=2**-7, atol=2**-7)
+    np.testing.assert_allclose(np.asarray(out_h, np.float64), np.asarray(out_t, np.float64), **tol)
+    # Absolute tolerance on the scale of all gradients: the k bias's gradient is zero up to
+    # rounding noise (softmax ignores a shift shared by every key), so its own scale is noise.
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads_t)]
+    scale = max(np.abs(x).max() for x in leaves)
+    for a, b in zip(jax.tree.leaves(grads_h), leaves, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=tol["rtol"],
+                                   atol=tol["atol"] * scale)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- cuDNN (GPU)
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["causal", "key-padding", "t5-bias"])

@@ -266,6 +266,7 @@ def attention(
     dropout_key: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    heads_first: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """softmax(q k^T * scale + bias, masked) v over [B, T, H, Dh] inputs -> [B, T, H, Dh].
 
@@ -291,6 +292,9 @@ def attention(
         padding, which attends to padding (finite outputs, weight 0 in the loss).
       kv_segment_ids: int [B, S], the keys' segment ids (cross-attention); defaults to
         `segment_ids` (self-attention).
+      heads_first: q, k, v and the output are [B, H, T, Dh] instead: the Pallas kernels'
+        layout, so that a layer producing it pays no layout copy around them (every other
+        path swaps to [B, T, H, Dh] and back).
 
     Returns:
       The output in compute dtype (and the logit max).
@@ -299,6 +303,11 @@ def attention(
         implementation, auto = resolve_implementation(None, compute_dtype=policy.compute_dtype)
         fallback = auto if fallback is None else fallback
     fallback = bool(fallback)
+    if heads_first:
+        return _heads_first(q, k, v, policy, implementation, fallback, bias=bias, mask=mask,
+                            causal=causal, return_logit_max=return_logit_max, scale=scale,
+                            dropout_rate=dropout_rate, dropout_key=dropout_key,
+                            segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)  # fmt: skip
     segments = _segment_ids(q, k, segment_ids, kv_segment_ids)
     xla = functools.partial(
         xla_attention,
@@ -348,6 +357,32 @@ def attention(
     if return_logit_max:  # diagnostics only: the kernel kept the scores on chip
         return out, jnp.max(jnp.abs(_scores(q, k, policy, bias, scale)))
     return out
+
+
+# ----------------------------------------------------------------------------- heads first
+def _heads_first(q, k, v, policy, implementation, fallback, **kw):
+    """`attention` on [B, H, T, Dh]: the Pallas kernels run on it as it is; any other path
+    (or a call the kernels cannot take) swaps to [B, T, H, Dh] and back."""
+
+    def swap(x):
+        return jnp.swapaxes(x, 1, 2)
+
+    def token_major():
+        out = attention(*map(swap, (q, k, v)), policy, implementation=implementation,
+                        fallback=fallback, **kw)  # fmt: skip
+        return (swap(out[0]), out[1]) if kw["return_logit_max"] else swap(out)
+
+    dropout = kw["dropout_key"] is not None and kw["dropout_rate"] > 0.0
+    if implementation != "pallas" or dropout or kw["return_logit_max"]:
+        return token_major()
+    segments = _segment_ids(swap(q), swap(k), kw["segment_ids"], kw["kv_segment_ids"])
+    try:
+        out = _pallas(*policy.cast_to_compute((q, k, v)), bias=kw["bias"], mask=kw["mask"],
+                      causal=kw["causal"], scale=_scale(q, kw["scale"]), auto=fallback,
+                      segments=segments, heads_first=True)  # fmt: skip
+    except _Unsupported:
+        return token_major()  # which warns (or raises) as the [B, T, H, Dh] call does
+    return policy.cast_to_compute(out)
 
 
 # ----------------------------------------------------------------------------- cuDNN
@@ -406,9 +441,10 @@ def _key_padding(mask, batch: int, kv_len: int):
     return jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len)).astype(jnp.int32)
 
 
-def _pallas(q, k, v, *, bias, mask, causal, scale, auto, segments):
+def _pallas(q, k, v, *, bias, mask, causal, scale, auto, segments, heads_first=False):
     del auto
-    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    seq = 2 if heads_first else 1
+    b, t, s = q.shape[0], q.shape[seq], k.shape[seq]
     if np.dtype(q.dtype) not in _PALLAS_DTYPES:
         raise _Unsupported(f"dtype {q.dtype} (the kernels take bf16 or fp32)")
     if pallas_block(t) is None or pallas_block(s) is None:
@@ -419,7 +455,8 @@ def _pallas(q, k, v, *, bias, mask, causal, scale, auto, segments):
     if bias is not None and (bias.ndim != 4 or bias.shape[-2:] != (t, s)):
         raise _Unsupported(f"the bias of shape {tuple(bias.shape)} is not [B|1, H|1, T, S]")
     # Kernels take [B, H, T, Dh].
-    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    if not heads_first:
+        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     if bias is None:
         local = functools.partial(
             _splash_local, causal=causal, scale=scale, interpret=_interpret.get()
@@ -433,7 +470,8 @@ def _pallas(q, k, v, *, bias, mask, causal, scale, auto, segments):
         ids = [next(rest) if x is not None else None for x in (q_ids, kv_ids)]
         return local(q, k, v, *ids, *rest)
 
-    return jnp.swapaxes(_over_mesh(fn, (q, k, v, *extra)), 1, 2)
+    out = _over_mesh(fn, (q, k, v, *extra))
+    return out if heads_first else jnp.swapaxes(out, 1, 2)
 
 
 def _kernel_segment_ids(keep, segments):

@@ -38,6 +38,13 @@ from bf16jax.nn import quant as quant_lib
 from bf16jax.nn.attention import attention, resolve_implementation
 from bf16jax.nn.dropout import dropout, dropout_keys
 from bf16jax.nn.kv_cache import CachedAttention, KVCache
+from bf16jax.nn.projections import (
+    MATMUL_OUTPUT,
+    fused_heads,
+    fused_projection,
+    heads_output,
+    same_plain_projection,
+)
 from bf16jax.parallel import sharding
 from bf16jax.precision import Policy, is_fp8, matmul, quant_bits
 from bf16jax.precision.matmul import dot
@@ -61,8 +68,6 @@ __all__ = [
 
 Axes = Sequence[str | None]
 Initializer = Callable[..., jax.Array]
-
-MATMUL_OUTPUT = "matmul_output"  # checkpoint name of every Linear's output (remat policies)
 
 
 def logical_param(init: Initializer, shape: tuple[int, ...], axes: Axes, dtype, rngs: nnx.Rngs):
@@ -380,7 +385,7 @@ class Attention(CachedAttention, nnx.Module):
         self.k = proj("k", embed_dim, inner, ("embed", "joined_kv"))
         self.v = proj("v", embed_dim, inner, ("embed", "joined_kv"))
         self.o = proj("o", inner, embed_dim, ("joined_kv", "embed"))
-        self.projections_fusable = _same_plain_projection((self.q, self.k, self.v))
+        self.projections_fusable = same_plain_projection((self.q, self.k, self.v))
 
     def __call__(
         self,
@@ -398,17 +403,45 @@ class Attention(CachedAttention, nnx.Module):
         fuse = self.fuse_projections
         fuse = sharding.target_platform() != "cpu" if fuse is None else fuse
         q = None
+        if fuse and context is None and self._heads_first_ok():
+            # The Pallas kernels' own layout [B, H, T, Dh] straight from the GEMMs: no layout
+            # copies around the kernel (experiments/results/program_compare/).
+            scale = 1.0 / math.sqrt(self.head_dim) if self.scale_logits else 1.0
+            # why: a power-of-two scale applied to q's FP32 GEMM result before the cast is the
+            # same number as q * scale in any dtype (barring underflow), and costs no pass.
+            fold = math.frexp(scale)[0] == 0.5
+            q, k, v = fused_heads(x, (self.q, self.k, self.v), self.num_heads, self.head_dim,
+                                   q_scale=scale if fold else 1.0)  # fmt: skip
+            out = attention(q, k, v, self.policy, bias=bias, mask=mask, causal=self.causal,
+                            implementation=self.implementation, fallback=self.fallback,
+                            scale=1.0 if fold else scale,
+                            dropout_rate=self.dropout_rate, dropout_key=dropout_key,
+                            segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                            heads_first=True)  # fmt: skip
+            return heads_output(out, self.o)
         if fuse and self.projections_fusable and context is None:
-            q, k, v = map(self._heads, _fused_projection(x, (self.q, self.k, self.v)))
+            q, k, v = map(self._heads, fused_projection(x, (self.q, self.k, self.v)))
             kv = (k, v)
         elif fuse and self.projections_fusable:
-            kv = tuple(map(self._heads, _fused_projection(context, (self.k, self.v))))
+            kv = tuple(map(self._heads, fused_projection(context, (self.k, self.v))))
         else:
             kv = self.kv(x if context is None else context)
         return self._attend(x, kv, q=q, mask=mask, bias=bias, causal=self.causal,
                             implementation=self.implementation, dropout_key=dropout_key,
                             segment_ids=segment_ids,
                             kv_segment_ids=kv_segment_ids)  # fmt: skip
+
+    def _heads_first_ok(self) -> bool:
+        """Whether q, k, v and o can run heads-first: a Pallas layer whose projections are
+        plain GEMMs (no quantization) and that sows no logits."""
+        o = self.o
+        return (
+            self.implementation == "pallas"
+            and self.projections_fusable
+            and o.quant == "none"
+            and not o.int8
+            and not self.track_logits
+        )
 
     def _heads(self, y: jax.Array) -> jax.Array:  # [B, L, H*Dh] -> [B, L, H, Dh]
         return y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
@@ -451,36 +484,6 @@ class Attention(CachedAttention, nnx.Module):
             out, logit_max = out
             self.sow(nnx.Intermediate, "logit_max", logit_max)
         return self.o(out.reshape(*out.shape[:-2], self.num_heads * self.head_dim))
-
-
-def _same_plain_projection(linears: Sequence[Linear]) -> bool:
-    """True when `linears` can share one GEMM: same shapes, same resolved policy, no bias on
-    some only, and no quantization (LSQ step sizes and FP8 scales are per projection)."""
-    first = linears[0]
-    return all(
-        lin.quant == "none"
-        and not lin.int8
-        and lin.policy == first.policy
-        and lin.in_features == first.in_features
-        and lin.kernel.shape == first.kernel.shape
-        and (lin.bias is None) == (first.bias is None)
-        for lin in linears
-    )
-
-
-def _fused_projection(x: jax.Array, linears: Sequence[Linear]) -> tuple[jax.Array, ...]:
-    """(x @ w_i + b_i for each Linear) as one GEMM over the kernels stacked at use time."""
-    first = linears[0]
-    if x.shape[-1] != first.in_features:
-        raise ValueError(
-            f"Linear expects inputs [..., {first.in_features}], got shape {tuple(x.shape)}."
-        )
-    kernel = jnp.stack([lin.kernel[...] for lin in linears], axis=1)  # [D, n, F]
-    y = dot(x, kernel, first.policy)  # [..., n, F] accum
-    if first.bias is not None:
-        y = y + first.policy.cast_to_accum(jnp.stack([lin.bias[...] for lin in linears]))
-    y = checkpoint_name(first.policy.cast_to_compute(y), MATMUL_OUTPUT)  # as Linear's output
-    return tuple(y[..., i, :] for i in range(len(linears)))
 
 
 # "gelu" is GPT-2's tanh approximation (HF "gelu_new"); "gated-*" multiplies act(wi_0 x) by
