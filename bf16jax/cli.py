@@ -192,6 +192,22 @@ def _overrides(argv: list[str]) -> list[str]:
     return [a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--config.")]
 
 
+def _from_override(error: BaseException) -> bool:
+    """Whether `error` was raised while ml_collections applied the --config.KEY=VALUE
+    overrides (its config_flags module is on the traceback): only then is an AttributeError or
+    KeyError an unknown key. Anywhere else it is a bug or damage, and says so itself."""
+    where = os.sep + os.path.join("ml_collections", "config_flags") + os.sep
+    return any(where in f.filename for f in traceback.extract_tb(error.__traceback__))
+
+
+def _raised_by_bf16jax(error: BaseException) -> bool:
+    """Whether bf16jax's own code raised `error` (its last frame is in the package), as the
+    FileNotFoundErrors that name a missing input and the fix do; not one from a library call."""
+    frames = traceback.extract_tb(error.__traceback__)
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(package)
+
+
 def _unknown_key(argv: list[str], error: Exception) -> str:
     """The message for an `--config.X=...` override naming a key the config does not have."""
     text = str(error)
@@ -281,9 +297,10 @@ def _message(e: BaseException, argv: list[str]) -> tuple[int, str] | None:
         return INTERRUPTED_EXIT, f"interrupted ({e or 'SIGINT'}): the current step was not saved."
     if type(e).__name__ == "TrainingDiverged":
         return DIVERGED_EXIT, str(e)
-    if isinstance(e, (AttributeError, KeyError)) and _overrides(argv):
-        # ml_collections raises these while applying an override of a key that does not exist.
+    if isinstance(e, (AttributeError, KeyError)) and _overrides(argv) and _from_override(e):
         return BAD_INPUT_EXIT, _unknown_key(argv, e)
+    if isinstance(e, FileNotFoundError) and e.errno is None and _raised_by_bf16jax(e):
+        return BAD_INPUT_EXIT, str(e).replace("\n", " ")  # bf16jax's own: names file and fix
     if isinstance(e, OSError):
         text = _os_error(e)
         if text is None and "Failed loading config file" in str(e):

@@ -279,7 +279,17 @@ def two_steps(tmp_path_factory, saved):
 
 
 @pytest.mark.parametrize(
-    "damage", ["flip", "truncate", "delete", "data-position", "manifest", "array-metadata"]
+    "damage",
+    [
+        "flip",
+        "truncate",
+        "delete",
+        "data-position",
+        "manifest",
+        "manifest-field",
+        "no-manifest",
+        "array-metadata",
+    ],
 )
 def test_damaged_newest_falls_back_to_one_that_verifies(two_steps, tmp_path, caplog, damage):
     src, state3, _ = two_steps
@@ -300,6 +310,11 @@ def test_damaged_newest_falls_back_to_one_that_verifies(two_steps, tmp_path, cap
         pos.write_text(json.dumps({**position, key: position[key] + 1}, indent=4))
     if damage == "manifest":
         _flip(step5 / "manifest" / "metadata", 20)
+    if damage == "manifest-field":  # still JSON, a leaf's "dtype" renamed: damage, no KeyError
+        meta = step5 / "manifest" / "metadata"
+        meta.write_text(meta.read_text().replace('"dtype"', '"dthpe"', 1))
+    if damage == "no-manifest":  # every checkpoint is saved with one: never "restore unverified"
+        shutil.rmtree(step5 / "manifest")
     if damage == "array-metadata":  # without it Orbax reads the PRNG keys back as uint32 words
         (step5 / "state" / "array_metadatas" / "process_0").unlink()
     target = sharding.abstract_state(make_init(), mesh_of(8, 1, 1))

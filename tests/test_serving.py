@@ -223,7 +223,11 @@ def test_gate_cli_exit_codes(served, tmp_path):  # noqa: F811
         timeout=300,
     )
     assert failed.returncode == 1, failed.stderr[-2000:]
-    assert "FAIL agreement" in failed.stderr
+    # The verdict first, a few lines; the JSON report in the file (--json prints it too).
+    lines = failed.stdout.splitlines()
+    assert lines[0].split()[0] in ("ok", "FAIL") and "FAIL agreement" in failed.stdout
+    assert lines[-2].startswith("gate: FAILED (") and "agreement" in lines[-2]
+    assert lines[-1] == f"report: {tmp_path}/r.json" and len(lines) <= 8
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
     bad = subprocess.run([*base, "--candidate=/nonexistent"], cwd=REPO, env=cli_env(),
                          capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -283,6 +283,11 @@ def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.Confi
     source = config.get("init_from", "")
     if not source:
         return config
+    if not os.path.isdir(source):
+        raise FileNotFoundError(
+            f"config.init_from={source} does not exist or is not a directory: pass the output "
+            "directory of `python -m bf16jax.convert import HF_DIR OUT_DIR`."
+        )
     manifest = load_manifest(source)
     pretrained = manifest["model"]
     if pretrained["name"] != config.model.name:

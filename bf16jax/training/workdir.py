@@ -34,7 +34,19 @@ def _is_url(path: str) -> bool:
 
 
 def check_workdir(workdir: str) -> None:
-    """Refuses a workdir that is a file or cannot be written (before anything is written)."""
+    """Refuses a workdir that is empty, not UTF-8, a file or cannot be written (before anything
+    is written)."""
+    if not workdir:
+        raise ValueError("--workdir is empty: pass a directory (it is created), e.g. runs/NAME.")
+    try:
+        os.path.abspath(workdir).encode("utf-8")
+    except UnicodeEncodeError:
+        # why: Orbax / TensorStore paths are UTF-8; such a run would crash at its first save.
+        shown = os.path.abspath(workdir).encode("utf-8", "backslashreplace").decode()
+        raise ValueError(
+            f"--workdir={shown} is not valid UTF-8 (checkpoint paths must be): rename it, or "
+            "pass another --workdir."
+        ) from None
     if _is_url(workdir):
         return  # object stores: permissions show at the first write
     if os.path.exists(workdir) and not os.path.isdir(workdir):
