@@ -177,6 +177,11 @@ CASES = [
         ("vocab_size=100 is too small", "vocab_size >= "),
     ),
     Case(
+        "tokenizer ids beyond the vocabulary",
+        (f"--config={TINY}", "--workdir={workdir}", "--config.data.tokenizer=tests/golden/gpt2"),
+        ("vocab_size=384 is too small for data.tokenizer=tests/golden/gpt2", "reach 399"),
+    ),
+    Case(
         "train batch not divisible by the mesh",
         (f"--config={TINY}", "--workdir={workdir}", "--config.data.batch_size=12"),
         ("batch_size=12 is not divisible by data*fsdp", "multiple of 8"),

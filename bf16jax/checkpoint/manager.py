@@ -155,6 +155,7 @@ class Checkpointer:
         )
         self._good: set[int] = set()  # verified (read back or restored), finite and healthy
         self._pending: tuple[int, dict] | None = None  # a save not yet settled, its manifest
+        self._interrupted = False  # a wait for a save was interrupted (KeyboardInterrupt)
 
     @classmethod
     def from_config(cls, ckpt_cfg: Any, directory: str | epath.PathLike) -> Checkpointer:
@@ -290,12 +291,27 @@ class Checkpointer:
 
     def _settle(self) -> None:
         """Waits for the pending save, verifies it (`verify_saves`), applies retention."""
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except BaseException:
+            # A second SIGINT in the wait: Orbax's thread goes on writing, and a later wait may
+            # return before it commits. That save is unsettled, not failed.
+            self._interrupted = True
+            raise
         if self._pending is None:
             return
         step, manifest = self._pending
         self._pending = None
         if not (self._step_dir(step) / _COMMITTED).exists():
+            if self._interrupted:
+                log.warning(
+                    "Checkpoint step %d in %s was still being written when interrupted: not "
+                    "verified now. The next run verifies it (resumes from it once committed, "
+                    "else sets it aside as unfinished).",
+                    step,
+                    self.directory,
+                )
+                return
             log.error("Checkpoint step %d in %s did not commit.", step, self.directory)
             return
         reason = ""

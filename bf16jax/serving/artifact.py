@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -441,16 +442,26 @@ def _main() -> None:
     parser = argparse.ArgumentParser(description="Run a bf16jax artifact with JAX alone.")
     parser.add_argument("artifact", help="the artifact directory")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument(
+        "--max_tokens",
+        type=int,
+        default=None,
+        help="new tokens per prompt at most (default: min(64, the context))",
+    )
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args()
-    art = Artifact(args.artifact)
-    print(json.dumps({"family": art.family, "precision": art.manifest["precision"],
-                      "source": art.manifest["source"]}))  # fmt: skip
-    if args.prompt:
-        out = art.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature)
-        for row in out:
-            print(json.dumps(row))
+    try:
+        art = Artifact(args.artifact)
+        print(json.dumps({"family": art.family, "precision": art.manifest["precision"],
+                          "source": art.manifest["source"]}))  # fmt: skip
+        if args.prompt:
+            out = art.generate(args.prompt, max_tokens=args.max_tokens,
+                               temperature=args.temperature)  # fmt: skip
+            for row in out:
+                print(json.dumps(row))
+    except (ValueError, OSError) as e:  # bad input: one line, exit 2 (as bf16jax's commands)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

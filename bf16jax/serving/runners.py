@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 
+from bf16jax.data.tokenizer import load_tokenizer
 from bf16jax.serving import inference
 from bf16jax.serving.artifact import Runner
 
@@ -26,12 +27,27 @@ __all__ = ["ProgramRunner", "runner_from_workdir"]
 class ProgramRunner(Runner):
     """A `Runner` on a training run's params: the serving programs, jit-compiled in process."""
 
-    def __init__(self, programs: inference.Programs, description: dict[str, Any]):
+    def __init__(
+        self, programs: inference.Programs, description: dict[str, Any], text_tokenizer=None
+    ):
+        """`text_tokenizer`: the run's pretrained tokenizer (`load_tokenizer`), which encodes
+        and decodes text requests; None for bytes (the `Runner`'s own)."""
         self.family = programs.family
         self.limits = programs.limits
         self.tokenizer = programs.tokenizer
         self.description = description
         self._programs = programs
+        self._text = text_tokenizer
+
+    def encode(self, text: str):
+        if self._text is None:
+            return super().encode(text)
+        return self._text.encode(text)
+
+    def decode(self, ids) -> str:
+        if self._text is None:
+            return super().decode(ids)
+        return self._text.decode(list(ids))
 
     @functools.cache  # noqa: B019 (one runner per model: the jitted programs live with it)
     def _jitted(self, name: str):
@@ -46,4 +62,6 @@ def runner_from_workdir(config, workdir: str, precision: str = "train", step: in
     params, meta, step = inference.restore_params(config, workdir, step)
     model = inference.serving_model(config, params, meta, precision)
     desc = {"workdir": os.path.abspath(workdir), "step": step, "precision": precision}
-    return ProgramRunner(inference.Programs(model, config), desc)
+    spec = config.data.get("tokenizer", "") or ""
+    text = load_tokenizer(spec) if spec else None  # a run's own tokenizer, as it trained
+    return ProgramRunner(inference.Programs(model, config), desc, text)

@@ -22,7 +22,7 @@ import jax
 
 from bf16jax import config as config_lib
 
-__all__ = ["CONFIG_FILE", "check_workdir", "check_config_change", "write_config"]
+__all__ = ["CONFIG_FILE", "check_workdir", "check_config_change", "write_config", "read_config"]
 
 log = logging.getLogger(__name__)
 
@@ -168,3 +168,25 @@ def write_config(config, workdir: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def read_config(workdir: str):
+    """The resolved config a run in `workdir` started with (its config.json), locked.
+
+    Raises:
+      ValueError: `workdir` has no config.json, or it cannot be read.
+    """
+    import ml_collections
+
+    saved = _read_saved(workdir)
+    if saved is None:
+        raise ValueError(
+            f"{_config_path(workdir)} not found: pass the --workdir of a training run, or "
+            "--config=configs/NAME.py with the run's overrides."
+        )
+    mesh = saved.get("mesh")
+    if isinstance(mesh, dict) and isinstance(mesh.get("rules"), list):  # JSON has no tuples
+        mesh["rules"] = tuple(tuple(r) for r in mesh["rules"])
+    config = ml_collections.ConfigDict(saved)
+    config.lock()
+    return config
