@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointDamaged",
     "MANIFEST_FORMAT",
     "check_manifest",
+    "read_manifest",
     "check_metadata",
     "check_data_file",
     "check_read_back",
@@ -269,6 +270,28 @@ def _manifest_problem(manifest: Any) -> str | None:
         except TypeError:
             return f"leaf {path}: unknown dtype {leaf['dtype']!r}"
     return None
+
+
+def read_manifest(step: int, item: Any) -> dict:
+    """The manifest saved in `item` (a step's `manifest` directory, an epath), checked.
+
+    Raises:
+      CheckpointDamaged: the item is missing (every checkpoint bf16jax writes has one), its
+        JSON cannot be read, or a field is missing (`check_manifest`).
+    """
+    where = item.parent
+    if not item.exists():
+        raise CheckpointDamaged(
+            step,
+            where,
+            f"it has no checksum manifest ('{item.name}' item), which every bf16jax checkpoint "
+            "is saved with: it cannot be verified",
+        )
+    try:
+        manifest = json.loads((item / "metadata").read_text())
+    except Exception as e:  # noqa: BLE001 - any failure to read it is damage
+        raise CheckpointDamaged(step, where, f"checksum manifest: {first_line(e)}") from e
+    return check_manifest(step, where, manifest)
 
 
 def check_manifest(step: int, where: Any, manifest: Any) -> dict:

@@ -20,7 +20,6 @@ data files' CRCs, `bf16jax.checkpoint.integrity`), committed together by Orbax. 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -207,25 +206,13 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def manifest(self, step: int) -> dict:
-        """The checksums manifest of `step`, checked field by field (`integrity.check_manifest`).
+        """The checksums manifest of `step`, checked field by field (`integrity.read_manifest`).
 
         Raises:
           CheckpointDamaged: the manifest is missing (every checkpoint this library writes has
             one, committed with the arrays), cannot be read, or lacks a field.
         """
-        where = self._step_dir(step)
-        if not (where / _MANIFEST).exists():
-            raise CheckpointDamaged(
-                step,
-                where,
-                f"it has no checksum manifest ('{_MANIFEST}' item), which every bf16jax "
-                "checkpoint is saved with: it cannot be verified",
-            )
-        try:
-            manifest = json.loads((where / _MANIFEST / "metadata").read_text())
-        except Exception as e:  # noqa: BLE001 - any failure to read it is damage
-            raise CheckpointDamaged(step, where, f"checksum manifest: {first_line(e)}") from e
-        return integrity.check_manifest(step, where, manifest)
+        return integrity.read_manifest(step, self._step_dir(step) / _MANIFEST)
 
     # ------------------------------------------------------------------------- save
     def should_save(self, step: int) -> bool:
