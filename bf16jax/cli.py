@@ -53,7 +53,11 @@ def define_source_flags(*, artifact: bool = True) -> None:
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file(
-        "config", None, "The run's configs/*.py (with its --config.x overrides).", lock_config=True
+        "config",
+        None,
+        "The run's configs/*.py (with its --config.x overrides); default: WORKDIR/config.json, "
+        "the resolved config the run wrote.",
+        lock_config=True,
     )
     define_config_help_flag()
     flags.DEFINE_string("workdir", None, "The training run's --workdir (its checkpoints).")

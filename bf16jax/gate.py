@@ -1,6 +1,9 @@
 """Command: `python -m bf16jax.gate` (library: `bf16jax.serving.gate`).
 
 See `bf16jax.serving.gate` for what it computes; this module holds its flags and `main`.
+Prints the verdict (one line per check, then `gate: PASSED` or `gate: FAILED (checks)`); the
+JSON report goes to `--out` / `--report=FILE`, or after the verdict with `--json`. Exit 0
+passed, 1 failed, 2 bad input.
 """
 
 from __future__ import annotations

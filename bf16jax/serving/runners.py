@@ -1,10 +1,11 @@
 """Text generation with a KV cache from an artifact or a training run.
 
-`python -m bf16jax.generate --artifact=DIR --prompt="And God said"` (or `--config=...
---workdir=...`) prints one JSON line per prompt: the text, its token ids and why it stopped
-(length, eos, stop, context). Greedy by default (`--temperature=0`); `--temperature`,
-`--top_k`, `--top_p`, `--max_tokens`, `--stop` (repeatable) and `--seed` as in
-`bf16jax.serving.sampling`. Invariant: a run and its artifact generate through the same program
+`python -m bf16jax.generate --artifact=DIR --prompt="And God said"` (or `--workdir=RUN`, its
+config.json read; or with the run's `--config=...`) prints one JSON line per prompt: the text,
+its token ids and why it stopped (length, eos, stop, context). Greedy by default
+(`--temperature=0`); `--temperature`, `--top_k`, `--top_p`, `--max_tokens` (default min(64,
+the context)), `--stop` (repeatable) and `--seed` as in `bf16jax.serving.sampling`. A run
+with a pretrained tokenizer (`data.tokenizer`) encodes and decodes text with it. Invariant: a run and its artifact generate through the same program
 (`inference.Programs.generate`, jit-compiled here, `jax.export`-ed there) and the same request
 code (`artifact.Runner`), so their outputs agree.
 """
