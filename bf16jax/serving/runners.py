@@ -5,7 +5,8 @@ config.json read; or with the run's `--config=...`) prints one JSON line per pro
 its token ids and why it stopped (length, eos, stop, context). Greedy by default
 (`--temperature=0`); `--temperature`, `--top_k`, `--top_p`, `--max_tokens` (default min(64,
 the context)), `--stop` (repeatable) and `--seed` as in `bf16jax.serving.sampling`. A run
-with a pretrained tokenizer (`data.tokenizer`) encodes and decodes text with it. Invariant: a run and its artifact generate through the same program
+with a pretrained tokenizer (`data.tokenizer`) encodes and decodes text with it.
+Invariant: a run and its artifact generate through the same program
 (`inference.Programs.generate`, jit-compiled here, `jax.export`-ed there) and the same request
 code (`artifact.Runner`), so their outputs agree.
 """
