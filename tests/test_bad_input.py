@@ -3,7 +3,8 @@ fix, prints no traceback, and changes nothing already written.
 
 The CLI's entry function (`bf16jax.main.run(argv)`) runs in this process: no case gets as far as
 compiling a step, so no subprocess is needed. `python tests/test_bad_input.py` prints the table
-(case -> message -> exit code) for the README.
+(case -> message -> exit code) for the README. The other tools' flags (serve, gate) run as
+`python -m` subprocesses, all at once (their flags are defined in each tool's `__main__`).
 """
 
 from __future__ import annotations
