@@ -31,6 +31,8 @@ __all__ = [
     "define_eval_flags",
     "write_report",
     "run_from_flags",
+    "resolve_run",
+    "config_source",
     "quiet_logs",
     "run",
 ]
@@ -51,7 +53,11 @@ def define_source_flags(*, artifact: bool = True) -> None:
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file(
-        "config", None, "The run's configs/*.py (with its --config.x overrides).", lock_config=True
+        "config",
+        None,
+        "The run's configs/*.py (with its --config.x overrides); default: WORKDIR/config.json, "
+        "the resolved config the run wrote.",
+        lock_config=True,
     )
     define_config_help_flag()
     flags.DEFINE_string("workdir", None, "The training run's --workdir (its checkpoints).")
@@ -92,18 +98,49 @@ def write_report(text: str) -> None:
 
 
 def run_from_flags():
-    """(config, workdir) from --config / --workdir; ValueError naming what is missing."""
+    """(config, workdir) of the training run that --workdir (with --config) names, resolved as
+    `bf16jax.main` resolved it (`resolve_run`); ValueError naming what is missing."""
     from absl import flags
 
     f = flags.FLAGS
-    if f.config is None or f.workdir is None:
-        has_artifact = "artifact" in f
-        what = "--artifact=DIR, or " if has_artifact else ""
+    if not f.workdir:
+        what = "--artifact=DIR, or " if "artifact" in f else ""
         raise ValueError(
-            f"Name a model: {what}--config=configs/NAME.py (the run's config and overrides) "
-            "with its --workdir."
+            f"Name a model: {what}--workdir=DIR of a training run (its config.json is read; or "
+            "--config=configs/NAME.py with the run's overrides too)."
         )
-    return f.config, f.workdir
+    return resolve_run(f.config, f.workdir), f.workdir
+
+
+def resolve_run(config, workdir: str):
+    """The config a training run in `workdir` ran under, resolved as `bf16jax.main` resolves it.
+
+    With `config` (the --config flag and its overrides): `config.init_from`'s architecture and
+    `data.tokenizer='init_from'` are resolved (`bf16jax.interop.convert.resolve_init_from`), as
+    the training loop does. Without: WORKDIR/config.json, the resolved config the run wrote when
+    it started, so `--workdir` alone names the run.
+
+    Raises:
+      ValueError: no config given and no readable config.json in `workdir`.
+    """
+    if config is not None:
+        from bf16jax.interop import convert
+
+        return convert.resolve_init_from(config)
+    from bf16jax.training import workdir as workdir_lib
+
+    return workdir_lib.read_config(workdir)
+
+
+def config_source(workdir: str) -> str:
+    """The file the run's config came from: --config's, else WORKDIR/config.json."""
+    from absl import flags
+
+    if flags.FLAGS.config is not None:
+        return os.path.abspath(flags.FLAGS["config"].config_filename)
+    from bf16jax.training import workdir as workdir_lib
+
+    return os.path.abspath(os.path.join(workdir, workdir_lib.CONFIG_FILE))
 
 
 def quiet_logs() -> None:
@@ -192,6 +229,22 @@ def _overrides(argv: list[str]) -> list[str]:
     return [a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--config.")]
 
 
+def _from_override(error: BaseException) -> bool:
+    """Whether `error` was raised while ml_collections applied the --config.KEY=VALUE
+    overrides (its config_flags module is on the traceback): only then is an AttributeError or
+    KeyError an unknown key. Anywhere else it is a bug or damage, and says so itself."""
+    where = os.sep + os.path.join("ml_collections", "config_flags") + os.sep
+    return any(where in f.filename for f in traceback.extract_tb(error.__traceback__))
+
+
+def _raised_by_bf16jax(error: BaseException) -> bool:
+    """Whether bf16jax's own code raised `error` (its last frame is in the package), as the
+    FileNotFoundErrors that name a missing input and the fix do; not one from a library call."""
+    frames = traceback.extract_tb(error.__traceback__)
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(package)
+
+
 def _unknown_key(argv: list[str], error: Exception) -> str:
     """The message for an `--config.X=...` override naming a key the config does not have."""
     text = str(error)
@@ -278,12 +331,16 @@ def _message(e: BaseException, argv: list[str]) -> tuple[int, str] | None:
     if _config_error(e, argv):
         return BAD_INPUT_EXIT, _config_error(e, argv)
     if isinstance(e, KeyboardInterrupt):
-        return INTERRUPTED_EXIT, f"interrupted ({e or 'SIGINT'}): the current step was not saved."
+        return INTERRUPTED_EXIT, (
+            f"interrupted ({e or 'SIGINT'}): a save in flight may not have committed; rerun the "
+            "same command to resume from the newest checkpoint that verifies."
+        )
     if type(e).__name__ == "TrainingDiverged":
         return DIVERGED_EXIT, str(e)
-    if isinstance(e, (AttributeError, KeyError)) and _overrides(argv):
-        # ml_collections raises these while applying an override of a key that does not exist.
+    if isinstance(e, (AttributeError, KeyError)) and _overrides(argv) and _from_override(e):
         return BAD_INPUT_EXIT, _unknown_key(argv, e)
+    if isinstance(e, FileNotFoundError) and e.errno is None and _raised_by_bf16jax(e):
+        return BAD_INPUT_EXIT, str(e).replace("\n", " ")  # bf16jax's own: names file and fix
     if isinstance(e, OSError):
         text = _os_error(e)
         if text is None and "Failed loading config file" in str(e):

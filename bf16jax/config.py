@@ -255,8 +255,8 @@ def _validate_more(config: ml_collections.ConfigDict) -> None:
     grace = config.train.get("preemption_grace_s", 0.0)
     if not math.isfinite(grace) or grace < 0:
         raise ValueError(f"config.train.preemption_grace_s={grace} must be >= 0 (0 = no limit).")
-    for key in ("batch_size", "eval_batch_size"):
-        if config.data[key] < 1:
+    for key in ("batch_size", "eval_batch_size", "seq_len", "enc_len", "dec_len"):
+        if key in config.data and config.data[key] < 1:
             raise ValueError(f"config.data.{key}={config.data[key]} must be >= 1.")
     m, d = config.model, config.data
     if m.name == "gpt" and d.get("seq_len", 0) > m.max_len:

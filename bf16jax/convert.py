@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from bf16jax.interop.convert import export_hf, import_hf
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"model": manifest["model"], "precision": manifest["precision"]}))
         else:
             export_hf(args.src_dir, args.out_dir, checkpoint=args.checkpoint, step=args.step)
+            written = sorted(os.listdir(args.out_dir))
+            size = sum(os.path.getsize(os.path.join(args.out_dir, n)) for n in written)
+            said = {"exported": os.path.abspath(args.out_dir), "files": written, "bytes": size,
+                    "params_from": args.checkpoint or args.src_dir}  # fmt: skip
+            print(json.dumps(said))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

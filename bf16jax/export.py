@@ -26,7 +26,7 @@ def _main(argv) -> None:
     config, workdir = cli.run_from_flags()
     params, meta, step = inference.restore_params(config, workdir, f.step)
     source = {"workdir": os.path.abspath(workdir), "step": step,
-              "config_file": os.path.abspath(flags.FLAGS["config"].config_filename),
+              "config_file": cli.config_source(workdir),
               "argv": sys.argv[1:]}  # fmt: skip
     platforms = tuple(p.strip() for p in f.platforms.split(",") if p.strip())
     manifest = export_artifact(

@@ -1,6 +1,9 @@
 """Command: `python -m bf16jax.gate` (library: `bf16jax.serving.gate`).
 
 See `bf16jax.serving.gate` for what it computes; this module holds its flags and `main`.
+Prints the verdict (one line per check, then `gate: PASSED` or `gate: FAILED (checks)`); the
+JSON report goes to `--out` / `--report=FILE`, or after the verdict with `--json`. Exit 0
+passed, 1 failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -18,10 +21,26 @@ def thresholds_from_flags() -> dict[str, float]:
     f = flags.FLAGS
     values = dict(DEFAULT_THRESHOLDS)
     if f.thresholds:
-        with open(f.thresholds) as fh:
-            loaded = json.load(fh)
+        try:
+            with open(f.thresholds, encoding="utf-8") as fh:
+                loaded = json.load(fh)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ValueError(
+                f"--thresholds={f.thresholds} cannot be read ({why}): pass a JSON file like "
+                '{"max_nll_drift": 0.05}.'
+            ) from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"--thresholds={f.thresholds} must hold a JSON object.")
+            raise ValueError(
+                f"--thresholds={f.thresholds} must hold a JSON object like "
+                '{"max_nll_drift": 0.05}.'
+            )
+        unknown = sorted(set(loaded) - set(DEFAULT_THRESHOLDS))
+        if unknown:
+            raise ValueError(
+                f"--thresholds={f.thresholds} names unknown thresholds {unknown}: use "
+                f"{sorted(DEFAULT_THRESHOLDS)}."
+            )
         values.update(loaded)
     for key in DEFAULT_THRESHOLDS:
         if f[key].present:
@@ -43,6 +62,7 @@ def _main(argv) -> None:
     cli.quiet_logs()
     if not f.candidate:
         raise ValueError("Pass --candidate=ARTIFACT (and --reference=ARTIFACT, its FP32 export).")
+    thresholds = thresholds_from_flags()  # a bad file is refused before any model loads
     art = Artifact(f.candidate)
     reference = reference_for(art, f.reference)
     if reference is None:
@@ -51,14 +71,29 @@ def _main(argv) -> None:
             "of "
             "the same run)."
         )
-    report = gate(Scorer.from_artifact(art), reference, thresholds_from_flags(),
+    report = gate(Scorer.from_artifact(art), reference, thresholds,
                   num_batches=f.num_batches, seed=f.seed)  # fmt: skip
-    cli.write_report(json.dumps(report, indent=1, sort_keys=True, default=float))
+    print(verdict(report), flush=True)
+    text = json.dumps(report, indent=1, sort_keys=True, default=float)
+    if f.out:
+        with open(f.out, "w") as fh:
+            fh.write(text + "\n")
+        print(f"report: {f.out}")
+    if f.json:
+        print(text)
+    sys.exit(0 if report["passed"] else 1)
+
+
+def verdict(report: dict) -> str:
+    """The few lines a person reads: one per check, then PASSED / FAILED."""
+    lines = []
     for c in report["checks"]:
         bound = f"max {c['max']}" if "max" in c else f"min {c['min']}"
         status = "ok  " if c["passed"] else "FAIL"
-        print(f"{status} {c['check']:<22} {c['value']:.6g} ({bound})", file=sys.stderr)
-    sys.exit(0 if report["passed"] else 1)
+        lines.append(f"{status} {c['check']:<22} {c['value']:.6g} ({bound})")
+    failed = [c["check"] for c in report["checks"] if not c["passed"]]
+    lines.append(f"gate: FAILED ({', '.join(failed)})" if failed else "gate: PASSED")
+    return "\n".join(lines)
 
 
 def _define_flags() -> None:
@@ -75,6 +110,8 @@ def _define_flags() -> None:
     for key, value in DEFAULT_THRESHOLDS.items():
         flags.DEFINE_float(key, value, f"Gate threshold {key}.")
     cli.define_eval_flags()
+    flags.DEFINE_alias("report", "out")
+    flags.DEFINE_bool("json", False, "Also print the full JSON report, after the verdict.")
 
 
 if __name__ == "__main__":

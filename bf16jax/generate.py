@@ -50,7 +50,10 @@ def _define_flags() -> None:
     flags.DEFINE_multi_string("prompt", [], "A prompt (repeat for a batch).")
     flags.DEFINE_string("precision", "train", "A run's serving precision: train, fp32, bf16, "
                         "int8 or fp8.")  # fmt: skip
-    flags.DEFINE_integer("max_tokens", 64, "New tokens per prompt at most.")
+    flags.DEFINE_integer(
+        "max_tokens", None, "New tokens per prompt at most (default: min(64, the context)); "
+        "as the server's default.",
+    )  # fmt: skip
     flags.DEFINE_float("temperature", 0.0, "0: greedy.")
     flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")

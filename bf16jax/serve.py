@@ -5,8 +5,10 @@ See `bf16jax.serving.http` for what it computes; this module holds its flags and
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 
 from aiohttp import web
 
@@ -24,6 +26,7 @@ def _main(argv) -> None:
     if len(argv) > 1:
         raise ValueError(f"Unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
+    check_port(f.host, f.port)  # before loading anything: a bad port is known at once
     cli.quiet_logs()
     engine = Engine(registry=f.registry, artifact=f.artifact, reference=f.reference,
                     max_batch=f.max_batch, max_wait_ms=f.max_wait_ms, shadow_rate=f.shadow_rate,
@@ -32,8 +35,42 @@ def _main(argv) -> None:
     api_key = f.api_key or os.environ.get(API_KEY_ENV) or None
     print(json.dumps({"serving": f"http://{f.host}:{f.port}", "batching": f.batching,
                       "api_key": api_key is not None}), flush=True)  # fmt: skip
-    web.run_app(make_app(engine, api_key=api_key), host=f.host, port=f.port, print=None,
-                access_log=None)  # fmt: skip
+    try:
+        web.run_app(make_app(engine, api_key=api_key), host=f.host, port=f.port, print=None,
+                    access_log=None)  # fmt: skip
+    except OSError as e:  # taken between the check and now
+        raise ValueError(_port_message(f.host, f.port, e)) from None
+
+
+def _port_message(host: str, port: int, error: OSError) -> str:
+    if error.errno == errno.EADDRINUSE:
+        why = "is already in use"
+    else:
+        why = f"cannot be listened on ({error.strerror or error})"
+    return (
+        f"--host={host} --port={port}: the address {why}: pass another --port (or stop the "
+        "server that holds it)."
+    )
+
+
+def check_port(host: str, port: int) -> None:
+    """Raises ValueError for a port outside 0-65535 or an address that cannot be bound."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port={port} is not a TCP port: pass one in 1-65535 (0 = any free).")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(
+            f"--host={host} cannot be resolved ({e.strerror}): pass an address."
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # why: aiohttp binds with SO_REUSEADDR, so a port in TIME_WAIT is free for it too.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ValueError(_port_message(host, port, e)) from None
 
 
 def _define_flags() -> None:

@@ -6,21 +6,26 @@ diagnostics, step time, throughput and memory — as tables and plots.
     python experiments/precision_study.py --jobs=2              # the full study (CPU: ~1 h idle)
     python experiments/precision_study.py --quick               # CI smoke run (~1 min)
     python experiments/precision_study.py --models=vit_digits --seeds=0,1
+    python experiments/precision_study.py --models=configs/t5_small.py --quick  # any config
     python experiments/precision_study.py --collect_only      # tables + plots of finished runs
+    python experiments/precision_study.py --replot=experiments/results/precision_study/results.json
 
 Policies: fp32, bf16 (mixed), bf16-pure with round-to-nearest / stochastic rounding / Kahan /
 split updates, LSQ QAT w8a8 and w4a8 (BF16 compute), and `bf16;q=fp8` when JAX runs on a GPU.
 Models: vit_digits, 1,200 steps with the LR decaying to 1% (held-out accuracy; shifts: noise /
 blur / rotation; FGSM and PGD over an eps sweep, QAT models also as their int8 deployment) and
 gpt_long (configs/gpt_long.py: 2,500 steps, LR to 1%, where pure-BF16 swamping bites; next-byte
-accuracy and loss; shifts: 5% / 15% character corruption); gpt_tiny and t5_small with
-`--models`. Diagnostics per run: the mean over the last 40% of logged steps of
+accuracy and loss; shifts: 5% / 15% character corruption); gpt_tiny, t5_small or any config
+file (`--models=configs/NAME.py`, its runs and rows named by the file's stem) with `--models`.
+Diagnostics per run: the mean over the last 40% of logged steps of
 `swamped/{all,matrices,norm_gains,decay}` and the final FP32 drift.
 
 Each run is its own process (`--worker`) with a workdir under `--runs`, so the sweep is
 resumable: a finished run (its `result.json` exists) is read back, an interrupted one resumes
 from its newest checkpoint, and a failed one is reported at the end without stopping the others.
-Writes `results.json`, `results.md` and PNG plots (`study_plots.py`) to `--out`.
+Writes `results.json`, `results.md` and PNG plots (`study_plots.py`) to `--out`, by default
+RUNS/results: the committed experiments/results/ are replaced only when named. `--replot`
+redraws a results.json's table plots and results.md without training (`study_tables.py`).
 
 Memory is counted from the abstract train state (exact bytes, whatever the device): training =
 params + optimizer state (update-rule buffers included) per parameter; inference = the weights
@@ -38,6 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from study_tables import DIAG_KEYS, DIAG_TAIL, markdown, summarize
 
 MODELS = {
     "vit_digits": "configs/vit_digits.py",
@@ -72,8 +78,6 @@ MODEL_SETTINGS = {
 EPSILONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 PGD_STEPS = 10
 QUICK_ATTACK = {"eps": (0.0, 0.1), "pgd_steps": 2}
-DIAG_KEYS = ("swamped/all", "swamped/matrices", "swamped/norm_gains", "swamped/decay")
-DIAG_TAIL = 0.4  # diagnostics: mean over the last 40% of the logged steps
 QUICK_POLICIES = ("fp32", "bf16-pure-split", "bf16;q=w8a8")
 QUICK_SETTINGS = {
     "gpt": [
@@ -99,6 +103,23 @@ QUICK_SETTINGS = {
     ],
 }
 EVAL_SEED = 0  # the shifted inputs are the same for every run
+
+
+def config_file(model: str) -> str:
+    """The config of `model`: a built-in name (MODELS) or the path of any configs-style file."""
+    if model in MODELS:
+        return MODELS[model]
+    if model.endswith(".py") and os.path.isfile(model):
+        return model
+    raise ValueError(
+        f"unknown model {model!r}: use one of {sorted(MODELS)} or a config file path "
+        "(e.g. configs/t5_base.py)"
+    )
+
+
+def model_id(model: str) -> str:
+    """The name a model's runs and rows go under: a built-in name, or its config file's stem."""
+    return model if model in MODELS else os.path.splitext(os.path.basename(model))[0]
 
 
 def run_name(policy: str, seed: int) -> str:
@@ -199,9 +220,9 @@ def run_one(
     from bf16jax.training import loop
     from bf16jax.training import metrics as metrics_lib
 
-    workdir = os.path.join(runs, model, run_name(policy, seed))
+    workdir = os.path.join(runs, model_id(model), run_name(policy, seed))
     config = config_lib.load_config(
-        MODELS[model],
+        config_file(model),
         [f"precision={policy}", f"seed={seed}", f"data.seed={seed}", *overrides],
     )
     start = time.perf_counter()
@@ -227,7 +248,8 @@ def run_one(
     if config.model.name == "vit":
         robustness = _robustness(trainer, state, epsilons, pgd_steps)
     result = {
-        "model": model,
+        "model": model_id(model),
+        "config_file": config_file(model),
         "policy": policy,
         "seed": seed,
         "steps": int(config.train.steps),
@@ -256,7 +278,7 @@ def run_one(
 
 # ----------------------------------------------------------------------------- the sweep
 def _launch(model, policy, seed, args, overrides) -> dict | None:
-    path = os.path.join(args.runs, model, run_name(policy, seed), "result.json")
+    path = os.path.join(args.runs, model_id(model), run_name(policy, seed), "result.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -275,8 +297,8 @@ def _launch(model, policy, seed, args, overrides) -> dict | None:
         result = json.load(f)
     q = result["quality"]["clean"]
     print(
-        f"{model:10s} {policy:16s} seed {seed}: acc {q['accuracy']:.4f} loss {q['loss']:.4f} "
-        f"ece {q['ece']:.4f} ({time.perf_counter() - start:.0f} s)",
+        f"{model_id(model):10s} {policy:16s} seed {seed}: acc {q['accuracy']:.4f} "
+        f"loss {q['loss']:.4f} ece {q['ece']:.4f} ({time.perf_counter() - start:.0f} s)",
         flush=True,
     )
     return result
@@ -343,153 +365,28 @@ def pooled_bins(args, results: list[dict], model: str, policy: str) -> dict:
     return metrics_lib.calibration_bins(cat["confidence"], cat["correct"], cat["weight"])
 
 
-def _mean_std(values) -> list[float] | None:
-    values = [v for v in values if v is not None]
-    return [float(np.mean(values)), float(np.std(values))] if values else None
-
-
-def summarize(results: list[dict]) -> dict:
-    """Per model and policy: mean and std over seeds of every reported number."""
-    table: dict = {}
-    for r in results:
-        table.setdefault(r["model"], {}).setdefault(r["policy"], []).append(r)
-    out: dict = {}
-    for model, by_policy in table.items():
-        out[model] = {}
-        for policy, rows in by_policy.items():
-            entry: dict = {"seeds": sorted(r["seed"] for r in rows)}
-            for cond in rows[0]["quality"]:
-                for key in ("accuracy", "loss", "ece", "confidence"):
-                    entry[f"{cond}/{key}"] = _mean_std(r["quality"][cond][key] for r in rows)
-                entry[f"{cond}/agreement"] = _mean_std(
-                    r.get("agreement", {}).get(cond) for r in rows
-                )
-            for key in (
-                "step_time_s",
-                "throughput",
-                "train_bytes_per_param",
-                "inference_bytes_per_param",
-                "drift_rel_gap",
-                "swamped_all",
-            ):
-                entry[key] = _mean_std(r.get(key) for r in rows)
-            for key in DIAG_KEYS:
-                entry[key] = _mean_std((r.get("diagnostics") or {}).get(key) for r in rows)
-            for target in ("policy", "int8"):
-                robust = [(r.get("robustness") or {}).get(target) for r in rows]
-                if all(robust):
-                    entry[f"robust/{target}"] = {
-                        attack: {e: _mean_std(x[attack][e] for x in robust) for e in per}
-                        for attack, per in robust[0].items()
-                    }
-            entry["throughput_unit"] = rows[0]["throughput_unit"]
-            out[model][policy] = entry
-    return out
-
-
-def _pm(entry: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
-    value = entry.get(key)
-    if value is None:
-        return "–"
-    m, s = value
-    return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
-
-
-def _pm_value(value, scale: float = 1.0, digits: int = 1) -> str:
-    return (
-        "–" if value is None else f"{scale * value[0]:.{digits}f} ± {scale * value[1]:.{digits}f}"
-    )
-
-
-def robustness_markdown(model: str, by_policy: dict) -> list[str]:
-    """FGSM / PGD accuracy per budget: each policy attacked under itself, and QAT models as
-    their int8 deployment (attacked through the fake-quant model's STE gradients)."""
-    rows = [
-        (f"`{policy}`" + (" int8" if target == "int8" else ""), e[f"robust/{target}"])
-        for policy, e in by_policy.items()
-        for target in ("policy", "int8")
-        if f"robust/{target}" in e
-    ]
-    if not rows:
-        return []
-    eps = [e for e in rows[0][1]["fgsm"] if float(e) > 0]
-    head = " | ".join(f"{a} ε={e}" for a in ("FGSM", "PGD") for e in eps)
-    lines = [
-        f"#### {model}: adversarial accuracy % (L∞ budget ε on [0, 1] pixels)",
-        "",
-        f"| policy | clean | {head} |",
-        "| --- | ---: | " + " | ".join(["---:"] * 2 * len(eps)) + " |",
-    ]
-    for name, robust in rows:
-        cells = [_pm_value(robust["fgsm"][next(iter(robust["fgsm"]))], 100)]
-        cells += [_pm_value(robust[a][e], 100) for a in ("fgsm", "pgd") for e in eps]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
-
-
-def markdown(table: dict, baseline: dict[str, float]) -> str:
-    """One table per model: quality, shifted inputs, agreement, diagnostics, cost; then the
-    adversarial robustness of image models."""
-    lines: list[str] = []
-    for model, by_policy in table.items():
-        any_entry = next(iter(by_policy.values()))
-        shifts = sorted(
-            k.split("/")[0] for k in any_entry if k.endswith("/accuracy") and "clean" not in k
-        )
-        unit = any_entry["throughput_unit"]
-        lines += [
-            f"### {model}",
-            "",
-            "| policy | seeds | accuracy % | loss | ECE % | "
-            + "".join(f"acc {s} % | " for s in shifts)
-            + "agree w/ fp32 % | swamped % | swamped norm gains % | decay lost % | "
-            + f"step ms | {unit} | train B/param | infer B/param |",
-            "| --- | ---: | ---: | ---: | ---: | "
-            + "---: | " * len(shifts)
-            + "---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for policy, e in by_policy.items():
-            cells = [
-                f"`{policy}`",
-                str(len(e["seeds"])),
-                _pm(e, "clean/accuracy", 100),
-                _pm(e, "clean/loss", 1, 4),
-                _pm(e, "clean/ece", 100),
-                *[_pm(e, f"{s}/accuracy", 100) for s in shifts],
-                _pm(e, "clean/agreement", 100),
-                _pm(e, "swamped/all", 100, 1),
-                _pm(e, "swamped/norm_gains", 100, 1),
-                _pm(e, "swamped/decay", 100, 1),
-                _pm(e, "step_time_s", 1e3, 1),
-                _pm(e, "throughput", 1, 0),
-                _pm(e, "train_bytes_per_param", 1, 1).split(" ±")[0],
-                _pm(e, "inference_bytes_per_param", 1, 2).split(" ±")[0],
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-        if model in baseline:
-            lines.append(
-                f"\nFor scale: FP32 runs of different seeds agree on {100 * baseline[model]:.2f}% "
-                "of the predictions."
-            )
-        lines.append(
-            f"\nswamped: mean over the last {100 * DIAG_TAIL:.0f}% of the logged steps of "
-            "`swamped/all` (updates that left the stored weight unchanged: lost under "
-            "round-to-nearest, deferred under SR / Kahan; split reads its FP32 master) and "
-            "`swamped/norm_gains`; decay lost: `swamped/decay`."
-        )
-        lines.append("")
-        lines += robustness_markdown(model, by_policy)
-    return "\n".join(lines)
-
-
 def main() -> None:
     from bf16jax.cli import script_parser, split_config_overrides
 
     parser = script_parser(__doc__, "every run's config, after the study's own settings")
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma list")
+    parser.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help=f"comma list of {', '.join(MODELS)} or config file paths (configs/NAME.py)",
+    )
     parser.add_argument("--policies", default="", help="comma list; '' = all (+fp8 on a GPU)")
     parser.add_argument("--seeds", default="0,1,2", help="comma list (--quick: 0)")
-    parser.add_argument("--out", default="", help="'' = experiments/results/precision_study")
+    parser.add_argument(
+        "--out",
+        default="",
+        help="'' = RUNS/results (never the committed experiments/results: name it to replace it)",
+    )
+    parser.add_argument(
+        "--replot",
+        default="",
+        help="a results.json: redraw its table's plots (accuracy vs memory, robustness) and "
+        "results.md into --out (default: beside it), training nothing",
+    )
     parser.add_argument("--runs", default="", help="workdirs; '' = runs/precision_study")
     parser.add_argument("--quick", action="store_true", help="tiny models, 6 steps, 1 seed")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
@@ -511,34 +408,38 @@ def main() -> None:
         model, policy, seed = args.worker
         run_one(model, policy, int(seed), args.runs, user_overrides, args.eps, args.pgd_steps)
         return
+    if args.replot:
+        replot(args.replot, args.out or os.path.dirname(os.path.abspath(args.replot)))
+        return
     models = [m for m in args.models.split(",") if m]
-    unknown = sorted(set(models) - set(MODELS))
+    unknown = [m for m in models if m not in MODELS and not m.endswith(".py")]
     if unknown:
-        parser.error(f"unknown model(s) {unknown}: use some of {sorted(MODELS)}")
-    if user_overrides:  # a misspelt key fails here, not in every worker
-        from bf16jax.config import load_config
+        parser.error(
+            f"unknown model(s) {unknown}: use some of {sorted(MODELS)} or config file paths"
+        )
+    from bf16jax.config import load_config
 
-        for model in models:
-            try:
-                load_config(MODELS[model], user_overrides)
-            except ValueError as e:
-                parser.exit(2, f"error: {model}: {e}\n")
+    kinds = {}
+    for model in models:  # a missing file or a misspelt key fails here, not in every worker
+        try:
+            kinds[model] = load_config(config_file(model), user_overrides).model.name
+        except (ValueError, OSError) as e:
+            parser.exit(2, f"error: {model}: {e}\n")
     policies = [p for p in args.policies.split(",") if p]
     if args.quick:
         policies, seeds = policies or list(QUICK_POLICIES), [0]
-        args.out = args.out or "runs/precision_study_quick/results"
         args.runs = args.runs or "runs/precision_study_quick"
     else:
         policies = policies or list(POLICIES) + (list(GPU_POLICIES) if _on_gpu() else [])
         seeds = [int(s) for s in args.seeds.split(",")]
-    args.out = args.out or "experiments/results/precision_study"
     args.runs = args.runs or "runs/precision_study"
+    args.out = args.out or os.path.join(args.runs, "results")
     os.makedirs(args.out, exist_ok=True)
     jobs = []
     for model in models:
         overrides = [*STUDY_SETTINGS, *MODEL_SETTINGS.get(model, [])]
         if args.quick:
-            overrides = [*overrides, *QUICK_SETTINGS[_model_kind(model)], *QUICK_SETTINGS["all"]]
+            overrides = [*overrides, *QUICK_SETTINGS[kinds[model]], *QUICK_SETTINGS["all"]]
         overrides += user_overrides  # last: the user's word wins
         jobs += [(model, policy, seed, args, overrides) for seed in seeds for policy in policies]
     with ThreadPoolExecutor(max(args.jobs, 1)) as pool:  # threads only wait on subprocesses
@@ -574,8 +475,39 @@ def main() -> None:
         sys.exit(f"{len(failed)} run(s) failed: {failed}; rerun the same command to retry them.")
 
 
-def _model_kind(model: str) -> str:
-    return {"vit_digits": "vit", "gpt_long": "gpt", "gpt_tiny": "gpt", "t5_small": "t5"}[model]
+def replot(results_json: str, out: str) -> list[str]:
+    """Redraws what a results.json holds without training: the accuracy-vs-memory and
+    robustness plots and results.md (the loss curves and reliability diagrams need the runs'
+    curves and predictions, which results.json does not keep: rerun with --collect_only)."""
+    from study_plots import draw_accuracy_vs_memory, draw_robustness, save_figure
+
+    with open(results_json) as f:
+        saved = json.load(f)
+    table = saved["table"]
+    os.makedirs(out, exist_ok=True)
+    paths = [save_figure(draw_accuracy_vs_memory(table), out, "accuracy_vs_memory.png")]
+    for model, by_policy in table.items():
+        if any("robust/policy" in e for e in by_policy.values()):
+            fig = draw_robustness(by_policy, model)
+            paths.append(save_figure(fig, out, f"robustness_{model}.png"))
+    md = markdown(table, saved.get("fp32_seed_agreement", {}))
+    md_path = os.path.join(out, "results.md")
+    preamble, images = [f"Produced by `{saved['command']}`.", ""], []
+    if os.path.exists(md_path):  # keep its notes (how the runs were made) and image list
+        with open(md_path) as f:
+            old = f.read().splitlines()
+        first = next((i for i, ln in enumerate(old) if ln.startswith("### ")), len(old))
+        preamble = [ln for ln in old[:first] if not ln.startswith("Tables and plots redrawn")]
+        images = [ln for ln in old if ln.startswith("![")]
+    while preamble and not preamble[-1].strip():
+        preamble.pop()
+    redraw = f"python experiments/precision_study.py --replot={results_json}"
+    images = images or [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths]
+    with open(md_path, "w") as f:
+        f.write("\n".join([*preamble, "", f"Tables and plots redrawn by `{redraw}`.", ""]))
+        f.write(f"\n{md}\n" + "\n".join(images) + "\n")
+    print("\n".join(paths + [md_path]))
+    return paths
 
 
 def _on_gpu() -> bool:

@@ -65,9 +65,42 @@ def _label_log_axis(ax, values) -> None:
         ax.set_ylim(v.min() / pad, v.max() * pad)
 
 
-def _legend_below(fig, handles) -> None:
-    """The figure's legend under its axes (constrained layout makes room: it covers nothing)."""
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
+def _legend_below(fig, handles, **kwargs) -> None:
+    """The figure's legend under its axes (constrained layout makes room: it covers nothing),
+    in as many columns as fit the figure's width: a row wider than the page loses its ends."""
+    for ncols in range(min(len(handles), 5), 0, -1):
+        legend = fig.legend(handles=handles, loc="outside lower center", ncols=ncols,
+                            fontsize=8, **kwargs)  # fmt: skip
+        fig.canvas.draw()
+        box = legend.get_window_extent(fig.canvas.get_renderer())
+        if ncols == 1 or (box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1):
+            return
+        legend.remove()
+
+
+def seeds_label(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
+def mean_pm(mean: float, std: float, n: int, fmt: str = ".2f", unit: str = "") -> str:
+    """ "m unit ± s", or "m unit (1 seed)" where a spread over one seed would read as 0."""
+    if n < 2:
+        return f"{mean:{fmt}}{unit} ({seeds_label(n)})"
+    return f"{mean:{fmt}}{unit} ± {std:{fmt}}"
+
+
+def degenerate(by_policy: dict) -> str | None:
+    """Why a model's rows show nothing about the policies, or None: more than one policy and
+    every one at the same clean accuracy with 100 % agreement with FP32 (a run that learned a
+    constant, or far too few steps)."""
+    accs = [e["clean/accuracy"][0] for e in by_policy.values() if e.get("clean/accuracy")]
+    agree = [e["clean/agreement"][0] for e in by_policy.values() if e.get("clean/agreement")]
+    if len(accs) < 2 or max(accs) - min(accs) > 1e-9 or not agree or min(agree) < 1.0:
+        return None
+    return (
+        f"degenerate: every policy at {100 * accs[0]:.2f}% accuracy with 100% agreement with "
+        "fp32 (no run learned anything that tells the policies apart)"
+    )
 
 
 def _series(results: list[dict], model: str) -> dict[str, dict]:
@@ -104,8 +137,8 @@ def draw_loss_curves(results: list[dict], model: str):
         steps, curves = s["steps"], s["train"]
         half = steps >= steps[-1] / 2
         for ax, keep in ((whole, np.ones_like(half)), (late, half)):
-            ax.plot(steps[keep], curves.mean(0)[keep], color=color,
-                    label=f"{policy} ({len(curves)} seeds)" if ax is whole else None)  # fmt: skip
+            label = f"{policy} ({seeds_label(len(curves))})" if ax is whole else None
+            ax.plot(steps[keep], curves.mean(0)[keep], color=color, label=label)
             if len(curves) > 1:
                 ax.fill_between(steps[keep], curves.min(0)[keep], curves.max(0)[keep],
                                 color=color, alpha=0.15)  # fmt: skip
@@ -117,10 +150,10 @@ def draw_loss_curves(results: list[dict], model: str):
     late.set(xlabel="step", ylabel="loss", title="second half (linear)")
     for ax in (whole, late):
         ax.grid(alpha=0.3)
-    handles, labels = whole.get_legend_handles_labels()
-    handles.append(whole.plot([], [], "o", color="gray")[0])
-    labels.append("eval loss (mean over seeds); line: train loss, band: min..max over seeds")
-    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    handles, _ = whole.get_legend_handles_labels()
+    note = "eval loss (mean over seeds); line: train loss, band: min..max over seeds"
+    handles.append(whole.plot([], [], "o", color="gray", label=note)[0])
+    _legend_below(fig, handles)
     return fig
 
 
@@ -154,10 +187,36 @@ def draw_reliability(bins_by_policy: dict[str, dict], eces: dict[str, str], mode
     return fig
 
 
+def dodges(xs: list[float]) -> tuple[list[float], float]:
+    """Multiplicative offsets that spread points sharing an x, and the half-width used (log2;
+    0 when no two points share an x).
+
+    Points within 1 % of each other share an x (bytes / param differ in the 5th digit between
+    policies with and without LSQ step sizes). Only points at a shared x move, each group evenly
+    over at most +-SPREAD/2 in log2 and less than half the log2 gap to the nearest other x, so
+    no point crosses another's x.
+    """
+    logs = np.log2(np.asarray(xs, np.float64))
+    key = np.round(logs / np.log2(1.01)).astype(np.int64)  # same x: within 1 %
+    groups = [np.flatnonzero(key == k) for k in np.unique(key)]
+    centers = np.sort([logs[g].mean() for g in groups])
+    gap = float(np.min(np.diff(centers))) if len(centers) > 1 else np.inf
+    half = min(SPREAD / 2, 0.45 * gap)
+    out, used = [1.0] * len(xs), 0.0
+    for group in groups:
+        if group.size < 2:
+            continue
+        used = half
+        for rank, i in enumerate(group):
+            out[i] = float(2 ** (half * (2 * rank - (group.size - 1)) / (group.size - 1)))
+    return out, used
+
+
 def draw_accuracy_vs_memory(table: dict):
     """Clean accuracy (mean ± std over seeds) against training-state and inference-weight bytes
-    per parameter. Policies at the same x are spread sideways (at most ±11 %, stated on the axis)
-    so that no error bar hides another."""
+    per parameter. Policies at the same x are spread sideways (`dodges`: stated on the axis,
+    never across another x) so that no error bar hides another; a degenerate model (all
+    policies identical) says so in its title."""
     from matplotlib.lines import Line2D
 
     plt = _plt()
@@ -169,17 +228,22 @@ def draw_accuracy_vs_memory(table: dict):
     colors = {p: f"C{i}" for i, p in enumerate(policies)}
     for ax, model in zip(axes[0], models, strict=True):
         entries = [(p, e) for p, e in table[model].items() if e.get("clean/accuracy")]
-        for j, (policy, e) in enumerate(entries):
+        points = [(p, e, key, marker) for p, e in entries
+                  for key, marker in (("train_bytes_per_param", "o"),
+                                      ("inference_bytes_per_param", "s"))
+                  if e.get(key) is not None]  # fmt: skip
+        shift, half = dodges([e[key][0] for _, e, key, _ in points])
+        for (policy, e, key, marker), dodge in zip(points, shift, strict=True):
             acc = e["clean/accuracy"]
-            dodge = 2 ** (SPREAD * (j - (len(entries) - 1) / 2) / max(len(entries) - 1, 1))
-            for key, marker in (("train_bytes_per_param", "o"), ("inference_bytes_per_param", "s")):
-                if e.get(key) is None:
-                    continue
-                ax.errorbar(e[key][0] * dodge, 100 * acc[0], yerr=100 * acc[1], fmt=marker,
-                            color=colors[policy], capsize=3)  # fmt: skip
-        spread = 100 * (2 ** (SPREAD / 2) - 1)
-        ax.set(xlabel=f"bytes / param (same-x points spread ±{spread:.0f} % to stay legible)",
-               ylabel="clean accuracy % (± std over seeds)", title=model)  # fmt: skip
+            ax.errorbar(e[key][0] * dodge, 100 * acc[0], yerr=100 * acc[1], fmt=marker,
+                        color=colors[policy], capsize=3)  # fmt: skip
+        spread = 100 * (2**half - 1)
+        where = f" (same-x points spread ±{spread:.0f} %)" if half else ""
+        seeds = {len(e.get("seeds", [0, 1])) for _, e in entries}
+        per = "± std over seeds" if min(seeds) > 1 else "1 seed: no spread shown"
+        title = model if not degenerate(table[model]) else f"{model}\n{degenerate(table[model])}"
+        ax.set(xlabel=f"bytes / param{where}", ylabel=f"clean accuracy % ({per})")
+        ax.set_title(title, fontsize=10 if "\n" not in title else 8)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=colors[p], marker="o", ls="", label=p) for p in policies]
@@ -232,22 +296,23 @@ def write_plots(out: str, results: list[dict], table: dict, bins: dict[str, dict
       table: the study's summary, model -> policy -> metric -> [mean, std].
       bins: model -> policy -> `metrics.calibration_bins` of the pooled clean predictions.
     """
-    plt = _plt()
     figures = []
     for model in table:
         figures.append((f"loss_curves_{model}.png", draw_loss_curves(results, model)))
         eces = {}
         for policy, e in table[model].items():
             m, s = e["clean/ece"]
-            eces[policy] = f"{100 * m:.2f}% ± {100 * s:.2f}"
+            eces[policy] = mean_pm(100 * m, 100 * s, len(e.get("seeds", [0, 1])), unit="%")
         figures.append((f"reliability_{model}.png", draw_reliability(bins[model], eces, model)))
         if any("robust/policy" in e for e in table[model].values()):
             figures.append((f"robustness_{model}.png", draw_robustness(table[model], model)))
     figures.append(("accuracy_vs_memory.png", draw_accuracy_vs_memory(table)))
-    paths = []
-    for name, fig in figures:
-        path = os.path.join(out, name)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    return [save_figure(fig, out, name) for name, fig in figures]
+
+
+def save_figure(fig, out: str, name: str) -> str:
+    """Saves `fig` as out/name (110 dpi) and closes it; returns the path."""
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path

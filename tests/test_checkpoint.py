@@ -279,7 +279,17 @@ def two_steps(tmp_path_factory, saved):
 
 
 @pytest.mark.parametrize(
-    "damage", ["flip", "truncate", "delete", "data-position", "manifest", "array-metadata"]
+    "damage",
+    [
+        "flip",
+        "truncate",
+        "delete",
+        "data-position",
+        "manifest",
+        "manifest-field",
+        "no-manifest",
+        "array-metadata",
+    ],
 )
 def test_damaged_newest_falls_back_to_one_that_verifies(two_steps, tmp_path, caplog, damage):
     src, state3, _ = two_steps
@@ -300,6 +310,11 @@ def test_damaged_newest_falls_back_to_one_that_verifies(two_steps, tmp_path, cap
         pos.write_text(json.dumps({**position, key: position[key] + 1}, indent=4))
     if damage == "manifest":
         _flip(step5 / "manifest" / "metadata", 20)
+    if damage == "manifest-field":  # still JSON, a leaf's "dtype" renamed: damage, no KeyError
+        meta = step5 / "manifest" / "metadata"
+        meta.write_text(meta.read_text().replace('"dtype"', '"dthpe"', 1))
+    if damage == "no-manifest":  # every checkpoint is saved with one: never "restore unverified"
+        shutil.rmtree(step5 / "manifest")
     if damage == "array-metadata":  # without it Orbax reads the PRNG keys back as uint32 words
         (step5 / "state" / "array_metadatas" / "process_0").unlink()
     target = sharding.abstract_state(make_init(), mesh_of(8, 1, 1))
@@ -364,3 +379,40 @@ def test_a_save_is_read_back_before_older_ones_are_deleted(saved, tmp_path, capl
     assert ckpt.all_steps() == [2]  # the good one is kept; the bad one quarantined
     assert os.listdir(tmp_path / "run" / ".quarantine") == ["4.damaged"]
     ckpt.close()
+
+
+def test_an_interrupted_wait_does_not_report_a_committed_save_as_failed(saved, tmp_path, caplog):
+    """A second SIGINT lands in the wait for a forced save: Orbax's finalize thread goes on and
+    commits, but a later wait may return before it has. Simulated: the first wait raises
+    KeyboardInterrupt, the next returns at once while the commit is 0.5 s away."""
+    import time
+
+    ckpt = Checkpointer(tmp_path / "run", async_save=True)
+    manager = ckpt._manager
+    real_wait, real_finalize = manager.wait_until_finished, manager._finalize_checkpoint
+    mode = ["real"]  # Orbax's own calls (save waits for the previous one) are real waits
+
+    def wait():
+        if mode[0] == "interrupt":  # the second SIGINT lands in the wait
+            mode[0] = "early"
+            raise KeyboardInterrupt("second SIGINT")
+        if mode[0] == "early":  # the next wait returns before the finalize thread commits
+            mode[0] = "real"
+            return
+        real_wait()
+
+    def slow_finalize(step):
+        time.sleep(0.5)
+        real_finalize(step)
+
+    manager.wait_until_finished = wait
+    manager._finalize_checkpoint = slow_finalize
+    assert ckpt.save(2, saved[1])
+    mode[0] = "interrupt"
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.wait()
+    ckpt.close()  # settles while the commit is still being written
+    assert "did not commit" not in caplog.text
+    assert "step 2 in" in caplog.text and "still being written when interrupted" in caplog.text
+    real_wait()
+    assert Checkpointer(tmp_path / "run").all_steps() == [2]

@@ -34,8 +34,9 @@ def converted(tmp_path_factory):
     return {family: root / family for family in FAMILIES}
 
 
-def _logits(directory, policy: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ours, transformers') logits for the golden inputs, ours under `policy`."""
+def _logits(directory, policy: str, family: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ours, transformers') logits for the golden inputs (of `family`, default the directory's
+    name), ours under `policy`."""
     manifest = convert.load_manifest(str(directory))
     abstract = convert.abstract_params(manifest["model"], policy)
     params = convert.restore_params(str(directory), convert._placed(abstract))
@@ -44,7 +45,7 @@ def _logits(directory, policy: str) -> tuple[np.ndarray, np.ndarray]:
         nnx.Param,
     )
     model = nnx.merge(graphdef, params)
-    ref = np.load(os.path.join(GOLDEN, directory.name, "reference.npz"))
+    ref = np.load(os.path.join(GOLDEN, family or directory.name, "reference.npz"))
     if "input_ids" in ref:
         ours = model(jnp.asarray(ref["input_ids"]))
     else:
@@ -112,6 +113,65 @@ def test_import_export_is_byte_identical(converted, family, tmp_path):
     assert weights and "config.json" in written
     for name in written:
         assert filecmp.cmp(out / name, os.path.join(source, name), shallow=False), name
+
+
+def _t5_forms(tmp_path):
+    """The golden T5s with config.json in transformers 4.x's and 5.x's forms: {name: dir}."""
+    forms = {}
+    for family, form, edit in (
+        ("t5_v1_1", "5.x", "config.transformers5.json"),  # tie true + scale false: untied
+        ("t5_v1_0", "4.x", None),  # scale_decoder_outputs dropped: tied by the 4.x flag alone
+    ):
+        directory = _copy_golden(family, tmp_path / f"{family}-{form}")
+        cfg = json.loads(open(os.path.join(GOLDEN, family, "config.json")).read())
+        if edit:
+            cfg = json.loads(open(os.path.join(GOLDEN, family, edit)).read())
+        else:
+            cfg.pop("scale_decoder_outputs")
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        forms[f"{family}-{form}"] = directory
+    return forms
+
+
+def test_both_transformers_config_forms_import(tmp_path, monkeypatch):
+    """transformers 5 writes FLAN-T5 as tie_word_embeddings=true + scale_decoder_outputs=false
+    (refused before: 'scale_decoder_outputs=False is not supported'); it imports as the
+    untied head it is, computes transformers' logits, and exports in the form the installed
+    transformers reads: the 4.x form without transformers (or with 4.x), as is with 5.x."""
+    expected = {  # installed transformers -> the config.json export writes
+        "t5_v1_1-5.x": {
+            None: "config.json",
+            "4.57.0": "config.json",
+            "5.24.0": "config.transformers5.json",
+        },  # fmt: skip
+        "t5_v1_0-4.x": dict.fromkeys((None, "4.57.0", "5.24.0"), "as imported"),
+    }
+    for name, directory in _t5_forms(tmp_path).items():
+        family = name.split("-")[0]
+        out = tmp_path / f"{name}-converted"
+        manifest = convert.import_hf(directory, str(out), precision="fp32")
+        assert manifest["model"]["tie_embeddings"] == (family == "t5_v1_0")
+        ours, ref = _logits(out, "fp32", family)
+        assert _relative(ours, ref) < 1e-4, name
+        for installed, expect in expected[name].items():
+            monkeypatch.setattr(hf, "installed_transformers", lambda v=installed: v)
+            back = tmp_path / f"{name}-{installed}"
+            convert.export_hf(str(out), str(back))
+            want = os.path.join(directory, "config.json")
+            if expect != "as imported":
+                want = os.path.join(GOLDEN, family, expect)
+            assert filecmp.cmp(back / "config.json", want, shallow=False), (name, installed)
+            for weights in (f for f in os.listdir(back) if "safetensors" in f):
+                source = os.path.join(GOLDEN, family, weights)
+                assert filecmp.cmp(back / weights, source, shallow=False), weights
+
+
+def test_unsupported_t5_head_is_refused(tmp_path):
+    directory = _copy_golden("t5_v1_1", tmp_path / "m")
+    _edit_config(directory, tie_word_embeddings=False, scale_decoder_outputs=True)
+    with pytest.raises(hf.UnsupportedModelError, match="scale_decoder_outputs=True"):
+        convert.import_hf(directory, str(tmp_path / "out"))
 
 
 def test_bf16_import_casts_and_exports_the_rounded_values(tmp_path):
@@ -208,10 +268,14 @@ def test_export_needs_a_converted_directory(tmp_path):
         convert.export_hf(str(tmp_path), str(tmp_path / "out"))
 
 
-def test_cli_import_export(tmp_path):
+def test_cli_import_export(tmp_path, capsys):
     out, back = str(tmp_path / "c"), str(tmp_path / "hf")
     assert convert_cmd.main(["import", os.path.join(GOLDEN, "gpt2"), out, "--precision=fp32"]) == 0
+    capsys.readouterr()
     assert convert_cmd.main(["export", out, back]) == 0
+    said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # what it wrote
+    assert said["exported"] == back and said["params_from"] == out
+    assert said["files"] == sorted(os.listdir(back)) and "model.safetensors" in said["files"]
     assert filecmp.cmp(
         os.path.join(back, "model.safetensors"),
         os.path.join(GOLDEN, "gpt2", "model.safetensors"),

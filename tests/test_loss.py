@@ -254,3 +254,28 @@ def test_fused_loss_treats_out_of_range_labels_as_the_materialised_one():
     assert all(bool(jnp.any(jnp.isnan(g))) for g in jax.tree.leaves(param_grads))
     (loss, aux), _ = grad_fn(params, hidden, targets, weights)  # the same labels in range
     assert np.isfinite(float(loss)) and float(aux["invalid_targets"]) == 0.0
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_fused_gradient_of_the_weights_is_the_materialised_one(z_loss):
+    """d loss / d weights (e.g. a learned per-token weighting): the fused loss returned zeros."""
+    policy = get_policy("bf16")
+    head = make_head("tied", policy)
+    hidden, targets, weights = data(policy=policy)
+    weights = weights * jnp.linspace(0.5, 2.0, T)  # fractional, some 0
+
+    def materialized(w):
+        return loss_lib.cross_entropy(loss_lib.head_logits(hidden, head), targets, w,
+                                      z_loss=z_loss)[0]  # fmt: skip
+
+    def fused(w):
+        return loss_lib.fused_cross_entropy(hidden, head, targets, w, z_loss=z_loss,
+                                            chunk_tokens=8, grad_scale=1024.0)[0]  # fmt: skip
+
+    ref, got = jax.jit(jax.grad(materialized))(weights), jax.jit(jax.grad(fused))(weights)
+    assert float(jnp.abs(ref).max()) > 1e-3  # a real gradient, not zeros
+    np.testing.assert_allclose(got, ref, atol=GRAD_RTOL * float(jnp.abs(ref).max()))
+    # All weights 0: the loss is 0 and its gradient each token's term (the denominator is 1).
+    zeros = jnp.zeros_like(weights)
+    np.testing.assert_allclose(jax.grad(fused)(zeros), jax.grad(materialized)(zeros),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip

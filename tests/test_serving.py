@@ -160,6 +160,16 @@ def test_artifact_loads_with_jax_alone(served):  # noqa: F811
     art = _artifact(directory)
     assert alone["generate"] == art.generate(PROMPTS, max_tokens=12, stop=[["\n"], []])
     assert alone["score"] == pytest.approx(art.score(["And the LORD"])[0]["logprob"], abs=1e-6)
+    # loader.py as a command: max_tokens defaults to min(64, the 32-position context).
+    loader = os.path.join(directory, "loader.py")
+    proc = subprocess.run([sys.executable, loader, directory, "--prompt=And"], env=cli_env(),
+                          capture_output=True, text=True, timeout=300, cwd="/")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == art.generate(["And"])[0]
+    bad = [sys.executable, loader, directory, "--prompt=And", "--temperature=-1"]
+    proc = subprocess.run(bad, env=cli_env(), capture_output=True, text=True, timeout=300,
+                          cwd="/")  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("error: temperature"), proc.stderr
 
 
 def test_artifact_runs_the_programs_of_the_run(served):  # noqa: F811
@@ -263,7 +273,11 @@ def test_gate_cli_exit_codes(served, tmp_path):  # noqa: F811
         timeout=300,
     )
     assert failed.returncode == 1, failed.stderr[-2000:]
-    assert "FAIL agreement" in failed.stderr
+    # The verdict first, a few lines; the JSON report in the file (--json prints it too).
+    lines = failed.stdout.splitlines()
+    assert lines[0].split()[0] in ("ok", "FAIL") and "FAIL agreement" in failed.stdout
+    assert lines[-2].startswith("gate: FAILED (") and "agreement" in lines[-2]
+    assert lines[-1] == f"report: {tmp_path}/r.json" and len(lines) <= 8
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
     bad = subprocess.run([*base, "--candidate=/nonexistent"], cwd=REPO, env=cli_env(),
                          capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -387,9 +401,10 @@ def test_export_generate_evaluate_commands(served, tmp_path):  # noqa: F811
     manifest = artifact.verify(str(out))
     assert manifest["source"]["config_file"].endswith("configs/gpt_tiny.py")
     assert "--config.precision=bf16; q=w8a8" in manifest["source"]["argv"]
-    lines = run("generate", f"--artifact={out}", "--prompt=And the", "--max_tokens=8")
+    # max_tokens defaults to min(64, the context): 32 positions here.
+    lines = run("generate", f"--artifact={out}", "--prompt=And the")
     row = json.loads(lines.splitlines()[-1])
     art = _artifact(served.artifacts["fp32"])
-    assert row["tokens"] == art.generate(["And the"], max_tokens=8)[0]["tokens"]
+    assert row["tokens"] == art.generate(["And the"], max_tokens=32)[0]["tokens"]
     report = json.loads(run("evaluate", *config, "--precision=int8", "--num_batches=1"))
     assert report["model"]["precision"] == "int8" and "chars15" in report["agreement"]

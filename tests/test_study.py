@@ -78,3 +78,33 @@ def test_quick_study_writes_tables_plots_and_resumes(tmp_path):
 def test_unknown_model_is_refused(tmp_path):
     proc = _study(tmp_path, "--models=vit_digits,resnet")
     assert proc.returncode == 2 and "unknown model(s) ['resnet']" in proc.stderr
+
+
+def test_any_config_file_is_a_model_and_the_default_out_is_under_runs(tmp_path):
+    """--models takes a config file (before: only four built-in names); without --out the
+    tables go to RUNS/results, never over the committed experiments/results (before: there)."""
+    cmd = [sys.executable, SCRIPT, "--collect_only", f"--runs={tmp_path / 'runs'}",
+           "--models=configs/gpt_tiny.py,vit_digits", "--seeds=0"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=cli_env(devices=1))
+    assert proc.returncode == 1 and "No run finished" in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "runs" / "results").is_dir()
+    missing = subprocess.run([*cmd[:-2], "--models=configs/nope.py"], capture_output=True,
+                             text=True, cwd=ROOT, env=cli_env(devices=1))  # fmt: skip
+    assert missing.returncode == 2 and "configs/nope.py" in missing.stderr
+
+
+def test_replot_redraws_the_table_plots_from_results_json(tmp_path):
+    """The committed results.json alone redraws accuracy vs memory, robustness and the tables."""
+    import shutil
+
+    src = os.path.join(ROOT, "experiments", "results", "precision_study", "results.json")
+    shutil.copy(src, tmp_path / "results.json")
+    cmd = [sys.executable, SCRIPT, f"--replot={tmp_path / 'results.json'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=cli_env(devices=1))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "accuracy_vs_memory.png",
+        "robustness_vit_digits.png",
+    ]
+    md = (tmp_path / "results.md").read_text()
+    assert "| `fp32` | 3 |" in md and "--replot=" in md

@@ -119,3 +119,83 @@ def test_robustness_legend_names_the_policies_and_both_line_styles():
     labels = _legend_clear_of_axes(fig)
     assert {"fp32", "bf16;q=w8a8"} <= set(labels)
     assert any("int8" in t for t in labels) and any("under its policy" in t for t in labels)
+
+
+EIGHT = ("fp32", "bf16", "bf16-pure", "bf16-pure-sr", "bf16-pure-kahan", "bf16-pure-split",
+         "bf16;q=w8a8", "bf16;q=w4a8")  # fmt: skip
+
+
+def _study_table(accs=None, seeds=(0, 1, 2), agreement=None):
+    """One model, the study's eight policies at their real bytes / param."""
+    train = {"fp32": 12.0, "bf16": 12.0, "bf16-pure": 10.0, "bf16-pure-sr": 10.0,
+             "bf16-pure-kahan": 14.0, "bf16-pure-split": 12.0, "bf16;q=w8a8": 12.0,
+             "bf16;q=w4a8": 12.0}  # fmt: skip
+    rows = {}
+    for i, policy in enumerate(EIGHT):
+        acc = 0.95 + 0.001 * i if accs is None else accs
+        rows[policy] = {
+            "seeds": list(seeds),
+            "clean/accuracy": [acc, 0.004 if len(seeds) > 1 else 0.0],
+            "clean/ece": [0.015, 0.002],
+            "clean/agreement": [1.0 if agreement is None else agreement, 0.0],
+            "train_bytes_per_param": [train[policy], 0.0],
+            "inference_bytes_per_param": [4.0 if policy == "fp32" else 2.0, 0.0],
+            "throughput_unit": "examples/s",
+        }
+    return {"vit_digits": rows}
+
+
+def test_accuracy_vs_memory_legend_fits_the_page_with_one_model_and_eight_policies():
+    """Before: 10 entries in 5 columns under a 5.5-inch figure ran off both sides (fp32 lost)."""
+    fig = study_plots.draw_accuracy_vs_memory(_study_table())
+    labels = _legend_clear_of_axes(fig)
+    assert set(EIGHT) <= set(labels)
+    box = fig.legends[0].get_window_extent(fig.canvas.get_renderer())
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1
+
+
+def test_spread_points_keep_their_order_along_x():
+    """Before: the +-11 % spread put bf16-pure's 10 B/param right of fp32's 12 (bf16-pure
+    drawn last, fp32 first)."""
+    rows = _study_table()["vit_digits"]
+    order = [p for p in EIGHT if p != "bf16-pure"] + ["bf16-pure"]
+    table = {"vit_digits": {p: rows[p] for p in order}}
+    fig = study_plots.draw_accuracy_vs_memory(table)
+    drawn = [line.get_xdata()[0] for line in fig.axes[0].lines if line.get_marker() == "o"]
+    true = [table["vit_digits"][p]["train_bytes_per_param"][0] for p in order]
+    for a, xa in zip(true, drawn, strict=True):
+        for b, xb in zip(true, drawn, strict=True):
+            if a < b:
+                assert xa < xb, (a, xa, b, xb)
+    assert len(set(np.round(drawn, 9))) == len(order)  # same-x points still apart
+    shift, half = study_plots.dodges([10.0, 12.0, 12.0, 12.0, 14.0])
+    assert 10 * shift[0] < 12 * shift[1] < 12 * shift[2] < 12 * shift[3] < 14 * shift[4]
+    assert half < 0.45 * np.log2(12 / 10) + 1e-12 and shift[0] == shift[4] == 1.0
+
+
+def test_one_seed_is_one_seed_and_has_no_spread():
+    results = [r for r in _results() if r["seed"] == 0]
+    fig = study_plots.draw_loss_curves(results, "gpt_tiny")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "fp32 (1 seed)" in labels and not any("1 seeds" in t for t in labels)
+    assert study_plots.mean_pm(1.5, 0.0, 1, unit="%") == "1.50% (1 seed)"
+    assert study_plots.mean_pm(1.5, 0.2, 3, unit="%") == "1.50% ± 0.20"
+    import study_tables
+
+    md = study_tables.markdown(_study_table(seeds=(0,)), {})
+    row = next(ln for ln in md.splitlines() if ln.startswith("| `fp32` |"))
+    assert "±" not in row and "| 1 |" in row
+    md3 = study_tables.markdown(_study_table(), {})
+    assert "±" in next(ln for ln in md3.splitlines() if ln.startswith("| `fp32` |"))
+
+
+def test_a_degenerate_study_is_flagged():
+    """Every policy at 12.62 % with 100 % agreement: the table compares nothing, and says so."""
+    import study_tables
+
+    flat = _study_table(accs=0.1262, agreement=1.0)
+    assert "degenerate" in study_plots.degenerate(flat["vit_digits"])
+    assert study_plots.degenerate(_study_table(agreement=0.97)["vit_digits"]) is None
+    fig = study_plots.draw_accuracy_vs_memory(flat)
+    assert "degenerate: every policy at 12.62%" in fig.axes[0].get_title()
+    assert "**Degenerate: every policy at 12.62%" in study_tables.markdown(flat, {})

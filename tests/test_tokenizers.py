@@ -105,7 +105,10 @@ def test_missing_and_bad_tokenizer_files_are_named(tmp_path):
     (tmp_path / "t.json").write_text("{}")
     with pytest.raises(ValueError, match="t.json is not a tokenizers JSON file"):
         load_tokenizer(str(tmp_path / "t.json"))
+    (tmp_path / "vocab.txt").write_text("a b")
     with pytest.raises(FileNotFoundError, match="neither a directory"):
+        load_tokenizer(str(tmp_path / "vocab.txt"))
+    with pytest.raises(FileNotFoundError, match="tokenizer=.*missing.txt does not exist"):
         load_tokenizer(str(tmp_path / "missing.txt"))
 
 

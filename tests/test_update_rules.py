@@ -152,3 +152,20 @@ def test_fp16_params_are_refused_by_bit_pattern_rules(rule):
     assert (
         nearest.apply(params, params, nearest.init(params), None, 0)[0]["layer"]["kernel"][0] == 2
     )
+
+
+def test_split_add_flushes_subnormals_as_xla_fp32_does():
+    """The split rule is exact for normal FP32 values. XLA's FP32 add on CPU flushes subnormal
+    operands and results to zero (numpy keeps them): split_add does what an FP32 master copy
+    updated under XLA does, not what numpy does, below 2^-126."""
+    master = np.asarray([1e-40, 1.5e-38, 1.0], np.float32)  # subnormal, normal, normal
+    update = np.asarray([1e-41, -1e-38, 1e-41], np.float32)  # subnormal updates
+    w, lo = numerics.split_master(jnp.asarray(master))
+    np.testing.assert_array_equal(numerics.join_master(w, lo), master)  # stored exactly
+    w2, lo2 = jax.jit(numerics.split_add)(w, jnp.asarray(update), lo)
+    split = np.asarray(numerics.join_master(w2, lo2))
+    xla = np.asarray(jax.jit(jnp.add)(jnp.asarray(master), jnp.asarray(update)))
+    np.testing.assert_array_equal(split, xla)  # the FP32 master copy under XLA, bit for bit
+    np.testing.assert_array_equal(split, np.asarray([0.0, 1.5e-38, 1.0], np.float32))
+    numpy_sum = master + update  # IEEE gradual underflow keeps both
+    np.testing.assert_allclose(numpy_sum[:2], [1.1e-40, 5e-39], rtol=1e-4)

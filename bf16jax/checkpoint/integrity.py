@@ -30,6 +30,8 @@ import numpy as np
 __all__ = [
     "CheckpointDamaged",
     "MANIFEST_FORMAT",
+    "check_manifest",
+    "read_manifest",
     "check_metadata",
     "check_data_file",
     "check_read_back",
@@ -240,6 +242,72 @@ def build_manifest(
 
 
 # ----------------------------------------------------------------------------- verification
+_LEAF_FIELDS = {"shape": list, "dtype": str, "checksum": str, "finite": bool}
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What makes `manifest` (parsed JSON) not one `build_manifest` wrote, or None."""
+    if not isinstance(manifest, dict):
+        return f"not a JSON object but {type(manifest).__name__}"
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return f"unknown format {manifest.get('format')!r}"
+    for key, kind in (("step", int), ("finite", bool), ("leaves", dict)):
+        if not isinstance(manifest.get(key), kind):
+            return f"field {key!r} missing or not a {kind.__name__}"
+    crcs = manifest.get("data_crcs")
+    if crcs is not None and not (isinstance(crcs, list) and all(isinstance(c, str) for c in crcs)):
+        return "field 'data_crcs' is not a list of CRCs"
+    for path, leaf in manifest["leaves"].items():
+        if not isinstance(leaf, dict):
+            return f"leaf {path}: not a JSON object"
+        for key, kind in _LEAF_FIELDS.items():
+            if not isinstance(leaf.get(key), kind):
+                return f"leaf {path}: field {key!r} missing or not a {kind.__name__}"
+        if not all(isinstance(n, int) for n in leaf["shape"]):
+            return f"leaf {path}: shape {leaf['shape']} is not a list of ints"
+        try:
+            np.dtype(leaf["dtype"])
+        except TypeError:
+            return f"leaf {path}: unknown dtype {leaf['dtype']!r}"
+    return None
+
+
+def read_manifest(step: int, item: Any) -> dict:
+    """The manifest saved in `item` (a step's `manifest` directory, an epath), checked.
+
+    Raises:
+      CheckpointDamaged: the item is missing (every checkpoint bf16jax writes has one), its
+        JSON cannot be read, or a field is missing (`check_manifest`).
+    """
+    where = item.parent
+    if not item.exists():
+        raise CheckpointDamaged(
+            step,
+            where,
+            f"it has no checksum manifest ('{item.name}' item), which every bf16jax checkpoint "
+            "is saved with: it cannot be verified",
+        )
+    try:
+        manifest = json.loads((item / "metadata").read_text())
+    except Exception as e:  # noqa: BLE001 - any failure to read it is damage
+        raise CheckpointDamaged(step, where, f"checksum manifest: {first_line(e)}") from e
+    return check_manifest(step, where, manifest)
+
+
+def check_manifest(step: int, where: Any, manifest: Any) -> dict:
+    """Returns `manifest` if it has every field `build_manifest` writes, with its types; a
+    manifest that does not (a flipped byte that still parses: `"dthpe"`) is damage, never a
+    KeyError further on.
+
+    Raises:
+      CheckpointDamaged: naming the first field that is wrong.
+    """
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise CheckpointDamaged(step, where, f"checksum manifest: {problem}")
+    return manifest
+
+
 def check_metadata(step: int, where: Any, saved: Mapping[str, Any], manifest: dict) -> None:
     """The stored metadata ({leaf path: metadata}) must describe the manifest's leaves."""
     leaves = manifest["leaves"]

@@ -6,7 +6,8 @@ data files' CRCs, `bf16jax.checkpoint.integrity`), committed together by Orbax. 
 - restore goes through a target of sharded `jax.ShapeDtypeStruct`s, so it lands on any mesh; it
   reads the stored dtypes, verifies every leaf against the manifest, then casts floating leaves
   to the target's dtype (never integers or PRNG keys);
-- a checkpoint is trusted only once Orbax committed it and it verifies; `restore_or_init` falls
+- a checkpoint is trusted only once Orbax committed it and it verifies (a missing or malformed
+  manifest is damage: every checkpoint is saved with one); `restore_or_init` falls
   back from a damaged or non-finite newest checkpoint to the newest one that verifies, loudly,
   and moves the bad one to `<dir>/.quarantine/` (it is never deleted);
 - retention (`max_to_keep`) never deletes the newest verified, healthy checkpoint, whatever newer
@@ -19,7 +20,6 @@ data files' CRCs, `bf16jax.checkpoint.integrity`), committed together by Orbax. 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -154,6 +154,7 @@ class Checkpointer:
         )
         self._good: set[int] = set()  # verified (read back or restored), finite and healthy
         self._pending: tuple[int, dict] | None = None  # a save not yet settled, its manifest
+        self._interrupted = False  # a wait for a save was interrupted (KeyboardInterrupt)
 
     @classmethod
     def from_config(cls, ckpt_cfg: Any, directory: str | epath.PathLike) -> Checkpointer:
@@ -204,23 +205,14 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def manifest(self, step: int) -> dict | None:
-        """The checksums manifest of `step`, or None for a checkpoint written without one.
+    def manifest(self, step: int) -> dict:
+        """The checksums manifest of `step`, checked field by field (`integrity.read_manifest`).
 
         Raises:
-          CheckpointDamaged: the manifest exists but cannot be read.
+          CheckpointDamaged: the manifest is missing (every checkpoint this library writes has
+            one, committed with the arrays), cannot be read, or lacks a field.
         """
-        path = self._step_dir(step) / _MANIFEST / "metadata"
-        if not (self._step_dir(step) / _MANIFEST).exists():
-            return None
-        try:
-            manifest = json.loads(path.read_text())
-            if manifest.get("format") != integrity.MANIFEST_FORMAT or "leaves" not in manifest:
-                raise ValueError(f"unknown manifest format {manifest.get('format')!r}")
-            return manifest
-        except Exception as e:  # noqa: BLE001 - any failure to read it is damage
-            where = self._step_dir(step)
-            raise CheckpointDamaged(step, where, f"manifest: {first_line(e)}") from e
+        return integrity.read_manifest(step, self._step_dir(step) / _MANIFEST)
 
     # ------------------------------------------------------------------------- save
     def should_save(self, step: int) -> bool:
@@ -286,12 +278,27 @@ class Checkpointer:
 
     def _settle(self) -> None:
         """Waits for the pending save, verifies it (`verify_saves`), applies retention."""
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except BaseException:
+            # A second SIGINT in the wait: Orbax's thread goes on writing, and a later wait may
+            # return before it commits. That save is unsettled, not failed.
+            self._interrupted = True
+            raise
         if self._pending is None:
             return
         step, manifest = self._pending
         self._pending = None
         if not (self._step_dir(step) / _COMMITTED).exists():
+            if self._interrupted:
+                log.warning(
+                    "Checkpoint step %d in %s was still being written when interrupted: not "
+                    "verified now. The next run verifies it (resumes from it once committed, "
+                    "else sets it aside as unfinished).",
+                    step,
+                    self.directory,
+                )
+                return
             log.error("Checkpoint step %d in %s did not commit.", step, self.directory)
             return
         reason = ""
@@ -471,15 +478,7 @@ class Checkpointer:
         wanted = {integrity.leaf_path(p): leaf for p, leaf in flat}
         manifest = self.manifest(step)
         saved_tree, saved = self._saved_leaves(step)
-        if manifest is not None:
-            integrity.check_metadata(step, self._step_dir(step), saved, manifest)
-        else:
-            log.warning(
-                "Checkpoint step %d in %s has no checksums (written by an older "
-                "bf16jax): restored unverified.",
-                step,
-                self.directory,
-            )
+        integrity.check_metadata(step, self._step_dir(step), saved, manifest)
         self._check_target(step, saved, wanted, partial)
 
         def stored(leaf, meta):  # read as saved; cast after verification
@@ -504,8 +503,7 @@ class Checkpointer:
                     f"{self._step_dir(step)} has no data-iterator state (saved without one): "
                     "pass data_iterator=None to restore the state only."
                 )
-            if manifest is not None:
-                integrity.check_data_file(step, self._step_dir(step), manifest)
+            integrity.check_data_file(step, self._step_dir(step), manifest)
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))[_STATE]
@@ -513,9 +511,8 @@ class Checkpointer:
             raise CheckpointDamaged(step, self._step_dir(step), first_line(e)) from e
         by_path = integrity.flat_leaves(restored)
         integrity.check_read_back(step, self._step_dir(step), by_path, as_saved)
-        if manifest is not None:
-            mine = {p: by_path[p] for p in wanted}  # a partial restore leaves placeholders
-            integrity.verify(step, self._step_dir(step), mine, manifest)
+        mine = {p: by_path[p] for p in wanted}  # a partial restore leaves placeholders
+        integrity.verify(step, self._step_dir(step), mine, manifest)
         leaves = []
         for p, leaf in flat:
             value = by_path[integrity.leaf_path(p)]
@@ -544,7 +541,7 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 manifest = self.manifest(step)
-                if manifest is not None and not manifest["finite"]:
+                if not manifest["finite"]:
                     raise CheckpointDamaged(
                         step, self._step_dir(step), "it holds Inf/NaN values", kind="non-finite"
                     )
@@ -554,7 +551,7 @@ class Checkpointer:
                 log.error("%s.", e)
                 bad.append(e)
                 continue
-            if manifest is not None and manifest["finite"] and manifest.get("healthy", True):
+            if manifest["finite"] and manifest.get("healthy", True):
                 self._good.add(step)
             for e in bad:
                 dest = self._set_aside(str(e.step), e.kind)

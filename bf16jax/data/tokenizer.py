@@ -235,6 +235,12 @@ def load_tokenizer(spec: str = "") -> Tokenizer:
     """
     if not spec:
         return ByteTokenizer()
+    if "://" not in spec and not os.path.exists(spec):
+        raise FileNotFoundError(
+            f"config.data.tokenizer={spec} does not exist: pass a directory holding spiece.model "
+            "or tokenizer.json (e.g. a `bf16jax.convert import` output), or leave it empty for "
+            "bytes."
+        )
     if os.path.isdir(spec):
         for name, make in (("spiece.model", _sentencepiece), ("tokenizer.json", BPETokenizer)):
             path = os.path.join(spec, name)

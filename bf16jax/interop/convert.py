@@ -269,7 +269,20 @@ def export_hf(
     for name in SIDE_FILES:
         if os.path.isfile(os.path.join(src_dir, name)):
             shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    if model_cfg["name"] == "t5":
+        _write_readable_config(out_dir)
     log.info("Exported %s to %s", checkpoint or src_dir, out_dir)
+
+
+def _write_readable_config(out_dir: str) -> None:
+    """Rewrites a transformers-5-form T5 config.json in the form the installed transformers
+    reads (`hf.t5_config_for_transformers`; the 4.x form when transformers is absent)."""
+    path = os.path.join(out_dir, "config.json")
+    cfg = hf.read_json(path)
+    readable = hf.t5_config_for_transformers(cfg, hf.installed_transformers())
+    if readable != cfg:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(readable, indent=2, sort_keys=True) + "\n")  # as save_pretrained
 
 
 # ----------------------------------------------------------------------------- init_from
@@ -283,6 +296,11 @@ def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.Confi
     source = config.get("init_from", "")
     if not source:
         return config
+    if not os.path.isdir(source):
+        raise FileNotFoundError(
+            f"config.init_from={source} does not exist or is not a directory: pass the output "
+            "directory of `python -m bf16jax.convert import HF_DIR OUT_DIR`."
+        )
     manifest = load_manifest(source)
     pretrained = manifest["model"]
     if pretrained["name"] != config.model.name:

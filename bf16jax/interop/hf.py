@@ -4,7 +4,8 @@ What `bf16jax.interop.convert` needs to read and write a `transformers` model di
 torch:
 `model_config_from_hf(hf_config)` maps a GPT-2 or T5 (v1.0, v1.1 / FLAN-T5, mT5) `config.json`
 to a bf16jax `config.model` and refuses anything bf16jax would compute differently, naming the
-field and its value. `tensor_map(model_cfg, prefix)` lists every HF tensor with the bf16jax
+field and its value; T5 configs in transformers 4.x's and 5.x's forms (`t5_head_is_tied`).
+`tensor_map(model_cfg, prefix)` lists every HF tensor with the bf16jax
 param path(s) it holds and how (copy, transpose, or GPT-2's fused q|k|v split along its last
 axis); each transform is exact, so import -> export is lossless. `read_safetensors` reads a
 single `model.safetensors` or a sharded `model.safetensors.index.json` (numpy + ml_dtypes, no
@@ -27,6 +28,9 @@ __all__ = [
     "tensor_map",
     "gpt2_prefix",
     "read_json",
+    "t5_head_is_tied",
+    "t5_config_for_transformers",
+    "installed_transformers",
     "read_safetensors",
     "write_safetensors",
     "SINGLE_FILE",
@@ -129,14 +133,7 @@ def _t5_config(cfg: Mapping) -> dict[str, Any]:
     _expect(cfg, "is_encoder_decoder", True, True, "bf16jax's T5 is an encoder-decoder")
     _expect(cfg, "pad_token_id", 0, 0, "bf16jax's T5 pads and masks with id 0")
     _expect(cfg, "decoder_start_token_id", 0, 0, "bf16jax's T5 starts decoding with id 0")
-    tied = bool(_get(cfg, "tie_word_embeddings", True))
-    scaled = _get(cfg, "scale_decoder_outputs", tied)  # transformers 5 spells the rescale so
-    if scaled != tied:
-        raise _refuse(
-            "scale_decoder_outputs",
-            scaled,
-            f"bf16jax rescales exactly when the head is tied (tie_word_embeddings={tied})",
-        )
+    tied = t5_head_is_tied(cfg)
     layers = int(_get(cfg, "num_layers", required=True))
     rate = float(_get(cfg, "dropout_rate", 0.1))
     return dict(
@@ -157,6 +154,67 @@ def _t5_config(cfg: Mapping) -> dict[str, Any]:
         attention_dropout_rate=rate,
         mlp_dropout_rate=rate,
     )
+
+
+def t5_head_is_tied(cfg: Mapping) -> bool:
+    """Whether a T5 config.json's LM head is the shared embedding (rescaled by d_model^-0.5).
+
+    transformers 4.x says it with `tie_word_embeddings` alone (v1.0: true; v1.1 / FLAN-T5:
+    false). transformers 5 writes `scale_decoder_outputs` for the head's meaning and
+    `tie_word_embeddings: true` (the input embeddings' tie) for FLAN-T5 too; it reads a config
+    without `scale_decoder_outputs` the 4.x way. A tied, unscaled head (or the reverse) is not
+    a T5 bf16jax can build: refused.
+    """
+    tie_flag = bool(_get(cfg, "tie_word_embeddings", True))
+    if "scale_decoder_outputs" not in cfg:  # the 4.x form
+        return tie_flag
+    scaled = cfg["scale_decoder_outputs"]
+    if not isinstance(scaled, bool):
+        raise _refuse("scale_decoder_outputs", scaled, "a JSON true or false")
+    if scaled and not tie_flag:
+        raise _refuse(
+            "scale_decoder_outputs",
+            scaled,
+            "with tie_word_embeddings=False the head is its own matrix, and bf16jax rescales "
+            "the decoder output exactly when the head is the shared embedding",
+        )
+    return scaled
+
+
+def t5_config_for_transformers(cfg: Mapping, installed: str | None) -> dict[str, Any]:
+    """`cfg` (a T5 config.json) in the form the installed transformers reads as the same model.
+
+    The 4.x form (`tie_word_embeddings` = whether the head is tied, no `scale_decoder_outputs`)
+    is read correctly by transformers 4.x and 5.x; the 5.x form (FLAN-T5 with
+    `tie_word_embeddings: true`) would make 4.x tie the head. So a 5.x-form config is kept only
+    when transformers >= 5 is installed (`installed`: its version, None when absent).
+    """
+    cfg = dict(cfg)
+    tied = t5_head_is_tied(cfg)
+    if "scale_decoder_outputs" not in cfg or _major(installed) >= 5:
+        return cfg
+    if bool(cfg.get("tie_word_embeddings", True)) == tied:
+        return cfg  # T5 v1.0's 5.x form: 4.x reads the tie flag alike, ignores the other key
+    cfg["tie_word_embeddings"] = tied
+    cfg.pop("scale_decoder_outputs")
+    return cfg
+
+
+def _major(version: str | None) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0  # not installed (None) or unparsable: write the form every version reads
+
+
+def installed_transformers() -> str | None:
+    """The installed transformers' version (package metadata; nothing is imported), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 # ----------------------------------------------------------------------------- tensor names

@@ -254,7 +254,8 @@ def fused_cross_entropy(
       targets: [...] integer ids in [0, V); any value where the weight is 0 (e.g. -100). Ids
         outside [0, V) with a positive weight: ValueError when concrete, else NaN loss and
         gradients and `aux["invalid_targets"]` > 0 (as `cross_entropy`).
-      weights: [...] non-negative weights; ones if None (see `cross_entropy`).
+      weights: [...] non-negative weights; ones if None (see `cross_entropy`). Differentiable:
+        their gradient is the materialised loss's, (term_i - loss) / sum(weights).
       z_loss: coefficient of the mean log(Z)^2 term.
       grad_scale: the factor the caller multiplies the loss by before differentiating (the
         loss scale). The logits' gradient is scaled by it before it is cast to the compute
@@ -355,6 +356,8 @@ def _fused_scan(h, kernel, bias, targets, weights, scale, st: _Static, grads: bo
         sums = (*weighted, sums[4] + jnp.sum(invalid, dtype=_F32))
         if not grads:
             return (sums, dw, db), None
+        # Each token's term of the loss's numerator: d loss / d w_i needs it (`_fused_bwd`).
+        term = nll + st.z_loss * jnp.square(log_z) if st.z_loss else nll  # [B, c]
         # d(scale * loss)/dlogits = scale * w / denom * (softmax * (1 + 2 z log_z) - onehot)
         probs = jnp.exp(logits - log_z[..., None])
         if st.z_loss:
@@ -375,19 +378,24 @@ def _fused_scan(h, kernel, bias, targets, weights, scale, st: _Static, grads: bo
             dw = dw + matmul.accumulating_dot(hc, g, tok, acc)
         if db is not None:
             db = db + jnp.sum(dlogits, axis=(0, 1))
-        return (sums, dw, db), constrain_batch(dh)
+        return (sums, dw, db), (constrain_batch(dh), term)
 
     n = st.num_chunks
     zero = jnp.zeros([], _F32)
     dw0 = jnp.zeros(kernel.shape, acc) if grads else None
     db0 = jnp.zeros(bias.shape, _F32) if grads and bias is not None else None
     xs = (_chunks(h, n), _chunks(targets, n), _chunks(weights, n))
-    (sums, dw, db), dh = jax.lax.scan(body, ((zero,) * 5, dw0, db0), xs)
+    (sums, dw, db), ys = jax.lax.scan(body, ((zero,) * 5, dw0, db0), xs)
     nll, z2, correct, abs_z = (s / denom for s in sums[:4])
     loss = nll + jnp.float32(st.z_loss) * z2 if st.z_loss else nll
     aux = {"nll": nll, "z_loss": z2, "accuracy": correct, "log_z": abs_z,
            "weight_sum": weight_sum, "invalid_targets": sums[4]}  # fmt: skip
-    return (loss, aux), (None if dh is None else _unchunk(dh), dw, db)
+    if ys is None:
+        return (loss, aux), (None, dw, db, None)
+    # loss = sum_i w_i term_i / W with W = sum_i w_i (when > 0, else 1, a constant):
+    # d loss / d w_i = (term_i - loss [W > 0]) / W, as autodiff of `cross_entropy` gives.
+    dweights = (_unchunk(ys[1]) - jnp.where(weight_sum > 0, loss, 0.0)) / denom  # [B, T]
+    return (loss, aux), (_unchunk(ys[0]), dw, db, dweights)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -396,20 +404,21 @@ def _fused(h, kernel, bias, targets, weights, scale, st: _Static):
 
 
 def _fused_fwd(h, kernel, bias, targets, weights, scale, st: _Static):
-    out, (dh, dw, db) = _fused_scan(h, kernel, bias, targets, weights, scale, st, grads=True)
+    out, grads = _fused_scan(h, kernel, bias, targets, weights, scale, st, grads=True)
     like = (jnp.zeros((), kernel.dtype), None if bias is None else jnp.zeros((), bias.dtype))
-    return out, (dh, dw, db, scale, like)
+    return out, (*grads, scale, like)
 
 
 def _fused_bwd(st: _Static, res, cts):
-    dh, dw, db, scale, (like_kernel, like_bias) = res
-    # The gradients were taken for a cotangent of `scale`; the aux outputs are not
-    # differentiable (their cotangents are ignored).
-    ratio = cts[0].astype(_F32) / scale
+    dh, dw, db, dweights, scale, (like_kernel, like_bias) = res
+    # The gradients were taken for a cotangent of `scale` (the weights' for 1); the aux outputs
+    # are not differentiable (their cotangents are ignored).
+    ct = cts[0].astype(_F32)
+    ratio = ct / scale
     dh = (dh.astype(_F32) * ratio).astype(dh.dtype)
     dw = (dw * ratio).astype(like_kernel.dtype)
     db = None if db is None else (db * ratio).astype(like_bias.dtype)
-    return dh, dw, db, None, None, None
+    return dh, dw, db, None, dweights * ct, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

@@ -12,7 +12,8 @@
 - `split_master` / `join_master` / `split_add`: an FP32 master weight stored as two 16-bit
   halves, the BF16 param (round-to-nearest of the master, what the forward reads) and the int16
   difference of the two bit patterns. The FP32 master is rebuilt bit for bit, so w + u is the
-  FP32 sum, exactly as with an FP32 master copy, at 2 + 2 bytes per param.
+  FP32 sum, exactly as with an FP32 master copy, at 2 + 2 bytes per param (XLA's FP32 add
+  flushes subnormal operands and sums to zero, for both).
 - Diagnostics that catch silent precision loss: update swamping (nonzero update, unchanged
   weight) per parameter group, weight decay below half an ulp, gradient zero / subnormal /
   non-finite fractions.
@@ -148,8 +149,12 @@ def join_master(w: jax.Array, lo: jax.Array) -> jax.Array:
 
 
 def split_add(w: jax.Array, u: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(w, lo) + u with FP32 master arithmetic: split(join(w, lo) + u). Exact as an FP32 master:
-    the result is the FP32 round-to-nearest of master + u, whatever the size of u."""
+    """(w, lo) + u with FP32 master arithmetic: split(join(w, lo) + u), exactly an FP32 master
+    copy updated under XLA: the result is the FP32 round-to-nearest of master + u whatever the
+    size of u, for normal FP32 values (|x| >= 2^-126 ~ 1.18e-38) and zeros. Subnormals are
+    flushed to zero, as XLA's FP32 add flushes them on CPU (1e-40 + 1e-41 -> 0, where numpy
+    gives 1.1e-40; tests/test_update_rules.py), so "bit for bit against numpy" holds for
+    normal values only."""
     return split_master(join_master(w, lo) + u.astype(_F32))
 
 

@@ -561,20 +561,26 @@ def _main() -> None:
     parser = argparse.ArgumentParser(description="Run a bf16jax artifact with JAX alone.")
     parser.add_argument("artifact", help="the artifact directory")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument(
+        "--max_tokens",
+        type=int,
+        default=None,
+        help="new tokens per prompt at most (default: min(64, the context))",
+    )
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args()
     try:
         art = Artifact(args.artifact)
-    except ValueError as e:  # IntegrityError included: one line naming the file, exit 2
+        print(json.dumps({"family": art.family, "precision": art.manifest["precision"],
+                          "source": art.manifest["source"]}))  # fmt: skip
+        if args.prompt:
+            out = art.generate(args.prompt, max_tokens=args.max_tokens,
+                               temperature=args.temperature)  # fmt: skip
+            for row in out:
+                print(json.dumps(row))
+    except (ValueError, OSError) as e:  # IntegrityError included: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(json.dumps({"family": art.family, "precision": art.manifest["precision"],
-                      "source": art.manifest["source"]}))  # fmt: skip
-    if args.prompt:
-        out = art.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature)
-        for row in out:
-            print(json.dumps(row))
+        sys.exit(2)
 
 
 if __name__ == "__main__":

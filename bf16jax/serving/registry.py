@@ -12,11 +12,14 @@ a
 version and the active one), `list`, `rollback [--to=vNNNN]`. Invariants:
 
 - atomic on a local file system: a version directory is copied under a temporary name and
-  renamed into place; `registry.json` is replaced with `os.replace` after an fsync; writers
-  hold an exclusive `flock` on `.lock`, so concurrent promotes / rollbacks serialize;
+  renamed into place (a killed writer's temporaries are removed by the next one, under the
+  lock); `registry.json` is replaced with `os.replace` after an fsync; writers hold an
+  exclusive `flock` on `.lock`, so concurrent promotes / rollbacks serialize;
 - every version records its source: the artifact path it was promoted from, the manifest's
   sha256 (checked again whenever a server loads it), the run (workdir, step, git revision),
   its precision and the gate report's checks;
+- only `init` creates a registry: promote / rollback on a directory that is not one refuse
+  before creating anything;
 - a failed gate changes nothing but the `rejected` log; rollback only activates versions that
   exist; the reference is never a version.
 """
@@ -27,6 +30,7 @@ import contextlib
 import datetime
 import fcntl
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -40,6 +44,8 @@ FORMAT = "bf16jax-registry/1"
 _STATE = "registry.json"
 _REFERENCE = "reference"
 _VERSIONS = "versions"
+
+log = logging.getLogger(__name__)
 
 
 class GateFailed(RuntimeError):
@@ -104,14 +110,39 @@ class Registry:
         _fsync_dir(self.directory)
 
     @contextlib.contextmanager
-    def _locked(self):
+    def _locked(self, create: bool = False):
+        """The writers' exclusive lock. Only `init` (create=True) may create the directory: any
+        other writer first checks that it is a registry, so nothing is made where it is not.
+        Holding the lock, it removes the temporaries a killed writer left (`_clean_stale`)."""
+        if not create:
+            self.state()  # raises, naming the directory, before anything is created
         os.makedirs(self.directory, exist_ok=True)
         with open(os.path.join(self.directory, ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                self._clean_stale()
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _clean_stale(self) -> list[str]:
+        """Removes `.tmp-*` copies and `registry.json.tmp-*` files (call with the lock held: no
+        writer is running, so each is what a killed promote / init left); returns them."""
+        stale = []
+        for where in (self.directory, os.path.join(self.directory, _VERSIONS)):
+            if not os.path.isdir(where):
+                continue
+            for name in sorted(os.listdir(where)):
+                if name.startswith(".tmp-") or name.startswith(f"{_STATE}.tmp-"):
+                    path = os.path.join(where, name)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)
+                    stale.append(path)
+        for path in stale:
+            log.warning("Registry: removed %s, left by an interrupted write.", path)
+        return stale
 
     def _copy_in(self, source: str, dest: str) -> str:
         """Verifies `source` and copies it to `dest` atomically; returns the manifest digest."""
@@ -131,7 +162,7 @@ class Registry:
     # ----------------------------------------------------------------- operations
     def init(self, reference: str) -> dict[str, Any]:
         """Creates the registry with `reference` (an fp32 artifact) as the gate's reference."""
-        with self._locked():
+        with self._locked(create=True):
             if os.path.exists(self.state_path):
                 raise ValueError(f"{self.directory} is already a registry: nothing changed.")
             manifest = artifact_lib.verify(reference)

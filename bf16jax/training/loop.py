@@ -475,13 +475,17 @@ def _fmt(value) -> str:
 
 
 def sample_text(trainer: Trainer, state: TrainState, num_tokens: int, prompt: str = "And ") -> str:
-    """Samples `num_tokens` bytes (temperature 0.8) from a GPT after `prompt`; returns the text."""
+    """Samples `num_tokens` tokens (temperature 0.8) from a GPT after `prompt`, encoded and
+    decoded with the run's tokenizer (`config.data.tokenizer`: bytes, or a pretrained one);
+    returns the text."""
+    from bf16jax.data.tokenizer import load_tokenizer
     from bf16jax.models.gpt import generate
 
+    tokenizer = load_tokenizer(trainer.config.data.get("tokenizer", "") or "")
     model = trainer.host_model(state)
-    ids = np.asarray(data_lib.encode(prompt), np.int32)
+    ids = np.asarray(tokenizer.encode(prompt), np.int32)
     key = jax.random.fold_in(jax.random.key(trainer.config.seed), 0x5A)
-    out = generate(
-        model, ids, num_tokens, key=key, temperature=0.8, vocab_limit=data_lib.VOCAB_SIZE
-    )
-    return data_lib.decode(out)
+    # why: a model's table may be padded past the tokenizer's ids (FLAN-T5's 32128 rows).
+    limit = min(int(tokenizer.vocab_size), int(trainer.config.model.vocab_size))
+    out = generate(model, ids, num_tokens, key=key, temperature=0.8, vocab_limit=limit)
+    return tokenizer.decode(out)

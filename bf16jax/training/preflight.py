@@ -3,9 +3,9 @@
 Everything a run would otherwise discover late is checked here: the train, eval and drift
 batches split evenly over the processes and the batch mesh axes (data * fsdp), the eval split
 holds at least one eval batch (else the first evaluation, after all training, would fail), the
-model's vocabulary covers every id the data can produce (else the loss is NaN and every step is
-skipped), and an image model matches the images. Each failure is a ValueError naming the key
-and the fix.
+model's vocabulary covers every id the data can produce, with the bytes or a pretrained
+`data.tokenizer` (else the loss is NaN and every step is skipped), and an image model matches
+the images. Each failure is a ValueError naming the key and the fix.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import ml_collections
 
 from bf16jax.data import datasets as data_lib
 from bf16jax.data.span_corruption import random_spans_helper, span_counts
+from bf16jax.data.tokenizer import load_tokenizer
 from bf16jax.parallel.sharding import BATCH_AXES
 
 __all__ = ["check_data", "vocab_needed"]
@@ -24,8 +25,23 @@ def vocab_needed(data_cfg) -> int | None:
     """The smallest model vocabulary that covers every token id the data yields (None: no
     token ids, i.e. images)."""
     name = data_cfg.name
-    if data_cfg.get("tokenizer"):
-        return None  # a pretrained tokenizer's ids: the imported model's vocabulary covers them
+    tokenizer = data_cfg.get("tokenizer", "") or ""
+    if tokenizer and name == "kjv_bytes":  # the encoded splits (cached: training reads them)
+        return int(max(data_lib.kjv_tokens(s, tokenizer).max() for s in data_lib.SPLITS)) + 1
+    if name == "kjv_continuation":
+        arrays = [
+            data_lib.continuation_examples(
+                s,
+                tokenizer,
+                str(data_cfg.get("prompt", "")),
+                int(data_cfg.enc_len),
+                int(data_cfg.dec_len),
+            )  # fmt: skip
+            for s in data_lib.SPLITS
+        ]
+        return 1 + max(int(a[k].max()) for a in arrays for k in ("encoder_inputs", "targets"))
+    if tokenizer:
+        return None  # kjv_span refuses a tokenizer itself (data.datasets)
     if name == "kjv_bytes":
         return int(max(data_lib.kjv_tokens(s).max() for s in data_lib.SPLITS)) + 1
     if name == "kjv_span":
@@ -64,10 +80,14 @@ def check_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> No
     )
     needed = vocab_needed(d)
     if needed is not None and m.name in ("gpt", "t5") and m.vocab_size < needed:
+        tokenizer = d.get("tokenizer", "") or ""
+        source = f"data.tokenizer={tokenizer}" if tokenizer else f"data.name={d.name!r}"
+        size = load_tokenizer(tokenizer).vocab_size
         raise ValueError(
-            f"config.model.vocab_size={m.vocab_size} is too small for data.name={d.name!r}, "
+            f"config.model.vocab_size={m.vocab_size} is too small for {source}, "
             f"whose token ids reach {needed - 1}: set model.vocab_size >= {needed} "
-            f"(the tokenizer's is {data_lib.VOCAB_SIZE})."
+            f"(the tokenizer's is {size}), or start from the tokenizer's model with "
+            "config.init_from."
         )
     if m.name == "vit" and d.name in ("digits", "synthetic_images"):
         shape = data_lib.example_spec(d)["image"][0]

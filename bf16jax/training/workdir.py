@@ -22,7 +22,7 @@ import jax
 
 from bf16jax import config as config_lib
 
-__all__ = ["CONFIG_FILE", "check_workdir", "check_config_change", "write_config"]
+__all__ = ["CONFIG_FILE", "check_workdir", "check_config_change", "write_config", "read_config"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,19 @@ def _is_url(path: str) -> bool:
 
 
 def check_workdir(workdir: str) -> None:
-    """Refuses a workdir that is a file or cannot be written (before anything is written)."""
+    """Refuses a workdir that is empty, not UTF-8, a file or cannot be written (before anything
+    is written)."""
+    if not workdir:
+        raise ValueError("--workdir is empty: pass a directory (it is created), e.g. runs/NAME.")
+    try:
+        os.path.abspath(workdir).encode("utf-8")
+    except UnicodeEncodeError:
+        # why: Orbax / TensorStore paths are UTF-8; such a run would crash at its first save.
+        shown = os.path.abspath(workdir).encode("utf-8", "backslashreplace").decode()
+        raise ValueError(
+            f"--workdir={shown} is not valid UTF-8 (checkpoint paths must be): rename it, or "
+            "pass another --workdir."
+        ) from None
     if _is_url(workdir):
         return  # object stores: permissions show at the first write
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -156,3 +168,25 @@ def write_config(config, workdir: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def read_config(workdir: str):
+    """The resolved config a run in `workdir` started with (its config.json), locked.
+
+    Raises:
+      ValueError: `workdir` has no config.json, or it cannot be read.
+    """
+    import ml_collections
+
+    saved = _read_saved(workdir)
+    if saved is None:
+        raise ValueError(
+            f"{_config_path(workdir)} not found: pass the --workdir of a training run, or "
+            "--config=configs/NAME.py with the run's overrides."
+        )
+    mesh = saved.get("mesh")
+    if isinstance(mesh, dict) and isinstance(mesh.get("rules"), list):  # JSON has no tuples
+        mesh["rules"] = tuple(tuple(r) for r in mesh["rules"])
+    config = ml_collections.ConfigDict(saved)
+    config.lock()
+    return config

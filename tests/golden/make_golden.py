@@ -12,7 +12,13 @@ plus the reference outputs of `transformers` for fixed inputs:
   `tie_word_embeddings: false`, vocabulary padded past the tokenizer's as FLAN-T5's 32128), with
   a tiny SentencePiece `spiece.model` (the `sentencepiece` package) + 100 extra ids.
 - `t5_v1_0/`: T5 v1.0 (ReLU, tied head with the d_model**-0.5 rescale), saved as a sharded
-  `model.safetensors.index.json`.
+  `model.safetensors.index.json`; its config.json is transformers 5's form
+  (`scale_decoder_outputs: true`).
+- `t5_v1_1/config.transformers5.json`: the same FLAN-T5-shaped config in transformers 5's form
+  (`tie_word_embeddings: true`, `scale_decoder_outputs: false`), config.json the 4.x form. The
+  committed file was made by hand from config.json (those two fields changed, nothing else,
+  following transformers 5's t5_v1_0/config.json); rerunning this script replaces it with
+  transformers' own output.
 
 Every parameter gets random values away from its init (norm gains not 1, biases not 0), so a
 swapped or transposed tensor shows. `reference.npz` holds the inputs and the FP32 logits of the
@@ -167,8 +173,14 @@ def t5(name: str, *, gated: bool, tied: bool, shard: bool) -> None:
     randomize(model, 0.05)
     model.save_pretrained(out, max_shard_size="20KB" if shard else "5GB")
     if not tied:
-        # Keep FLAN-T5's config.json semantics: an untied, unscaled head.
-        cfg = json.loads((out / "config.json").read_text())
+        # transformers 5's own form (`tie_word_embeddings: true`, `scale_decoder_outputs:
+        # false`) is kept as config.transformers5.json; config.json gets the 4.x form, which
+        # every transformers reads as an untied, unscaled head (FLAN-T5's published files).
+        raw = json.loads((out / "config.json").read_text())
+        (out / "config.transformers5.json").write_text(
+            json.dumps(raw, indent=2, sort_keys=True) + "\n"
+        )
+        cfg = dict(raw)
         cfg["tie_word_embeddings"] = False
         cfg.pop("scale_decoder_outputs", None)
         (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
