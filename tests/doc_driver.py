@@ -99,7 +99,8 @@ def _probe(url: str, proc: subprocess.Popen, timeout_s: float) -> tuple[int, str
 
 def run_step(step: dict, baseline: set[str]) -> dict:
     argv, env = step["argv"], step.get("env") or {}
-    os.environ.update(env)
+    saved_env = dict(os.environ)
+    os.environ.update(env)  # this step's own (`NAME=value command`); restored after it
     start = time.perf_counter()
     out, err = _Capture(), _Capture()
     if step.get("background"):
@@ -134,6 +135,8 @@ def run_step(step: dict, baseline: set[str]) -> dict:
         code = proc.returncode
         out.write(proc.stdout)
         err.write(proc.stderr)
+    os.environ.clear()
+    os.environ.update(saved_env)
     return {
         "where": step["where"],
         "argv": argv,

@@ -81,13 +81,18 @@ RULES = [
     Rule(r"^make test\b", "skip", "the suite running this test (`make test`, `bash .ci/run`)"),
     Rule(r"^bash \.ci/run", "skip", "`make test` on a fresh clone: the suite running this test"),
     Rule(r"^make setup\b", "skip", "made the venv this suite runs in (CI: .ci/run)"),
+    Rule(r"^make aot-tpu-compare\b", "skip", "needs the TPU venv (.venv-tpu: libtpu, jax[tpu])"),
     Rule(r"^make aot-tpu", "covered", test="tests/test_aot.py", marker="aot_tpu"),
     Rule(r"^make (demo|lint)\b", "run", "the Makefile recipe, run as written"),
     Rule(r"pip install", "pip", "dry run: the requirement resolves and its extras exist"),
     Rule(r"^\.venv/bin/python -c ", "run"),
     Rule(r"tensorboard --logdir", "run", "as `tensorboard --inspect` (no server)"),
-    Rule(r"^huggingface-cli download", "run", "offline: copies the golden FLAN-T5 stand-in"),
-    Rule(r"^(\S*python) -m bf16jax\.(main|convert|export)\s*$", "run", "a mention: importable"),
+    Rule(r"^hf download", "run", "offline: copies the golden FLAN-T5 stand-in"),
+    Rule(
+        r"^(\S*python) -m bf16jax\.(main|convert|export|generate)\s*$",
+        "run",
+        "a mention: importable",
+    ),
     Rule(r"bf16jax\.convert (import|export)", "run"),
     Rule(r"bf16jax\.main .*configs/flan_t5_small_ft\.py", "run", extra=FLAN_SHRINK, steps=2),
     Rule(r"bf16jax\.main ", "run"),
@@ -106,6 +111,27 @@ RULES = [
     Rule(r"bf16jax\.registry .* rollback", "run", "nothing earlier to go back to", codes=(0, 2)),
     Rule(r"bf16jax\.registry ", "run"),
     Rule(r"bf16jax\.serve --registry", "run", background="/healthz"),
+    Rule(
+        r"^BF16JAX_API_KEY=\S+ python -m bf16jax\.serve --artifact",
+        "run",
+        "in the background with its key; answers /healthz once warm",
+        background="/healthz",
+    ),
+    Rule(
+        r"^curl .*localhost:8000/v1/",
+        "covered",
+        "the server is stopped once it answers: the openai client drives the same routes",
+        test="tests/test_serving_api.py",
+        marker="/v1/completions",
+    ),
+    Rule(
+        r"experiments/serving_bench\.py",
+        "covered",
+        test="tests/test_serving_api.py",
+        marker="serving_bench",
+    ),  # fmt: skip
+    Rule(r"^python -m pytest .*tests/test_packing\.py", "skip", "this suite runs it (`make test`)"),
+    Rule(r"^\.venv-tpu/bin/python ", "skip", "needs the TPU venv (.venv-tpu: libtpu, jax[tpu])"),
     Rule(r"^python -m bf16jax\.serve$", "run", "a mention: importable"),
     Rule(r"ARTIFACT/loader\.py", "covered", test="tests/test_serving.py", marker="loader.py"),
     Rule(
@@ -159,6 +185,13 @@ RULES = [
         "skip",
         "a live-reload server; tests/test_docs_site.py builds the same site",
     ),
+    Rule(
+        r"^```python\nimport openai\b",
+        "covered",
+        "needs the served artifact; the test runs this client against the same routes",
+        test="tests/test_serving_api.py",
+        marker="openai.AsyncOpenAI",
+    ),
     Rule(r"^```python", "python"),
 ]
 
@@ -169,7 +202,7 @@ def _code(text: str) -> str:
 
 
 def _rule_for(snippet: Snippet) -> Rule:
-    text = "```python" if snippet.kind == "python" else _code(snippet.text)
+    text = f"```python\n{snippet.text}" if snippet.kind == "python" else _code(snippet.text)
     hits = [r for r in RULES if re.search(r.pattern, text)]
     assert hits, f"{snippet.where}: no rule for {text!r}: add one to tests/test_docs.py"
     return hits[0]
@@ -357,7 +390,12 @@ def _plan(found: list[Snippet], root: Path) -> list[dict]:
             env[m.group(1)] = _shell_words(m.group(2))[0]
             continue
         argv = _shell_words(text, env)
+        prefix = {}  # `NAME=value command`: the command's own environment
+        while argv and re.match(r"^[A-Z]\w*=", argv[0]):
+            name, value = argv.pop(0).split("=", 1)
+            prefix[name] = value
         for step in _steps(argv, rule, root, snippet):
+            step = {**step, "env": prefix} if prefix else step
             # a server's free port differs per step: the same documented server is one step
             key = json.dumps([re.sub(r"^--port=\d+$", "--port", a) for a in step["argv"]])
             if key not in seen:  # `make demo` and its command line: one run
@@ -378,7 +416,7 @@ def _fill_placeholders(text: str) -> str:
 def _steps(argv: list[str], rule: Rule, root: Path, snippet: Snippet) -> list[dict]:
     if argv[0] == "make":
         return [s for cmd in _make_recipe(argv[1]) for s in _steps(cmd, rule, root, snippet)]
-    if argv[0] == "huggingface-cli":
+    if argv[0] == "hf":
         target = root / argv[argv.index("--local-dir") + 1]
         shutil.copytree(GOLDEN_T5, target, dirs_exist_ok=True)  # README and the guide: one copy
         return []
