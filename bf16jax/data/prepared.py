@@ -1,0 +1,304 @@
+"""The prepared-dataset format on disk (what `python -m bf16jax.prepare` writes) and its
+verified loading.
+
+A dataset directory holds, for each of its n parts (one per `--part_index`, n = `--num_parts`):
+  part-IIIII-of-NNNNN.json         the part's manifest (canonical JSON: sorted keys, no spaces)
+  part-IIIII-of-NNNNN.json.sha256  sha256 of the manifest's bytes (its absence is damage)
+  SPLIT-IIIII-KKKKK.FIELD.bin      shard K's tokens of FIELD, flat little-endian uint16 when every
+                                   id of the part fits, else uint32 (the manifest says which)
+  SPLIT-IIIII-KKKKK.FIELD.idx      its document offsets, int64 [documents + 1]
+  tokenizer/                       a copy of the tokenizer's files (empty for bytes)
+Every manifest records the format version, the settings every part must share (tokenizer and
+its files' sha256, fields, split rule, the full input list), and every shard file's size and
+sha256. `open_dataset` refuses (ValueError, one line) a missing part, a part from other
+settings, an unknown version, a manifest or shard whose bytes differ from their sha256.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "KINDS",
+    "FIELDS",
+    "canonical_json",
+    "manifest_name",
+    "write_manifest",
+    "shard_prefix",
+    "sha256_file",
+    "Shard",
+    "PreparedDataset",
+    "open_dataset",
+    "is_url",
+]
+
+FORMAT = "bf16jax-prepared"
+VERSION = 1
+# The dataset kinds and the fields each stores (in this order), and which end with EOS.
+KINDS = ("text", "text2text", "prompt_completion")
+FIELDS = {
+    "text": (("text", True),),
+    "text2text": (("input", True), ("target", True)),
+    "prompt_completion": (("prompt", False), ("completion", True)),
+}
+_PART = re.compile(r"^part-(\d{5})-of-(\d{5})\.json$")
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def manifest_name(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}.json"
+
+
+def shard_prefix(split: str, part: int, shard: int) -> str:
+    return f"{split}-{part:05d}-{shard:05d}"
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(directory: str, manifest: dict) -> str:
+    """Writes a part's manifest and its checksum (checksum first: a manifest that is present
+    always has one). Returns the manifest's path."""
+    part = manifest["part"]
+    path = os.path.join(directory, manifest_name(part["index"], part["count"]))
+    data = canonical_json(manifest)
+    _atomic_write(path + ".sha256", (hashlib.sha256(data).hexdigest() + "\n").encode())
+    _atomic_write(path, data)
+    return path
+
+
+# ----------------------------------------------------------------------------- reading
+def _read_bytes(path: str) -> bytes:
+    if is_url(path):
+        from etils import epath
+
+        return epath.Path(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _exists(path: str) -> bool:
+    if is_url(path):
+        from etils import epath
+
+        return epath.Path(path).exists()
+    return os.path.exists(path)
+
+
+def _list_parts(path: str) -> list[str]:
+    if is_url(path):
+        from etils import epath
+
+        return sorted(p.name for p in epath.Path(path).iterdir() if _PART.match(p.name))
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "part-*-of-*.json")))
+
+
+@functools.lru_cache(maxsize=256)
+def _verified_hash(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # the cache key: a rewritten file is hashed again
+    return sha256_file(path)
+
+
+def _check_file(path: str, want: dict, fix: str) -> None:
+    if is_url(path):
+        digest = hashlib.sha256(_read_bytes(path)).hexdigest()
+        size = None
+    else:
+        if not os.path.isfile(path):
+            raise ValueError(f"prepared dataset: {path} is missing ({fix}).")
+        st = os.stat(path)
+        size = st.st_size
+        if size != want["bytes"]:
+            raise ValueError(
+                f"prepared dataset: {path} has {size} bytes, its manifest says {want['bytes']} "
+                f"(truncated or replaced; {fix})."
+            )
+        digest = _verified_hash(path, st.st_size, st.st_mtime_ns)
+    if digest != want["sha256"]:
+        raise ValueError(
+            f"prepared dataset: {path} does not match its sha256 in the manifest (damaged; {fix})."
+        )
+
+
+class Shard:
+    """One shard of a split: per field, its tokens (memory-mapped) and document offsets."""
+
+    def __init__(self, directory: str, info: dict, fields: tuple[str, ...]):
+        self.name, self.documents = info["name"], int(info["documents"])
+        self.tokens: dict[str, np.ndarray] = {}
+        self.offsets: dict[str, np.ndarray] = {}
+        dtype = np.dtype(info["dtype"]).newbyteorder("<")
+        for field in fields:
+            tok_path = os.path.join(directory, f"{self.name}.{field}.bin")
+            idx_path = os.path.join(directory, f"{self.name}.{field}.idx")
+            self.tokens[field] = _load_array(tok_path, dtype)
+            self.offsets[field] = _load_array(idx_path, np.dtype("<i8"))
+
+    def __repr__(self) -> str:
+        return f"Shard({self.name!r}, documents={self.documents})"
+
+
+def _load_array(path: str, dtype: np.dtype) -> np.ndarray:
+    if is_url(path):  # object stores: read whole (memory = the shard's size)
+        return np.frombuffer(_read_bytes(path), dtype)
+    if os.path.getsize(path) == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class PreparedDataset:
+    """A verified prepared dataset: its manifests (one per part) and its shards by split."""
+
+    def __init__(self, path: str, manifests: list[dict], checksums: list[str]):
+        self.path, self.manifests = path, manifests
+        first = manifests[0]
+        self.kind: str = first["kind"]
+        self.fields: tuple[str, ...] = tuple(f for f, _ in FIELDS[self.kind])
+        self.tokenizer: dict = first["tokenizer"]
+        self.settings_sha256: str = first["settings_sha256"]
+        # One hash for the whole dataset: its manifests' checksums in part order.
+        self.meta_sha256 = hashlib.sha256("".join(checksums).encode()).hexdigest()
+        self.max_token_id = max(int(m["max_token_id"]) for m in manifests)
+
+    def documents(self, split: str) -> int:
+        return sum(int(m["splits"][split]["documents"]) for m in self.manifests)
+
+    def tokens(self, split: str) -> int:
+        return sum(int(m["splits"][split]["tokens"]) for m in self.manifests)
+
+    def shards(self, split: str) -> list[Shard]:
+        """The split's shards in canonical order (part, then shard)."""
+        return [
+            Shard(self.path, info, self.fields)
+            for m in self.manifests
+            for info in m["splits"][split]["shards"]
+        ]
+
+    def tokenizer_dir(self) -> str:
+        """The dataset's copy of its tokenizer ("" for bytes: `load_tokenizer("")`)."""
+        return os.path.join(self.path, "tokenizer") if self.tokenizer["files"] else ""
+
+    def record(self) -> dict:
+        """What a run records about its data (config.json, manifests)."""
+        return {
+            "path": self.path,
+            "meta_sha256": self.meta_sha256,
+            "kind": self.kind,
+            "tokenizer": {k: self.tokenizer[k] for k in ("kind", "files", "vocab_size")},
+        }
+
+
+def _load_manifest(path: str, name: str) -> tuple[dict, str]:
+    where = os.path.join(path, name)
+    fix = "rerun `python -m bf16jax.prepare` for this part into a new --out"
+    if not _exists(where + ".sha256"):
+        raise ValueError(f"prepared dataset: {where}.sha256 is missing (damaged; {fix}).")
+    data = _read_bytes(where)
+    want = _read_bytes(where + ".sha256").decode().strip()
+    if hashlib.sha256(data).hexdigest() != want:
+        raise ValueError(f"prepared dataset: {where} does not match its sha256 (damaged; {fix}).")
+    try:
+        manifest = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"prepared dataset: {where} is not JSON ({e}; {fix}).") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(
+            f"prepared dataset: {where} has format {manifest.get('format')!r} version "
+            f"{manifest.get('version')!r}; this bf16jax reads {FORMAT!r} version {VERSION}: "
+            "prepare the corpus again with this version."
+        )
+    return manifest, want
+
+
+def _open(path: str) -> PreparedDataset:
+    names = _list_parts(path)
+    if not names:
+        if not _exists(path):
+            raise ValueError(
+                f"data.path={path} does not exist: prepare it with `python -m bf16jax.prepare "
+                f"INPUTS --out={path}`."
+            )
+        raise ValueError(
+            f"data.path={path} holds no part-*-of-*.json manifest: not a prepared dataset, or "
+            "`python -m bf16jax.prepare` has not finished there; (re)run it."
+        )
+    counts = {int(_PART.match(n).group(2)) for n in names}
+    if len(counts) != 1:
+        raise ValueError(
+            f"prepared dataset {path} mixes parts of {sorted(counts)} parts: prepare it again "
+            "into an empty --out."
+        )
+    count = counts.pop()
+    missing = [i for i in range(count) if manifest_name(i, count) not in names]
+    if missing:
+        raise ValueError(
+            f"prepared dataset {path} lacks part(s) {missing} of {count} (not prepared yet, or "
+            f"interrupted): run `python -m bf16jax.prepare ... --num_parts={count} "
+            f"--part_index={missing[0]}` into it."
+        )
+    loaded = [_load_manifest(path, manifest_name(i, count)) for i in range(count)]
+    manifests = [m for m, _ in loaded]
+    settings = {m["settings_sha256"] for m in manifests}
+    if len(settings) != 1:
+        raise ValueError(
+            f"prepared dataset {path}: its parts were prepared with different settings "
+            "(tokenizer, fields, split or input list): prepare every part with the same command."
+        )
+    for m in manifests:
+        for split in m["splits"].values():
+            for info in split["shards"]:
+                for fname, want in info["files"].items():
+                    _check_file(
+                        os.path.join(path, fname),
+                        want,
+                        "prepare this part again with the same command",
+                    )
+    return PreparedDataset(path, manifests, [c for _, c in loaded])
+
+
+def open_dataset(path: str) -> PreparedDataset:
+    """The verified dataset at `path`.
+
+    Raises:
+      ValueError: one line naming what is missing, damaged or unreadable, and the fix.
+    """
+    if not path:
+        raise ValueError(
+            "config.data.path is empty: pass --config.data.path=DIR (a `python -m "
+            "bf16jax.prepare` output) or --config.data.mixture=DIR=W,DIR=W."
+        )
+    path = path.rstrip("/") if is_url(path) else os.path.abspath(path)
+    # Shard hashes are cached per (file, size, mtime): a second open in a process re-reads only
+    # the manifests, and a rewritten shard is hashed again.
+    return _open(path)
