@@ -187,6 +187,7 @@ class Trainer:
             "eval",
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            model=self.config.model.name,
         )
         return self.global_batch(next(iter(ds)))
 
@@ -221,7 +222,9 @@ class Trainer:
         b, sh = int(self.config.data.batch_size), sharding.batch_sharding(self.mesh)
         batch = {
             k: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sh)
-            for k, (shape, dtype) in data_lib.example_spec(self.config.data).items()
+            for k, (shape, dtype) in data_lib.example_spec(
+                self.config.data, self.config.model.name
+            ).items()
         }
         fn = self._diagnostic_step_fn if diagnostics else self._step_fn
         with jax.set_mesh(self.mesh):
