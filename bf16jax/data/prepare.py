@@ -224,6 +224,19 @@ def _tokenize_input(task: dict) -> dict:
     return stats
 
 
+def _start_method() -> str:
+    """fork (workers start at once) unless JAX's runtime threads already run in this process
+    (a notebook, a test): forking those can deadlock, so spawn."""
+    import sys
+
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            return "spawn"
+    return "fork"
+
+
 def _run_stage1(tasks: list[dict], opts: Options, total_bytes: int) -> None:
     todo = [t for t in tasks if not os.path.exists(os.path.join(t["work"], "stats.json"))]
     bar = None
@@ -252,7 +265,7 @@ def _run_stage1(tasks: list[dict], opts: Options, total_bytes: int) -> None:
                 while not q.empty():
                     update(q.get())
             return
-        ctx = mp.get_context("fork")
+        ctx = mp.get_context(_start_method())
         q = ctx.Queue()
         with ctx.Pool(opts.workers, initializer=_worker_init, initargs=(opts.tokenizer, q)) as pool:
             results = [pool.apply_async(_tokenize_input, (t,)) for t in todo]
