@@ -4,34 +4,16 @@ corpora, tokenizers trained here offline."""
 import gzip
 import json
 import os
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prepared_corpus import make_docs, run, write_jsonl
 
 from bf16jax import prepare as prepare_cli
 from bf16jax.data import prepare as prep
 from bf16jax.data import prepared as fmt
 from bf16jax.data.tokenizer import load_tokenizer
-
-WORDS = "the of and to in a is that for it with as was on be by at this had not are but".split()
-
-
-def make_docs(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    docs = []
-    for i in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 60))]
-        docs.append(f"doc {i}: " + " ".join(words) + rng.choice(["", " é", " 日本", "\n tail"]))
-    return docs
-
-
-def write_jsonl(path: Path, docs: list[str], extra_lines: dict[int, str] | None = None) -> None:
-    lines = [json.dumps({"text": d}) for d in docs]
-    for at, line in sorted((extra_lines or {}).items(), reverse=True):
-        lines.insert(at, line)
-    path.write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +40,6 @@ def bpe_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("bpe")
     tok.save(str(path / "tokenizer.json"))
     return path
-
-
-def run(inputs, out, **kw) -> dict:
-    kw.setdefault("progress", False)
-    return prep.prepare(prep.Options(inputs=[str(i) for i in inputs], out=str(out), **kw))
 
 
 def all_docs(path, tok, field="text") -> list[str]:
