@@ -1,8 +1,8 @@
 """Raw text -> a prepared dataset directory (the format of `bf16jax.data.prepared`), once.
 
 Two stages. (1) Each input file is one task, run by `workers` processes: its records are read
-(`bf16jax.data.sources`), tokenized in batches, checked, and streamed to per-input uint32 files
-under OUT/.work-PART-<settings>/ with a stats file written last; a finished input is never read
+(`bf16jax.data.sources`), tokenized in batches, checked, and streamed to per-input uint16 / uint32
+files under OUT/.work-PART-<settings>/ with a stats file written last; a finished input is not read
 again, so an interrupted run resumes where it stopped. (2) One pass in input order decides each
 document's split and streams the tokens into shards of the final dtype (uint16 when every id
 of the part fits, else uint32), hashing as it writes, then writes the manifest. Whatever the
@@ -141,7 +141,8 @@ def _worker_init(spec: str, progress_queue) -> None:
 
 
 def _tokenize_input(task: dict) -> dict:
-    """Stage 1 for one input: writes WORK/tokens.FIELD.u32, lengths.FIELD.u32, lines.u64 and
+    """Stage 1 for one input: writes WORK/tokens.FIELD.bin (uint16 for a vocabulary of at most
+    2**16, else uint32: ids >= vocab are rejected), lengths.FIELD.u32, lines.u64 and
     stats.json (last: its presence marks the input done)."""
     tok = _WORKER["tok"]
     report_queue = _WORKER.get("queue")
@@ -150,7 +151,7 @@ def _tokenize_input(task: dict) -> dict:
     vocab = int(tok.vocab_size)
     fields = list(range(len(names)))
     files = {
-        "tokens": [open(os.path.join(work, f"tokens.{i}.u32"), "wb") for i in fields],
+        "tokens": [open(os.path.join(work, f"tokens.{i}.bin"), "wb") for i in fields],
         "lengths": [open(os.path.join(work, f"lengths.{i}.u32"), "wb") for i in fields],
         "lines": open(os.path.join(work, "lines.u64"), "wb"),
     }
@@ -185,7 +186,7 @@ def _tokenize_input(task: dict) -> dict:
         for i in fields:
             arrays = [encoded[i][j] for j in keep]
             if arrays:
-                flat = np.concatenate(arrays).astype(np.uint32)
+                flat = np.concatenate(arrays).astype(task["dtype"])
                 files["tokens"][i].write(flat.tobytes())
                 files["lengths"][i].write(np.asarray([len(a) for a in arrays], np.uint32).tobytes())
                 stats["tokens"] += len(flat)
@@ -383,9 +384,9 @@ def _assemble(tasks: list[dict], stats: list[dict], opts: Options, fields, dtype
         n = stat["documents"]
         maps = [
             (
-                np.memmap(os.path.join(task["work"], f"tokens.{i}.u32"), np.uint32, "r")
-                if os.path.getsize(os.path.join(task["work"], f"tokens.{i}.u32"))
-                else np.zeros(0, np.uint32),
+                np.memmap(os.path.join(task["work"], f"tokens.{i}.bin"), task["dtype"], "r")
+                if os.path.getsize(os.path.join(task["work"], f"tokens.{i}.bin"))
+                else np.zeros(0, task["dtype"]),
                 np.fromfile(os.path.join(task["work"], f"lengths.{i}.u32"), np.uint32),
             )
             for i in range(len(fields))
@@ -482,6 +483,7 @@ def prepare(opts: Options) -> dict:
             "eos": eos,
             "txt_unit": opts.txt_unit,
             "bytes": os.path.getsize(p),
+            "dtype": "uint16" if tokenizer["vocab_size"] <= (1 << 16) else "uint32",
         }
         for p in mine
     ]

@@ -36,6 +36,7 @@ __all__ = [
     "write_manifest",
     "shard_prefix",
     "sha256_file",
+    "FileArray",
     "Shard",
     "PreparedDataset",
     "open_dataset",
@@ -169,12 +170,56 @@ class Shard:
         return f"Shard({self.name!r}, documents={self.documents})"
 
 
-def _load_array(path: str, dtype: np.dtype) -> np.ndarray:
+class FileArray:
+    """A read-only 1-D array on disk, read by `pread` per slice: no mapping, so a reader's
+    resident memory does not grow with the pages it has visited (a memmap's would)."""
+
+    def __init__(self, path: str, dtype: np.dtype):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self._len = os.path.getsize(path) // self.dtype.itemsize
+        self._fd = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, slice):
+            return self[key : key + 1][0] if key >= 0 else self[self._len + key]
+        start, stop, step = key.indices(self._len)
+        if step != 1:
+            return self[start:stop][::step]
+        if stop <= start:
+            return np.zeros(0, self.dtype)
+        if self._fd is None:  # opened lazily: the object can be pickled to grain's workers
+            self._fd = os.open(self.path, os.O_RDONLY)
+        size = self.dtype.itemsize
+        data = os.pread(self._fd, (stop - start) * size, start * size)
+        return np.frombuffer(data, self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def tolist(self) -> list:
+        return self[:].tolist()
+
+    def __getstate__(self):
+        return {"path": self.path, "dtype": self.dtype, "_len": self._len, "_fd": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except (OSError, TypeError):  # at interpreter exit `os` may be gone
+                pass
+
+
+def _load_array(path: str, dtype: np.dtype):
     if is_url(path):  # object stores: read whole (memory = the shard's size)
         return np.frombuffer(_read_bytes(path), dtype)
-    if os.path.getsize(path) == 0:
-        return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    if dtype == np.dtype("<i8"):
+        return np.memmap(path, dtype=dtype, mode="r")  # document offsets: small, searched
+    return FileArray(path, dtype)
 
 
 class PreparedDataset:

@@ -99,21 +99,24 @@ def _segment_features(seg: np.ndarray) -> np.ndarray:
     return (idx - starts).astype(np.int32)
 
 
-def pack_plan(lengths: list[np.ndarray], limits: list[int]) -> list[np.ndarray]:
-    """Greedy rows in order: example i goes into the current row while, for every j,
-    the row's total of lengths[j] stays <= limits[j]; returns each row's example indices."""
-    rows, cur, used = [], [], [0] * len(limits)
-    cols = [np.asarray(x).tolist() for x in lengths]
-    for i in range(len(cols[0])):
-        need = [c[i] for c in cols]
-        if cur and any(u + n > lim for u, n, lim in zip(used, need, limits, strict=True)):
-            rows.append(np.asarray(cur, np.int64))
-            cur, used = [], [0] * len(limits)
-        cur.append(i)
+def pack_plan(lengths: list[np.ndarray], limits: list[int]) -> np.ndarray:
+    """Greedy rows in order: example i joins the current row while, for every j, the row's
+    total of lengths[j] stays <= limits[j]. Returns the row bounds, int64 [rows + 1]: row r
+    holds examples bounds[r] .. bounds[r + 1] - 1."""
+    cols = [np.asarray(x, np.int64).tolist() for x in lengths]
+    bounds, used = [0], [0] * len(limits)
+    for i, need in enumerate(zip(*cols, strict=True)):
+        if i > bounds[-1] and any(u + n > m for u, n, m in zip(used, need, limits, strict=True)):
+            bounds.append(i)
+            used = [0] * len(limits)
         used = [u + n for u, n in zip(used, need, strict=True)]
-    if cur:
-        rows.append(np.asarray(cur, np.int64))
-    return rows
+    if cols and len(cols[0]) > bounds[-1]:
+        bounds.append(len(cols[0]))
+    return np.asarray(bounds, np.int64)
+
+
+def _one_per_row(n: int) -> np.ndarray:
+    return np.arange(n + 1, dtype=np.int64)
 
 
 def _pack_t5(pairs: list[tuple[np.ndarray, np.ndarray]], enc_len: int, dec_len: int, packing: bool):
@@ -224,22 +227,17 @@ def _gpt_prompt_completion(ds, split, data_cfg, packing, pad) -> Examples:
     seq_len = int(data_cfg.seq_len)
     need = prompts.doc_lengths() + comps.doc_lengths() - 1  # positions an example takes
     fits = np.flatnonzero(need <= seq_len)
-    rows = (
-        pack_plan([need[fits]], [seq_len])
-        if packing
-        else [np.asarray([i]) for i in range(len(fits))]
-    )
+    rows = pack_plan([need[fits]], [seq_len]) if packing else _one_per_row(len(fits))
 
     def get(r):
-        docs = fits[rows[r]]
         items = []
-        for d in docs.tolist():
+        for d in fits[rows[r] : rows[r + 1]].tolist():
             p, c = prompts.doc(d), comps.doc(d)
             items.append((np.concatenate([p, c]), max(len(p) - 1, 0)))
         return _pack_gpt(items, seq_len, pad, packing)
 
     skipped = len(need) - len(fits)
-    return Examples(f"{ds.path}/{split}", len(rows), get, lambda index, x: x, skipped)
+    return Examples(f"{ds.path}/{split}", len(rows) - 1, get, lambda index, x: x, skipped)
 
 
 def _t5_text2text(ds, split, data_cfg, packing) -> Examples:
@@ -251,14 +249,14 @@ def _t5_text2text(ds, split, data_cfg, packing) -> Examples:
     if packing:
         rows = pack_plan([il[fits], tl[fits]], [enc_len, dec_len])
     else:
-        rows = [np.asarray([i]) for i in range(len(fits))]
+        rows = _one_per_row(len(fits))
 
     def get(r):
-        pairs = [(inputs.doc(d), targets.doc(d)) for d in fits[rows[r]].tolist()]
-        return _pack_t5(pairs, enc_len, dec_len, packing)
+        docs = fits[rows[r] : rows[r + 1]].tolist()
+        return _pack_t5([(inputs.doc(d), targets.doc(d)) for d in docs], enc_len, dec_len, packing)
 
     skipped = len(il) - len(fits)
-    return Examples(f"{ds.path}/{split}", len(rows), get, lambda index, x: x, skipped)
+    return Examples(f"{ds.path}/{split}", len(rows) - 1, get, lambda index, x: x, skipped)
 
 
 def span_lengths(data_cfg) -> tuple[int, int, float, float]:
@@ -303,7 +301,7 @@ def _t5_span(ds, split, data_cfg, packing, seed, sentinels, eos) -> Examples:
     first = np.concatenate([[0], np.cumsum(pieces)])[:-1]
     k = np.arange(len(owner)) - np.repeat(first, pieces)
     piece_start = starts[owner] + k * chunk
-    piece_len = np.minimum(chunk, body[owner] - k * chunk)
+    piece_len = np.minimum(chunk, body[owner] - k * chunk).astype(np.int32)
     noise, spans = _span_counts_vec(piece_len, density, mean_span)
     enc_need = piece_len - noise + spans + 1
     dec_need = noise + spans + 1
@@ -311,15 +309,15 @@ def _t5_span(ds, split, data_cfg, packing, seed, sentinels, eos) -> Examples:
 
     def example(index, row):
         rng = np.random.default_rng([seed, _SPAN_SALT, int(index)])
-        pairs = [
-            corrupt(
-                stream.read(int(piece_start[p]), int(piece_start[p] + piece_len[p])), rng, **kwargs
-            )
-            for p in row.tolist()
-        ]
+        lo, hi = row
+        spans = zip(piece_start[lo:hi].tolist(), piece_len[lo:hi].tolist(), strict=True)
+        pairs = [corrupt(stream.read(a, a + n), rng, **kwargs) for a, n in spans]
         return _pack_t5(pairs, enc_len, dec_len, True)
 
-    return Examples(f"{ds.path}/{split}", len(rows), lambda r: rows[r], example)
+    def get(r):
+        return int(rows[r]), int(rows[r + 1])
+
+    return Examples(f"{ds.path}/{split}", len(rows) - 1, get, example)
 
 
 def _span_counts_vec(lengths: np.ndarray, density: float, mean_span: float):

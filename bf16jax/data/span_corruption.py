@@ -127,9 +127,10 @@ def corrupt(
     """(inputs, targets) of one chunk, unpadded, both ending with `eos_id`; `sentinels[k]` is
     the id of `<extra_id_k>` (default: the byte tokenizer's)."""
     mask = random_spans_noise_mask(len(tokens), noise_density, mean_noise_span_length, rng)
-    inputs = np.append(noise_span_to_unique_sentinel(tokens, mask, sentinels), eos_id)
-    targets = np.append(noise_span_to_unique_sentinel(tokens, ~mask, sentinels), eos_id)
-    return inputs.astype(np.int32), targets.astype(np.int32)
+    eos = np.asarray([eos_id], np.int32)
+    inputs = np.concatenate([noise_span_to_unique_sentinel(tokens, mask, sentinels), eos])
+    targets = np.concatenate([noise_span_to_unique_sentinel(tokens, ~mask, sentinels), eos])
+    return inputs, targets
 
 
 def span_corrupt(
