@@ -309,3 +309,19 @@ def test_prepare_options_names():
         "input",
         "target",
     )
+
+
+@pytest.mark.parametrize("name", ["gpt2_124m_prepared", "t5_span_prepared", "flan_t5_small_ft"])
+def test_prepared_configs_validate(name, text_dir):
+    from bf16jax.config import config_path, load_config, validate
+
+    extra = ["init_from=runs/flan_t5_small"] if name.startswith("flan") else []
+    c = load_config(config_path(name), ["data.name=prepared", f"data.path={text_dir}", *extra])
+    validate(c)
+    assert c.data.name == "prepared"
+    if c.model.name == "t5":
+        _, targets, _, _ = readers.span_lengths(c.data)
+        assert targets <= c.data.dec_len
+    c.data.path = ""
+    with pytest.raises(ValueError, match="pass --config.data.path=DIR"):
+        validate(c)
