@@ -44,7 +44,7 @@ from bf16jax.data.tokenizer import (
 __all__ = ["Options", "TooManyRejects", "prepare", "input_names"]
 
 _BATCH = 512  # records tokenized together
-_BLOCK = 1 << 16  # documents per stage-2 block
+_BLOCK_TOKENS = 1 << 22  # stage 2 gathers at most this many tokens at a time (+ one document)
 _MAX_EXAMPLES = 10  # rejects shown with file:line
 
 
@@ -392,8 +392,14 @@ def _assemble(tasks: list[dict], stats: list[dict], opts: Options, fields, dtype
             for i in range(len(fields))
         ]
         starts = [np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]) for _, lens in maps]
-        for lo in range(0, n, _BLOCK):
-            hi = min(lo + _BLOCK, n)
+        # Blocks of documents holding about _BLOCK_TOKENS tokens (all fields): bounded memory
+        # whatever the documents' sizes.
+        total = sum(st[1:] for st in starts)
+        cuts = np.searchsorted(
+            total, np.arange(_BLOCK_TOKENS, int(total[-1]) if n else 0, _BLOCK_TOKENS), "right"
+        )
+        bounds = np.unique(np.concatenate([[0], cuts, [n]])).tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             is_eval = key[lo:hi] < threshold
             for split, mask in (("train", ~is_eval), ("eval", is_eval)):
                 docs = np.flatnonzero(mask) + lo
