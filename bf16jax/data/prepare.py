@@ -327,22 +327,32 @@ class _ShardWriter:
         entry[2] += len(data)
 
     def add(self, tokens: dict[str, np.ndarray], lengths: dict[str, np.ndarray]) -> None:
-        """Appends documents: per field, their concatenated tokens and their lengths."""
-        if self.files is None:
-            self._open()
-        f = self.files
-        for field in self.fields:
-            self._write(
-                f"{f['prefix']}.{field}.bin", tokens[field].astype(self.dtype.newbyteorder("<"))
-            )
-            ends = f["ends"][field] + np.cumsum(lengths[field], dtype=np.int64)
-            self._write(f"{f['prefix']}.{field}.idx", ends.astype("<i8"))
-            if len(ends):
+        """Appends documents: per field, their concatenated tokens and their lengths. A shard
+        closes after the document that brings it to `shard_tokens` (all fields), so the shards
+        do not depend on how the documents arrive."""
+        n = len(lengths[self.fields[0]])
+        while n:
+            if self.files is None:
+                self._open()
+            f = self.files
+            per_doc = sum(np.asarray(lengths[k], np.int64) for k in self.fields)
+            room = self.shard_tokens - f["tokens"]
+            take = min(int(np.searchsorted(np.cumsum(per_doc), room, "left")) + 1, n)
+            for field in self.fields:
+                cut = int(np.sum(lengths[field][:take], dtype=np.int64))
+                self._write(
+                    f"{f['prefix']}.{field}.bin",
+                    tokens[field][:cut].astype(self.dtype.newbyteorder("<")),
+                )
+                ends = f["ends"][field] + np.cumsum(lengths[field][:take], dtype=np.int64)
+                self._write(f"{f['prefix']}.{field}.idx", ends.astype("<i8"))
                 f["ends"][field] = int(ends[-1])
-        f["docs"] += len(lengths[self.fields[0]])
-        f["tokens"] = sum(f["ends"].values())
-        if f["tokens"] >= self.shard_tokens:
-            self.close_shard()
+                tokens[field], lengths[field] = tokens[field][cut:], lengths[field][take:]
+            f["docs"] += take
+            f["tokens"] = sum(f["ends"].values())
+            if f["tokens"] >= self.shard_tokens:
+                self.close_shard()
+            n -= take
 
     def close_shard(self) -> None:
         f, self.files = self.files, None
