@@ -261,6 +261,13 @@ def test_mixture_is_deterministic_and_weighted(text_dir, tmp_path):
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
     from_b = sum(int((r == ord("Z") + 2).mean() > 0.5) for x in a for r in x["inputs"])
     assert 6 <= from_b <= 14  # a quarter of 40 rows
+    from bf16jax.data import mixture
+
+    alone = mixture.source_configs(c.data)  # the trainer's evaluate reports each source's loss
+    assert [(n, d.path, d.mixture) for n, d in alone] == [
+        ("ds", str(text_dir), ""),
+        ("b", str(tmp_path / "b"), ""),
+    ]
     record = workdir.dataset_record(c)
     assert [r["weight"] for r in record] == [0.75, 0.25]
     ev = data_lib.num_examples(c.data, "eval", "gpt")

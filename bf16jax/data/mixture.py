@@ -5,13 +5,16 @@ position in that source's stream) -> repeat forever (grain reshuffles each epoch
 `data.mixture`'s weights (grain's deterministic proportional selection) -> positions p, p+n, ...
 of process p of n -> batch. The global stream does not depend on the process count and is
 infinite, so no process runs out before the others and the file count need not divide by it.
-eval: the sources' eval splits one after the other, cut to a multiple of the process count.
+eval: the sources' eval splits one after the other, cut to a multiple of the process count;
+`source_configs` gives each source alone, for a loss per source (the trainer's evaluate).
 Resume is exact through the iterator's get_state / set_state (grain's, as for every dataset).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any
 
 import grain
 import numpy as np
@@ -19,7 +22,13 @@ import numpy as np
 from bf16jax.data import prepared as fmt
 from bf16jax.data import readers
 
-__all__ = ["dataset_sources", "make_prepared_dataset", "prepared_record", "prepared_size"]
+__all__ = [
+    "dataset_sources",
+    "make_prepared_dataset",
+    "prepared_record",
+    "prepared_size",
+    "source_configs",
+]
 
 log = logging.getLogger(__name__)
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
@@ -40,6 +49,26 @@ def dataset_sources(data_cfg) -> list[tuple[fmt.PreparedDataset, float]]:
                 f"config.data.mixture: {ds.path} and {first.path} were prepared with different "
                 "tokenizers: prepare every source with the same --tokenizer."
             )
+    return out
+
+
+def source_configs(data_cfg) -> list[tuple[str, Any]]:
+    """(name, data config reading that source alone) per source of a mixture; [] otherwise.
+    The name is the directory's base name (made unique with its position if repeated)."""
+    mixture = str(data_cfg.get("mixture", "") or "")
+    if data_cfg.get("name") != "prepared" or not mixture:
+        return []
+    items = readers.parse_mixture(mixture)
+    if len(items) < 2:
+        return []
+    out = []
+    names = [os.path.basename(p.rstrip("/")) for p, _ in items]
+    for i, (path, _) in enumerate(items):
+        cfg = data_cfg.copy_and_resolve_references()
+        with cfg.unlocked():
+            cfg.mixture, cfg.path = "", path
+        name = names[i] if names.count(names[i]) == 1 else f"{names[i]}_{i}"
+        out.append((name, cfg))
     return out
 
 
