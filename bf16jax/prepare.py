@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.verify:
-            ds = prepared.open_dataset(args.verify)
+            ds = prepared.open_dataset(args.verify, full=True)
             print(
                 json.dumps(
                     {

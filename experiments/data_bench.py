@@ -154,6 +154,7 @@ def main() -> None:
     p.add_argument("--workers", default="1,2")
     p.add_argument("--loader_seconds", type=float, default=10.0)
     p.add_argument("--work", default="/tmp/bf16jax_data_bench")
+    p.add_argument("--loaders_only", action="store_true", help="reuse the prepared datasets")
     args = p.parse_args()
     sys.path.insert(0, REPO)
     corpus = os.path.join(args.work, "corpus")
@@ -164,12 +165,15 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
     per_file = total_mb / len(files)
     bpe_files = files[: max(1, round(args.bpe_mb / per_file))]
-    for w in workers:
-        print(json.dumps(prepare(files, os.path.join(args.work, "bytes"), "", w)), flush=True)
-    for w in workers:
-        print(json.dumps(prepare(bpe_files, os.path.join(args.work, "bpe_ds"), bpe, w)), flush=True)
     small = os.path.join(args.work, "bytes_small")
-    prepare(files[:1], small, "", 1)
+    if not args.loaders_only:
+        for w in workers:
+            row = prepare(files, os.path.join(args.work, "bytes"), "", w)
+            print(json.dumps(row), flush=True)
+        for w in workers:
+            row = prepare(bpe_files, os.path.join(args.work, "bpe_ds"), bpe, w)
+            print(json.dumps(row), flush=True)
+        prepare(files[:1], small, "", 1)
     for model, packing in (("gpt", False), ("gpt", True), ("t5", True)):
         for path, mb in ((os.path.join(args.work, "bytes"), total_mb), (small, per_file)):
             row = loader(model, path, packing, args.loader_seconds, mb)

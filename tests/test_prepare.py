@@ -169,7 +169,7 @@ def flip_byte(path: Path, at: int = 5) -> None:
     "damage, message",
     [
         ("manifest", "does not match its sha256"),
-        ("shard", "does not match its sha256"),
+        ("shard", "block 0 .* does not match its digest"),
         ("checksum_missing", ".sha256 is missing"),
         ("shard_missing", "is missing"),
         ("truncated", "bytes, its manifest says"),
@@ -190,7 +190,11 @@ def test_damage_is_refused(small, damage, message):
     else:
         shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(ValueError, match=message):
-        fmt.open_dataset(str(small))
+        # A shard's blocks are checked when first read; the rest when the dataset is opened.
+        ds = fmt.open_dataset(str(small))
+        ds.shards("train")[0].tokens["text"][:10]
+    with pytest.raises(ValueError, match=message if damage != "shard" else "its sha256"):
+        fmt.open_dataset(str(small), full=True)  # python -m bf16jax.prepare --verify=DIR
 
 
 def test_unknown_version_and_missing_part_are_refused(small, tmp_path):
@@ -297,3 +301,16 @@ def test_bad_options_exit_2_before_writing(tmp_path, capsys):
     assert prepare_cli.main([str(tmp_path / "x.csv"), f"--out={tmp_path}/o"]) == 2
     assert "unknown format" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_blocks_are_checked_where_read(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", make_docs(12_000))
+    run([tmp_path / "a.jsonl"], tmp_path / "ds")
+    shard = tmp_path / "ds" / "train-00000-00000.text.bin"
+    size = shard.stat().st_size
+    assert size > 2 * fmt.BLOCK_BYTES  # three blocks or more
+    flip_byte(shard, 2 * fmt.BLOCK_BYTES + 7)
+    tokens = fmt.open_dataset(str(tmp_path / "ds")).shards("train")[0].tokens["text"]
+    assert len(tokens[: fmt.BLOCK_BYTES // 2]) == fmt.BLOCK_BYTES // 2  # blocks 0-1: fine
+    with pytest.raises(ValueError, match="block 2 "):
+        tokens[fmt.BLOCK_BYTES : fmt.BLOCK_BYTES + 10]  # tokens in bytes 2 MiB+ (uint16)

@@ -332,3 +332,15 @@ def test_prepared_configs_validate(name, text_dir):
     c.data.path = ""
     with pytest.raises(ValueError, match="pass --config.data.path=DIR"):
         validate(c)
+
+
+def test_packing_plan_and_vector_span_counts():
+    from bf16jax.data.span_corruption import span_counts
+
+    lengths = np.arange(1, 2000)
+    for density, mean in ((0.15, 3.0), (0.5, 3.0), (0.3, 2.5)):
+        noise, spans = readers._span_counts_vec(lengths, density, mean)
+        want = [span_counts(int(n), density, mean) for n in lengths]
+        assert list(zip(noise.tolist(), spans.tolist(), strict=True)) == want
+    bounds = readers.pack_plan([np.array([3, 3, 5, 1, 9, 2])], [8])
+    assert bounds.tolist() == [0, 2, 4, 5, 6]  # [3,3] [5,1] [9] [2]: greedy, in order

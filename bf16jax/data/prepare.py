@@ -315,7 +315,7 @@ class _ShardWriter:
             for ext in ("bin", "idx"):
                 name = f"{prefix}.{field}.{ext}"
                 f = open(os.path.join(self.out, name), "wb")
-                self.files["streams"][name] = [f, hashlib.sha256(), 0]
+                self.files["streams"][name] = [f, hashlib.sha256(), 0, fmt.BlockHasher()]
             self._write(f"{prefix}.{field}.idx", np.zeros(1, "<i8"))
         self.files["ends"] = dict.fromkeys(self.fields, 0)
 
@@ -325,6 +325,7 @@ class _ShardWriter:
         entry[0].write(data)
         entry[1].update(data)
         entry[2] += len(data)
+        entry[3].update(data)
 
     def add(self, tokens: dict[str, np.ndarray], lengths: dict[str, np.ndarray]) -> None:
         """Appends documents: per field, their concatenated tokens and their lengths. A shard
@@ -359,9 +360,9 @@ class _ShardWriter:
         if f is None:
             return
         files = {}
-        for name, (handle, h, size) in f["streams"].items():
+        for name, (handle, h, size, blocks) in f["streams"].items():
             handle.close()
-            files[name] = {"bytes": size, "sha256": h.hexdigest()}
+            files[name] = {"bytes": size, "sha256": h.hexdigest(), "blocks": blocks.digests()}
         self.shards.append(
             {
                 "name": f["prefix"],

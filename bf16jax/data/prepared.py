@@ -52,6 +52,9 @@ FIELDS = {
     "text2text": (("input", True), ("target", True)),
     "prompt_completion": (("prompt", False), ("completion", True)),
 }
+# Shard files also carry a digest per block of BLOCK_BYTES: a reader checks each block the first
+# time it reads from it, so opening a dataset costs no full pass over its shards.
+BLOCK_BYTES = 1 << 20
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})\.json$")
 
 
@@ -77,6 +80,28 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _block_digest(data) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class BlockHasher:
+    """Digests of consecutive BLOCK_BYTES blocks of a stream written in pieces."""
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._digests: list[str] = []
+
+    def update(self, data: bytes) -> None:
+        self._buf += data
+        full = len(self._buf) // BLOCK_BYTES * BLOCK_BYTES
+        for at in range(0, full, BLOCK_BYTES):
+            self._digests.append(_block_digest(self._buf[at : at + BLOCK_BYTES]))
+        del self._buf[:full]
+
+    def digests(self) -> list[str]:
+        return self._digests + ([_block_digest(self._buf)] if self._buf else [])
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -131,7 +156,7 @@ def _verified_hash(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
 
-def _check_file(path: str, want: dict, fix: str) -> None:
+def _check_file(path: str, want: dict, fix: str, full: bool = True) -> None:
     if is_url(path):
         digest = hashlib.sha256(_read_bytes(path)).hexdigest()
         size = None
@@ -145,6 +170,8 @@ def _check_file(path: str, want: dict, fix: str) -> None:
                 f"prepared dataset: {path} has {size} bytes, its manifest says {want['bytes']} "
                 f"(truncated or replaced; {fix})."
             )
+        if not full:
+            return  # its blocks are checked as they are read (FileArray)
         digest = _verified_hash(path, st.st_size, st.st_mtime_ns)
     if digest != want["sha256"]:
         raise ValueError(
@@ -163,7 +190,8 @@ class Shard:
         for field in fields:
             tok_path = os.path.join(directory, f"{self.name}.{field}.bin")
             idx_path = os.path.join(directory, f"{self.name}.{field}.idx")
-            self.tokens[field] = _load_array(tok_path, dtype)
+            blocks = info["files"][f"{self.name}.{field}.bin"]["blocks"]
+            self.tokens[field] = _load_array(tok_path, dtype, blocks)
             self.offsets[field] = _load_array(idx_path, np.dtype("<i8"))
 
     def __repr__(self) -> str:
@@ -174,10 +202,11 @@ class FileArray:
     """A read-only 1-D array on disk, read by `pread` per slice: no mapping, so a reader's
     resident memory does not grow with the pages it has visited (a memmap's would)."""
 
-    def __init__(self, path: str, dtype: np.dtype):
-        self.path, self.dtype = path, np.dtype(dtype)
+    def __init__(self, path: str, dtype: np.dtype, blocks: list[str] | None = None):
+        self.path, self.dtype, self.blocks = path, np.dtype(dtype), blocks
         self._len = os.path.getsize(path) // self.dtype.itemsize
         self._fd = None
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return self._len
@@ -193,8 +222,23 @@ class FileArray:
         if self._fd is None:  # opened lazily: the object can be pickled to grain's workers
             self._fd = os.open(self.path, os.O_RDONLY)
         size = self.dtype.itemsize
+        if self.blocks is not None:
+            self._verify(start * size, stop * size)
         data = os.pread(self._fd, (stop - start) * size, start * size)
         return np.frombuffer(data, self.dtype)
+
+    def _verify(self, lo: int, hi: int) -> None:
+        """Checks the blocks holding bytes [lo, hi) against the manifest, once each."""
+        for k in range(lo // BLOCK_BYTES, (hi - 1) // BLOCK_BYTES + 1):
+            if k in self._verified:
+                continue
+            data = os.pread(self._fd, BLOCK_BYTES, k * BLOCK_BYTES)
+            if k >= len(self.blocks) or _block_digest(data) != self.blocks[k]:
+                raise ValueError(
+                    f"prepared dataset: {self.path} block {k} (bytes {k * BLOCK_BYTES}+) does "
+                    "not match its digest in the manifest (damaged): prepare this part again."
+                )
+            self._verified.add(k)
 
     def __array__(self, dtype=None, copy=None):
         out = self[:]
@@ -204,7 +248,7 @@ class FileArray:
         return self[:].tolist()
 
     def __getstate__(self):
-        return {"path": self.path, "dtype": self.dtype, "_len": self._len, "_fd": None}
+        return dict(self.__dict__, _fd=None, _verified=set())
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
@@ -214,12 +258,12 @@ class FileArray:
                 pass
 
 
-def _load_array(path: str, dtype: np.dtype):
-    if is_url(path):  # object stores: read whole (memory = the shard's size)
+def _load_array(path: str, dtype: np.dtype, blocks: list[str] | None = None):
+    if is_url(path):  # object stores: read whole (memory = the shard's size), hash checked
         return np.frombuffer(_read_bytes(path), dtype)
-    if dtype == np.dtype("<i8"):
+    if blocks is None:
         return np.memmap(path, dtype=dtype, mode="r")  # document offsets: small, searched
-    return FileArray(path, dtype)
+    return FileArray(path, dtype, blocks)
 
 
 class PreparedDataset:
@@ -286,7 +330,7 @@ def _load_manifest(path: str, name: str) -> tuple[dict, str]:
     return manifest, want
 
 
-def _open(path: str) -> PreparedDataset:
+def _open(path: str, full: bool) -> PreparedDataset:
     names = _list_parts(path)
     if not names:
         if not _exists(path):
@@ -328,12 +372,15 @@ def _open(path: str) -> PreparedDataset:
                         os.path.join(path, fname),
                         want,
                         "prepare this part again with the same command",
+                        full=full or not fname.endswith(".bin"),
                     )
     return PreparedDataset(path, manifests, [c for _, c in loaded])
 
 
-def open_dataset(path: str) -> PreparedDataset:
-    """The verified dataset at `path`.
+def open_dataset(path: str, *, full: bool = False) -> PreparedDataset:
+    """The verified dataset at `path`: every manifest against its sha256, every file's size,
+    the document offsets' sha256; the token files' sha256 too with `full` (a pass over the
+    whole dataset), else each 1 MiB block's digest when it is first read.
 
     Raises:
       ValueError: one line naming what is missing, damaged or unreadable, and the fix.
@@ -346,4 +393,4 @@ def open_dataset(path: str) -> PreparedDataset:
     path = path.rstrip("/") if is_url(path) else os.path.abspath(path)
     # Shard hashes are cached per (file, size, mtime): a second open in a process re-reads only
     # the manifests, and a rewritten shard is hashed again.
-    return _open(path)
+    return _open(path, full)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bf16jax.data import prepared as fmt
-from bf16jax.data.span_corruption import corrupt, random_spans_helper, span_counts
+from bf16jax.data.span_corruption import corrupt, random_spans_helper
 from bf16jax.data.tokenizer import load_tokenizer, sentinel_ids
 
 __all__ = ["TokenStream", "Examples", "build_examples", "feature_spec", "check_tokenizer"]
@@ -103,15 +103,19 @@ def pack_plan(lengths: list[np.ndarray], limits: list[int]) -> np.ndarray:
     """Greedy rows in order: example i joins the current row while, for every j, the row's
     total of lengths[j] stays <= limits[j]. Returns the row bounds, int64 [rows + 1]: row r
     holds examples bounds[r] .. bounds[r + 1] - 1."""
-    cols = [np.asarray(x, np.int64).tolist() for x in lengths]
+    total = len(lengths[0]) if lengths else 0
     bounds, used = [0], [0] * len(limits)
-    for i, need in enumerate(zip(*cols, strict=True)):
-        if i > bounds[-1] and any(u + n > m for u, n, m in zip(used, need, limits, strict=True)):
-            bounds.append(i)
-            used = [0] * len(limits)
-        used = [u + n for u, n in zip(used, need, strict=True)]
-    if cols and len(cols[0]) > bounds[-1]:
-        bounds.append(len(cols[0]))
+    for lo in range(0, total, 1 << 16):  # as Python ints, a slice at a time (bounded memory)
+        cols = [np.asarray(x[lo : lo + (1 << 16)], np.int64).tolist() for x in lengths]
+        for i, need in enumerate(zip(*cols, strict=True), lo):
+            if i > bounds[-1] and any(
+                u + n > m for u, n, m in zip(used, need, limits, strict=True)
+            ):
+                bounds.append(i)
+                used = [0] * len(limits)
+            used = [u + n for u, n in zip(used, need, strict=True)]
+    if total > bounds[-1]:
+        bounds.append(total)
     return np.asarray(bounds, np.int64)
 
 
@@ -302,10 +306,13 @@ def _t5_span(ds, split, data_cfg, packing, seed, sentinels, eos) -> Examples:
     k = np.arange(len(owner)) - np.repeat(first, pieces)
     piece_start = starts[owner] + k * chunk
     piece_len = np.minimum(chunk, body[owner] - k * chunk).astype(np.int32)
+    del owner, first, k, body, pieces, starts
     noise, spans = _span_counts_vec(piece_len, density, mean_span)
     enc_need = piece_len - noise + spans + 1
     dec_need = noise + spans + 1
+    del noise, spans
     rows = pack_plan([enc_need, dec_need], [enc_len, dec_len])
+    del enc_need, dec_need
 
     def example(index, row):
         rng = np.random.default_rng([seed, _SPAN_SALT, int(index)])
@@ -321,9 +328,10 @@ def _t5_span(ds, split, data_cfg, packing, seed, sentinels, eos) -> Examples:
 
 
 def _span_counts_vec(lengths: np.ndarray, density: float, mean_span: float):
-    table = {int(n): span_counts(int(n), density, mean_span) for n in np.unique(lengths)}
-    noise = np.asarray([table[int(n)][0] for n in lengths], np.int64)
-    spans = np.asarray([table[int(n)][1] for n in lengths], np.int64)
+    """`span_counts` for every length at once (same rounding: half to even, as Python's)."""
+    n = np.maximum(np.asarray(lengths, np.int64), 2)
+    noise = np.minimum(np.maximum(np.rint(n * density).astype(np.int64), 1), n - 1)
+    spans = np.maximum(np.rint(noise / mean_span).astype(np.int64), 1)
     return noise, spans
 
 
