@@ -7,6 +7,7 @@ A dataset directory holds, for each of its n parts (one per `--part_index`, n = 
   SPLIT-IIIII-KKKKK.FIELD.bin      shard K's tokens of FIELD, flat little-endian uint16 when every
                                    id of the part fits, else uint32 (the manifest says which)
   SPLIT-IIIII-KKKKK.FIELD.idx      its document offsets, int64 [documents + 1]
+  SPLIT-IIIII-KKKKK.FIELD.blk      blake2b-128 of each 64 KiB block of the .bin, checked on read
   tokenizer/                       a copy of the tokenizer's files (empty for bytes)
 Every manifest records the format version, the settings every part must share (tokenizer and
 its files' sha256, fields, split rule, the full input list), and every shard file's size and
@@ -52,9 +53,11 @@ FIELDS = {
     "text2text": (("input", True), ("target", True)),
     "prompt_completion": (("prompt", False), ("completion", True)),
 }
-# Shard files also carry a digest per block of BLOCK_BYTES: a reader checks each block the first
-# time it reads from it, so opening a dataset costs no full pass over its shards.
-BLOCK_BYTES = 1 << 20
+# Each token file has a digest file (.blk: 16-byte blake2b per block of BLOCK_BYTES, itself in
+# the manifest with its sha256): a reader checks a block the first time it reads from it, so
+# opening a dataset costs no pass over its shards, and a block costs ~64 KiB of hashing once.
+BLOCK_BYTES = 1 << 16
+DIGEST_BYTES = 16
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})\.json$")
 
 
@@ -82,8 +85,8 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _block_digest(data) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def _block_digest(data) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
 class BlockHasher:
@@ -91,7 +94,7 @@ class BlockHasher:
 
     def __init__(self):
         self._buf = bytearray()
-        self._digests: list[str] = []
+        self._digests: list[bytes] = []
 
     def update(self, data: bytes) -> None:
         self._buf += data
@@ -100,8 +103,8 @@ class BlockHasher:
             self._digests.append(_block_digest(self._buf[at : at + BLOCK_BYTES]))
         del self._buf[:full]
 
-    def digests(self) -> list[str]:
-        return self._digests + ([_block_digest(self._buf)] if self._buf else [])
+    def digests(self) -> bytes:
+        return b"".join(self._digests + ([_block_digest(self._buf)] if self._buf else []))
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -190,7 +193,7 @@ class Shard:
         for field in fields:
             tok_path = os.path.join(directory, f"{self.name}.{field}.bin")
             idx_path = os.path.join(directory, f"{self.name}.{field}.idx")
-            blocks = info["files"][f"{self.name}.{field}.bin"]["blocks"]
+            blocks = _read_bytes(os.path.join(directory, f"{self.name}.{field}.blk"))
             self.tokens[field] = _load_array(tok_path, dtype, blocks)
             self.offsets[field] = _load_array(idx_path, np.dtype("<i8"))
 
@@ -202,7 +205,7 @@ class FileArray:
     """A read-only 1-D array on disk, read by `pread` per slice: no mapping, so a reader's
     resident memory does not grow with the pages it has visited (a memmap's would)."""
 
-    def __init__(self, path: str, dtype: np.dtype, blocks: list[str] | None = None):
+    def __init__(self, path: str, dtype: np.dtype, blocks: bytes | None = None):
         self.path, self.dtype, self.blocks = path, np.dtype(dtype), blocks
         self._len = os.path.getsize(path) // self.dtype.itemsize
         self._fd = None
@@ -233,7 +236,8 @@ class FileArray:
             if k in self._verified:
                 continue
             data = os.pread(self._fd, BLOCK_BYTES, k * BLOCK_BYTES)
-            if k >= len(self.blocks) or _block_digest(data) != self.blocks[k]:
+            want = self.blocks[k * DIGEST_BYTES : (k + 1) * DIGEST_BYTES]
+            if _block_digest(data) != want:
                 raise ValueError(
                     f"prepared dataset: {self.path} block {k} (bytes {k * BLOCK_BYTES}+) does "
                     "not match its digest in the manifest (damaged): prepare this part again."
@@ -258,7 +262,7 @@ class FileArray:
                 pass
 
 
-def _load_array(path: str, dtype: np.dtype, blocks: list[str] | None = None):
+def _load_array(path: str, dtype: np.dtype, blocks: bytes | None = None):
     if is_url(path):  # object stores: read whole (memory = the shard's size), hash checked
         return np.frombuffer(_read_bytes(path), dtype)
     if blocks is None:
