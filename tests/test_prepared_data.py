@@ -344,3 +344,27 @@ def test_packing_plan_and_vector_span_counts():
         assert list(zip(noise.tolist(), spans.tolist(), strict=True)) == want
     bounds = readers.pack_plan([np.array([3, 3, 5, 1, 9, 2])], [8])
     assert bounds.tolist() == [0, 2, 4, 5, 6]  # [3,3] [5,1] [9] [2]: greedy, in order
+
+
+def test_t5_packed_chunks_are_document_pieces(text_dir):
+    from bf16jax.data.span_corruption import merge_spans
+
+    c = cfg("t5", text_dir, packing=True, enc_len=64, dec_len=24)
+    ds = fmt.open_dataset(str(text_dir))
+    ex = readers.build_examples(ds, "t5", "train", c.data, 0)
+    tok = load_tokenizer("")
+    docs = set(make_docs(200))
+    chunk, _, _, _ = readers.span_lengths(c.data)
+    for i in range(0, len(ex), 7):
+        r = ex.fn(i, ex[i])
+        seg_e, seg_d = r["encoder_segment_ids"], r["decoder_segment_ids"]
+        for k in np.unique(seg_e[seg_e > 0]):
+            piece = tok.decode(
+                merge_spans(r["encoder_inputs"][seg_e == k], r["targets"][seg_d == k])
+            )
+            # A chunk of one document, cut at multiples of `chunk` bytes from its start.
+            assert any(
+                d.encode()[j : j + chunk].decode("utf-8", "replace") == piece or piece in d
+                for d in docs
+                for j in range(0, len(d.encode()), chunk)
+            )

@@ -287,29 +287,10 @@ def _t5_span(ds, split, data_cfg, packing, seed, sentinels, eos) -> Examples:
         return Examples(
             f"{ds.path}/{split}", n, lambda i: stream.read(i * chunk, (i + 1) * chunk), example
         )
-    # Chunks: each document without its EOS, cut every `chunk` tokens.
-    starts = (
-        np.concatenate(
-            [
-                np.asarray(o[:-1], np.int64) + b
-                for o, b in zip(stream.offsets, stream.bases, strict=False)
-            ]
-        )
-        if stream.offsets
-        else np.zeros(0, np.int64)
-    )
-    body = stream.doc_lengths() - 1
-    body = np.maximum(body, 0)
-    pieces = np.where(body > 0, -(-body // chunk), 0)
-    owner = np.repeat(np.arange(len(body)), pieces)
-    first = np.concatenate([[0], np.cumsum(pieces)])[:-1]
-    k = np.arange(len(owner)) - np.repeat(first, pieces)
-    piece_start = starts[owner] + k * chunk
-    piece_len = np.minimum(chunk, body[owner] - k * chunk).astype(np.int32)
-    del owner, first, k, body, pieces, starts
+    piece_start, piece_len = _chunks(stream, chunk)
     noise, spans = _span_counts_vec(piece_len, density, mean_span)
-    enc_need = piece_len - noise + spans + 1
-    dec_need = noise + spans + 1
+    enc_need = (piece_len - noise + spans + 1).astype(np.int32)
+    dec_need = (noise + spans + 1).astype(np.int32)
     del noise, spans
     rows = pack_plan([enc_need, dec_need], [enc_len, dec_len])
     del enc_need, dec_need
@@ -327,11 +308,28 @@ def _t5_span(ds, split, data_cfg, packing, seed, sentinels, eos) -> Examples:
     return Examples(f"{ds.path}/{split}", len(rows) - 1, get, example)
 
 
+def _chunks(stream: TokenStream, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stream start int64, length int32) of every chunk: each document without its EOS, cut
+    every `chunk` tokens; built a shard at a time (12 bytes per chunk are kept)."""
+    starts_out, lens_out = [], []
+    for offs, base in zip(stream.offsets, stream.bases[:-1].tolist(), strict=True):
+        offs = np.asarray(offs, np.int64)
+        body = np.maximum(np.diff(offs) - 1, 0)
+        pieces = -(-body // chunk)
+        owner = np.repeat(np.arange(len(body)), pieces)
+        k = np.arange(len(owner)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        starts_out.append(offs[:-1][owner] + base + k * chunk)
+        lens_out.append(np.minimum(chunk, body[owner] - k * chunk).astype(np.int32))
+    if not starts_out:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    return np.concatenate(starts_out), np.concatenate(lens_out)
+
+
 def _span_counts_vec(lengths: np.ndarray, density: float, mean_span: float):
     """`span_counts` for every length at once (same rounding: half to even, as Python's)."""
-    n = np.maximum(np.asarray(lengths, np.int64), 2)
-    noise = np.minimum(np.maximum(np.rint(n * density).astype(np.int64), 1), n - 1)
-    spans = np.maximum(np.rint(noise / mean_span).astype(np.int64), 1)
+    n = np.maximum(np.asarray(lengths, np.int32), 2)
+    noise = np.minimum(np.maximum(np.rint(n * density).astype(np.int32), 1), n - 1)
+    spans = np.maximum(np.rint(noise / mean_span).astype(np.int32), 1)
     return noise, spans
 
 
