@@ -18,6 +18,7 @@ Packed rows are planned greedily in document order from lengths alone (no tokens
 
 from __future__ import annotations
 
+import array
 import functools
 from typing import Any
 
@@ -104,7 +105,7 @@ def pack_plan(lengths: list[np.ndarray], limits: list[int]) -> np.ndarray:
     total of lengths[j] stays <= limits[j]. Returns the row bounds, int64 [rows + 1]: row r
     holds examples bounds[r] .. bounds[r + 1] - 1."""
     total = len(lengths[0]) if lengths else 0
-    bounds, used = [0], [0] * len(limits)
+    bounds, used = array.array("q", [0]), [0] * len(limits)  # 8 bytes a row, not a Python int
     for lo in range(0, total, 1 << 16):  # as Python ints, a slice at a time (bounded memory)
         cols = [np.asarray(x[lo : lo + (1 << 16)], np.int64).tolist() for x in lengths]
         for i, need in enumerate(zip(*cols, strict=True), lo):
@@ -116,7 +117,7 @@ def pack_plan(lengths: list[np.ndarray], limits: list[int]) -> np.ndarray:
             used = [u + n for u, n in zip(used, need, strict=True)]
     if total > bounds[-1]:
         bounds.append(total)
-    return np.asarray(bounds, np.int64)
+    return np.frombuffer(bounds, np.int64)
 
 
 def _one_per_row(n: int) -> np.ndarray:
