@@ -258,7 +258,7 @@ class FileArray:
         if getattr(self, "_fd", None) is not None:
             try:
                 os.close(self._fd)
-            except (OSError, TypeError):  # at interpreter exit `os` may be gone
+            except (OSError, TypeError, AttributeError):  # at exit, `os` may be gone
                 pass
 
 
