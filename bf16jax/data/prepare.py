@@ -225,6 +225,13 @@ def _tokenize_input(task: dict) -> dict:
     return stats
 
 
+class _DirectQueue:
+    """The progress queue of an in-process run: `put` updates the bar at once."""
+
+    def __init__(self, update):
+        self.put = update
+
+
 def _start_method() -> str:
     """fork (workers start at once) unless JAX's runtime threads already run in this process
     (a notebook, a test): forking those can deadlock, so spawn."""
@@ -259,12 +266,9 @@ def _run_stage1(tasks: list[dict], opts: Options, total_bytes: int) -> None:
 
     try:
         if opts.workers == 1 or len(todo) <= 1:
-            q: Any = queue.SimpleQueue()
-            _worker_init(opts.tokenizer, q)
+            _worker_init(opts.tokenizer, _DirectQueue(update))  # the bar moves as it reads
             for t in todo:
                 _tokenize_input(t)
-                while not q.empty():
-                    update(q.get())
             return
         ctx = mp.get_context(_start_method())
         q = ctx.Queue()
