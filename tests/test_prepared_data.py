@@ -270,10 +270,9 @@ def test_mixture_is_deterministic_and_weighted(text_dir, tmp_path):
     ]
     record = workdir.dataset_record(c)
     assert [r["weight"] for r in record] == [0.75, 0.25]
-    ev = data_lib.num_examples(c.data, "eval", "gpt")
-    assert ev == sum(
-        data_lib.num_examples(cfg("gpt", p).data, "eval", "gpt") for p in (text_dir, tmp_path / "b")
-    )
+    ev = batches(c, split="eval", n=2)  # interleaved 3:1 by weight
+    from_b = [int((r == ord("Z") + 2).mean() > 0.5) for x in ev for r in x["inputs"]]
+    assert sum(from_b) == 2 and from_b[:4] == [0, 0, 0, 1]
 
 
 def test_preflight_refuses_bad_prepared_data(text_dir, tmp_path, spm_dir):

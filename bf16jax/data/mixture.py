@@ -5,7 +5,7 @@ position in that source's stream) -> repeat forever (grain reshuffles each epoch
 `data.mixture`'s weights (grain's deterministic proportional selection) -> positions p, p+n, ...
 of process p of n -> batch. The global stream does not depend on the process count and is
 infinite, so no process runs out before the others and the file count need not divide by it.
-eval: the sources' eval splits one after the other, cut to a multiple of the process count;
+eval: the sources' eval splits interleaved by weight, cut to a multiple of the process count;
 `source_configs` gives each source alone, for a loss per source (the trainer's evaluate).
 Resume is exact through the iterator's get_state / set_state (grain's, as for every dataset).
 """
@@ -126,7 +126,9 @@ def make_prepared_dataset(
         ds = ds[process_index::process_count]
     else:
         parts = [grain.MapDataset.source(ex).map_with_index(ex.fn) for ex, _ in sources]
-        ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+        # Several sources: interleaved by weight (until one runs out), so the first eval
+        # batches estimate the mixture's loss; each source's own is `source_configs`'.
+        ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [w for _, w in sources])
         usable = len(ds) // process_count * process_count
         if usable // process_count < local_batch:
             raise ValueError(

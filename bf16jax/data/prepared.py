@@ -368,9 +368,19 @@ def _open(path: str, full: bool) -> PreparedDataset:
             f"prepared dataset {path}: its parts were prepared with different settings "
             "(tokenizer, fields, split or input list): prepare every part with the same command."
         )
+    fields = tuple(f for f, _ in FIELDS[manifests[0]["kind"]])
     for m in manifests:
         for split in m["splits"].values():
             for info in split["shards"]:
+                need = {
+                    f"{info['name']}.{f}.{ext}" for f in fields for ext in ("bin", "idx", "blk")
+                }
+                if not need <= set(info["files"]):
+                    raise ValueError(
+                        f"prepared dataset {path}: shard {info['name']} lists "
+                        f"{sorted(info['files'])}, not {sorted(need)} (damaged or written by "
+                        "another version): prepare it again."
+                    )
                 for fname, want in info["files"].items():
                     _check_file(
                         os.path.join(path, fname),
