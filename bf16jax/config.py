@@ -134,6 +134,13 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
             # "init_from" = the tokenizer of config.init_from's directory.
             tokenizer="",
             prompt="continue: ",  # kjv_continuation: the text-to-text task's input prefix
+            # data.name="prepared": a `python -m bf16jax.prepare` directory (local or gs://),
+            # or a mixture "DIR=WEIGHT,DIR=WEIGHT" (weights > 0, normalised; "" = path alone).
+            path="",
+            mixture="",
+            # Prepared data: GPT several documents per row with segment_ids / positions; T5
+            # several examples per row as separate segments (bf16jax.data.readers).
+            packing=False,
         )
     )
     c.train = ml_collections.ConfigDict(
@@ -227,6 +234,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.train.drift_every={config.train.drift_every}: use N > 0 (every N steps), "
             "0 (at each eval) or -1 (off)."
         )
+    if config.data.name == "prepared":
+        if not (config.data.get("path") or config.data.get("mixture")):
+            raise ValueError(
+                "config.data.name='prepared' reads a prepared dataset: pass "
+                "--config.data.path=DIR (python -m bf16jax.prepare ... --out=DIR) or "
+                "--config.data.mixture=DIR=W,DIR=W."
+            )
+        if config.model.name not in LANGUAGE_MODELS:
+            raise ValueError(
+                f"config.data.name='prepared' feeds gpt / t5, not model.name={config.model.name!r}."
+            )
     if config.data.get("tokenizer") == "init_from" and not config.get("init_from"):
         raise ValueError(
             "config.data.tokenizer='init_from' reads the tokenizer of config.init_from, which is "

@@ -12,6 +12,14 @@ Steps (the model files need a machine with network once; everything after runs o
      (pure BF16: add --config.precision=bf16-pure-kahan and a new --workdir)
   4. python -m bf16jax.convert export runs/flan_t5_small runs/flan_ft_hf \
          --checkpoint=runs/flan_ft_bf16      # a transformers directory again
+Your own jsonl instead of the KJV task ({"input": ..., "target": ...} per line):
+  python -m bf16jax.prepare my_task.jsonl --kind=text2text --tokenizer=runs/flan_t5_small \
+      --out=data/my_task --eval_fraction=0.05
+  python -m bf16jax.main --config=configs/flan_t5_small_ft.py \
+      --config.init_from=runs/flan_t5_small --config.data.name=prepared \
+      --config.data.path=data/my_task --workdir=runs/flan_ft_mine
+  (other field names: --input_field / --target_field; data.packing=true packs short pairs;
+  a pair longer than enc_len / dec_len is left out and counted in the log, never truncated)
 Hardware: one GPU or TPU host (77M params); a CPU runs it slowly. The architecture comes from
           the converted checkpoint (`init_from`); the sizes below are FLAN-T5-small's.
 Expected: FLAN-T5's fine-tuning recipe: Adafactor, constant LR 1e-3, dropout 0.1, BF16.
@@ -38,6 +46,7 @@ def get_config():
         mlp_dropout_rate=0.1,
     )
     c.init_from = ""  # --config.init_from=DIR, the output of `bf16jax.interop.convert import`
+    # name="prepared" with data.path=DIR trains on a `prepare --kind=text2text` set instead.
     c.data.update(
         name="kjv_continuation",
         tokenizer="init_from",

@@ -140,7 +140,18 @@ ROOT_RULES = {
     "config": {"models", "data", "nn", "precision", "parallel"},
 }
 # The commands and the CLI plumbing they share sit on top: they may import anything.
-TOP = {"cli", "main", "serve", "generate", "evaluate", "gate", "export", "convert", "registry"}
+TOP = {
+    "cli",
+    "main",
+    "serve",
+    "generate",
+    "evaluate",
+    "gate",
+    "export",
+    "convert",
+    "registry",
+    "prepare",
+}
 
 
 def subsystem(module: str) -> str | None:

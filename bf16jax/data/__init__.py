@@ -1,7 +1,9 @@
-"""Data: tokenizers, the bundled demo datasets' grain pipelines, and T5 span corruption.
+"""Data: tokenizers, prepared datasets, grain pipelines, packing, and T5 span corruption.
 
 Owns everything between text on disk and integer batches: the byte tokenizer (with T5-style
-sentinels) and pretrained models' tokenizer files, the input pipelines, and the span-corruption
-objective. Knows nothing about models or training.
+sentinels) and pretrained models' tokenizer files, `prepare` (raw text -> verified token shards:
+sources, prepare, prepared), the readers of prepared data (windows, packing, span corruption,
+fine-tuning pairs; readers, mixture), the bundled demo datasets (datasets), and the
+span-corruption objective. Knows nothing about models or training.
 May import: precision, parallel.
 """

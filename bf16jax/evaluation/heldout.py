@@ -35,6 +35,7 @@ def eval_batches(config, num_batches: int | None = None):
         "eval",
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        model=config.model.name,
     )
     num_batches = config.train.eval_steps if num_batches is None else num_batches
     for i, local in enumerate(ds):

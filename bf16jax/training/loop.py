@@ -134,6 +134,7 @@ def start_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
             "train",
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            model=config.model.name,
         )
     )
     ckpt = Checkpointer.from_config(config.checkpoint, f"{workdir.rstrip('/')}/checkpoints")

@@ -10,21 +10,28 @@ the images. Each failure is a ValueError naming the key and the fix.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import ml_collections
 
 from bf16jax.data import datasets as data_lib
+from bf16jax.data import mixture
+from bf16jax.data.prepared import sha256_file
+from bf16jax.data.readers import check_tokenizer
 from bf16jax.data.span_corruption import random_spans_helper, span_counts
-from bf16jax.data.tokenizer import load_tokenizer
+from bf16jax.data.tokenizer import load_tokenizer, tokenizer_files
 from bf16jax.parallel.sharding import BATCH_AXES
 
-__all__ = ["check_data", "vocab_needed"]
+__all__ = ["check_data", "check_prepared", "vocab_needed"]
 
 
 def vocab_needed(data_cfg) -> int | None:
     """The smallest model vocabulary that covers every token id the data yields (None: no
     token ids, i.e. images)."""
     name = data_cfg.name
+    if name == "prepared":
+        return None  # checked by check_prepared against the dataset's tokenizer
     tokenizer = data_cfg.get("tokenizer", "") or ""
     if tokenizer and name == "kjv_bytes":  # the encoded splits (cached: training reads them)
         return int(max(data_lib.kjv_tokens(s, tokenizer).max() for s in data_lib.SPLITS)) + 1
@@ -55,6 +62,57 @@ def vocab_needed(data_cfg) -> int | None:
     return None
 
 
+def _tokenizer_hashes(spec: str) -> dict[str, str]:
+    return {os.path.basename(p): sha256_file(p) for p in tokenizer_files(spec)}
+
+
+def check_prepared(config: ml_collections.ConfigDict) -> None:
+    """A prepared dataset (or mixture) against the model: readable and complete (manifests and
+    shard hashes), its tokenizer the model's (`data.tokenizer`, else `init_from`'s), its
+    vocabulary within the embedding, both splits non-empty, T5 sentinels as the tokenizer's."""
+    d, m = config.data, config.model
+    for ds, _ in mixture.dataset_sources(d):
+        check_tokenizer(ds)  # the copy against the manifest (ids, EOS, sentinels)
+        # The model's tokenizer, where the config names one: data.tokenizer, else init_from's
+        # files (a from-scratch model takes the dataset's own tokenizer).
+        spec = d.get("tokenizer", "") or None
+        if spec == "init_from" or (spec is None and config.get("init_from")):
+            spec = config.init_from
+            if not tokenizer_files_or_none(spec):
+                spec = None  # an init_from directory without tokenizer files: nothing to compare
+        if spec is not None and _tokenizer_hashes(spec) != ds.tokenizer["files"]:
+            raise ValueError(
+                f"prepared dataset {ds.path} was tokenized with a {ds.tokenizer['kind']} "
+                f"tokenizer that differs from the model's ({spec}): prepare it again with "
+                f"--tokenizer={spec}."
+            )
+        if m.vocab_size < ds.tokenizer["vocab_size"] or m.vocab_size <= ds.max_token_id:
+            raise ValueError(
+                f"config.model.vocab_size={m.vocab_size} is smaller than the vocabulary of "
+                f"{ds.path}'s tokenizer ({ds.tokenizer['vocab_size']}): set model.vocab_size >= "
+                f"{ds.tokenizer['vocab_size']} or use the model's own tokenizer."
+            )
+        for split in data_lib.SPLITS:
+            if not ds.documents(split):
+                raise ValueError(
+                    f"prepared dataset {ds.path} has an empty {split} split: prepare it with "
+                    + (
+                        "--eval_fraction=0.01 (or --eval_docs=N)."
+                        if split == "eval"
+                        else "more input."
+                    )
+                )
+    # Builds every source's train examples: sentinels checked, empty example sets refused.
+    data_lib.num_examples(d, "train", m.name)
+
+
+def tokenizer_files_or_none(spec: str) -> list[str]:
+    try:
+        return tokenizer_files(spec)
+    except FileNotFoundError:
+        return []
+
+
 def _check_batch(key: str, global_rows: int, mesh) -> None:
     shards = 1
     for axis in BATCH_AXES:
@@ -75,8 +133,14 @@ def check_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> No
     _check_batch("eval_batch_size", int(d.eval_batch_size), mesh)
     # Builds (does not read) the eval pipeline: too few eval examples, or a batch that does not
     # split over the processes, fail here rather than at the first evaluation.
+    if d.name == "prepared":
+        check_prepared(config)
     data_lib.make_dataset(
-        d, "eval", process_index=jax.process_index(), process_count=jax.process_count()
+        d,
+        "eval",
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        model=m.name,
     )
     needed = vocab_needed(d)
     if needed is not None and m.name in ("gpt", "t5") and m.vocab_size < needed:

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from bf16jax import config as config_lib
 from bf16jax.data import datasets as data_lib
+from bf16jax.data import mixture as mixture_lib
 from bf16jax.evaluation import heldout as evaluation
 from bf16jax.models import build_model, param_count
 from bf16jax.nn import loss as loss_lib
@@ -187,6 +188,7 @@ class Trainer:
             "eval",
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            model=self.config.model.name,
         )
         return self.global_batch(next(iter(ds)))
 
@@ -221,7 +223,9 @@ class Trainer:
         b, sh = int(self.config.data.batch_size), sharding.batch_sharding(self.mesh)
         batch = {
             k: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sh)
-            for k, (shape, dtype) in data_lib.example_spec(self.config.data).items()
+            for k, (shape, dtype) in data_lib.example_spec(
+                self.config.data, self.config.model.name
+            ).items()
         }
         fn = self._diagnostic_step_fn if diagnostics else self._step_fn
         with jax.set_mesh(self.mesh):
@@ -269,9 +273,20 @@ class Trainer:
         `fp8_meta`: `state.fp8_meta`, required when the policy has `q=fp8`.
         """
         fp8_meta = self._empty_meta if fp8_meta is None else fp8_meta
+        out = self._evaluate_batches(params, self.eval_batches(num_batches), fp8_meta)
+        # A mixture of prepared datasets: also the loss of each source alone.
+        for name, data_cfg in mixture_lib.source_configs(self.config.data):
+            cfg = self.config.copy_and_resolve_references()
+            with cfg.unlocked():
+                cfg.data = data_cfg
+            batches = evaluation.eval_batches(cfg, num_batches)
+            out[f"{name}/loss"] = self._evaluate_batches(params, batches, fp8_meta)["loss"]
+        return out
+
+    def _evaluate_batches(self, params, batches, fp8_meta) -> dict[str, float]:
         totals = None
         with jax.set_mesh(self.mesh):
-            for local in self.eval_batches(num_batches):
+            for local in batches:
                 out = self._eval_fn(params, self.global_batch(local), fp8_meta)
                 out.pop("log_z")
                 totals = out if totals is None else jax.tree.map(jnp.add, totals, out)

@@ -22,7 +22,14 @@ import jax
 
 from bf16jax import config as config_lib
 
-__all__ = ["CONFIG_FILE", "check_workdir", "check_config_change", "write_config", "read_config"]
+__all__ = [
+    "CONFIG_FILE",
+    "check_workdir",
+    "check_config_change",
+    "write_config",
+    "read_config",
+    "dataset_record",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +127,7 @@ def check_config_change(config, workdir: str, resuming: bool) -> None:
             CONFIG_FILE,
         )
         return
+    _check_dataset(saved, config, workdir)
     changes = config_lib.resume_changes(config_lib.flatten(saved), config)
     allowed = config_lib.allowed_changes(config)
     refused = [c for c in changes["state"] if not config_lib.is_allowed(c[0], allowed)]
@@ -152,11 +160,41 @@ def check_config_change(config, workdir: str, resuming: bool) -> None:
         log.info("Config change on resume: %s %s -> %s.", key, _show(old), _show(new))
 
 
+def dataset_record(config) -> list[dict] | None:
+    """The prepared dataset(s) a run reads (path, metadata hash, tokenizer, weight), or None."""
+    if config.data.get("name") != "prepared":
+        return None
+    from bf16jax.data import mixture
+
+    return mixture.prepared_record(config.data)
+
+
+def _check_dataset(saved: dict, config, workdir: str) -> None:
+    """Refuses a resume on a prepared dataset whose metadata changed (same path, new corpus)."""
+    old, new = saved.get("dataset"), dataset_record(config)
+    if old is None or new is None:
+        return
+    before = [(d["path"], d["meta_sha256"], d["weight"]) for d in old]
+    after = [(d["path"], d["meta_sha256"], d["weight"]) for d in new]
+    if before != after and not config_lib.is_allowed("data", config_lib.allowed_changes(config)):
+        raise ValueError(
+            f"resuming {workdir} on a prepared dataset that changed since its checkpoints were "
+            f"written ({before} -> {after}): the data position would mean other documents. "
+            "Restore the dataset, pass a new --workdir, or allow it with "
+            "--config.checkpoint.allow_config_change=data."
+        )
+
+
 def write_config(config, workdir: str) -> None:
-    """Writes the resolved `config` to WORKDIR/config.json (process 0; atomic on local disks)."""
+    """Writes the resolved `config` to WORKDIR/config.json (process 0; atomic on local disks),
+    with the prepared dataset's record under "dataset" (`dataset_record`)."""
     if jax.process_index() != 0:
         return
-    text = json.dumps(config.to_dict(), indent=1, sort_keys=True, default=str) + "\n"
+    tree = config.to_dict()
+    record = dataset_record(config)
+    if record is not None:
+        tree["dataset"] = record
+    text = json.dumps(tree, indent=1, sort_keys=True, default=str) + "\n"
     path = _config_path(workdir)
     if _is_url(workdir):
         from etils import epath

@@ -1,0 +1,442 @@
+"""Training examples from prepared datasets (`bf16jax.data.prepared`), as grain sources.
+
+The task follows from the dataset's kind and the model (see /work/notes/data_contract.md):
+  gpt + text              windows of seq_len + 1 tokens over the document stream (documents end
+                          with EOS); with packing, segment_ids (1, 2, ... per document in the
+                          row) and positions restarting at each document start, and weight 0 on
+                          the target that crosses into the next document.
+  gpt + prompt_completion one example per row (packing: several), loss on the completion only.
+  t5 + text               span corruption with the tokenizer's own sentinels: windows over the
+                          stream, or (packing) each document cut into chunks, each corrupted on
+                          its own and packed several to a row as separate segments.
+  t5 + text2text          input -> target pairs, one per row or packed.
+Nothing is truncated: a document longer than a window spans windows; a fine-tuning example
+longer than the row is left out and counted (`Examples.skipped`, logged by the caller). Every
+random choice is a function of (seed, position in the global stream), so resume is exact.
+Packed rows are planned greedily in document order from lengths alone (no tokens read).
+"""
+
+from __future__ import annotations
+
+import array
+import functools
+from typing import Any
+
+import numpy as np
+
+from bf16jax.data import prepared as fmt
+from bf16jax.data.span_corruption import corrupt, random_spans_helper
+from bf16jax.data.tokenizer import load_tokenizer, sentinel_ids
+
+__all__ = ["TokenStream", "Examples", "build_examples", "feature_spec", "check_tokenizer"]
+
+_SPAN_SALT = 0x5B4A  # as datasets.py: span-corruption randomness apart from anything else
+
+
+# ----------------------------------------------------------------------------- token streams
+class TokenStream:
+    """The concatenation of a split's shards (one field) as one read-only token array."""
+
+    def __init__(self, shards: list[fmt.Shard], field: str):
+        self.arrays = [s.tokens[field] for s in shards]
+        self.offsets = [s.offsets[field] for s in shards]
+        sizes = [len(a) for a in self.arrays]
+        self.bases = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        doc_counts = [len(o) - 1 for o in self.offsets]
+        self.doc_bases = np.concatenate([[0], np.cumsum(doc_counts, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return int(self.bases[-1])
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.doc_bases[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """int32 tokens [start, stop) of the stream."""
+        k = int(np.searchsorted(self.bases, start, "right")) - 1
+        lo = start - int(self.bases[k])
+        if stop <= self.bases[k + 1]:
+            return np.asarray(self.arrays[k][lo : lo + stop - start], np.int32)
+        parts, pos = [], start
+        while pos < stop:
+            k = int(np.searchsorted(self.bases, pos, "right")) - 1
+            end = min(stop, int(self.bases[k + 1]))
+            base = int(self.bases[k])
+            parts.append(np.asarray(self.arrays[k][pos - base : end - base], np.int32))
+            pos = end
+        return np.concatenate(parts)
+
+    def doc_starts(self, start: int, stop: int) -> np.ndarray:
+        """Stream positions of the document starts in [start, stop), ascending."""
+        out = []
+        k = int(np.searchsorted(self.bases, start, "right")) - 1
+        while k < len(self.arrays) and self.bases[k] < stop:
+            base, offs = int(self.bases[k]), self.offsets[k]
+            a = int(np.searchsorted(offs, start - base, "left"))
+            b = int(np.searchsorted(offs, stop - base, "left"))
+            out.append(np.asarray(offs[a:b], np.int64) + base)
+            k += 1
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def doc_lengths(self) -> np.ndarray:
+        """int64 [num_docs]: every document's length (in memory: 8 bytes per document)."""
+        return np.concatenate([np.diff(np.asarray(o, np.int64)) for o in self.offsets])
+
+    def doc(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self.doc_bases, i, "right")) - 1
+        offs, j = self.offsets[k], i - int(self.doc_bases[k])
+        return np.asarray(self.arrays[k][int(offs[j]) : int(offs[j + 1])], np.int32)
+
+
+# ----------------------------------------------------------------------------- row features
+def _segment_features(seg: np.ndarray) -> np.ndarray:
+    """positions [n]: 0 at each new segment value, counting up within it."""
+    n = len(seg)
+    idx = np.arange(n, dtype=np.int32)
+    new = np.ones(n, bool)
+    new[1:] = seg[1:] != seg[:-1]
+    starts = np.maximum.accumulate(np.where(new, idx, 0))
+    return (idx - starts).astype(np.int32)
+
+
+def pack_plan(lengths: list[np.ndarray], limits: list[int]) -> np.ndarray:
+    """Greedy rows in order: example i joins the current row while, for every j, the row's
+    total of lengths[j] stays <= limits[j]. Returns the row bounds, int64 [rows + 1]: row r
+    holds examples bounds[r] .. bounds[r + 1] - 1."""
+    total = len(lengths[0]) if lengths else 0
+    bounds, used = array.array("q", [0]), [0] * len(limits)  # 8 bytes a row, not a Python int
+    for lo in range(0, total, 1 << 16):  # as Python ints, a slice at a time (bounded memory)
+        cols = [np.asarray(x[lo : lo + (1 << 16)], np.int64).tolist() for x in lengths]
+        for i, need in enumerate(zip(*cols, strict=True), lo):
+            if i > bounds[-1] and any(
+                u + n > m for u, n, m in zip(used, need, limits, strict=True)
+            ):
+                bounds.append(i)
+                used = [0] * len(limits)
+            used = [u + n for u, n in zip(used, need, strict=True)]
+    if total > bounds[-1]:
+        bounds.append(total)
+    return np.frombuffer(bounds, np.int64)
+
+
+def _one_per_row(n: int) -> np.ndarray:
+    return np.arange(n + 1, dtype=np.int64)
+
+
+def _pack_t5(pairs: list[tuple[np.ndarray, np.ndarray]], enc_len: int, dec_len: int, packing: bool):
+    """T5 features of one row holding `pairs` of (encoder tokens, targets), each ending in EOS."""
+    enc = np.zeros(enc_len, np.int32)
+    tgt = np.zeros(dec_len, np.int32)
+    dec = np.zeros(dec_len, np.int32)
+    eseg = np.zeros(enc_len, np.int32)
+    dseg = np.zeros(dec_len, np.int32)
+    e = d = 0
+    for k, (x, y) in enumerate(pairs, 1):
+        enc[e : e + len(x)] = x
+        eseg[e : e + len(x)] = k
+        tgt[d : d + len(y)] = y
+        dec[d + 1 : d + len(y)] = y[:-1]  # shifted right within the segment; start = PAD 0
+        dseg[d : d + len(y)] = k
+        e, d = e + len(x), d + len(y)
+    out = {
+        "encoder_inputs": enc,
+        "decoder_inputs": dec,
+        "targets": tgt,
+        "weights": (dseg > 0).astype(np.float32),
+    }
+    if packing:
+        out.update(
+            encoder_segment_ids=eseg,
+            decoder_segment_ids=dseg,
+            encoder_positions=_segment_features(eseg) * (eseg > 0),
+            decoder_positions=_segment_features(dseg) * (dseg > 0),
+        )
+    return out
+
+
+def _pack_gpt(examples: list[tuple[np.ndarray, int]], seq_len: int, pad: int, packing: bool):
+    """GPT features of one row of (tokens, first weighted target index) examples."""
+    inputs = np.full(seq_len, pad, np.int32)
+    targets = np.full(seq_len, pad, np.int32)
+    weights = np.zeros(seq_len, np.float32)
+    seg = np.zeros(seq_len, np.int32)
+    t = 0
+    for k, (x, first) in enumerate(examples, 1):
+        n = len(x) - 1
+        inputs[t : t + n], targets[t : t + n] = x[:-1], x[1:]
+        weights[t + first : t + n] = 1.0
+        seg[t : t + n] = k
+        t += n
+    out = {"inputs": inputs, "targets": targets, "weights": weights}
+    if packing:
+        out.update(segment_ids=seg, positions=_segment_features(seg) * (seg > 0))
+    return out
+
+
+# ----------------------------------------------------------------------------- sources
+class Examples:
+    """A random-access source of finished examples: `fn(index, item)` maps `self[i]` (the
+    item) to the example; `index` is the position in the global stream (epoch included)."""
+
+    def __init__(self, name: str, length: int, get, fn, skipped: int = 0):
+        self.name, self._len, self._get, self.fn, self.skipped = name, length, get, fn, skipped
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> Any:
+        return self._get(int(i))
+
+    def __repr__(self) -> str:
+        return f"Examples({self.name!r}, num={self._len})"
+
+
+def _lengths(data_cfg) -> tuple[int, int, int]:
+    return (
+        int(data_cfg.get("seq_len", 0)),
+        int(data_cfg.get("enc_len", 0)),
+        int(data_cfg.get("dec_len", 0)),
+    )
+
+
+def _gpt_text(ds, split, data_cfg, packing) -> Examples:
+    stream = TokenStream(ds.shards(split), "text")
+    seq_len = int(data_cfg.seq_len)
+    n = max(0, (len(stream) - 1) // seq_len)
+
+    def get(i):
+        start = i * seq_len
+        w = stream.read(start, start + seq_len + 1)
+        if not packing:
+            return {"inputs": w[:-1], "targets": w[1:], "weights": np.ones(seq_len, np.float32)}
+        # Segment k + 1 from the k-th document start inside the row (the row's first document
+        # is segment 1 whether it starts here or continues from the row before).
+        new_doc = np.zeros(seq_len + 1, np.int32)
+        new_doc[stream.doc_starts(start + 1, start + seq_len + 1) - start] = 1
+        seg = (1 + np.cumsum(new_doc)).astype(np.int32)
+        return {
+            "inputs": w[:-1],
+            "targets": w[1:],
+            "weights": (seg[1:] == seg[:-1]).astype(np.float32),
+            "segment_ids": seg[:-1],
+            "positions": _segment_features(seg[:-1]),
+        }
+
+    return Examples(f"{ds.path}/{split}", n, get, lambda index, x: x)
+
+
+def _gpt_prompt_completion(ds, split, data_cfg, packing, pad) -> Examples:
+    prompts = TokenStream(ds.shards(split), "prompt")
+    comps = TokenStream(ds.shards(split), "completion")
+    seq_len = int(data_cfg.seq_len)
+    need = prompts.doc_lengths() + comps.doc_lengths() - 1  # positions an example takes
+    fits = np.flatnonzero(need <= seq_len)
+    rows = pack_plan([need[fits]], [seq_len]) if packing else _one_per_row(len(fits))
+
+    def get(r):
+        items = []
+        for d in fits[rows[r] : rows[r + 1]].tolist():
+            p, c = prompts.doc(d), comps.doc(d)
+            items.append((np.concatenate([p, c]), max(len(p) - 1, 0)))
+        return _pack_gpt(items, seq_len, pad, packing)
+
+    skipped = len(need) - len(fits)
+    return Examples(f"{ds.path}/{split}", len(rows) - 1, get, lambda index, x: x, skipped)
+
+
+def _t5_text2text(ds, split, data_cfg, packing) -> Examples:
+    inputs = TokenStream(ds.shards(split), "input")
+    targets = TokenStream(ds.shards(split), "target")
+    _, enc_len, dec_len = _lengths(data_cfg)
+    il, tl = inputs.doc_lengths(), targets.doc_lengths()
+    fits = np.flatnonzero((il <= enc_len) & (tl <= dec_len))
+    if packing:
+        rows = pack_plan([il[fits], tl[fits]], [enc_len, dec_len])
+    else:
+        rows = _one_per_row(len(fits))
+
+    def get(r):
+        docs = fits[rows[r] : rows[r + 1]].tolist()
+        return _pack_t5([(inputs.doc(d), targets.doc(d)) for d in docs], enc_len, dec_len, packing)
+
+    skipped = len(il) - len(fits)
+    return Examples(f"{ds.path}/{split}", len(rows) - 1, get, lambda index, x: x, skipped)
+
+
+def span_lengths(data_cfg) -> tuple[int, int, float, float]:
+    """(raw tokens per chunk, targets length, noise density, mean span) of `data_cfg`."""
+    density, mean_span = float(data_cfg.noise_density), float(data_cfg.mean_noise_span)
+    tokens_length, targets_length = random_spans_helper(int(data_cfg.enc_len), density, mean_span)
+    return tokens_length, targets_length, density, mean_span
+
+
+def _t5_span(ds, split, data_cfg, packing, seed, sentinels, eos) -> Examples:
+    stream = TokenStream(ds.shards(split), "text")
+    _, enc_len, dec_len = _lengths(data_cfg)
+    chunk, _, density, mean_span = span_lengths(data_cfg)
+    kwargs = dict(
+        noise_density=density, mean_noise_span_length=mean_span, sentinels=sentinels, eos_id=eos
+    )
+    if not packing:
+        n = len(stream) // chunk
+
+        def example(index, tokens):
+            rng = np.random.default_rng([seed, _SPAN_SALT, int(index)])
+            return _pack_t5([corrupt(tokens, rng, **kwargs)], enc_len, dec_len, False)
+
+        return Examples(
+            f"{ds.path}/{split}", n, lambda i: stream.read(i * chunk, (i + 1) * chunk), example
+        )
+    piece_start, piece_len = _chunks(stream, chunk)
+    noise, spans = _span_counts_vec(piece_len, density, mean_span)
+    enc_need = (piece_len - noise + spans + 1).astype(np.int32)
+    dec_need = (noise + spans + 1).astype(np.int32)
+    del noise, spans
+    rows = pack_plan([enc_need, dec_need], [enc_len, dec_len])
+    del enc_need, dec_need
+
+    def example(index, row):
+        rng = np.random.default_rng([seed, _SPAN_SALT, int(index)])
+        lo, hi = row
+        spans = zip(piece_start[lo:hi].tolist(), piece_len[lo:hi].tolist(), strict=True)
+        pairs = [corrupt(stream.read(a, a + n), rng, **kwargs) for a, n in spans]
+        return _pack_t5(pairs, enc_len, dec_len, True)
+
+    def get(r):
+        return int(rows[r]), int(rows[r + 1])
+
+    return Examples(f"{ds.path}/{split}", len(rows) - 1, get, example)
+
+
+def _chunks(stream: TokenStream, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stream start int64, length int32) of every chunk: each document without its EOS, cut
+    every `chunk` tokens; built a shard at a time (12 bytes per chunk are kept)."""
+    starts_out, lens_out = [], []
+    for offs, base in zip(stream.offsets, stream.bases[:-1].tolist(), strict=True):
+        offs = np.asarray(offs, np.int64)
+        body = np.maximum(np.diff(offs) - 1, 0)
+        pieces = -(-body // chunk)
+        owner = np.repeat(np.arange(len(body)), pieces)
+        k = np.arange(len(owner)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        starts_out.append(offs[:-1][owner] + base + k * chunk)
+        lens_out.append(np.minimum(chunk, body[owner] - k * chunk).astype(np.int32))
+    if not starts_out:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    return np.concatenate(starts_out), np.concatenate(lens_out)
+
+
+def _span_counts_vec(lengths: np.ndarray, density: float, mean_span: float):
+    """`span_counts` for every length at once (same rounding: half to even, as Python's)."""
+    n = np.maximum(np.asarray(lengths, np.int32), 2)
+    noise = np.minimum(np.maximum(np.rint(n * density).astype(np.int32), 1), n - 1)
+    spans = np.maximum(np.rint(noise / mean_span).astype(np.int32), 1)
+    return noise, spans
+
+
+# ----------------------------------------------------------------------------- public
+def check_tokenizer(ds: fmt.PreparedDataset) -> Any:
+    """The dataset's tokenizer, loaded from its copy and checked against the manifest (vocab
+    size, EOS, pad, sentinel ids); ValueError naming the difference."""
+    tok = load_tokenizer(ds.tokenizer_dir())
+    meta = ds.tokenizer
+    got = sentinel_ids(tok)
+    want = meta["sentinels"]
+    same = (
+        int(tok.vocab_size) == meta["vocab_size"]
+        and tok.eos_id == meta["eos_id"]
+        and (list(got[:2]) + [len(got)] if len(got) else []) == want
+    )
+    if not same:
+        raise ValueError(
+            f"prepared dataset {ds.path}: its tokenizer copy (vocab {tok.vocab_size}, eos "
+            f"{tok.eos_id}, sentinels {got[:2].tolist()}) differs from its manifest's (vocab "
+            f"{meta['vocab_size']}, eos {meta['eos_id']}, sentinels {want}): prepare it again."
+        )
+    return tok
+
+
+def build_examples(ds: fmt.PreparedDataset, model: str, split: str, data_cfg, seed: int):
+    """The `Examples` of `split` of one prepared dataset for `model` ("gpt" or "t5")."""
+    packing = bool(data_cfg.get("packing", False))
+    tok = check_tokenizer(ds)
+    if split not in ("train", "eval"):
+        raise ValueError(f"Unknown split {split!r}: use train or eval.")
+    if not ds.documents(split):
+        raise ValueError(
+            f"prepared dataset {ds.path} has no {split} document: prepare it with "
+            + ("--eval_fraction or --eval_docs." if split == "eval" else "more input.")
+        )
+    pad = 0 if tok.pad_id is None else int(tok.pad_id)
+    if (model, ds.kind) == ("gpt", "text"):
+        return _gpt_text(ds, split, data_cfg, packing)
+    if (model, ds.kind) == ("gpt", "prompt_completion"):
+        return _gpt_prompt_completion(ds, split, data_cfg, packing, pad)
+    if model == "t5" and pad != 0:
+        raise ValueError(
+            f"prepared dataset {ds.path}: its tokenizer pads with id {pad}; a T5 pads and masks "
+            "with id 0: use a T5 (SentencePiece) tokenizer or bytes."
+        )
+    if (model, ds.kind) == ("t5", "text2text"):
+        return _t5_text2text(ds, split, data_cfg, packing)
+    if (model, ds.kind) == ("t5", "text"):
+        sentinels = sentinel_ids(tok)
+        if not len(sentinels):
+            raise ValueError(
+                f"prepared dataset {ds.path}: T5 span corruption needs sentinel tokens "
+                "(<extra_id_i>), and its tokenizer has none: prepare with a T5 spiece.model or "
+                "bytes."
+            )
+        return _t5_span(ds, split, data_cfg, packing, seed, sentinels, int(tok.eos_id))
+    raise ValueError(
+        f"prepared dataset {ds.path} holds kind {ds.kind!r}, which model.name={model!r} cannot "
+        "train on: gpt takes text / prompt_completion, t5 takes text / text2text."
+    )
+
+
+def feature_spec(model: str, data_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{feature: (shape, dtype)} of a prepared dataset's examples (the data contract)."""
+    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+    packing = bool(data_cfg.get("packing", False))
+    seq_len, enc_len, dec_len = _lengths(data_cfg)
+    if model == "gpt":
+        t = (seq_len,)
+        spec = {"inputs": (t, i32), "targets": (t, i32), "weights": (t, f32)}
+        if packing:
+            spec.update(segment_ids=(t, i32), positions=(t, i32))
+        return spec
+    e, d = (enc_len,), (dec_len,)
+    spec = {
+        "encoder_inputs": (e, i32),
+        "decoder_inputs": (d, i32),
+        "targets": (d, i32),
+        "weights": (d, f32),
+    }
+    if packing:
+        spec.update(
+            encoder_segment_ids=(e, i32),
+            decoder_segment_ids=(d, i32),
+            encoder_positions=(e, i32),
+            decoder_positions=(d, i32),
+        )
+    return spec
+
+
+@functools.lru_cache(maxsize=32)
+def parse_mixture(text: str) -> tuple[tuple[str, float], ...]:
+    """ "DIR=W,DIR=W" -> ((dir, normalised weight), ...)."""
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        path, sep, weight = item.rpartition("=")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not sep or not path or not w > 0:
+            raise ValueError(
+                f"config.data.mixture item {item!r} is not DIR=WEIGHT with WEIGHT > 0: write "
+                "e.g. --config.data.mixture=data/web=3,data/code=1."
+            )
+        out.append((path, w))
+    total = sum(w for _, w in out)
+    return tuple((p, w / total) for p, w in out)
