@@ -82,6 +82,27 @@ RULES = [
     Rule(r"^bash \.ci/run", "skip", "`make test` on a fresh clone: the suite running this test"),
     Rule(r"^make setup\b", "skip", "made the venv this suite runs in (CI: .ci/run)"),
     Rule(r"^make aot-tpu-compare\b", "skip", "needs the TPU venv (.venv-tpu: libtpu, jax[tpu])"),
+    # docs/guides/own-data.md: prepare and a training run on prepared data run for real in
+    # tests/test_prepared_resume.py (the real commands, shrunk); the guide's 60-step runs and the
+    # 1 GB benchmark take minutes.
+    Rule(
+        r"^python -m bf16jax\.prepare",
+        "covered",
+        test="tests/test_prepared_resume.py",
+        marker="bf16jax.prepare",
+    ),  # fmt: skip
+    Rule(
+        r"^python -m bf16jax\.(main|evaluate) --config=configs/(gpt_tiny|t5_small)\.py "
+        r"--config\.data\.name=prepared",
+        "covered",
+        test="tests/test_prepared_resume.py",
+        marker="bf16jax.main",
+    ),  # fmt: skip
+    Rule(
+        r"^python experiments/data_bench\.py",
+        "skip",
+        "a 1 GB corpus: minutes of CPU (tests/test_prepare.py checks the same code paths)",
+    ),
     Rule(r"^make aot-tpu", "covered", test="tests/test_aot.py", marker="aot_tpu"),
     Rule(r"^make (demo|lint)\b", "run", "the Makefile recipe, run as written"),
     Rule(r"pip install", "pip", "dry run: the requirement resolves and its extras exist"),
