@@ -258,9 +258,10 @@ def test_promote_and_rollback_switch_without_dropping_requests(served, reg_dir):
                 break
             await asyncio.sleep(0.1)
         later = await asyncio.gather(*(one(i) for i in range(4)))
+        active = engine.active.name  # before the next rollback, which the poll may see first
         reg.rollback(to="v0002")
         metrics = await (await client.get("/metrics")).text()
-        return results, later, engine.active.name, metrics
+        return results, later, active, metrics
 
     results, later, active, metrics = _run(scenario, registry=reg_dir, max_batch=4,
                                            poll_s=0.05, warmup=False)  # fmt: skip
