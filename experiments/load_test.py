@@ -32,7 +32,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -46,7 +47,8 @@ def _prompts(n: int, seed: int = 0) -> list[str]:
     return [verses[i][: int(rng.integers(8, 24))] for i in rng.integers(0, len(verses), n)]
 
 
-async def _wait_ready(session, url: str, proc, deadline: float) -> dict:
+async def wait_ready(session, url: str, proc, deadline: float) -> dict:
+    """Polls `url`/healthz until the server answers 200 (its JSON), exits, or `deadline`."""
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}")
@@ -65,7 +67,7 @@ async def _drive(url: str, proc, prompts, args) -> dict:
 
     timeout = aiohttp.ClientTimeout(total=args.time_limit_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        health = await _wait_ready(session, url, proc, time.time() + args.startup_s)
+        health = await wait_ready(session, url, proc, time.time() + args.startup_s)
         body = {"max_tokens": args.max_tokens, "temperature": 0.0}
         for p in prompts[: args.concurrency]:  # warm-up, not timed
             async with session.post(f"{url}/generate", json={**body, "prompt": p}) as r:
@@ -124,7 +126,7 @@ def run_one(name: str, directory: str, args) -> dict:
     from bf16jax.serving import artifact
 
     manifest = artifact.verify(directory)
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "bf16jax.serve", f"--artifact={directory}", f"--port={port}",
            f"--max_batch={args.max_batch}", f"--max_wait_ms={args.max_wait_ms}",
            f"--batching={args.batching}",

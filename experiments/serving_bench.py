@@ -27,20 +27,14 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
+from load_test import free_port, wait_ready  # experiments/load_test.py, beside this file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _workload(n: int, rate: float, args, seed: int) -> list[tuple[float, str, int]]:
@@ -120,24 +114,10 @@ async def _rate(session, url: str, mode: str, rate: float, args) -> dict:
     }  # fmt: skip
 
 
-async def _wait_ready(session, url: str, proc, deadline: float) -> None:
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            async with session.get(f"{url}/healthz") as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        await asyncio.sleep(0.5)
-    raise TimeoutError("the server did not become ready")
-
-
 async def _bench_mode(mode: str, args) -> list[dict]:
     import aiohttp
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "bf16jax.serve", f"--artifact={args.artifact}", f"--port={port}",
            f"--max_batch={args.max_batch}", f"--batching={mode}", f"--max_queue={args.max_queue}",
@@ -147,7 +127,7 @@ async def _bench_mode(mode: str, args) -> list[dict]:
     try:
         timeout = aiohttp.ClientTimeout(total=args.time_limit_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            await _wait_ready(session, url, proc, time.time() + args.startup_s)
+            await wait_ready(session, url, proc, time.time() + args.startup_s)
             warm = _workload(args.warmup, 100.0, args, seed=args.seed + 999_999)
             await asyncio.gather(*(_one(session, url, p, m) for _, p, m in warm))
             for rate in args.rates:
