@@ -403,7 +403,9 @@ def target_platform() -> str:
     `jax.set_mesh` (an AOT compile for a TPU pod on a CPU host says "tpu"), else the default
     backend. For choices made at trace time that depend on the hardware."""
     mesh = jax.sharding.get_abstract_mesh()
-    platform = None if mesh.empty else getattr(mesh, "platform", None)
+    # An AbstractMesh names its devices' platform through `abstract_device`.
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None) or getattr(mesh, "platform", None)
     platform = platform or jax.default_backend()
     return "gpu" if platform in ("cuda", "rocm") else platform
 
