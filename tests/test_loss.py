@@ -5,6 +5,8 @@ masked / out-of-range targets in both (issue #13, defect 6: before, a label outs
 a NaN loss even at weight 0 (-100, the usual ignore label, or >= V), with finite gradients, so
 the step was not skipped; -1 silently wrapped to V - 1)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +104,58 @@ def test_chunking_does_not_change_the_result():
     one = both(head, hidden, targets, weights, chunk_tokens=10_000)[1]
     many = both(head, hidden, targets, weights, chunk_tokens=4)[1]  # 12 chunks of one token
     assert_close(one, many)
+
+
+def _scan_lengths(fn, *args) -> list[int]:
+    """Lengths of the scans in `fn`'s jaxpr (the fused loss's chunk loop)."""
+    text = str(jax.make_jaxpr(fn)(*args))
+    return [int(n) for n in re.findall(r"length=(\d+)", text)]
+
+
+def test_a_prime_length_pads_its_last_chunk():
+    """T = 13 (prime) in chunks of <= 8 tokens over 4 rows: 7 chunks of 2 tokens, the last
+    padded by one, not 13 chunks of one token; the loss and gradients are the materialised."""
+    assert loss_lib.chunk_layout(13, 4, 8) == (2, 7)
+    assert loss_lib.chunk_layout(1021, 16, 1024) == (64, 16)  # gpt2_124m's batch at T = 1021
+    assert loss_lib.chunk_layout(1024, 16, 1024) == (64, 16)  # a divisor: no padding
+    assert loss_lib.chunk_layout(5, 1, 1024) == (5, 1)
+    policy = get_policy("bf16")
+    head = make_head("tied", policy)
+    hidden, targets, weights = data(shape=(B, 13), policy=policy)
+    ref, got = both(head, hidden, targets, weights, z_loss=1e-2, chunk_tokens=8)
+    assert_close(ref, got)
+    assert float(got[0][1]["weight_sum"]) == float(weights.sum())
+
+    def fused(h):
+        return loss_lib.fused_cross_entropy(h, head, targets, weights, chunk_tokens=8)[0]
+
+    assert _scan_lengths(jax.grad(fused), hidden) == [7]
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_one_pass_reduction_matches_the_materialised_loss(z_loss, monkeypatch):
+    """The TPU's one-pass log Z and argmax (forced on here): loss, aux and gradients as the
+    materialised loss, with tied maxima (zero hidden rows: every logit 0, argmax the first
+    class) and an ignored label."""
+    monkeypatch.setattr(loss_lib, "one_pass_reduction", lambda: True)
+    policy = get_policy("bf16")
+    head = make_head("tied", policy)
+    hidden, targets, weights = data(policy=policy)
+    hidden = hidden.at[:, :3].set(0)
+    targets = targets.at[:, 0].set(0).at[:, 1].set(1).at[0, 5].set(-100)
+    weights = weights.at[:, :2].set(1.0).at[0, 5].set(0.0)
+    ref, got = both(head, hidden, targets, weights, z_loss=z_loss, chunk_tokens=8)
+    assert_close(ref, got)
+    assert float(got[0][1]["accuracy"]) > 0
+    # the one-pass reduction is in the program (a reduce of three operands), else not
+    text = str(
+        jax.make_jaxpr(lambda h: loss_lib.fused_cross_entropy(h, head, targets, weights)[0])(hidden)
+    )
+    monkeypatch.setattr(loss_lib, "one_pass_reduction", lambda: False)
+    two = str(
+        jax.make_jaxpr(lambda h: loss_lib.fused_cross_entropy(h, head, targets, weights)[0])(hidden)
+    )
+    assert "reduce[" in text and "reduce[" not in two
 
 
 def test_masked_labels_with_zero_weight_are_ignored():

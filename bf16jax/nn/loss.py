@@ -36,6 +36,8 @@ __all__ = [
     "head_logits",
     "fusable",
     "DEFAULT_CHUNK_TOKENS",
+    "chunk_layout",
+    "one_pass_reduction",
     "LossOptions",
     "loss_options",
     "model_loss",
@@ -261,8 +263,8 @@ def fused_cross_entropy(
         loss scale). The logits' gradient is scaled by it before it is cast to the compute
         dtype, so FP16 gradients sit where loss scaling puts them; the result is correct for
         any cotangent (it is rescaled by cotangent / grad_scale). Default 1.
-      chunk_tokens: tokens per device per chunk (the chunk is whole rows of the batch shard
-        times a divisor of the sequence length).
+      chunk_tokens: tokens per device per chunk: whole rows of the batch shard times an equal
+        share of the sequence (`chunk_layout`; the last chunk padded with weight-0 tokens).
 
     Returns:
       (loss, aux) exactly as `cross_entropy` (FP32 scalars).
@@ -290,20 +292,35 @@ def fused_cross_entropy(
     bias = None if transposed or head.bias is None else head.bias[...]
     b = targets.shape[0]
     t = math.prod(targets.shape[1:])  # 1 for per-example targets (ViT)
-    rows = max(b // sharding.batch_shards(), 1)
-    chunk = max((c for c in range(1, t + 1) if t % c == 0 and rows * c <= chunk_tokens), default=1)
+    chunk, num_chunks = chunk_layout(t, max(b // sharding.batch_shards(), 1), chunk_tokens)
     weights = jnp.ones(targets.shape, _F32) if weights is None else weights.astype(_F32)
     scale = jnp.asarray(1.0 if grad_scale is None else grad_scale, _F32)
-    static = _Static(head.policy, transposed, float(z_loss), t // chunk)
+    static = _Static(head.policy, transposed, float(z_loss), num_chunks, one_pass_reduction())
+    # The last chunk is padded with weight-0 tokens (no loss, no gradient); pad's VJP drops
+    # their gradients.
+    pad = ((0, 0), (0, chunk * num_chunks - t))
     return _fused(
-        hidden.reshape(b, t, hidden.shape[-1]),
+        jnp.pad(hidden.reshape(b, t, hidden.shape[-1]), (*pad, (0, 0))),
         kernel,
         bias,
-        targets.reshape(b, t).astype(jnp.int32),
-        weights.reshape(b, t),
+        jnp.pad(targets.reshape(b, t).astype(jnp.int32), pad),
+        jnp.pad(weights.reshape(b, t), pad),
         scale,
         static,
     )
+
+
+def chunk_layout(tokens: int, rows: int, chunk_tokens: int) -> tuple[int, int]:
+    """(tokens per row per chunk, number of chunks) of the fused loss's scan over `tokens`
+    positions of `rows` rows, at most `chunk_tokens` tokens per chunk (at least one per row).
+
+    The chunks are as few as the budget allows and equal, so a length with no good divisor (a
+    prime) pads its last chunk by fewer than `num_chunks` tokens instead of falling to one
+    token per chunk: 1021 in chunks of 64 is 16 chunks, 3 padded tokens.
+    """
+    per_row = min(tokens, max(chunk_tokens // rows, 1))
+    num_chunks = -(-tokens // per_row)
+    return -(-tokens // num_chunks), num_chunks
 
 
 class _Static(NamedTuple):
@@ -311,6 +328,7 @@ class _Static(NamedTuple):
     transposed: bool  # kernel is [V, D] (a tied embedding table), else [D, V]
     z_loss: float
     num_chunks: int
+    one_pass: bool  # log Z and argmax in one pass over the logits (`_logsumexp_argmax`)
 
 
 def _chunks(x: jax.Array, n: int) -> jax.Array:
@@ -331,6 +349,40 @@ def _chunk_logits(h, kernel, bias, st: _Static):  # [B, c, D] -> [B, c, V] accum
     return logits if bias is None else logits + bias.astype(logits.dtype)
 
 
+def one_pass_reduction() -> bool:
+    """Whether the fused loss reduces each chunk's logits in one pass (`_logsumexp_argmax`): on
+    a TPU, where it takes libtpu's estimated cycles of gpt2_124m's loss from 75M to 60M; on the
+    CPU the two-pass `logsumexp` + `argmax` runs faster (XLA:CPU evaluates the combiner's two
+    exponentials per element), and on a GPU it is unmeasured. Figures:
+    experiments/results/fused_loss_schedule.md."""
+    return sharding.target_platform() == "tpu"
+
+
+def _online_max_sum_index(a, b):
+    """Combines two (max, sum of exp(x - max), first index of max) triples (Milakov & Gimelshein,
+    arXiv:1805.02867): the reduction behind `_logsumexp_argmax`."""
+    (m1, s1, i1), (m2, s2, i2) = a, b
+    m = jnp.maximum(m1, m2)
+    # why: m1 == m covers equal maxima and two -inf (exp(-inf - -inf) would be NaN).
+    s = s1 * jnp.exp(jnp.where(m1 == m, 0.0, m1 - m)) + s2 * jnp.exp(
+        jnp.where(m2 == m, 0.0, m2 - m)
+    )
+    i = jnp.where(m1 > m2, i1, jnp.where(m2 > m1, i2, jnp.minimum(i1, i2)))
+    return m, s, i
+
+
+def _logsumexp_argmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(logsumexp, argmax) over the last axis of FP32 `logits` in one pass over them (an online
+    softmax reduction) instead of two (max and argmax, then the sum of exponentials); on a TPU
+    each pass costs about as much as the chunk's head GEMM. argmax is the first index of the
+    maximum, as `jnp.argmax`."""
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    init = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.int32(logits.shape[-1]))
+    operands = (logits, jnp.ones_like(logits), index)
+    m, s, best = jax.lax.reduce(operands, init, _online_max_sum_index, (logits.ndim - 1,))
+    return m + jnp.log(s), best
+
+
 def _fused_scan(h, kernel, bias, targets, weights, scale, st: _Static, grads: bool):
     """Sums (w*nll, w*log_z^2, w*correct, w*|log_z|) and, with `grads`, (dh, dW, db) of
     scale * loss (the loss normalised by the weight sum) accumulated chunk by chunk."""
@@ -344,10 +396,13 @@ def _fused_scan(h, kernel, bias, targets, weights, scale, st: _Static, grads: bo
         h_c, t_c, w_c = constrain_batch(xs[0]), xs[1], xs[2]  # [B, c, D], [B, c], [B, c]
         # why: logits, logsumexp and the loss are the FP32 island (see `cross_entropy`).
         logits = constrain_batch(_chunk_logits(h_c, kernel, bias, st)).astype(_F32)
-        log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
+        if st.one_pass:
+            log_z, best = _logsumexp_argmax(logits)  # [B, c] each
+        else:
+            log_z, best = jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1)
         ids, _, invalid = target_mask(t_c, w_c, vocab)  # as `cross_entropy`
         target_logit = jnp.take_along_axis(logits, ids[..., None], -1)[..., 0]
-        correct = (jnp.argmax(logits, axis=-1) == t_c).astype(_F32)
+        correct = (best == t_c).astype(_F32)
         # An invalid label poisons the loss and its gradients (the step is skipped).
         poison = jnp.where(invalid, jnp.nan, 0.0)
         nll = jnp.where(w_c > 0, log_z - target_logit, 0.0) + poison
