@@ -158,6 +158,27 @@ def test_one_pass_reduction_matches_the_materialised_loss(z_loss, monkeypatch):
     assert "reduce[" in text and "reduce[" not in two
 
 
+def test_one_pass_reduction_with_the_vocabulary_sharded(monkeypatch):
+    """The one-pass reduction on a data=2, fsdp=2, tensor=2 mesh, the tied table's vocabulary
+    split over "tensor" (GSPMD partitions the three-operand reduce): the materialised loss."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from bf16jax.parallel import sharding
+
+    monkeypatch.setattr(loss_lib, "one_pass_reduction", lambda: True)
+    policy = get_policy("bf16")
+    with nnx.use_eager_sharding(False):  # 40 classes: two vocabulary shards of 20
+        head = Embed(40, D, policy=policy, name="embed", rngs=nnx.Rngs(0), stddev=0.5)
+    hidden, targets, weights = data(shape=(8, T), policy=policy)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with jax.set_mesh(mesh):
+        graphdef, params = nnx.split(head)
+        nnx.update(head, jax.device_put(params, NamedSharding(mesh, P("tensor", "fsdp"))))
+        hidden = jax.device_put(hidden, NamedSharding(mesh, P(("data", "fsdp"))))
+        assert_close(*both(head, hidden, targets, weights, z_loss=1e-2, chunk_tokens=16))
+
+
 def test_masked_labels_with_zero_weight_are_ignored():
     """Issue 13's convention: out-of-range labels (e.g. -100) with weight 0 drop out."""
     policy = get_policy("bf16")

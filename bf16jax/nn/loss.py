@@ -315,8 +315,8 @@ def chunk_layout(tokens: int, rows: int, chunk_tokens: int) -> tuple[int, int]:
     positions of `rows` rows, at most `chunk_tokens` tokens per chunk (at least one per row).
 
     The chunks are as few as the budget allows and equal, so a length with no good divisor (a
-    prime) pads its last chunk by fewer than `num_chunks` tokens instead of falling to one
-    token per chunk: 1021 in chunks of 64 is 16 chunks, 3 padded tokens.
+    prime) pads its last chunk by fewer than `num_chunks` tokens per row instead of falling to
+    one token per chunk: T = 1021 at 64 tokens per row is 16 chunks, the last padded by 3.
     """
     per_row = min(tokens, max(chunk_tokens // rows, 1))
     num_chunks = -(-tokens // per_row)
@@ -363,10 +363,12 @@ def _online_max_sum_index(a, b):
     arXiv:1805.02867): the reduction behind `_logsumexp_argmax`."""
     (m1, s1, i1), (m2, s2, i2) = a, b
     m = jnp.maximum(m1, m2)
-    # why: m1 == m covers equal maxima and two -inf (exp(-inf - -inf) would be NaN).
-    s = s1 * jnp.exp(jnp.where(m1 == m, 0.0, m1 - m)) + s2 * jnp.exp(
-        jnp.where(m2 == m, 0.0, m2 - m)
-    )
+
+    def rescaled(s_i, m_i):  # s_i * exp(m_i - m)
+        # why: m_i == m covers equal maxima and two -inf (exp(-inf - -inf) would be NaN).
+        return s_i * jnp.exp(jnp.where(m_i == m, 0.0, m_i - m))
+
+    s = rescaled(s1, m1) + rescaled(s2, m2)
     i = jnp.where(m1 > m2, i1, jnp.where(m2 > m1, i2, jnp.minimum(i1, i2)))
     return m, s, i
 
