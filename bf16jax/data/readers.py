@@ -19,6 +19,7 @@ Packed rows are planned greedily in document order from lengths alone (no tokens
 from __future__ import annotations
 
 import array
+import bisect
 import functools
 from typing import Any
 
@@ -39,9 +40,11 @@ class TokenStream:
 
     def __init__(self, shards: list[fmt.Shard], field: str):
         self.arrays = [s.tokens[field] for s in shards]
-        self.offsets = [s.offsets[field] for s in shards]
+        # Plain views of the memory-mapped offsets: a memmap's slices cost a Python object each.
+        self.offsets = [np.asarray(s.offsets[field]) for s in shards]
         sizes = [len(a) for a in self.arrays]
         self.bases = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._bases = self.bases.tolist()  # for bisect: per-row lookups without NumPy calls
         doc_counts = [len(o) - 1 for o in self.offsets]
         self.doc_bases = np.concatenate([[0], np.cumsum(doc_counts, dtype=np.int64)])
 
@@ -69,13 +72,16 @@ class TokenStream:
 
     def doc_starts(self, start: int, stop: int) -> np.ndarray:
         """Stream positions of the document starts in [start, stop), ascending."""
+        k = bisect.bisect_right(self._bases, start) - 1
+        if stop <= self._bases[k + 1]:  # within one shard (the common case): one search
+            base, offs = self._bases[k], self.offsets[k]
+            a, b = np.searchsorted(offs, (start - base, stop - base), "left").tolist()
+            return offs[a:b] + base
         out = []
-        k = int(np.searchsorted(self.bases, start, "right")) - 1
-        while k < len(self.arrays) and self.bases[k] < stop:
-            base, offs = int(self.bases[k]), self.offsets[k]
-            a = int(np.searchsorted(offs, start - base, "left"))
-            b = int(np.searchsorted(offs, stop - base, "left"))
-            out.append(np.asarray(offs[a:b], np.int64) + base)
+        while k < len(self.arrays) and self._bases[k] < stop:
+            base, offs = self._bases[k], self.offsets[k][:-1]  # its end is the next one's start
+            a, b = np.searchsorted(offs, (start - base, stop - base), "left").tolist()
+            out.append(offs[a:b] + base)
             k += 1
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
@@ -98,6 +104,33 @@ def _segment_features(seg: np.ndarray) -> np.ndarray:
     new[1:] = seg[1:] != seg[:-1]
     starts = np.maximum.accumulate(np.where(new, idx, 0))
     return (idx - starts).astype(np.int32)
+
+
+def _window_features(w: np.ndarray, cuts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """GPT packed features of the window `w` [seq_len + 1] whose documents start at the window
+    positions `cuts` (ascending, in [1, seq_len]): a handful of NumPy calls per row."""
+    weights = np.ones(seq_len, np.float32)
+    if not len(cuts):
+        seg = np.ones(seq_len, np.int32)
+        return {
+            "inputs": w[:-1],
+            "targets": w[1:],
+            "weights": weights,
+            "segment_ids": seg,
+            "positions": np.arange(seq_len, dtype=np.int32),
+        }
+    weights[cuts - 1] = 0.0  # the target that is the next document's first token
+    bounds = np.concatenate([[0], cuts, [seq_len]])  # segments of the seq_len inputs
+    lens = np.diff(bounds)
+    seg = np.repeat(np.arange(1, len(lens) + 1, dtype=np.int32), lens)
+    starts = np.repeat(bounds[:-1].astype(np.int32), lens)
+    return {
+        "inputs": w[:-1],
+        "targets": w[1:],
+        "weights": weights,
+        "segment_ids": seg,
+        "positions": np.arange(seq_len, dtype=np.int32) - starts,
+    }
 
 
 def pack_plan(lengths: list[np.ndarray], limits: list[int]) -> np.ndarray:
@@ -212,16 +245,8 @@ def _gpt_text(ds, split, data_cfg, packing) -> Examples:
             return {"inputs": w[:-1], "targets": w[1:], "weights": np.ones(seq_len, np.float32)}
         # Segment k + 1 from the k-th document start inside the row (the row's first document
         # is segment 1 whether it starts here or continues from the row before).
-        new_doc = np.zeros(seq_len + 1, np.int32)
-        new_doc[stream.doc_starts(start + 1, start + seq_len + 1) - start] = 1
-        seg = (1 + np.cumsum(new_doc)).astype(np.int32)
-        return {
-            "inputs": w[:-1],
-            "targets": w[1:],
-            "weights": (seg[1:] == seg[:-1]).astype(np.float32),
-            "segment_ids": seg[:-1],
-            "positions": _segment_features(seg[:-1]),
-        }
+        cuts = stream.doc_starts(start + 1, start + seq_len + 1) - start  # in [1, seq_len]
+        return _window_features(w, cuts, seq_len)
 
     return Examples(f"{ds.path}/{split}", n, get, lambda index, x: x)
 
