@@ -24,7 +24,7 @@ __all__ = ["PLAN_VERSION", "SpanPlan", "span_counts_vec", "greedy_rows", "open_p
 
 PLAN_VERSION = 1
 _FILES = (("starts", "<i8"), ("lens", "<i4"), ("rows", "<i8"))
-_BLOCK = 1 << 18  # chunks planned at a time
+_BLOCK = 1 << 16  # chunks planned at a time
 
 
 def span_counts_vec(lengths: np.ndarray, density: float, mean_span: float):
