@@ -73,3 +73,14 @@ def test_plan_rows_cover_every_chunk_in_order_and_are_cached(tmp_path):
     assert [span_plan.open_plan(*args).row(r) for r in range(len(plan))] == rows
     other = span_plan.open_plan(ds, "train", stream, 10, 32, 12, 0.15, 3.0)
     assert len(other) > len(plan) and len(os.listdir(tmp_path / "ds" / "plans")) == 8
+
+
+def test_plan_goes_elsewhere_where_the_dataset_is_not_writable(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "a.jsonl", make_docs(40))
+    run([tmp_path / "a.jsonl"], tmp_path / "ds")
+    ds = fmt.open_dataset(str(tmp_path / "ds"))
+    stream = readers.TokenStream(ds.shards("train"), "text")
+    monkeypatch.setattr(span_plan, "_plan_dirs", lambda ds: ["/proc/no-such-place"])
+    monkeypatch.setattr(span_plan.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "tmp"))
+    plan = span_plan.open_plan(ds, "train", stream, 10, 64, 24, 0.15, 3.0)
+    assert len(plan) > 0 and any(f.endswith(".json") for f in os.listdir(tmp_path / "tmp"))

@@ -155,10 +155,16 @@ def open_plan(ds, split: str, stream, chunk: int, enc_len: int, dec_len: int, de
         index = _valid(os.path.join(directory, name + ".json"), key)
         if index is not None:
             return SpanPlan(os.path.join(directory, name), index["rows"])
-    for directory in [*_plan_dirs(ds), tempfile.mkdtemp(prefix="bf16jax-plan-")]:
+
+    def places():
+        yield from _plan_dirs(ds)
+        yield tempfile.mkdtemp(prefix="bf16jax-plan-")  # only where nothing else is writable
+
+    for directory in places():
         try:
             os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".{name}.{os.getpid()}")
+            # Unique across hosts sharing the directory: they may build the same plan at once.
+            tmp = os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}")
             counts = _build(stream, chunk, enc_len, dec_len, density, span, tmp)
         except OSError:
             continue  # not writable: the next place
