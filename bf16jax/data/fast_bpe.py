@@ -6,8 +6,11 @@ normalizer; the ByteLevel pre-tokenizer (GPT-2's regex, no prefix space); a BPE 
 dropout, byte fallback, subword prefix or word suffix; every byte a token; each merge's result a
 token whose id grows with the merge's rank (tiktoken merges by the rank of the result, the
 `tokenizers` package by the rank of the pair); added tokens matched as written. Any other file
-raises `NotEquivalent` naming the difference. `mismatch` compares the two on sample texts: a
-caller uses tiktoken only when the structure checks pass and the sample agrees.
+raises `NotEquivalent` naming the difference. One difference no such check rules out: tiktoken
+merges any two adjacent parts whose concatenation is a token, `tokenizers` only listed pairs
+(they agree on vocabularies that BPE training made, not on every hand-made one), so
+`choose_encoder` also compares the two on probes and corpus texts (`mismatch`) and uses tiktoken
+only when they agree.
 """
 
 from __future__ import annotations
