@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shard_tokens", type=int, default=1 << 27, help="tokens per shard file")
     p.add_argument("--max_bad_fraction", type=float, default=0.01)
+    p.add_argument(
+        "--bpe_encoder",
+        default="auto",
+        choices=("auto", "tiktoken", "tokenizers"),
+        help="a tokenizer.json BPE: tiktoken where it gives the same ids (checked), or tokenizers",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 

@@ -1,18 +1,22 @@
 """Benchmark of prepared data: `python -m bf16jax.prepare` throughput and the loaders' speed.
 
     python experiments/data_bench.py [--size_mb=1024] [--bpe_mb=256] [--work=/tmp/data_bench]
+        [--bpe_encoders=auto,tokenizers] [--loaders_only]
 
 Generates a corpus of jsonl files (documents of 1-40 consecutive King James verses, so real
 English, repeated up to --size_mb), trains a 32k byte-level BPE tokenizer on the KJV (GPT-2's own
 file cannot be downloaded here; same algorithm and byte-level pre-tokenizer), then prints one JSON
 line per measurement:
   prepare: MB/s and tokens/s in total and per worker, peak RSS of the process tree (psutil, all
-           workers together), for the byte tokenizer on the whole corpus and BPE on --bpe_mb;
+           workers together), for the byte tokenizer on the whole corpus and BPE on --bpe_mb
+           with each --bpe_encoders (auto = tiktoken where exact; tokenizers = the peer);
   loader:  tokens/s of one host's grain pipeline (data.num_workers=0), time to first batch and
            peak RSS, for GPT windows (seq_len 1024) and T5 packed span corruption (enc_len 512,
            dec_len 114; tokens = encoder row tokens), on the whole corpus and on one file of it
-           (the RSS should not grow with the corpus).
-Each measurement runs in a fresh process. Not a test: tests check behaviour only.
+           (the RSS should not grow with the corpus). T5 runs twice: "cold" builds its packing
+           plan (DATASET/plans/ deleted first), "warm" reads it back.
+Each measurement runs in a fresh process and records the load average when it ends. Not a
+test: tests check behaviour only.
 """
 
 from __future__ import annotations
@@ -105,10 +109,10 @@ def tree_peak_rss(proc: subprocess.Popen) -> float:
     return peak / (1 << 20)
 
 
-def prepare(inputs: list[str], out: str, tokenizer: str, workers: int) -> dict:
+def prepare(inputs: list[str], out: str, tokenizer: str, workers: int, encoder="auto") -> dict:
     cmd = [sys.executable, "-m", "bf16jax.prepare", *inputs, f"--out={out}",
            f"--tokenizer={tokenizer}", f"--workers={workers}", "--eval_fraction=0.001",
-           "--no_progress"]  # fmt: skip
+           "--no_progress", f"--bpe_encoder={encoder}"]  # fmt: skip
     subprocess.run(["rm", "-rf", out], check=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -119,10 +123,13 @@ def prepare(inputs: list[str], out: str, tokenizer: str, workers: int) -> dict:
         raise RuntimeError(stderr.decode()[-2000:])
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
     tokens = sum(summary["tokens"].values())
+    with open(os.path.join(out, "part-00000-of-00001.json")) as f:
+        used = json.load(f)["tokenizer"].get("encoder", {}).get("name", "bytes")
     mb = sum(os.path.getsize(p) for p in inputs) / (1 << 20)
     return {
         "bench": "prepare",
         "tokenizer": "bpe32k" if tokenizer else "bytes",
+        "encoder": used,
         "workers": workers,
         "input_mb": round(mb, 1),
         "tokens": tokens,
@@ -132,6 +139,7 @@ def prepare(inputs: list[str], out: str, tokenizer: str, workers: int) -> dict:
         "tokens_per_s_per_worker": round(tokens / dt / workers),
         "peak_rss_mb": round(peak, 1),
         "dtype": summary["dtype"],
+        "load_avg": round(os.getloadavg()[0], 2),
     }
 
 
@@ -143,6 +151,7 @@ def loader(model: str, path: str, packing: bool, seconds: float, corpus_mb: floa
         raise RuntimeError(out.stderr[-2000:])
     row = json.loads(out.stdout.strip().splitlines()[-1])
     name = "gpt_windows" if model == "gpt" else "t5_packed_span"
+    row["load_avg"] = round(os.getloadavg()[0], 2)
     return {"bench": "loader", "task": name, "corpus_mb": round(corpus_mb, 1), **row}
 
 
@@ -152,6 +161,7 @@ def main() -> None:
     p.add_argument("--files", type=int, default=16)
     p.add_argument("--bpe_mb", type=int, default=256, help="BPE prepare on this many MB")
     p.add_argument("--workers", default="1,2")
+    p.add_argument("--bpe_encoders", default="auto,tokenizers", help="prepare's --bpe_encoder")
     p.add_argument("--loader_seconds", type=float, default=10.0)
     p.add_argument("--work", default="/tmp/bf16jax_data_bench")
     p.add_argument("--loaders_only", action="store_true", help="reuse the prepared datasets")
@@ -170,14 +180,19 @@ def main() -> None:
         for w in workers:
             row = prepare(files, os.path.join(args.work, "bytes"), "", w)
             print(json.dumps(row), flush=True)
-        for w in workers:
-            row = prepare(bpe_files, os.path.join(args.work, "bpe_ds"), bpe, w)
-            print(json.dumps(row), flush=True)
+        for encoder in args.bpe_encoders.split(","):
+            for w in workers:
+                row = prepare(bpe_files, os.path.join(args.work, "bpe_ds"), bpe, w, encoder)
+                print(json.dumps(row), flush=True)
         prepare(files[:1], small, "", 1)
     for model, packing in (("gpt", False), ("gpt", True), ("t5", True)):
         for path, mb in ((os.path.join(args.work, "bytes"), total_mb), (small, per_file)):
-            row = loader(model, path, packing, args.loader_seconds, mb)
-            print(json.dumps(dict(row, packing=packing)), flush=True)
+            runs = ("cold", "warm") if model == "t5" else ("",)
+            for run in runs:
+                if run == "cold":
+                    subprocess.run(["rm", "-rf", os.path.join(path, "plans")], check=True)
+                row = loader(model, path, packing, args.loader_seconds, mb)
+                print(json.dumps(dict(row, packing=packing, plan=run or None)), flush=True)
 
 
 if __name__ == "__main__":

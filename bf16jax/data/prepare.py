@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from bf16jax.data import fast_bpe, sources
 from bf16jax.data import prepared as fmt
-from bf16jax.data import sources
 from bf16jax.data.tokenizer import (
     BPETokenizer,
     SentencePieceTokenizer,
@@ -72,6 +72,7 @@ class Options:
     part_index: int = 0
     shard_tokens: int = 1 << 27
     max_bad_fraction: float = 0.01
+    bpe_encoder: str = "auto"
     progress: bool = True
 
 
@@ -103,6 +104,10 @@ def _check_options(opts: Options) -> None:
         )
     if opts.shard_tokens < 1:
         raise ValueError(f"--shard_tokens={opts.shard_tokens} must be >= 1.")
+    if opts.bpe_encoder not in fast_bpe.ENCODERS:
+        raise ValueError(
+            f"--bpe_encoder={opts.bpe_encoder!r}: use one of {', '.join(fast_bpe.ENCODERS)}."
+        )
     if not 0.0 <= opts.max_bad_fraction <= 1.0:
         raise ValueError(f"--max_bad_fraction={opts.max_bad_fraction} must lie in [0, 1].")
     if os.path.exists(opts.out) and not os.path.isdir(opts.out):
@@ -133,11 +138,26 @@ def _tokenizer_info(spec: str) -> dict:
 
 # ----------------------------------------------------------------------------- stage 1
 _WORKER: dict[str, Any] = {}
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _worker_init(spec: str, progress_queue) -> None:
-    _WORKER["tok"] = load_tokenizer(spec)
-    _WORKER["queue"] = progress_queue
+def _worker_init(
+    spec: str, progress_queue, encoder: str = "", threads: int = 1, pool: bool = False
+) -> None:
+    if pool:  # a worker process: `threads` cores' worth each, so workers do not oversubscribe
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if threads > 1 else "false")
+        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+    tok = load_tokenizer(spec)
+    _WORKER.update(tok=tok, queue=progress_queue, encoder=encoder or None, n=threads)
+    _WORKER["fast"] = fast_bpe.from_tokenizer_json(tok.path) if encoder == "tiktoken" else None
+
+
+def _encode(texts: list[str], add_eos: bool) -> list[np.ndarray]:
+    fast, tok = _WORKER["fast"], _WORKER["tok"]
+    if fast is None:
+        return encode_batch(tok, texts, add_eos=add_eos)
+    tail = [tok.eos_id] if add_eos else []
+    return [np.asarray(x + tail, np.int32) for x in fast_bpe.encode(fast, texts, _WORKER["n"])]
 
 
 def _tokenize_input(task: dict) -> dict:
@@ -171,10 +191,7 @@ def _tokenize_input(task: dict) -> dict:
     def flush(batch: list) -> None:
         if not batch:
             return
-        encoded = [
-            encode_batch(tok, [fields_[names[i]] for _, fields_ in batch], add_eos=eos[i])
-            for i in fields
-        ]
+        encoded = [_encode([fields_[names[i]] for _, fields_ in batch], eos[i]) for i in fields]
         keep = []
         for j, (line, _) in enumerate(batch):
             top = max(int(encoded[i][j].max()) if len(encoded[i][j]) else -1 for i in fields)
@@ -212,6 +229,7 @@ def _tokenize_input(task: dict) -> dict:
         for f in [*files["tokens"], *files["lengths"], files["lines"]]:
             f.close()
     stats.update(
+        encoder=_WORKER["encoder"],
         name=path,
         bytes=os.path.getsize(path),
         sha256=fmt.sha256_file(path),
@@ -245,7 +263,7 @@ def _start_method() -> str:
     return "fork"
 
 
-def _run_stage1(tasks: list[dict], opts: Options, total_bytes: int) -> None:
+def _run_stage1(tasks: list[dict], opts: Options, total_bytes: int, encoder: str) -> None:
     todo = [t for t in tasks if not os.path.exists(os.path.join(t["work"], "stats.json"))]
     bar = None
     if opts.progress:
@@ -266,13 +284,17 @@ def _run_stage1(tasks: list[dict], opts: Options, total_bytes: int) -> None:
 
     try:
         if opts.workers == 1 or len(todo) <= 1:
-            _worker_init(opts.tokenizer, _DirectQueue(update))  # the bar moves as it reads
+            # In this process, the bar moving as it reads; the library's own threads.
+            _worker_init(opts.tokenizer, _DirectQueue(update), encoder, (_CORES or 1))
             for t in todo:
                 _tokenize_input(t)
             return
         ctx = mp.get_context(_start_method())
         q = ctx.Queue()
-        with ctx.Pool(opts.workers, initializer=_worker_init, initargs=(opts.tokenizer, q)) as pool:
+        workers = min(opts.workers, len(todo))
+        threads = max(1, (_CORES or 1) // workers)
+        init = (opts.tokenizer, q, encoder, threads, True)
+        with ctx.Pool(workers, initializer=_worker_init, initargs=init) as pool:
             results = [pool.apply_async(_tokenize_input, (t,)) for t in todo]
             while results:
                 try:
@@ -514,8 +536,15 @@ def prepare(opts: Options) -> dict:
         }
         for p in mine
     ]
+    encoder = None
+    if tokenizer["kind"] == "bpe":
+        encoder = fast_bpe.choose_encoder(
+            load_tokenizer(opts.tokenizer),
+            opts.bpe_encoder,
+            lambda n: sources.first_texts(mine, names, opts.txt_unit, n),
+        )
     os.makedirs(work_root, exist_ok=True)
-    _run_stage1(tasks, opts, sum(t["bytes"] for t in tasks))
+    _run_stage1(tasks, opts, sum(t["bytes"] for t in tasks), encoder["name"] if encoder else "")
     stats = []
     for t in tasks:
         with open(os.path.join(t["work"], "stats.json")) as f:
@@ -534,6 +563,9 @@ def prepare(opts: Options) -> dict:
         )
     if not sum(s["documents"] for s in stats):
         raise ValueError(f"no document in {len(mine)} input file(s) of part {opts.part_index}.")
+    if encoder is not None:  # a resumed run may have used the other encoder for some inputs
+        encoder["name"] = "+".join(sorted({s.get("encoder") or "tokenizers" for s in stats}))
+        tokenizer["encoder"] = encoder
     max_id = max(s["max_id"] for s in stats)
     dtype = np.uint16 if max_id < (1 << 16) else np.uint32  # the largest id actually seen
     splits = _assemble(tasks, stats, opts, fields, dtype)

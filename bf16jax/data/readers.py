@@ -13,18 +13,20 @@ The task follows from the dataset's kind and the model (see /work/notes/data_con
 Nothing is truncated: a document longer than a window spans windows; a fine-tuning example
 longer than the row is left out and counted (`Examples.skipped`, logged by the caller). Every
 random choice is a function of (seed, position in the global stream), so resume is exact.
-Packed rows are planned greedily in document order from lengths alone (no tokens read).
+Packed rows are planned greedily in document order from lengths alone (no tokens read); T5
+span corruption's plan is kept on disk (`bf16jax.data.span_plan`).
 """
 
 from __future__ import annotations
 
-import array
+import bisect
 import functools
 from typing import Any
 
 import numpy as np
 
 from bf16jax.data import prepared as fmt
+from bf16jax.data import span_plan
 from bf16jax.data.span_corruption import corrupt, random_spans_helper
 from bf16jax.data.tokenizer import load_tokenizer, sentinel_ids
 
@@ -39,9 +41,11 @@ class TokenStream:
 
     def __init__(self, shards: list[fmt.Shard], field: str):
         self.arrays = [s.tokens[field] for s in shards]
-        self.offsets = [s.offsets[field] for s in shards]
+        # Plain views of the memory-mapped offsets: a memmap's slices cost a Python object each.
+        self.offsets = [np.asarray(s.offsets[field]) for s in shards]
         sizes = [len(a) for a in self.arrays]
         self.bases = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._bases = self.bases.tolist()  # for bisect: per-row lookups without NumPy calls
         doc_counts = [len(o) - 1 for o in self.offsets]
         self.doc_bases = np.concatenate([[0], np.cumsum(doc_counts, dtype=np.int64)])
 
@@ -69,13 +73,16 @@ class TokenStream:
 
     def doc_starts(self, start: int, stop: int) -> np.ndarray:
         """Stream positions of the document starts in [start, stop), ascending."""
+        k = bisect.bisect_right(self._bases, start) - 1
+        if stop <= self._bases[k + 1]:  # within one shard (the common case): one search
+            base, offs = self._bases[k], self.offsets[k]
+            a, b = np.searchsorted(offs, (start - base, stop - base), "left").tolist()
+            return offs[a:b] + base
         out = []
-        k = int(np.searchsorted(self.bases, start, "right")) - 1
-        while k < len(self.arrays) and self.bases[k] < stop:
-            base, offs = int(self.bases[k]), self.offsets[k]
-            a = int(np.searchsorted(offs, start - base, "left"))
-            b = int(np.searchsorted(offs, stop - base, "left"))
-            out.append(np.asarray(offs[a:b], np.int64) + base)
+        while k < len(self.arrays) and self._bases[k] < stop:
+            base, offs = self._bases[k], self.offsets[k][:-1]  # its end is the next one's start
+            a, b = np.searchsorted(offs, (start - base, stop - base), "left").tolist()
+            out.append(offs[a:b] + base)
             k += 1
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
@@ -100,24 +107,39 @@ def _segment_features(seg: np.ndarray) -> np.ndarray:
     return (idx - starts).astype(np.int32)
 
 
+def _window_features(w: np.ndarray, cuts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """GPT packed features of the window `w` [seq_len + 1] whose documents start at the window
+    positions `cuts` (ascending, in [1, seq_len]): a handful of NumPy calls per row."""
+    weights = np.ones(seq_len, np.float32)
+    if not len(cuts):
+        seg = np.ones(seq_len, np.int32)
+        return {
+            "inputs": w[:-1],
+            "targets": w[1:],
+            "weights": weights,
+            "segment_ids": seg,
+            "positions": np.arange(seq_len, dtype=np.int32),
+        }
+    weights[cuts - 1] = 0.0  # the target that is the next document's first token
+    bounds = np.concatenate([[0], cuts, [seq_len]])  # segments of the seq_len inputs
+    lens = np.diff(bounds)
+    seg = np.repeat(np.arange(1, len(lens) + 1, dtype=np.int32), lens)
+    starts = np.repeat(bounds[:-1].astype(np.int32), lens)
+    return {
+        "inputs": w[:-1],
+        "targets": w[1:],
+        "weights": weights,
+        "segment_ids": seg,
+        "positions": np.arange(seq_len, dtype=np.int32) - starts,
+    }
+
+
 def pack_plan(lengths: list[np.ndarray], limits: list[int]) -> np.ndarray:
     """Greedy rows in order: example i joins the current row while, for every j, the row's
     total of lengths[j] stays <= limits[j]. Returns the row bounds, int64 [rows + 1]: row r
     holds examples bounds[r] .. bounds[r + 1] - 1."""
-    total = len(lengths[0]) if lengths else 0
-    bounds, used = array.array("q", [0]), [0] * len(limits)  # 8 bytes a row, not a Python int
-    for lo in range(0, total, 1 << 16):  # as Python ints, a slice at a time (bounded memory)
-        cols = [np.asarray(x[lo : lo + (1 << 16)], np.int64).tolist() for x in lengths]
-        for i, need in enumerate(zip(*cols, strict=True), lo):
-            if i > bounds[-1] and any(
-                u + n > m for u, n, m in zip(used, need, limits, strict=True)
-            ):
-                bounds.append(i)
-                used = [0] * len(limits)
-            used = [u + n for u, n in zip(used, need, strict=True)]
-    if total > bounds[-1]:
-        bounds.append(total)
-    return np.frombuffer(bounds, np.int64)
+    starts, n = span_plan.greedy_rows([np.asarray(x, np.int64) for x in lengths], limits, True)
+    return np.asarray([*starts, n], np.int64)
 
 
 def _one_per_row(n: int) -> np.ndarray:
@@ -212,16 +234,8 @@ def _gpt_text(ds, split, data_cfg, packing) -> Examples:
             return {"inputs": w[:-1], "targets": w[1:], "weights": np.ones(seq_len, np.float32)}
         # Segment k + 1 from the k-th document start inside the row (the row's first document
         # is segment 1 whether it starts here or continues from the row before).
-        new_doc = np.zeros(seq_len + 1, np.int32)
-        new_doc[stream.doc_starts(start + 1, start + seq_len + 1) - start] = 1
-        seg = (1 + np.cumsum(new_doc)).astype(np.int32)
-        return {
-            "inputs": w[:-1],
-            "targets": w[1:],
-            "weights": (seg[1:] == seg[:-1]).astype(np.float32),
-            "segment_ids": seg[:-1],
-            "positions": _segment_features(seg[:-1]),
-        }
+        cuts = stream.doc_starts(start + 1, start + seq_len + 1) - start  # in [1, seq_len]
+        return _window_features(w, cuts, seq_len)
 
     return Examples(f"{ds.path}/{split}", n, get, lambda index, x: x)
 
@@ -288,50 +302,15 @@ def _t5_span(ds, split, data_cfg, packing, seed, sentinels, eos) -> Examples:
         return Examples(
             f"{ds.path}/{split}", n, lambda i: stream.read(i * chunk, (i + 1) * chunk), example
         )
-    piece_start, piece_len = _chunks(stream, chunk)
-    noise, spans = _span_counts_vec(piece_len, density, mean_span)
-    enc_need = (piece_len - noise + spans + 1).astype(np.int32)
-    dec_need = (noise + spans + 1).astype(np.int32)
-    del noise, spans
-    rows = pack_plan([enc_need, dec_need], [enc_len, dec_len])
-    del enc_need, dec_need
+    plan = span_plan.open_plan(ds, split, stream, chunk, enc_len, dec_len, density, mean_span)
 
     def example(index, row):
         rng = np.random.default_rng([seed, _SPAN_SALT, int(index)])
-        lo, hi = row
-        spans = zip(piece_start[lo:hi].tolist(), piece_len[lo:hi].tolist(), strict=True)
+        spans = zip(*row, strict=True)  # (chunk starts, chunk lengths) of the row
         pairs = [corrupt(stream.read(a, a + n), rng, **kwargs) for a, n in spans]
         return _pack_t5(pairs, enc_len, dec_len, True)
 
-    def get(r):
-        return int(rows[r]), int(rows[r + 1])
-
-    return Examples(f"{ds.path}/{split}", len(rows) - 1, get, example)
-
-
-def _chunks(stream: TokenStream, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """(stream start int64, length int32) of every chunk: each document without its EOS, cut
-    every `chunk` tokens; built a shard at a time (12 bytes per chunk are kept)."""
-    starts_out, lens_out = [], []
-    for offs, base in zip(stream.offsets, stream.bases[:-1].tolist(), strict=True):
-        offs = np.asarray(offs, np.int64)
-        body = np.maximum(np.diff(offs) - 1, 0)
-        pieces = -(-body // chunk)
-        owner = np.repeat(np.arange(len(body)), pieces)
-        k = np.arange(len(owner)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-        starts_out.append(offs[:-1][owner] + base + k * chunk)
-        lens_out.append(np.minimum(chunk, body[owner] - k * chunk).astype(np.int32))
-    if not starts_out:
-        return np.zeros(0, np.int64), np.zeros(0, np.int32)
-    return np.concatenate(starts_out), np.concatenate(lens_out)
-
-
-def _span_counts_vec(lengths: np.ndarray, density: float, mean_span: float):
-    """`span_counts` for every length at once (same rounding: half to even, as Python's)."""
-    n = np.maximum(np.asarray(lengths, np.int32), 2)
-    noise = np.minimum(np.maximum(np.rint(n * density).astype(np.int32), 1), n - 1)
-    spans = np.maximum(np.rint(noise / mean_span).astype(np.int32), 1)
-    return noise, spans
+    return Examples(f"{ds.path}/{split}", len(plan), plan.row, example)
 
 
 # ----------------------------------------------------------------------------- public

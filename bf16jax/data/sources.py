@@ -19,7 +19,15 @@ import os
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-__all__ = ["INPUT_SUFFIXES", "TXT_UNITS", "Record", "expand_inputs", "input_format", "read_records"]
+__all__ = [
+    "INPUT_SUFFIXES",
+    "TXT_UNITS",
+    "Record",
+    "expand_inputs",
+    "first_texts",
+    "input_format",
+    "read_records",
+]
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 COMPRESSIONS = ("", ".gz", ".zst")
@@ -260,3 +268,15 @@ def read_records(
                 if i % 256 == 0:
                     progress()
         progress()
+
+
+def first_texts(paths: list[str], names: tuple[str, ...], txt_unit: str, n: int) -> list[str]:
+    """The texts (every field of `names`) of the first `n` good records of `paths`."""
+    texts: list[str] = []
+    for path in paths:
+        for rec in read_records(path, names, txt_unit=txt_unit):
+            if rec.fields is not None:
+                texts.extend(rec.fields[k] for k in names)
+            if len(texts) >= n * len(names):
+                return texts
+    return texts
