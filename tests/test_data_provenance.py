@@ -24,7 +24,9 @@ def bpe_dir(tmp_path_factory):
     import tokenizers
 
     tok = tokenizers.ByteLevelBPETokenizer()
-    tok.train_from_iterator(make_docs(300, seed=1), vocab_size=300, special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator(
+        make_docs(300, seed=1), vocab_size=300, special_tokens=["<|endoftext|>"]
+    )
     path = tmp_path_factory.mktemp("bpe")
     tok.save(str(path / "tokenizer.json"))
     return path
@@ -59,7 +61,9 @@ def test_tools_measure_the_runs_own_data_and_refuse_another(tmp_path, bpe_dir):
     write_jsonl(tmp_path / "a.jsonl", make_docs(81))
     run([tmp_path / "a.jsonl"], tmp_path / "ds", tokenizer=str(bpe_dir), eval_docs=20)
     new_hash = provenance.describe(c.data)["sources"][0]["meta_sha256"]
-    with pytest.raises(ValueError, match=f"changed since the model trained on it .*{new_hash[:12]}"):
+    with pytest.raises(
+        ValueError, match=f"changed since the model trained on it .*{new_hash[:12]}"
+    ):
         scoring.resolve_data(saved, trained)
     # --data: measured knowingly, and the report says it is not the training data.
     config, report = scoring.resolve_data(saved, trained, str(tmp_path / "ds"))
