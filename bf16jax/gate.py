@@ -85,7 +85,7 @@ def _main(argv) -> None:
     config, data = scoring_lib.resolve_data(candidate.config, trained, f.data)
     candidate.use_data(config, data)
     reference.use_data(config, data)
-    print(scoring_lib.data_line(data), flush=True)
+    print(scoring_lib.data_line(data), file=sys.stderr, flush=True)
     report = gate(candidate, reference, thresholds, num_batches=f.num_batches, seed=f.seed)
     print(verdict(report), flush=True)
     text = json.dumps(report, indent=1, sort_keys=True, default=float)
