@@ -136,3 +136,65 @@ def test_unpacked_logits_put_each_segment_back():
     np.testing.assert_array_equal(out[..., 0], x * (seg > 0))
     np.testing.assert_array_equal(out[..., 1], [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
     assert calls == [(2, 6), (2, 6)]  # 3 documents, in calls of the batch's size
+
+
+@pytest.mark.slow
+def test_commands_measure_the_runs_own_corpus_and_refuse_a_rewritten_one(tmp_path, bpe_dir):
+    """prepare (a BPE trained here) -> main -> evaluate / export / gate through `python -m`:
+    each names the run's prepared data; the corpus rewritten at the same path is refused (exit
+    2, nothing written), a bundled set named by --config too; --data measures it knowingly."""
+    import json
+
+    from cli_runs import TINY_OVERRIDES, run_main, run_python
+
+    from bf16jax.serving import artifact
+
+    def prepare(n):
+        write_jsonl(tmp_path / "a.jsonl", make_docs(n))
+        shutil.rmtree(tmp_path / "ds", ignore_errors=True)
+        proc = run_python("-m", "bf16jax.prepare", str(tmp_path / "a.jsonl"),
+                          f"--out={tmp_path / 'ds'}", f"--tokenizer={bpe_dir}", "--eval_docs=40",
+                          "--no_progress")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return provenance.describe(gpt_cfg(tmp_path / "ds").data)["sources"][0]["meta_sha256"]
+
+    meta = prepare(300)
+    run = tmp_path / "run"
+    proc = run_main("--config=configs/gpt_tiny.py", *TINY_OVERRIDES["gpt_tiny"],
+                    "--config.data.name=prepared", f"--config.data.path={tmp_path / 'ds'}",
+                    "--config.train.steps=2", "--config.train.eval_steps=1",
+                    "--config.train.sample_tokens=0", f"--workdir={run}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tool = ("--num_batches=1", "--reference=none")
+    proc = run_python("-m", "bf16jax.evaluate", f"--workdir={run}", *tool)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["data"]["same_as_training"] is True
+    assert report["data"]["measured"]["sources"][0]["meta_sha256"] == meta
+    assert f"data: prepared {tmp_path / 'ds'} (meta {meta[:12]}, tokenizer bpe)" in proc.stderr
+    art = tmp_path / "art"
+    proc = run_python("-m", "bf16jax.export", f"--workdir={run}", f"--out={art}",
+                      "--precision=fp32", "--platforms=cpu", "--eval_batches=1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = artifact.verify(str(art))  # manifest.sha256 still covers the manifest
+    assert manifest["data"]["trained"]["sources"][0]["meta_sha256"] == meta
+    assert manifest["metrics"]["data"]["same_as_training"] is True
+    # A bundled set named by --config for this run: refused before any model loads.
+    proc = run_python("-m", "bf16jax.evaluate", "--config=configs/gpt_tiny.py", f"--workdir={run}",
+                      *tool)  # fmt: skip
+    assert proc.returncode == 2 and "this reads kjv_bytes" in proc.stderr, proc.stderr[-2000:]
+    # The corpus rewritten at the same path: every tool refuses, naming the new hash.
+    new = prepare(301)
+    for args in (("bf16jax.evaluate", f"--workdir={run}", *tool),
+                 ("bf16jax.evaluate", f"--artifact={art}", *tool),
+                 ("bf16jax.gate", f"--candidate={art}", f"--reference={art}", "--num_batches=1"),
+                 ("bf16jax.export", f"--workdir={run}", f"--out={tmp_path / 'art2'}")):  # fmt: skip
+        proc = run_python("-m", *args)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert "changed since the model trained on it" in proc.stderr and new[:12] in proc.stderr
+    assert not (tmp_path / "art2").exists()
+    proc = run_python("-m", "bf16jax.evaluate", f"--artifact={art}", *tool,
+                      f"--data={tmp_path / 'ds'}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["data"]["same_as_training"] is False
+    assert "NOT the model's training data" in proc.stderr
