@@ -122,8 +122,8 @@ def test_study_on_a_prepared_dataset_names_it(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", make_docs(300))
     run([tmp_path / "a.jsonl"], tmp_path / "ds", eval_docs=30)
     meta = fmt.open_dataset(str(tmp_path / "ds")).meta_sha256
-    proc = _study(tmp_path, "--models=configs/gpt_tiny.py", "--policies=bf16",
-                  "--config.data.name=prepared", f"--config.data.path={tmp_path / 'ds'}")  # fmt: skip
+    data = ("--config.data.name=prepared", f"--config.data.path={tmp_path / 'ds'}")
+    proc = _study(tmp_path, "--models=configs/gpt_tiny.py", "--policies=bf16", *data)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_result,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert run_result["data"]["sources"][0]["meta_sha256"] == meta
