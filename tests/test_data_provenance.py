@@ -75,12 +75,23 @@ def test_tools_measure_the_runs_own_data_and_refuse_another(tmp_path, bpe_dir):
         scoring.resolve_data(saved, trained, str(tmp_path / "bytes"))
 
 
-def test_bundled_data_records_and_unknown_training_data():
+def test_bundled_training_data_and_data_checked_against_the_model(tmp_path, bpe_dir):
     c = base_config("gpt")
-    assert provenance.describe(c.data) == {"name": "kjv_bytes", "tokenizer": "bytes"}
-    assert provenance.describe_saved(c.to_dict()) == provenance.describe(c.data)
+    trained = provenance.describe(c.data)
+    assert trained == {"name": "kjv_bytes", "tokenizer": "bytes"}
+    assert provenance.describe_saved(c.to_dict()) == trained
     _, report = scoring.resolve_data(c, None)  # nothing recorded: measured, said so
     assert report["same_as_training"] is None and "not recorded" in scoring.data_line(report)
+    write_jsonl(tmp_path / "a.jsonl", make_docs(30))
+    run([tmp_path / "a.jsonl"], tmp_path / "bytes", eval_docs=5)
+    run([tmp_path / "a.jsonl"], tmp_path / "bpe", tokenizer=str(bpe_dir), eval_docs=5)
+    _, report = scoring.resolve_data(c, trained, str(tmp_path / "bytes"))
+    assert report["same_as_training"] is False
+    with pytest.raises(ValueError, match="tokenized with a bpe tokenizer, the model with bytes"):
+        scoring.resolve_data(c, trained, str(tmp_path / "bpe"))
+    c.model.vocab_size = 200
+    with pytest.raises(ValueError, match="exceeds the model's embedding .*vocab_size=200"):
+        scoring.resolve_data(c, trained, str(tmp_path / "bytes"))
 
 
 @pytest.mark.parametrize("family", ["gpt", "t5"])

@@ -240,8 +240,6 @@ def resolve_data(config, trained: dict | None, data: str | None = None):
         (another tokenizer, a vocabulary above the embedding, an empty split).
     """
     if data:
-        from bf16jax.training import preflight
-
         config = config.copy_and_resolve_references()
         with config.unlocked():
             config.data.name, config.data.path, config.data.mixture = "prepared", data, ""
@@ -251,7 +249,7 @@ def resolve_data(config, trained: dict | None, data: str | None = None):
                 f"--data={data} was tokenized with another tokenizer than the model's training "
                 f"data ({provenance.summary(trained)}): prepare it again with that --tokenizer."
             )
-        preflight.check_prepared(config)
+        _check_measurable(config, data, trained)
     else:
         measured = provenance.describe(config.data)
         diff = provenance.compare(trained, measured)
@@ -273,6 +271,39 @@ def trained_data(artifact: Artifact) -> dict | None:
     if isinstance(m.get("data"), dict) and "trained" in m["data"]:
         return m["data"]["trained"]
     return provenance.describe_saved(m.get("config"))
+
+
+def _check_measurable(config, data: str, trained: dict | None) -> None:
+    """--data against the model: its tokenizer the bundled training data's (bytes or
+    data.tokenizer), its ids within the embedding, a non-empty eval split (the train split is not
+    read)."""
+    from bf16jax.data import mixture
+    from bf16jax.data.prepared import sha256_file
+    from bf16jax.data.tokenizer import tokenizer_files
+
+    for ds, _ in mixture.dataset_sources(config.data):
+        if trained is not None and trained["name"] != "prepared":
+            spec = trained["tokenizer"]
+            want = {} if spec == "bytes" else {
+                os.path.basename(p): sha256_file(p) for p in tokenizer_files(spec)
+            }  # fmt: skip
+            if want != ds.tokenizer["files"]:
+                raise ValueError(
+                    f"--data={data} was tokenized with a {ds.tokenizer['kind']} tokenizer, the "
+                    f"model with {spec}: prepare it again with the model's tokenizer."
+                )
+        vocab = int(config.model.vocab_size)
+        if vocab < ds.tokenizer["vocab_size"] or vocab <= ds.max_token_id:
+            raise ValueError(
+                f"--data={data}: its tokenizer's vocabulary ({ds.tokenizer['vocab_size']}) "
+                f"exceeds the model's embedding (model.vocab_size={vocab}): prepare it with the "
+                "model's tokenizer."
+            )
+        if not ds.documents("eval"):
+            raise ValueError(
+                f"--data={data} has an empty eval split: prepare it with --eval_fraction=F or "
+                "--eval_docs=N."
+            )
 
 
 def data_line(report: dict) -> str:
