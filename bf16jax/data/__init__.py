@@ -3,7 +3,8 @@
 Owns everything between text on disk and integer batches: the byte tokenizer (with T5-style
 sentinels) and pretrained models' tokenizer files, `prepare` (raw text -> verified token shards:
 sources, prepare, prepared), the readers of prepared data (windows, packing, span corruption,
-fine-tuning pairs; readers, mixture), the bundled demo datasets (datasets), and the
+fine-tuning pairs; readers, mixture), the record of which data a run or tool reads
+(provenance), the bundled demo datasets (datasets), and the
 span-corruption objective. Knows nothing about models or training.
 May import: precision, parallel.
 """
