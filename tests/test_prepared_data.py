@@ -334,6 +334,10 @@ def test_preflight_refuses_bad_prepared_data(text_dir, tmp_path, spm_dir):
     c = cfg("gpt", text_dir, tokenizer=str(spm_dir))
     with pytest.raises(ValueError, match="differs from the model's"):
         preflight.check_prepared(c)
+    c = cfg("gpt", text_dir)
+    c.init_from = str(spm_dir)  # the pretrained model's own tokenizer files
+    with pytest.raises(ValueError, match=f"differs from the model's \\({spm_dir}\\)"):
+        preflight.check_prepared(c)
     write_jsonl(tmp_path / "a.jsonl", make_docs(20))
     run([tmp_path / "a.jsonl"], tmp_path / "noeval")
     with pytest.raises(ValueError, match="empty eval split"):
