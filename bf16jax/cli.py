@@ -29,6 +29,7 @@ __all__ = [
     "split_config_overrides",
     "script_parser",
     "define_eval_flags",
+    "define_data_flag",
     "write_report",
     "run_from_flags",
     "resolve_run",
@@ -85,6 +86,18 @@ def define_eval_flags() -> None:
     flags.DEFINE_integer("num_batches", None, "Eval batches (default config.train.eval_steps).")
     flags.DEFINE_integer("seed", 0, "Seed of the shifted inputs.")
     flags.DEFINE_string("out", None, "Also write the JSON report to this file.")
+
+
+def define_data_flag() -> None:
+    """--data: measure on this prepared dataset instead of the model's own training data."""
+    from absl import flags
+
+    flags.DEFINE_string(
+        "data", None,
+        "A prepared dataset directory (python -m bf16jax.prepare) to measure on instead of the "
+        "model's own training data (recorded in WORKDIR/config.json / the artifact); the report "
+        "says which data it measured.",
+    )  # fmt: skip
 
 
 def write_report(text: str) -> None:

@@ -141,6 +141,9 @@ def base_config(model: str = "gpt") -> ml_collections.ConfigDict:
             # Prepared data: GPT several documents per row with segment_ids / positions; T5
             # several examples per row as separate segments (bf16jax.data.readers).
             packing=False,
+            # Prepared text2text: the fraction of input/target pairs longer than enc_len /
+            # dec_len that may be left out (counted in the log); above it the run refuses.
+            max_dropped_fraction=0.0,
         )
     )
     c.train = ml_collections.ConfigDict(
@@ -315,7 +318,7 @@ STATE_KEYS = frozenset(
         "train.loss_scale",
     }
 )
-NOT_STATE = frozenset({"data.eval_batch_size", "data.eval_repeat"})
+NOT_STATE = frozenset({"data.eval_batch_size", "data.eval_repeat", "data.max_dropped_fraction"})
 TRAJECTORY_KEYS = frozenset(
     {
         "seed",

@@ -6,8 +6,10 @@ See `bf16jax.serving.scoring` for what it computes; this module holds its flags 
 from __future__ import annotations
 
 import os
+import sys
 
 from bf16jax.serving import inference
+from bf16jax.serving import scoring as scoring_lib
 from bf16jax.serving.artifact import Artifact
 from bf16jax.serving.scoring import TRAIN_PRECISION, Scorer, evaluate, reference_for, report_json
 
@@ -24,9 +26,17 @@ def _main(argv) -> None:
     if f.artifact:
         art = Artifact(f.artifact)
         scorer = Scorer.from_artifact(art)
+        # The data first: a changed corpus is refused before any model runs.
+        config, data = scoring_lib.resolve_data(
+            scorer.config, scoring_lib.trained_data(art), f.data
+        )
         reference = reference_for(art, f.reference)
     else:
+        from bf16jax.training import workdir as workdir_lib
+
         config, workdir = cli.run_from_flags()
+        trained = workdir_lib.trained_data(workdir)
+        config, data = scoring_lib.resolve_data(config, trained, f.data)
         params, meta, step = inference.restore_params(config, workdir, f.step)
         source = {"workdir": os.path.abspath(workdir), "step": step}
         scorer = Scorer.from_params(config, params, meta, f.precision, source)
@@ -34,6 +44,10 @@ def _main(argv) -> None:
         if f.reference != "none":
             reference = (Scorer.from_artifact(f.reference) if f.reference
                          else Scorer.from_params(config, params, meta, "fp32", source))  # fmt: skip
+    print(scoring_lib.data_line(data), file=sys.stderr, flush=True)
+    scorer.use_data(config, data)
+    if reference is not None:
+        reference.use_data(config, data)
     report, _ = evaluate(scorer, reference, num_batches=f.num_batches, seed=f.seed)
     cli.write_report(report_json(report))
 
@@ -55,6 +69,7 @@ def _define_flags() -> None:
         "'none': no agreement.",
     )  # fmt: skip
     cli.define_eval_flags()
+    cli.define_data_flag()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,13 @@ def _main(argv) -> None:
     cli.quiet_logs()
     if not f.out:
         raise ValueError("Pass --out=DIR, the artifact directory to create.")
+    from bf16jax.serving import scoring
+    from bf16jax.training import workdir as workdir_lib
+
     config, workdir = cli.run_from_flags()
+    # The metrics' data first: a changed corpus is refused before anything is written.
+    data = scoring.resolve_data(config, workdir_lib.trained_data(workdir), f.data)
+    print(scoring.data_line(data[1]), file=sys.stderr, flush=True)
     params, meta, step = inference.restore_params(config, workdir, f.step)
     source = {"workdir": os.path.abspath(workdir), "step": step,
               "config_file": cli.config_source(workdir),
@@ -32,11 +38,12 @@ def _main(argv) -> None:
     manifest = export_artifact(
         config, params, meta, f.out, precision=f.precision, source=source, policy=f.policy,
         platforms=platforms, decode_len=f.decode_len, eval_batches=f.eval_batches,
-        overwrite=f.overwrite,
+        overwrite=f.overwrite, data=data,
     )  # fmt: skip
     summary = {"artifact": os.path.abspath(f.out), "precision": f.precision, "step": step,
                "bytes": sum(e["bytes"] for e in manifest["files"].values()),
-               "params_bytes": manifest["params"]["bytes"]}  # fmt: skip
+               "params_bytes": manifest["params"]["bytes"],
+               "data": scoring.data_line(data[1])}  # fmt: skip
     if manifest["metrics"]:
         summary["clean"] = manifest["metrics"]["clean"]
         summary["agreement"] = manifest["metrics"].get("agreement")
@@ -58,6 +65,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("decode_len", None, "T5: decode cache length (default data.dec_len).")
     flags.DEFINE_integer("eval_batches", None, "Eval batches for the manifest (0: skip).")
     flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+    cli.define_data_flag()
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ def _main(argv) -> None:
     from absl import flags
 
     from bf16jax import cli
+    from bf16jax.data import provenance
+    from bf16jax.serving import scoring as scoring_lib
     from bf16jax.serving.artifact import Artifact
     from bf16jax.serving.scoring import reference_for
 
@@ -71,8 +73,20 @@ def _main(argv) -> None:
             "of "
             "the same run)."
         )
-    report = gate(Scorer.from_artifact(art), reference, thresholds,
-                  num_batches=f.num_batches, seed=f.seed)  # fmt: skip
+    candidate = Scorer.from_artifact(art)
+    trained = scoring_lib.trained_data(art)
+    if f.reference:  # an FP32 export of another corpus is no reference for this one
+        diff = provenance.compare(trained, reference.trained) if reference.trained else None
+        if diff:
+            raise ValueError(
+                f"--reference={f.reference} is not the candidate's run ({diff}): pass the FP32 "
+                "export of the same run."
+            )
+    config, data = scoring_lib.resolve_data(candidate.config, trained, f.data)
+    candidate.use_data(config, data)
+    reference.use_data(config, data)
+    print(scoring_lib.data_line(data), file=sys.stderr, flush=True)
+    report = gate(candidate, reference, thresholds, num_batches=f.num_batches, seed=f.seed)
     print(verdict(report), flush=True)
     text = json.dumps(report, indent=1, sort_keys=True, default=float)
     if f.out:
@@ -110,6 +124,7 @@ def _define_flags() -> None:
     for key, value in DEFAULT_THRESHOLDS.items():
         flags.DEFINE_float(key, value, f"Gate threshold {key}.")
     cli.define_eval_flags()
+    cli.define_data_flag()
     flags.DEFINE_alias("report", "out")
     flags.DEFINE_bool("json", False, "Also print the full JSON report, after the verdict.")
 

@@ -14,9 +14,13 @@ from bf16jax.serving.registry import GateFailed, Registry
 
 def _gate_dirs(candidate: str, reference: str, **kwargs) -> dict[str, Any]:
     from bf16jax.serving import gate
-    from bf16jax.serving.scoring import Scorer
+    from bf16jax.serving.scoring import Scorer, resolve_data
 
-    return gate.gate(Scorer.from_artifact(candidate), Scorer.from_artifact(reference), **kwargs)
+    cand = Scorer.from_artifact(candidate)
+    # The candidate's training data (a corpus rewritten since is refused), for both.
+    config, data = resolve_data(cand.config, cand.trained)
+    ref = Scorer.from_artifact(reference).use_data(config, data)
+    return gate.gate(cand.use_data(config, data), ref, **kwargs)
 
 
 def _main(argv) -> None:

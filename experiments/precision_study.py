@@ -216,6 +216,7 @@ def run_one(
     """Trains (or resumes) one run, evaluates it clean, shifted and (images) under attack,
     writes result.json."""
     from bf16jax import config as config_lib
+    from bf16jax.data import provenance
     from bf16jax.evaluation import heldout as evaluation
     from bf16jax.training import loop
     from bf16jax.training import metrics as metrics_lib
@@ -250,6 +251,8 @@ def run_one(
     result = {
         "model": model_id(model),
         "config_file": config_file(model),
+        # What it trained and was measured on (a prepared set: its path and metadata hash).
+        "data": provenance.describe(config.data),
         "policy": policy,
         "seed": seed,
         "steps": int(config.train.steps),
@@ -464,8 +467,9 @@ def main() -> None:
             indent=1,
         )
     md = markdown(table, baseline)
+    data = data_lines(results)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"Produced by `{command}` ({_device()}).\n\n{md}\n")
+        f.write(f"Produced by `{command}` ({_device()}).\n\n{data}\n\n{md}\n")
         f.write("\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots))
         f.write("\n")
     print(md)
@@ -473,6 +477,16 @@ def main() -> None:
         print(f"Not finished (left out): {failed}", file=sys.stderr)
     elif failed:
         sys.exit(f"{len(failed)} run(s) failed: {failed}; rerun the same command to retry them.")
+
+
+def data_lines(results: list[dict]) -> str:
+    """One line per model naming the data its runs trained and were evaluated on."""
+    from bf16jax.data import provenance
+
+    seen = {}
+    for r in results:
+        seen.setdefault(r["model"], provenance.summary(r.get("data")))
+    return "\n".join(f"Data of {m}: {line} (train split; eval split)." for m, line in seen.items())
 
 
 def replot(results_json: str, out: str) -> list[str]:

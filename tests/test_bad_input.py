@@ -314,6 +314,38 @@ CASES = [
         ("config.json cannot be read", "delete it"),
         workdir="bad-config-json",
     ),
+    # --- prepared data ({data}: made by make_prepared)
+    *(
+        Case(
+            f"prepared dataset {name}",
+            (
+                f"--config={TINY}",
+                "--workdir={workdir}",
+                "--config.data.name=prepared",
+                f"--config.data.path={{data}}/{path}",
+                *extra,
+            ),
+            expect,
+        )
+        for name, path, extra, expect in (
+            ("missing", "nothing", (), ("does not exist", "python -m bf16jax.prepare")),
+            ("half-written", "half", (), ("holds no part-*-of-*.json manifest", "(re)run it")),
+            ("of an unknown version", "v99", (), ("version 99", "prepare the corpus again")),
+            ("with an empty eval split", "noeval", (), ("empty eval split", "--eval_fraction")),
+            (
+                "vocabulary above the embedding",
+                "ok",
+                ("--config.model.vocab_size=64",),
+                ("model.vocab_size=64 is smaller than the vocabulary", "vocab_size >="),
+            ),
+            (
+                "with another tokenizer",
+                "ok",
+                ("--config.data.tokenizer={data}/bpe",),
+                ("differs from the model's", "prepare it again with --tokenizer="),
+            ),
+        )
+    ),  # fmt: skip
 ]
 
 
@@ -337,7 +369,34 @@ def make_resumable(root: Path) -> Path:
     with Checkpointer.from_config(config.checkpoint, workdir / "checkpoints") as ckpt:
         ckpt.save(2, state, it.get_state(), force=True)
     workdir_lib.write_config(config, str(workdir))
+    make_prepared(root / "prepared")
     return workdir
+
+
+def make_prepared(root: Path) -> None:
+    """Prepared datasets for the cases: ok, noeval, half (shards without a manifest), v99 (a
+    manifest of another format version, its checksum valid), and a BPE tokenizer (bpe/)."""
+    import json
+
+    import tokenizers
+    from prepared_corpus import make_docs, run, write_jsonl
+
+    root.mkdir(parents=True)
+    write_jsonl(root / "a.jsonl", make_docs(40))
+    run([root / "a.jsonl"], root / "ok", eval_docs=4)
+    run([root / "a.jsonl"], root / "noeval")
+    shutil.copytree(root / "ok", root / "half")
+    for p in (root / "half").glob("part-*"):
+        p.unlink()
+    shutil.copytree(root / "ok", root / "v99")
+    (manifest,) = (root / "v99").glob("part-*.json")
+    data = json.dumps(dict(json.loads(manifest.read_text()), version=99)).encode()
+    manifest.write_bytes(data)
+    Path(f"{manifest}.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    tok = tokenizers.ByteLevelBPETokenizer()
+    tok.train_from_iterator(make_docs(100), vocab_size=280, special_tokens=["<|endoftext|>"])
+    (root / "bpe").mkdir()
+    tok.save(str(root / "bpe" / "tokenizer.json"))
 
 
 def prepare(case: Case, root: Path, resumable: Path) -> Path:
@@ -384,7 +443,8 @@ def run_case(
     cfg = root / f"{case.name.replace(' ', '_')}_config.py"
     if case.config_file is not None:
         cfg.write_text(case.config_file)
-    argv = ["bf16jax.main", *(a.format(workdir=workdir, cfg=cfg) for a in case.args)]
+    data = resumable.parent / "prepared"
+    argv = ["bf16jax.main", *(a.format(workdir=workdir, cfg=cfg, data=data) for a in case.args)]
     # absl's log handler keeps the stream it was created with: give it the current one.
     absl_logging.get_absl_handler().python_handler.stream = sys.stderr
     # ml_collections loads every --config file as module "config_config", into the module

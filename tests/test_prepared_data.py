@@ -180,7 +180,7 @@ def qa_file(tmp_path_factory):
         {"prompt": f"Q{i}: " + "x" * (i % 7), "completion": f" A{i}" + "y" * (i % 5)}
         for i in range(60)
     ]
-    rows.append({"prompt": "long " * 40, "completion": "z"})  # longer than any row: left out
+    rows.append({"prompt": "long " * 40, "completion": "z"})  # longer than any row: split
     (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "qa.jsonl"
 
@@ -190,7 +190,7 @@ def test_prompt_completion_loss_on_completion_only(qa_file, tmp_path, packing):
     run([qa_file], tmp_path / "pc", kind="prompt_completion")
     c = cfg("gpt", tmp_path / "pc", packing=packing)
     ex = readers.build_examples(fmt.open_dataset(str(tmp_path / "pc")), "gpt", "train", c.data, 0)
-    assert ex.skipped == 1  # the long one, counted
+    assert ex.skipped == 0 and ex.split == 1  # the long one, split across windows
     tok = load_tokenizer("")
     seen = set()
     for i in range(len(ex)):
@@ -201,14 +201,62 @@ def test_prompt_completion_loss_on_completion_only(qa_file, tmp_path, packing):
             full = tok.decode(np.append(r["inputs"][m][:1], r["targets"][m]))
             weighted = r["targets"][m][r["weights"][m] > 0]
             completion = tok.decode(weighted)
+            if "long" in full:  # its one window: the prompt's tail as context
+                assert completion == "z" and weighted[-1] == tok.eos_id and len(m) == 32
+                seen.add("long")
+                continue
             n = int(full.split(":")[0][1:])
             assert completion == f" A{n}" + "y" * (n % 5)  # exactly the completion, + EOS
             assert full == f"Q{n}: " + "x" * (n % 7) + completion and weighted[-1] == tok.eos_id
             seen.add(n)
-    assert seen == set(range(60))
+    assert seen == set(range(60)) | {"long"}
     if packing:
         assert len(ex) < 40  # several examples per row (60 unpacked)
         assert "positions" in ex[0]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_long_completions_are_split_across_windows_not_cut(tmp_path, packing):
+    rows = [
+        {"prompt": f"P{i}: " + "p" * 20 * i, "completion": f"C{i}" + "c" * 45 * i} for i in range(4)
+    ]
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run([tmp_path / "x.jsonl"], tmp_path / "pc", kind="prompt_completion")
+    c = cfg("gpt", tmp_path / "pc", packing=packing)
+    ex = readers.build_examples(fmt.open_dataset(str(tmp_path / "pc")), "gpt", "train", c.data, 0)
+    assert ex.split == 3 and ex.skipped == 0  # rows 1-3 are longer than seq_len=32
+    tok = load_tokenizer("")
+    scored = []
+    for i in range(len(ex)):
+        r = ex[i]
+        seg = r["segment_ids"] if packing else (r["weights"] >= 0).astype(np.int32)
+        for k in np.unique(seg[seg > 0]):
+            m = seg == k
+            text = tok.decode(np.append(r["inputs"][m][:1], r["targets"][m]))
+            w = r["weights"][m] > 0
+            if not text.startswith("P"):  # a continuation: >= half a row of context, unscored
+                assert int(np.argmax(w)) >= 16 and int(m.sum()) == 32
+            scored.extend(r["targets"][m][w].tolist())
+    # Every completion token (and its EOS) is a target exactly once, in order; no prompt token.
+    want = [t for row in rows for t in [*tok.encode(row["completion"]), tok.eos_id]]
+    assert scored == want
+
+
+def test_text2text_pairs_too_long_are_refused_or_counted(tmp_path):
+    rows = [
+        {"input": f"in {i}" + "z" * (40 if i < 3 else 0), "target": f"out {i}"} for i in range(40)
+    ]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run([tmp_path / "t.jsonl"], tmp_path / "t2t", kind="text2text", eval_docs=4)
+    ds = fmt.open_dataset(str(tmp_path / "t2t"))
+    c = cfg("t5", tmp_path / "t2t", enc_len=24, dec_len=16)
+    with pytest.raises(
+        ValueError, match=r"of 36 train input/target pairs .* exceed data.enc_len=24"
+    ):
+        readers.build_examples(ds, "t5", "train", c.data, 0)
+    c.data.max_dropped_fraction = 0.1
+    ex = readers.build_examples(ds, "t5", "train", c.data, 0)
+    assert ex.skipped in (1, 2, 3) and len(ex) == 36 - ex.skipped
 
 
 def test_text2text_packed_rows(tmp_path):
@@ -285,6 +333,10 @@ def test_preflight_refuses_bad_prepared_data(text_dir, tmp_path, spm_dir):
         preflight.check_prepared(c)
     c = cfg("gpt", text_dir, tokenizer=str(spm_dir))
     with pytest.raises(ValueError, match="differs from the model's"):
+        preflight.check_prepared(c)
+    c = cfg("gpt", text_dir)
+    c.init_from = str(spm_dir)  # the pretrained model's own tokenizer files
+    with pytest.raises(ValueError, match=f"differs from the model's \\({spm_dir}\\)"):
         preflight.check_prepared(c)
     write_jsonl(tmp_path / "a.jsonl", make_docs(20))
     run([tmp_path / "a.jsonl"], tmp_path / "noeval")

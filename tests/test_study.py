@@ -15,7 +15,8 @@ SCRIPT = os.path.join(ROOT, "experiments", "precision_study.py")
 def _study(tmp_path, *extra):
     cmd = [sys.executable, SCRIPT, "--quick", f"--runs={tmp_path / 'runs'}"]
     cmd += [f"--out={tmp_path / 'out'}", *extra]
-    env = cli_env(devices=1)  # one device per run
+    # One device per run; this checkout's bf16jax (the script's own directory comes first).
+    env = cli_env(devices=1, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
 
 
@@ -108,3 +109,23 @@ def test_replot_redraws_the_table_plots_from_results_json(tmp_path):
     ]
     md = (tmp_path / "results.md").read_text()
     assert "| `fp32` | 3 |" in md and "--replot=" in md
+
+
+@pytest.mark.slow
+def test_study_on_a_prepared_dataset_names_it(tmp_path):
+    """Any config file on the user's prepared data: each result and results.md say which data
+    (its path and metadata hash), as evaluate / gate / export do."""
+    from prepared_corpus import make_docs, run, write_jsonl
+
+    from bf16jax.data import prepared as fmt
+
+    write_jsonl(tmp_path / "a.jsonl", make_docs(300))
+    run([tmp_path / "a.jsonl"], tmp_path / "ds", eval_docs=30)
+    meta = fmt.open_dataset(str(tmp_path / "ds")).meta_sha256
+    data = ("--config.data.name=prepared", f"--config.data.path={tmp_path / 'ds'}")
+    proc = _study(tmp_path, "--models=configs/gpt_tiny.py", "--policies=bf16", *data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_result,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run_result["data"]["sources"][0]["meta_sha256"] == meta
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert f"Data of gpt_tiny: prepared {tmp_path / 'ds'} (meta {meta[:12]}" in md

@@ -83,11 +83,19 @@ def _examples(data_cfg, model: str, split: str, seed: int):
         ex = readers.build_examples(ds, model, split, data_cfg, (seed + i) % 2**32)
         if ex.skipped:
             log.warning(
-                "%s: %d %s examples are longer than the row (data.seq_len / enc_len / dec_len) "
-                "and left out.",
+                "%s: %d %s input/target pairs are longer than data.enc_len / dec_len and left "
+                "out (data.max_dropped_fraction allows it).",
                 ds.path,
                 ex.skipped,
                 split,
+            )
+        if ex.split:
+            log.info(
+                "%s: %d %s examples are longer than data.seq_len: split across %d windows.",
+                ds.path,
+                ex.split,
+                split,
+                ex.pieces,
             )
         out.append((ex, w))
     return out

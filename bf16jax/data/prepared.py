@@ -13,6 +13,8 @@ Every manifest records the format version, the settings every part must share (t
 its files' sha256, fields, split rule, the full input list), and every shard file's size and
 sha256. `open_dataset` refuses (ValueError, one line) a missing part, a part from other
 settings, an unknown version, a manifest or shard whose bytes differ from their sha256.
+A URL (gs://, s3://, any fsspec protocol) is read through fsspec with ranged reads, as a local
+directory is with pread; the tokenizer's files are copied to a local cache and checked.
 """
 
 from __future__ import annotations
@@ -128,28 +130,48 @@ def write_manifest(directory: str, manifest: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- reading
+# The fsspec package that reads each object store's protocol (named in the error).
+_FS_PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "az": "adlfs", "abfs": "adlfs"}
+
+
+def remote_fs(url: str):
+    """(fsspec file system, path within it) of a URL; ValueError naming the package to install
+    when the protocol's is missing."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        protocol = url.split("://", 1)[0]
+        package = _FS_PACKAGES.get(protocol, f"the fsspec implementation of {protocol}://")
+        raise ValueError(
+            f"data.path={url}: reading {protocol}:// needs {package} ({e}): `pip install "
+            f"{package}`, or copy the dataset to a local directory."
+        ) from None
+
+
 def _read_bytes(path: str) -> bytes:
     if is_url(path):
-        from etils import epath
-
-        return epath.Path(path).read_bytes()
+        fs, p = remote_fs(path)
+        return fs.cat_file(p)
     with open(path, "rb") as f:
         return f.read()
 
 
 def _exists(path: str) -> bool:
     if is_url(path):
-        from etils import epath
-
-        return epath.Path(path).exists()
+        fs, p = remote_fs(path)
+        return fs.exists(p)
     return os.path.exists(path)
 
 
 def _list_parts(path: str) -> list[str]:
     if is_url(path):
-        from etils import epath
-
-        return sorted(p.name for p in epath.Path(path).iterdir() if _PART.match(p.name))
+        fs, p = remote_fs(path)
+        if not fs.isdir(p):
+            return []
+        names = (os.path.basename(str(x).rstrip("/")) for x in fs.ls(p, detail=False))
+        return sorted(n for n in names if _PART.match(n))
     return sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "part-*-of-*.json")))
 
 
@@ -161,8 +183,18 @@ def _verified_hash(path: str, size: int, mtime_ns: int) -> str:
 
 def _check_file(path: str, want: dict, fix: str, full: bool = True) -> None:
     if is_url(path):
-        digest = hashlib.sha256(_read_bytes(path)).hexdigest()
-        size = None
+        fs, p = remote_fs(path)
+        if not fs.exists(p):
+            raise ValueError(f"prepared dataset: {path} is missing ({fix}).")
+        size = fs.size(p)
+        if size != want["bytes"]:
+            raise ValueError(
+                f"prepared dataset: {path} has {size} bytes, its manifest says {want['bytes']} "
+                f"(truncated or replaced; {fix})."
+            )
+        if not full:
+            return  # its blocks are checked as they are read (FileArray)
+        digest = hashlib.sha256(fs.cat_file(p)).hexdigest()
     else:
         if not os.path.isfile(path):
             raise ValueError(f"prepared dataset: {path} is missing ({fix}).")
@@ -202,14 +234,30 @@ class Shard:
 
 
 class FileArray:
-    """A read-only 1-D array on disk, read by `pread` per slice: no mapping, so a reader's
-    resident memory does not grow with the pages it has visited (a memmap's would)."""
+    """A read-only 1-D array on disk, read by `pread` per slice (a URL: by ranged reads): no
+    mapping, so a reader's resident memory does not grow with the pages it has visited (a
+    memmap's would)."""
 
     def __init__(self, path: str, dtype: np.dtype, blocks: bytes | None = None):
         self.path, self.dtype, self.blocks = path, np.dtype(dtype), blocks
-        self._len = os.path.getsize(path) // self.dtype.itemsize
+        if is_url(path):
+            fs, p = remote_fs(path)
+            size = fs.size(p)
+        else:
+            size = os.path.getsize(path)
+        self._len = size // self.dtype.itemsize
         self._fd = None
         self._verified: set[int] = set()
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        if self._fd is None:  # opened lazily: the object can be pickled to grain's workers
+            self._fd = (
+                remote_fs(self.path) if is_url(self.path) else os.open(self.path, os.O_RDONLY)
+            )
+        if isinstance(self._fd, int):
+            return os.pread(self._fd, n, offset)
+        fs, p = self._fd
+        return fs.cat_file(p, start=offset, end=min(offset + n, self._len * self.dtype.itemsize))
 
     def __len__(self) -> int:
         return self._len
@@ -222,12 +270,10 @@ class FileArray:
             return self[start:stop][::step]
         if stop <= start:
             return np.zeros(0, self.dtype)
-        if self._fd is None:  # opened lazily: the object can be pickled to grain's workers
-            self._fd = os.open(self.path, os.O_RDONLY)
         size = self.dtype.itemsize
         if self.blocks is not None:
             self._verify(start * size, stop * size)
-        data = os.pread(self._fd, (stop - start) * size, start * size)
+        data = self._pread((stop - start) * size, start * size)
         return np.frombuffer(data, self.dtype)
 
     def _verify(self, lo: int, hi: int) -> None:
@@ -235,7 +281,7 @@ class FileArray:
         for k in range(lo // BLOCK_BYTES, (hi - 1) // BLOCK_BYTES + 1):
             if k in self._verified:
                 continue
-            data = os.pread(self._fd, BLOCK_BYTES, k * BLOCK_BYTES)
+            data = self._pread(BLOCK_BYTES, k * BLOCK_BYTES)
             want = self.blocks[k * DIGEST_BYTES : (k + 1) * DIGEST_BYTES]
             if _block_digest(data) != want:
                 raise ValueError(
@@ -255,7 +301,7 @@ class FileArray:
         return dict(self.__dict__, _fd=None, _verified=set())
 
     def __del__(self):
-        if getattr(self, "_fd", None) is not None:
+        if isinstance(getattr(self, "_fd", None), int):
             try:
                 os.close(self._fd)
             except (OSError, TypeError, AttributeError):  # at exit, `os` may be gone
@@ -263,7 +309,7 @@ class FileArray:
 
 
 def _load_array(path: str, dtype: np.dtype, blocks: bytes | None = None):
-    if is_url(path):  # object stores: read whole (memory = the shard's size), hash checked
+    if blocks is None and is_url(path):  # document offsets: small, read whole (hash checked)
         return np.frombuffer(_read_bytes(path), dtype)
     if blocks is None:
         return np.memmap(path, dtype=dtype, mode="r")  # document offsets: small, searched
@@ -299,8 +345,29 @@ class PreparedDataset:
         ]
 
     def tokenizer_dir(self) -> str:
-        """The dataset's copy of its tokenizer ("" for bytes: `load_tokenizer("")`)."""
-        return os.path.join(self.path, "tokenizer") if self.tokenizer["files"] else ""
+        """The dataset's copy of its tokenizer ("" for bytes: `load_tokenizer("")`); for a URL,
+        a local copy (in the temp directory, by content hash) checked against the manifest."""
+        if not self.tokenizer["files"]:
+            return ""
+        if not is_url(self.path):
+            return os.path.join(self.path, "tokenizer")
+        import tempfile
+
+        key = hashlib.sha256(canonical_json(self.tokenizer["files"])).hexdigest()[:16]
+        local = os.path.join(tempfile.gettempdir(), f"bf16jax-tokenizer-{key}")
+        os.makedirs(local, exist_ok=True)
+        for name, digest in self.tokenizer["files"].items():
+            target = os.path.join(local, name)
+            if os.path.exists(target) and sha256_file(target) == digest:
+                continue
+            data = _read_bytes(f"{self.path}/tokenizer/{name}")
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise ValueError(
+                    f"prepared dataset: {self.path}/tokenizer/{name} does not match its sha256 "
+                    "in the manifest (damaged): prepare the dataset again."
+                )
+            _atomic_write(target, data)
+        return local
 
     def record(self) -> dict:
         """What a run records about its data (config.json, manifests)."""

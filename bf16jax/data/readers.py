@@ -10,8 +10,11 @@ The task follows from the dataset's kind and the model (see /work/notes/data_con
                           stream, or (packing) each document cut into chunks, each corrupted on
                           its own and packed several to a row as separate segments.
   t5 + text2text          input -> target pairs, one per row or packed.
-Nothing is truncated: a document longer than a window spans windows; a fine-tuning example
-longer than the row is left out and counted (`Examples.skipped`, logged by the caller). Every
+Nothing is truncated: a document longer than a window spans windows; a prompt/completion
+example longer than the row is split across windows (`continuation_pieces`: each continuation
+carries at least half a row of preceding context, and every completion token is scored once);
+a text2text pair longer than enc_len / dec_len is left out and counted (`Examples.skipped`),
+refused above `data.max_dropped_fraction`. Every
 random choice is a function of (seed, position in the global stream), so resume is exact.
 Packed rows are planned greedily in document order from lengths alone (no tokens read); T5
 span corruption's plan is kept on disk (`bf16jax.data.span_plan`).
@@ -203,6 +206,7 @@ class Examples:
 
     def __init__(self, name: str, length: int, get, fn, skipped: int = 0):
         self.name, self._len, self._get, self.fn, self.skipped = name, length, get, fn, skipped
+        self.split = self.pieces = 0  # examples split across rows, and the rows they take
 
     def __len__(self) -> int:
         return self._len
@@ -240,23 +244,68 @@ def _gpt_text(ds, split, data_cfg, packing) -> Examples:
     return Examples(f"{ds.path}/{split}", n, get, lambda index, x: x)
 
 
+def continuation_pieces(plen: int, n: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """(start, stop, first weighted input index) of the windows of one prompt/completion
+    example of `n` tokens (prompt `plen`) longer than a row: the first window from the start,
+    then windows that each carry the preceding `seq_len // 2` tokens (at least) as context
+    (weight 0) and score the next up to `seq_len - seq_len // 2` completion tokens, until every
+    completion token is a target exactly once."""
+    first_target = max(plen, 1)  # x[i] is the target of input position i - 1
+    out, nxt = [], first_target
+    if first_target <= seq_len:
+        stop = min(seq_len, n - 1) + 1
+        out.append((0, stop, first_target - 1))
+        nxt = stop
+    step = seq_len - seq_len // 2
+    while nxt <= n - 1:
+        end = min(nxt + step - 1, n - 1)  # the last target of this window
+        start = end - seq_len
+        out.append((start, end + 1, nxt - start - 1))
+        nxt = end + 1
+    return out
+
+
 def _gpt_prompt_completion(ds, split, data_cfg, packing, pad) -> Examples:
     prompts = TokenStream(ds.shards(split), "prompt")
     comps = TokenStream(ds.shards(split), "completion")
     seq_len = int(data_cfg.seq_len)
-    need = prompts.doc_lengths() + comps.doc_lengths() - 1  # positions an example takes
-    fits = np.flatnonzero(need <= seq_len)
-    rows = pack_plan([need[fits]], [seq_len]) if packing else _one_per_row(len(fits))
+    plen = prompts.doc_lengths()
+    total = plen + comps.doc_lengths()
+    long = np.flatnonzero(total - 1 > seq_len)
+    # Pieces: every example that fits is one; a longer one is split across windows
+    # (`continuation_pieces`), so that no completion token is left out.
+    doc = np.arange(len(total), dtype=np.int64)
+    start = np.zeros(len(total), np.int64)
+    stop = total.astype(np.int64)
+    first = np.maximum(plen - 1, 0).astype(np.int64)
+    if len(long):
+        extra = [
+            (d, *piece)
+            for d in long.tolist()
+            for piece in continuation_pieces(int(plen[d]), int(total[d]), seq_len)
+        ]
+        keep = np.ones(len(total), bool)
+        keep[long] = False
+        ed, es, et, ef = (np.asarray(col, np.int64) for col in zip(*extra, strict=True))
+        order = np.argsort(np.concatenate([doc[keep], ed]), kind="stable")
+        doc, start, stop, first = (
+            np.concatenate([a[keep], b])[order]
+            for a, b in ((doc, ed), (start, es), (stop, et), (first, ef))
+        )
+    need = stop - start - 1  # positions a piece takes
+    rows = pack_plan([need], [seq_len]) if packing else _one_per_row(len(need))
 
     def get(r):
         items = []
-        for d in fits[rows[r] : rows[r + 1]].tolist():
-            p, c = prompts.doc(d), comps.doc(d)
-            items.append((np.concatenate([p, c]), max(len(p) - 1, 0)))
+        for k in range(int(rows[r]), int(rows[r + 1])):
+            d = int(doc[k])
+            x = np.concatenate([prompts.doc(d), comps.doc(d)])[int(start[k]) : int(stop[k])]
+            items.append((x, int(first[k])))
         return _pack_gpt(items, seq_len, pad, packing)
 
-    skipped = len(need) - len(fits)
-    return Examples(f"{ds.path}/{split}", len(rows) - 1, get, lambda index, x: x, skipped)
+    ex = Examples(f"{ds.path}/{split}", len(rows) - 1, get, lambda index, x: x)
+    ex.split, ex.pieces = len(long), len(need) - len(total) + len(long)
+    return ex
 
 
 def _t5_text2text(ds, split, data_cfg, packing) -> Examples:
@@ -275,6 +324,16 @@ def _t5_text2text(ds, split, data_cfg, packing) -> Examples:
         return _pack_t5([(inputs.doc(d), targets.doc(d)) for d in docs], enc_len, dec_len, packing)
 
     skipped = len(il) - len(fits)
+    allowed = float(data_cfg.get("max_dropped_fraction", 0.0))
+    if skipped > allowed * len(il):
+        raise ValueError(
+            f"prepared dataset {ds.path}: {skipped} of {len(il)} {split} input/target pairs "
+            f"({skipped / len(il):.2%}) exceed data.enc_len={enc_len} (longest input "
+            f"{int(il.max())}) or data.dec_len={dec_len} (longest target {int(tl.max())}); a "
+            "T5 pair cannot be split without changing its task: raise enc_len / dec_len, or "
+            "leave them out (counted in the log) with "
+            f"--config.data.max_dropped_fraction={skipped / len(il):.3g}."
+        )
     return Examples(f"{ds.path}/{split}", len(rows) - 1, get, lambda index, x: x, skipped)
 
 

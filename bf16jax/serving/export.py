@@ -12,6 +12,7 @@ of the same checkpoint (`bf16jax.serving.scoring`) and writes `manifest.json`. I
 - the artifact carries its tokenizer's file (BPE `tokenizer.json` or SentencePiece model),
   hashed like the others, so text in and out works without the training run;
 - the manifest names the source (workdir, step, config file, command line), the config, the
+  data the model trained on and the data its metrics were measured on ("data"), the
   training and serving policies, the git revision, versions, limits, the tokenizer, the
   evaluation metrics, and the sha256 + size of every file (`bf16jax.serving.artifact.verify`);
 - the metrics are measured on the written programs, not on the model they came from.
@@ -94,6 +95,7 @@ def export_artifact(
     decode_len: int | None = None,
     eval_batches: int | None = None,
     overwrite: bool = False,
+    data: tuple[Any, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Writes the artifact of `params` at `precision` to `out`; returns its manifest.
 
@@ -110,20 +112,29 @@ def export_artifact(
       eval_batches: eval batches for the manifest's metrics (default config.train.eval_steps;
         0 skips the evaluation).
       overwrite: replace an existing `out`.
+      data: (config, report) of the data the metrics are measured on
+        (`scoring.resolve_data`); default: `config.data`, checked against the data the run
+        trained on as recorded in `config` (config.json's "dataset").
     """
+    from bf16jax.data import provenance
+    from bf16jax.serving import scoring
+
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} exists: pass a new --out (or --overwrite to replace it).")
+    if data is None:
+        data = scoring.resolve_data(config, provenance.describe_saved(config.to_dict()))
     model = inference.serving_model(config, params, fp8_meta, precision, policy=policy)
     programs = inference.Programs(model, config, decode_len=decode_len)
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
         manifest = _write(tmp, config, model, programs, precision, source, platforms)
+        manifest["data"] = data[1]  # the data the model trained on, and the metrics' data
         if eval_batches != 0:
-            manifest["metrics"] = _metrics(tmp, config, params, fp8_meta, precision, policy,
+            manifest["metrics"] = _metrics(tmp, data, params, fp8_meta, precision, policy,
                                            source, eval_batches)  # fmt: skip
-            _write_manifest(tmp, manifest)
+        _write_manifest(tmp, manifest)
         if os.path.exists(out):  # overwrite: move the old one aside first, then swap
             old = f"{out}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
@@ -220,14 +231,15 @@ def _write_manifest(directory: str, manifest: dict) -> None:
     os.replace(digest_path + ".tmp", digest_path)
 
 
-def _metrics(tmp, config, params, fp8_meta, precision, policy, source, eval_batches):
+def _metrics(tmp, data, params, fp8_meta, precision, policy, source, eval_batches):
     from bf16jax.serving import scoring as evaluate_lib
 
-    scorer = evaluate_lib.Scorer.from_artifact(tmp)
+    config, report = data
+    scorer = evaluate_lib.Scorer.from_artifact(tmp).use_data(config, report)
     scorer.description = {"precision": precision}
     is_reference = precision == "fp32" and policy is None
     reference = None if is_reference else evaluate_lib.Scorer.from_params(
-        config, params, fp8_meta, "fp32", source)  # fmt: skip
+        config, params, fp8_meta, "fp32", source).use_data(config, report)  # fmt: skip
     report, _ = evaluate_lib.evaluate(scorer, reference, num_batches=eval_batches)
     if is_reference:
         report["reference"] = "this artifact (fp32)"

@@ -130,6 +130,7 @@ def gate(
         "reference": report["reference"],
         "agreement": report["agreement"],
         "thresholds": limits,
+        "data": report.get("data"),
     }
 
 

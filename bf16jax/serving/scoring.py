@@ -12,7 +12,11 @@ same examples. Invariants:
 - a run evaluated at a serving precision runs the very program that `bf16jax.serving.export` would
   serialize (`inference.Programs.score`), so its figures equal the artifact's;
 - the FP32 reference is `--reference` (an artifact), else the checkpoint the artifact names
-  in its manifest, served at fp32 (the same params, `precision.fp32_reference`).
+  in its manifest, served at fp32 (the same params, `precision.fp32_reference`);
+- the data is the model's own training data (`resolve_data`: a prepared dataset rewritten since,
+  or a config naming other data, is refused) unless `--data=DIR` names another prepared set, and
+  every report says which (`report["data"]`);
+- packed rows (segment ids) are scored one document per row, as the model saw them in training.
 """
 
 from __future__ import annotations
@@ -27,12 +31,21 @@ import jax
 import ml_collections
 import numpy as np
 
+from bf16jax.data import provenance
 from bf16jax.evaluation import calibration as metrics_lib
 from bf16jax.evaluation import heldout as evaluation
-from bf16jax.serving import inference
+from bf16jax.serving import inference, segments
 from bf16jax.serving.artifact import Artifact
 
-__all__ = ["Scorer", "evaluate", "report_json", "TRAIN_PRECISION"]
+__all__ = [
+    "Scorer",
+    "evaluate",
+    "report_json",
+    "resolve_data",
+    "data_line",
+    "trained_data",
+    "TRAIN_PRECISION",
+]
 
 log = logging.getLogger(__name__)
 TRAIN_PRECISION = inference.TRAIN  # evaluate a run under its own training policy
@@ -55,6 +68,13 @@ class Scorer:
         self.limits = limits
         self.description = description
         self._memo: dict[tuple, Any] = {}  # (num_batches, seed) -> evaluate_quality's result
+        self.data: dict[str, Any] | None = None  # `resolve_data`'s report, once set
+        self.trained: dict[str, Any] | None = None  # an artifact's training data record
+
+    def use_data(self, config, data: dict[str, Any]) -> Scorer:
+        """Scores on `config.data` (from `resolve_data`) from now on; `data` goes in reports."""
+        self.config, self.data, self._memo = config, data, {}
+        return self
 
     @classmethod
     def from_artifact(cls, artifact: Artifact | str) -> Scorer:
@@ -63,7 +83,9 @@ class Scorer:
         m = art.manifest
         desc = {"artifact": art.directory, "precision": m["precision"], "source": m["source"]}
         config = ml_collections.ConfigDict(m["config"])
-        return cls(config, functools.partial(art.call, "score"), art.limits, desc)
+        scorer = cls(config, functools.partial(art.call, "score"), art.limits, desc)
+        scorer.trained = trained_data(art)
+        return scorer
 
     @classmethod
     def from_params(cls, config, params, fp8_meta, precision: str, source: dict) -> Scorer:
@@ -87,16 +109,20 @@ class Scorer:
     def predict(self, params, local_batch: dict, fp8_meta=None) -> dict[str, np.ndarray]:
         """Per-example stats of one eval batch (`metrics.prediction_stats`); `params` unused."""
         del params, fp8_meta
-        lim, b = self.limits, local_batch
+        b = local_batch
         if self.family == "gpt":
             t = b["inputs"].shape[1]
-            logits = self._logits_fn(_pad_to(b["inputs"], lim["seq_len"], "data.seq_len"))[:, :t]
+            if "segment_ids" in b:  # packed: one document per row (segments.unpacked_logits)
+                logits = segments.unpacked_logits(self._gpt_logits, b, t)
+            else:
+                logits = self._gpt_logits(b["inputs"])[:, :t]
             targets, weights = b["targets"], b.get("weights", np.ones(b["targets"].shape))
         elif self.family == "t5":
             t = b["decoder_inputs"].shape[1]
-            enc = _pad_to(b["encoder_inputs"], lim["enc_len"], "data.enc_len")
-            dec = _pad_to(b["decoder_inputs"], lim["decode_len"], "data.dec_len")
-            logits = self._logits_fn(enc, dec)[:, :t]
+            if "encoder_segment_ids" in b:
+                logits = segments.unpacked_logits(self._t5_logits, b, t)
+            else:
+                logits = self._t5_logits(b["encoder_inputs"], b["decoder_inputs"])[:, :t]
             targets = b["targets"]
             weights = b.get("weights", (targets != 0).astype(np.float32))
         else:
@@ -106,6 +132,17 @@ class Scorer:
             logits, np.asarray(targets, np.int32), np.asarray(weights, np.float32)
         )
         return jax.device_get(stats)
+
+    def _gpt_logits(self, inputs) -> np.ndarray:
+        t = np.shape(inputs)[1]
+        padded = _pad_to(inputs, self.limits["seq_len"], "data.seq_len")
+        return np.asarray(self._logits_fn(padded))[:, :t]
+
+    def _t5_logits(self, encoder_inputs, decoder_inputs) -> np.ndarray:
+        t = np.shape(decoder_inputs)[1]
+        enc = _pad_to(encoder_inputs, self.limits["enc_len"], "data.enc_len")
+        dec = _pad_to(decoder_inputs, self.limits["decode_len"], "data.dec_len")
+        return np.asarray(self._logits_fn(enc, dec))[:, :t]
 
 
 @jax.jit
@@ -146,6 +183,8 @@ def evaluate(
         "clean": clean,
         "shifted": summary,
     }
+    if scorer.data is not None:
+        report["data"] = scorer.data
     if reference is not None:
         ref_summary, ref_preds = _quality(reference, num_batches, seed)
         report["reference"] = {**reference.description, "clean": ref_summary[evaluation.CLEAN],
@@ -182,6 +221,99 @@ def reference_for(artifact: Artifact, reference: str | None) -> Scorer | None:
         return None
     config = ml_collections.ConfigDict(artifact.manifest["config"])
     return Scorer.from_workdir(config, workdir, "fp32", source.get("step"))
+
+
+def resolve_data(config, trained: dict | None, data: str | None = None):
+    """The config to measure a model on and the report of that data.
+
+    Args:
+      config: the model's config (its `data` is what it trained on, unless told otherwise).
+      trained: `provenance` record of the data the model trained on (None: unknown).
+      data: a prepared dataset directory to measure on instead (`--data`), knowingly.
+
+    Returns:
+      (config reading the data, {"measured", "trained", "same_as_training", "split"}).
+
+    Raises:
+      ValueError: without `data`, data other than the training data (a prepared dataset
+        rewritten since, a config naming another set); with it, a dataset the model cannot read
+        (another tokenizer, a vocabulary above the embedding, an empty split).
+    """
+    if data:
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.data.name, config.data.path, config.data.mixture = "prepared", data, ""
+        measured = provenance.describe(config.data)
+        if not provenance.same_tokenizer(trained, measured):
+            raise ValueError(
+                f"--data={data} was tokenized with another tokenizer than the model's training "
+                f"data ({provenance.summary(trained)}): prepare it again with that --tokenizer."
+            )
+        _check_measurable(config, data, trained)
+    else:
+        measured = provenance.describe(config.data)
+        diff = provenance.compare(trained, measured)
+        if diff:
+            raise ValueError(
+                f"{diff}: its figures would not be the model's on its own data. Restore that "
+                "data (or drop the --config that names other data), or pass --data=DIR to "
+                "measure on a prepared dataset knowingly (the report says so)."
+            )
+    same = None if trained is None else provenance.compare(trained, measured) is None
+    report = {"measured": measured, "split": "eval", "trained": trained, "same_as_training": same}
+    return config, report
+
+
+def trained_data(artifact: Artifact) -> dict | None:
+    """The record of the data an artifact's model trained on (its manifest's "data", else what
+    its config says), or None."""
+    m = artifact.manifest
+    if isinstance(m.get("data"), dict) and "trained" in m["data"]:
+        return m["data"]["trained"]
+    return provenance.describe_saved(m.get("config"))
+
+
+def _check_measurable(config, data: str, trained: dict | None) -> None:
+    """--data against the model: its tokenizer the bundled training data's (bytes or
+    data.tokenizer), its ids within the embedding, a non-empty eval split (the train split is not
+    read)."""
+    from bf16jax.data import mixture
+    from bf16jax.data.prepared import sha256_file
+    from bf16jax.data.tokenizer import tokenizer_files
+
+    for ds, _ in mixture.dataset_sources(config.data):
+        if trained is not None and trained["name"] != "prepared":
+            spec = trained["tokenizer"]
+            want = {} if spec == "bytes" else {
+                os.path.basename(p): sha256_file(p) for p in tokenizer_files(spec)
+            }  # fmt: skip
+            if want != ds.tokenizer["files"]:
+                raise ValueError(
+                    f"--data={data} was tokenized with a {ds.tokenizer['kind']} tokenizer, the "
+                    f"model with {spec}: prepare it again with the model's tokenizer."
+                )
+        vocab = int(config.model.vocab_size)
+        if vocab < ds.tokenizer["vocab_size"] or vocab <= ds.max_token_id:
+            raise ValueError(
+                f"--data={data}: its tokenizer's vocabulary ({ds.tokenizer['vocab_size']}) "
+                f"exceeds the model's embedding (model.vocab_size={vocab}): prepare it with the "
+                "model's tokenizer."
+            )
+        if not ds.documents("eval"):
+            raise ValueError(
+                f"--data={data} has an empty eval split: prepare it with --eval_fraction=F or "
+                "--eval_docs=N."
+            )
+
+
+def data_line(report: dict) -> str:
+    """One line for a person: which data a tool measured on, and whether it is the model's."""
+    what = {
+        True: "the model's training data",
+        False: "NOT the model's training data",
+        None: "the model's training data is not recorded",
+    }[report["same_as_training"]]
+    return f"data: {provenance.summary(report['measured'])}, eval split ({what})"
 
 
 def report_json(report: dict[str, Any]) -> str:

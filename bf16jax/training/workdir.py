@@ -29,6 +29,7 @@ __all__ = [
     "write_config",
     "read_config",
     "dataset_record",
+    "trained_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,14 @@ def dataset_record(config) -> list[dict] | None:
     from bf16jax.data import mixture
 
     return mixture.prepared_record(config.data)
+
+
+def trained_data(workdir: str) -> dict | None:
+    """The `bf16jax.data.provenance` record of the data the run in `workdir` trained on (from
+    its config.json; None when it has none)."""
+    from bf16jax.data import provenance
+
+    return provenance.describe_saved(_read_saved(workdir))
 
 
 def _check_dataset(saved: dict, config, workdir: str) -> None:
