@@ -139,20 +139,44 @@ def _leaf_summary(x: jax.Array):
     return (*_checksum(x), _finite(x))
 
 
+@jax.jit
+def _tree_summary(leaves: list[jax.Array]):
+    """([n] h1, [n] h2, [n] finite) of n leaves: `_leaf_summary` of each, in one program."""
+    sums = [(*_checksum(x), _finite(x)) for x in leaves]
+    return tuple(jnp.stack(column) for column in zip(*sums, strict=True))
+
+
 def _hex(h1, h2) -> str:
     return f"{int(h1):08x}{int(h2):08x}"
 
 
-def checksums(tree: Any) -> dict[str, dict[str, Any]]:
+def _batched(leaves: list) -> bool:
+    """Whether `checksums` runs one program over all the leaves: on accelerators. XLA:CPU runs
+    them one at a time, each waited for: its compile time grows superlinearly with a program's
+    kernels (above), and with several checksum programs in flight its collectives can deadlock
+    (the checksums of an FSDP-sharded state on 8 fake CPU devices hung in an all-gather
+    rendezvous)."""
+    devices = {d for x in leaves for d in x.sharding.device_set}
+    return bool(devices) and all(d.platform != "cpu" for d in devices)
+
+
+def checksums(tree: Any, *, batched: bool | None = None) -> dict[str, dict[str, Any]]:
     """{leaf path: {"checksum": 16 hex digits, "finite": bool}} of a pytree of jax Arrays.
 
-    Jitted per leaf, one program in flight at a time: with several in flight, XLA:CPU's
-    collectives can deadlock (the checksums of an FSDP-sharded state on 8 fake CPU devices hung
-    in an all-gather rendezvous). Every process gets the same answer for global arrays.
+    One jitted program over all the leaves, fetched once (`batched`; the default off CPU), or
+    one program per leaf, each waited for (see `_batched`): the same digits either way. Every
+    process gets the same answer for global arrays.
     """
     leaves = flat_leaves(tree)
-    summary = [jax.block_until_ready(_leaf_summary(x)) for x in leaves.values()]
-    summary = jax.device_get(summary)
+    values = list(leaves.values())
+    if batched is None:
+        batched = _batched(values)
+    if batched and values:
+        h1, h2, ok = jax.device_get(_tree_summary(values))
+        summary = list(zip(h1, h2, ok, strict=True))
+    else:
+        summary = [jax.block_until_ready(_leaf_summary(x)) for x in values]
+        summary = jax.device_get(summary)
     return {
         path: {"checksum": _hex(h1, h2), "finite": bool(ok)}
         for path, (h1, h2, ok) in zip(leaves, summary, strict=True)
