@@ -97,15 +97,17 @@ def _is_key(dtype: Any) -> bool:
 
 
 def _words(x: jax.Array) -> jax.Array:
-    """The bits of `x` as a flat uint32 vector (one word per element; two for 8-byte ones)."""
+    """The bits of `x` as uint32 words in `x`'s shape: one word per element; 8-byte elements
+    give two, on a trailing axis. Never raveled: a reshape of a sharded array can make XLA
+    gather it (the one-program checksums of an FSDP-sharded state held 30 all-gathers)."""
     if _is_key(x.dtype):
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
-        return x.reshape(-1).astype(jnp.uint32)
+        return x.astype(jnp.uint32)
     size = np.dtype(x.dtype).itemsize
     if size == 8:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-    return jax.lax.bitcast_convert_type(x, _UINT[size]).reshape(-1).astype(jnp.uint32)
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, _UINT[size]).astype(jnp.uint32)
 
 
 def _fmix32(h):
@@ -116,9 +118,19 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """Each element's index in the row-major raveled array (mod 2^32), built from iotas."""
+    index, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in reversed(range(len(shape))):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+        index = index + iota * np.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return index
+
+
 def _checksum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     u = _words(x)
-    i = jax.lax.iota(jnp.uint32, u.shape[0])
+    i = _flat_index(u.shape)
     h1 = jnp.sum((2 * i + 1) * u, dtype=jnp.uint32)
     h2 = jnp.sum(_fmix32(u + i * np.uint32(_GOLDEN)), dtype=jnp.uint32)
     return h1, h2
