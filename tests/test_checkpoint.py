@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
+from bf16jax.checkpoint import integrity
 from bf16jax.checkpoint.manager import Checkpointer
 from bf16jax.parallel import sharding
 from bf16jax.precision import get_policy
@@ -416,3 +417,28 @@ def test_an_interrupted_wait_does_not_report_a_committed_save_as_failed(saved, t
     assert "step 2 in" in caplog.text and "still being written when interrupted" in caplog.text
     real_wait()
     assert Checkpointer(tmp_path / "run").all_steps() == [2]
+
+
+def test_batched_checksums_equal_the_per_leaf_ones_on_a_sharded_state(saved):
+    """One program over all the leaves (accelerators) and one per leaf (XLA:CPU) give the same
+    digits and finite flags, on leaves sharded over the 8 fake devices, as NumPy does on the
+    host and as the manifest that the `saved` checkpoint was written with."""
+    directory, saved_state, _ = saved
+    mesh = mesh_of(1, 4, 2)
+    init = make_init(seed=3)
+    state = sharding.create_sharded(init, sharding.abstract_state(init, mesh))
+    kernel = state["opt"][0].mu["up"]["kernel"][...]
+    assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+    half = jax.device_put(jnp.arange(24, dtype=jnp.bfloat16).reshape(4, 6), kernel.sharding)
+    odd = {"half": half, "nan": half.astype(jnp.float32) * jnp.nan, "flag": jnp.ones(3, bool)}
+    per_leaf = integrity.checksums(dict(state, odd=odd), batched=False)
+    batched = integrity.checksums(dict(state, odd=odd), batched=True)
+    assert batched == per_leaf
+    assert [p for p, s in batched.items() if not s["finite"]] == ["odd/nan"]
+    for path, x in integrity.flat_leaves(dict(state, odd=odd)).items():
+        bits = jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        assert batched[path]["checksum"] == integrity.host_checksum(np.asarray(bits)), path
+    manifest = Checkpointer(directory).manifest(3)
+    assert {p: s["checksum"] for p, s in integrity.checksums(state, batched=True).items()} == {
+        p: leaf["checksum"] for p, leaf in manifest["leaves"].items()
+    }

@@ -85,3 +85,50 @@ def test_a_run_that_logs_every_step_never_builds_the_plain_step(tmp_path):
     table = {(0, 4, 1): False, (0, 4, 2): True, (1, 3, 2): False, (3, 4, 2): False,
              (0, 1, 5): False, (2, 5, 3): True, (3, 5, 2): False, (0, 3, 3): True}  # fmt: skip
     assert {k: loop._runs_plain_step(*k) for k in table} == table
+
+
+def test_steps_that_do_not_log_never_wait_and_divergence_is_caught_at_the_next_log(
+    tmp_path, monkeypatch
+):
+    """log_every=3: steps 1, 2, 4, 5 neither wait for the device nor read from it (no param
+    norm either); the skip counters of steps 1-2 (every gradient NaN) are read at step 3, the
+    first logging step, which stops the run naming steps 1-2."""
+    import jax
+    import numpy as np
+    import pytest
+
+    config = tiny_gpt_config(steps=6, log_every=3, max_skips_in_a_row=2, eval_every=100)
+    events, real_step, real_batch = [], Trainer.step, Trainer.global_batch
+    real_get, real_wait = jax.device_get, jax.block_until_ready
+
+    def step(self, state, batch, **kwargs):
+        state, metrics = real_step(self, state, batch, **kwargs)
+        events.append(("step", "param_norm" in metrics))
+        return state, metrics
+
+    def global_batch(self, local):
+        if len([e for e in events if e[0] == "batch"]) < 2:  # the batches of steps 1 and 2
+            local = dict(local, weights=np.full_like(local["weights"], np.nan))
+        events.append(("batch",))
+        return real_batch(self, local)
+
+    def record(name, fn):
+        def wrapped(*args, **kwargs):
+            events.append((name,))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(Trainer, "global_batch", global_batch)
+    monkeypatch.setattr(jax, "device_get", record("read", real_get))
+    monkeypatch.setattr(jax, "block_until_ready", record("wait", real_wait))
+    with pytest.raises(loop.TrainingDiverged, match=r"steps 1-2: 2 steps in a row"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    steps = [i for i, e in enumerate(events) if e[0] == "step"]
+    assert [events[i][1] for i in steps] == [False, False, True]  # stopped at step 3
+    between = [
+        {e[0] for e in events[a + 1 : b]} for a, b in zip(steps[:-1], steps[1:], strict=True)
+    ]
+    assert between == [{"batch"}, {"batch"}]  # after steps 1 and 2: the next batch only
+    assert {"read", "wait"} <= {e[0] for e in events[steps[-1] :]}

@@ -13,6 +13,7 @@ import pytest
 from bf16jax import config as config_lib
 from bf16jax.nn import layers
 from bf16jax.parallel import sharding
+from bf16jax.precision import numerics
 from bf16jax.precision.matmul import dot_dtypes
 from bf16jax.training import trainer as train
 
@@ -104,7 +105,14 @@ def test_non_logging_step_has_no_diagnostic_reductions():
     # lost weight decay (`swamped/decay`: stuck, nonzero): 2 per decayed param.
     num_params = 2 + 2 * 16 + 2  # token + position embeddings, 2 blocks of 16, final norm
     decayed = 2 + 2 * 6  # the embeddings and each block's q, k, v, o, fc1, fc2 kernels
-    assert _reductions(logging) - _reductions(plain) == 5 * num_params + 2 * decayed
+    # The param norm (logging steps only): a reduction per large leaf, one for the small ones.
+    sizes = [x.size for x in jax.tree.leaves(_trainer("gpt_tiny", "bf16").abstract.params)]
+    assert len(sizes) == num_params
+    norm = sum(n >= numerics.SMALL_LEAF for n in sizes) + any(
+        n < numerics.SMALL_LEAF for n in sizes
+    )
+    diagnostic = 5 * num_params + 2 * decayed
+    assert _reductions(logging) - _reductions(plain) == diagnostic + norm
 
 
 def test_clipping_reuses_the_gradient_norm():
@@ -119,15 +127,33 @@ def test_qkv_share_one_gemm():
     assert len(separate) == EXPECTED_DOTS["gpt_tiny"] + 2 * 6  # 2 more GEMMs x 3 per layer
 
 
-def test_the_skip_predicate_is_computed_once():
-    """The finite check that selects every param and moment (skip a non-finite step) is one
-    scalar that each select reads, not re-derived inside each select's fusion: XLA duplicated
-    the `and` of one flag per leaf into every select (leaves^2 `and`s: the full vit_digits step
-    held 62,335 and compiled in 11 s on a CPU instead of 2; 74 s instead of 4 under LSQ)."""
+def test_the_skip_is_one_conditional_on_a_predicate_computed_once():
+    """A skipped step keeps the old params and moments through one `lax.cond` on one scalar
+    predicate: no select per leaf (which keeps the old and new state live together), and no
+    `and` of one flag per leaf re-derived inside each consumer (leaves^2 `and`s: the full
+    vit_digits step once held 62,335 and compiled in 11 s on a CPU instead of 2)."""
     step = _trainer("vit_digits", "fp32").lower(diagnostics=False)
     leaves = len(jax.tree.leaves(step.args_info))
     hlo = step.compile().as_text()
-    selects = len(re.findall(r"= f32\[[\d,]*\]\S* select\(", hlo))
-    assert selects >= leaves // 2  # the selects are there (one per param and moment)
-    # At most one `and` per select (the gradients' and the update's predicates, combined).
-    assert len(re.findall(r"= pred\[\]\S* and\(", hlo)) <= leaves
+    assert len(re.findall(r" conditional\(", hlo)) == 1
+    assert len(re.findall(r"= pred\[\]\S* and\(", hlo)) <= 8 < leaves
+
+
+def test_the_plain_step_checks_and_measures_each_large_leaf_once():
+    """Outside the model, the step that does not log reduces each large leaf twice (the
+    gradient's sum of squares: norm, clipping and finite check; the new param's finite check)
+    and the small leaves (biases, norm gains) in one concatenation each; no param norm. Before:
+    six reductions per leaf (finite counts of the gradients, new params, mu and nu; the
+    gradient and param norms): 216 here."""
+    text = lowered("gpt_tiny", "bf16")
+    names = dict(re.findall(r'^(#loc\d+) = loc\("([^"]*)"', text, re.M))
+    locs = [
+        re.search(r"loc\((#loc\d+)\)", line)
+        for line in text.splitlines()
+        if re.search(r"stablehlo\.reduce[ (]", line)
+    ]
+    outside = [m for m in locs if m and names.get(m[1]) == "jit(train_step)/reduce_sum"]
+    sizes = [x.size for x in jax.tree.leaves(_trainer("gpt_tiny", "bf16").abstract.params)]
+    large = sum(n >= numerics.SMALL_LEAF for n in sizes)
+    assert 0 < large < len(sizes) == 36
+    assert len(outside) == 2 * (large + 1)

@@ -486,7 +486,8 @@ def test_rollback_skips_the_data_of_a_non_finite_window(tmp_path, monkeypatch, c
         assert sorted(train_rows(workdir)) == list(range(1, 8))  # each step once
         quarantined = sorted(os.listdir(workdir / "checkpoints" / ".quarantine"))
         assert quarantined == ["4.rolled-back", "6.rolled-back"]
-        assert len(fetched) == 12  # batches 1-8 before the rollback (8 fetched ahead), 9-12 after
+        # Batches 1-7 before the rollback at step 6 (7 fetched ahead), 8-11 after, 1 to evaluate.
+        assert len(fetched) == 12
         fetched.clear()
         no_rollback = with_train(config, nonfinite_rollbacks=0)
         with pytest.raises(loop.TrainingDiverged, match=r"steps 4-6: 3 steps in a row.* step 2 "):

@@ -19,7 +19,9 @@ Exactness: a checkpoint of step k holds the data position of the first batch ste
 Faults: SIGTERM / SIGINT finish the step, save it and return `preempted=True`
 (`bf16jax.training.preemption`); `train.max_skips_in_a_row` skipped (non-finite) steps raise
 `TrainingDiverged`, or with `train.nonfinite_rollbacks` roll back to the last good checkpoint
-and skip the data those steps consumed (as large runs do after a loss spike).
+and skip the data those steps consumed (as large runs do after a loss spike). A step that does
+not log never waits on the device: skip counters are read on logging steps and saves, so the
+limit is acted on up to `train.log_every - 1` steps after it is reached (`_SkipWatch`).
 """
 
 from __future__ import annotations
@@ -218,30 +220,29 @@ def _train(run: Run, stop: StopRequest) -> dict[str, Any]:
         plain = _runs_plain_step(run.start, steps, config.train.log_every)
         result["compile_s"] = trainer.compile(run.state, batch, plain=plain)
         clock.reset(run.start)
-        step, previous, tick = run.start, None, run.start
+        step, tick = run.start, run.start
+        skips = _SkipWatch(int(config.train.get("max_skips_in_a_row", 0)))
         while step < steps:
             logged = _is_logged(step + 1, steps, config.train.log_every)
-            # Diagnostics (swamping, gradient health) only in the steps whose metrics are logged.
+            # The param norm and the diagnostics (swamping, gradient health) only in the steps
+            # whose metrics are logged.
             clock.start()
-            run.state, metrics = trainer.step(run.state, batch, diagnostics=logged)
+            run.state, metrics = trainer.step(
+                run.state, batch, diagnostics=logged, param_norm=logged
+            )
             step, tick = step + 1, tick + 1
+            skips.add(step, metrics)
             # Where the data resumes after `step`: taken before the batch of step + 1 is fetched.
             position = run.train_it.get_state()
             if step < steps:
                 batch = trainer.global_batch(next(run.train_it))  # overlaps with the step
-            if previous is not None and _diverged(run, *previous):
-                step = _roll_back(run, previous[0], step, bar)
-                previous = None
-                clock.reset(step)
-                continue
-            previous = (step, metrics)
             clock.steps += 1
             if bar is not None:
                 bar.update(1)
             _log_and_evaluate(run, step, metrics, clock, bar, result)
             # Every process asks at every iteration (multi-host: they agree on one tick).
             stopping = step < steps and stop.requested(tick)
-            _save(run, step, metrics, position, clock, force=step == steps or stopping)
+            saved = _save(run, step, metrics, position, clock, force=step == steps or stopping)
             result["step"] = step
             if stopping:
                 run.ckpt.wait()  # the save above was forced: wait for it to commit
@@ -252,8 +253,10 @@ def _train(run: Run, stop: StopRequest) -> dict[str, Any]:
                 )
                 result["preempted"] = True
                 break
-        if previous is not None and "preempted" not in result:
-            _diverged(run, *previous, final=True)
+            # Skip counters are read where the host has waited for the device anyway.
+            if (logged or saved) and (bad := skips.first_over_limit()) and _diverged(run, *bad):
+                step = _roll_back(run, bad[0], step, bar)
+                clock.reset(step)
     finally:
         if bar is not None:
             bar.close()
@@ -344,27 +347,57 @@ def _log_and_evaluate(run: Run, step: int, metrics, clock: _StepClock, bar, resu
             result.update({k.replace("/", "_"): v for k, v in dr.items()})
 
 
-def _save(run: Run, step: int, metrics, position, clock: _StepClock, force: bool) -> None:
+def _save(run: Run, step: int, metrics, position, clock: _StepClock, force: bool) -> bool:
+    """Saves `step` if it is due (or forced); True when it did."""
     if not (force or run.ckpt.should_save(step)):
-        return
+        return False
     clock.pause(metrics)
     healthy = int(jax.device_get(metrics["skips_in_a_row"])) == 0
     run.ckpt.save(step, run.state, position, force=force, healthy=healthy)
+    return True
 
 
-def _diverged(run: Run, step: int, metrics, final: bool = False) -> bool:
-    """Checks step `step`'s skip counter (read a step late, so the host never waits on the
-    device); True to roll back. Raises TrainingDiverged to stop."""
+class _SkipWatch:
+    """The `skips_in_a_row` counters of the steps not yet checked against
+    `train.max_skips_in_a_row` (0: no limit, nothing kept).
+
+    Each counter starts its copy to the host when its step is dispatched and is read only
+    where the loop has waited for the device anyway (a logging step, a save), so a step that
+    does not log never waits on the device. A limit reached at step s is acted on at the first
+    logging step or save at or after s: at most `train.log_every - 1` steps late (skipped
+    steps change no params, so the extra steps only cost their time and, after a rollback,
+    their batches).
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.pending = limit, []
+
+    def add(self, step: int, metrics) -> None:
+        if self.limit > 0:
+            counter = metrics["skips_in_a_row"]
+            counter.copy_to_host_async()
+            self.pending.append((step, counter))
+
+    def first_over_limit(self) -> tuple[int, int] | None:
+        """(step, skips in a row) of the first pending step at the limit, or None; forgets
+        every pending counter."""
+        pending, self.pending = self.pending, []
+        for step, counter in pending:
+            in_a_row = int(jax.device_get(counter))
+            if in_a_row >= self.limit:
+                return step, in_a_row
+        return None
+
+
+def _diverged(run: Run, step: int, in_a_row: int) -> bool:
+    """`in_a_row` steps up to `step` were skipped, at or over `train.max_skips_in_a_row`: True
+    to roll back (rollbacks left and a good checkpoint before them). Raises TrainingDiverged
+    to stop."""
     limit = int(run.config.train.get("max_skips_in_a_row", 0))
-    if limit <= 0:
-        return False
-    in_a_row = int(jax.device_get(metrics["skips_in_a_row"]))
-    if in_a_row < limit:
-        return False
     first = step - in_a_row + 1
     allowed = int(run.config.train.get("nonfinite_rollbacks", 0))
     good = run.ckpt.newest_good(before=first)
-    if run.rollbacks < allowed and good is not None and not final:
+    if run.rollbacks < allowed and good is not None:
         return True
     where = (
         f"the newest good checkpoint is step {good} in {run.ckpt.directory}"

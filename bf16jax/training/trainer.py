@@ -4,9 +4,9 @@
 attention kernel is chosen there), the optimizer and the loss choice (`config.train.loss_impl`,
 `loss.LossOptions`), and a `Trainer` whose state is built sharded (eval_shape -> shardings ->
 jit). The pure steps it jits live in `bf16jax.training.step` (re-exported here): the Trainer jits
-two
-variants of the train step with the same shardings and donation, the plain one and one that adds
-the per-step diagnostics (`train.diagnostics`), which the loop runs on logging steps only.
+variants of the train step with the same shardings and donation: the plain one, which the loop
+runs on the steps that do not log, and one that adds the param norm and the per-step diagnostics
+(`train.diagnostics`), which it runs on logging steps.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Trainer:
             init = jax.jit(self._init, in_shardings=(sh.params,), out_shardings=sh)
             return init(params)
 
-    def _jit_step(self, diagnostics: bool):
+    def _jit_step(self, diagnostics: bool, param_norm: bool):
         cfg = self.config
         fn = functools.partial(
             train_step,
@@ -138,6 +138,7 @@ class Trainer:
             grad_accum_steps=int(cfg.train.grad_accum_steps),
             loss=self.loss,
             diagnostics=diagnostics,
+            param_norm=param_norm,
             compute_dtype=self.policy.compute_dtype,
         )
         batch_sharding = sharding.batch_sharding(self.mesh)
@@ -150,14 +151,21 @@ class Trainer:
 
     @functools.cached_property
     def _step_fn(self):
-        """The step every iteration runs: no diagnostics."""
-        return self._jit_step(diagnostics=False)
+        """The step of the iterations that do not log: no diagnostics, no param norm."""
+        return self._jit_step(diagnostics=False, param_norm=False)
 
     @functools.cached_property
     def _diagnostic_step_fn(self):
-        """The step + swamping / gradient-health reductions, for logging steps (`_step_fn` itself
-        when `train.diagnostics` is off)."""
-        return self._jit_step(diagnostics=True) if self.config.train.diagnostics else self._step_fn
+        """The logging steps' step: + the param norm, + swamping / gradient-health reductions
+        when `train.diagnostics` is on."""
+        return self._jit_step(diagnostics=bool(self.config.train.diagnostics), param_norm=True)
+
+    @functools.cached_property
+    def _metrics_step_fn(self):
+        """The step + the param norm, no diagnostics (`step()`'s default)."""
+        if not self.config.train.diagnostics:
+            return self._diagnostic_step_fn
+        return self._jit_step(diagnostics=False, param_norm=True)
 
     @functools.cached_property
     def _eval_fn(self):
@@ -209,11 +217,16 @@ class Trainer:
         return _merge(self.graphdef, *jax.device_get((state.params, state.fp8_meta)))
 
     def step(
-        self, state: TrainState, batch: dict, *, diagnostics: bool = False
+        self, state: TrainState, batch: dict, *, diagnostics: bool = False, param_norm: bool = True
     ) -> tuple[TrainState, dict]:
         """One jitted train step; `state` is donated (do not use it afterwards). `diagnostics`:
-        the variant with `swamped/*`, `grad/*` metrics (`train.diagnostics`), for logged steps."""
-        fn = self._diagnostic_step_fn if diagnostics else self._step_fn
+        the variant with `swamped/*`, `grad/*` metrics (`train.diagnostics`) and `param_norm`,
+        for logged steps; `param_norm=False` (and no diagnostics): the loop's step for the
+        iterations that do not log, without the param norm's reduction per leaf."""
+        if diagnostics:
+            fn = self._diagnostic_step_fn
+        else:
+            fn = self._metrics_step_fn if param_norm else self._step_fn
         with jax.set_mesh(self.mesh):
             return fn(state, batch)
 
