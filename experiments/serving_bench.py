@@ -38,7 +38,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _workload(n: int, rate: float, args, seed: int) -> list[tuple[float, str, int]]:
-    """(arrival offset s, prompt, max_tokens) of n requests at `rate` per second."""
+    """(arrival offset s, prompt, max_tokens) of n requests at `rate` per second.
+
+    "uniform": prompt bytes uniform in [--min_prompt, --max_prompt], max_tokens uniform in
+    [--min_tokens, --max_tokens]. "sharegpt": ShareGPT-shaped (heavy-tailed, wide) lengths
+    scaled to the context: prompt and output lengths log-normal with medians --prompt_median /
+    --output_median and log-sd --prompt_sigma / --output_sigma, the prompt clipped to
+    [4, context / 2], max_tokens to [2, context - prompt].
+    """
     from bf16jax.data import datasets as data
 
     verses = [text for _, text in data.kjv_verses("eval")]
@@ -47,9 +54,21 @@ def _workload(n: int, rate: float, args, seed: int) -> list[tuple[float, str, in
     out, at = [], 0.0
     for gap in gaps:
         at += gap
-        verse = verses[int(rng.integers(len(verses)))]
-        prompt = verse[: int(rng.integers(args.min_prompt, args.max_prompt + 1))]
-        out.append((at, prompt, int(rng.integers(args.min_tokens, args.max_tokens + 1))))
+        if args.workload == "uniform":  # (the draws of the first benchmark, kept)
+            verse = verses[int(rng.integers(len(verses)))]
+            prompt = verse[: int(rng.integers(args.min_prompt, args.max_prompt + 1))]
+            out.append((at, prompt, int(rng.integers(args.min_tokens, args.max_tokens + 1))))
+            continue
+        size = int(np.clip(rng.lognormal(np.log(args.prompt_median), args.prompt_sigma), 4,
+                           args.context // 2))  # fmt: skip
+        tokens = int(np.clip(rng.lognormal(np.log(args.output_median), args.output_sigma), 2,
+                             args.context - size))  # fmt: skip
+        first = int(rng.integers(len(verses)))
+        text = verses[first]
+        while len(text.encode()) < size:  # long prompts: the verses that follow
+            first = (first + 1) % len(verses)
+            text += " " + verses[first]
+        out.append((at, text.encode()[:size].decode("utf-8", "ignore"), tokens))
     return out
 
 
@@ -111,6 +130,9 @@ async def _rate(session, url: str, mode: str, rate: float, args) -> dict:
         "output_tokens_per_s": round(out_tokens / wall, 1),
         "requests_per_s": round(len(ok) / wall, 3), "goodput_rps": round(len(good) / wall, 3),
         "wall_s": round(wall, 2),
+        # what the clients asked for: max_tokens summed over the arrival span
+        "offered_tokens_per_s": round(sum(w[2] for w in work) / work[-1][0], 1),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }  # fmt: skip
 
 
@@ -120,8 +142,9 @@ async def _bench_mode(mode: str, args) -> list[dict]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "bf16jax.serve", f"--artifact={args.artifact}", f"--port={port}",
-           f"--max_batch={args.max_batch}", f"--batching={mode}", f"--max_queue={args.max_queue}",
-           "--request_timeout_s=600", f"--max_wait_ms={args.max_wait_ms}"]  # fmt: skip
+           f"--max_batch={args.max_batch[mode]}", f"--batching={mode}",
+           f"--max_queue={args.max_queue}", "--request_timeout_s=600",
+           f"--max_wait_ms={args.max_wait_ms}"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     rows = []
     try:
@@ -160,22 +183,46 @@ def _accuracy(named: str) -> list[dict]:
     return out
 
 
-def _target(rows: list[dict]) -> dict:
+def _target(rows: list[dict], slo_ttft_s: float = 1.0) -> dict:
+    """The issue's target (at the lowest rate where window batching's p99 TTFT passes 1 s:
+    continuous batching's tokens/s ratio and p99 TTFT), and each mode's SLO capacity: the
+    output tokens/s at the highest swept rate where its p99 TTFT stays within the SLO
+    (the rates below it too, no errors)."""
     by = {(r["mode"], r["rate"]): r for r in rows}
     rates = sorted({r["rate"] for r in rows})
+    capacity = {}
+    for mode in sorted({r["mode"] for r in rows}):
+        held = None
+        for x in rates:
+            r = by.get((mode, x))
+            if r is None or r["errors"] or (r["ttft_p99_s"] or 0) > slo_ttft_s:
+                break
+            held = r
+        capacity[mode] = {"rate": held["rate"], "output_tokens_per_s": held["output_tokens_per_s"]
+                          } if held else None  # fmt: skip
+    out = {}
+    c, w = capacity.get("continuous"), capacity.get("window")
+    if c and w:
+        out["slo_capacity"] = {**capacity, "tokens_per_s_ratio": round(
+            c["output_tokens_per_s"] / max(w["output_tokens_per_s"], 1e-9), 2)}  # fmt: skip
     over = [x for x in rates if ((by.get(("window", x)) or {}).get("ttft_p99_s") or 0) > 1.0]
     if not over or ("continuous", over[0]) not in by:
-        return {"target": "window batching's p99 TTFT stayed under 1 s: raise --rates"}
+        return {"target": "window batching's p99 TTFT stayed under 1 s: raise --rates", **out}
     w, c = by[("window", over[0])], by[("continuous", over[0])]
     ratio = c["output_tokens_per_s"] / max(w["output_tokens_per_s"], 1e-9)
+    offered = c["offered_tokens_per_s"]
     return {"target_rate": over[0], "tokens_per_s_ratio": round(ratio, 2),
             "window_ttft_p99_s": w["ttft_p99_s"], "continuous_ttft_p99_s": c["ttft_p99_s"],
-            "met": ratio >= 2.0 and c["ttft_p99_s"] < w["ttft_p99_s"]}  # fmt: skip
+            "met": ratio >= 2.0 and c["ttft_p99_s"] < w["ttft_p99_s"],
+            # no server can serve more than is offered: the ratio's ceiling at this rate
+            "ratio_ceiling": round(offered / max(w["output_tokens_per_s"], 1e-9), 2),
+            **out}  # fmt: skip
 
 
 def _markdown(rows, accuracy, target, args) -> str:
     cols = ["mode", "rate", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "itl_p99_s", "e2e_p99_s",
-            "output_tokens_per_s", "goodput_rps", "errors"]  # fmt: skip
+            "output_tokens_per_s", "offered_tokens_per_s", "goodput_rps", "errors",
+            "load_avg_1m"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     lines += ["", "| artifact | precision | eval accuracy | agreement with fp32 | params bytes |",
@@ -199,7 +246,17 @@ def main(argv=None) -> None:
     p.add_argument("--max_prompt", type=int, default=48)
     p.add_argument("--min_tokens", type=int, default=8)
     p.add_argument("--max_tokens", type=int, default=64)
-    p.add_argument("--max_batch", type=int, default=8)
+    p.add_argument(
+        "--max_batch",
+        default="8",
+        help="slots / largest batch: N for both modes, or continuous=N,window=M",
+    )
+    p.add_argument("--workload", default="uniform", choices=("uniform", "sharegpt"))
+    p.add_argument("--context", type=int, default=128, help="sharegpt: the model's context")
+    p.add_argument("--prompt_median", type=float, default=24)
+    p.add_argument("--prompt_sigma", type=float, default=0.6)
+    p.add_argument("--output_median", type=float, default=24)
+    p.add_argument("--output_sigma", type=float, default=0.9)
     p.add_argument("--max_wait_ms", type=float, default=5.0)
     p.add_argument("--max_queue", type=int, default=1024)
     p.add_argument("--slo_ttft_s", type=float, default=1.0)
@@ -210,19 +267,25 @@ def main(argv=None) -> None:
     p.add_argument("--markdown", default="", help="write the tables here too")
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
+    modes = args.modes.split(",")
+    if "=" in args.max_batch:
+        args.max_batch = {k: int(v) for k, v in (x.split("=") for x in args.max_batch.split(","))}
+    else:
+        args.max_batch = dict.fromkeys(modes, int(args.max_batch))
     import jax
 
     print(json.dumps({"artifact": os.path.abspath(args.artifact), "jax": jax.__version__,
                       "machine": platform.machine(), "cpus": os.cpu_count(),
                       "max_batch": args.max_batch, "requests_per_rate": args.requests,
+                      "workload": args.workload, "load_avg": os.getloadavg(),
                       "max_tokens": [args.min_tokens, args.max_tokens]}), flush=True)  # fmt: skip
     rows = []
-    for mode in args.modes.split(","):
+    for mode in modes:
         rows += asyncio.run(_bench_mode(mode, args))
     accuracy = _accuracy(args.eval_artifacts)
     for row in accuracy:
         print(json.dumps(row), flush=True)
-    target = _target(rows)
+    target = _target(rows, args.slo_ttft_s)
     print(json.dumps(target), flush=True)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:

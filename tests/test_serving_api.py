@@ -261,3 +261,52 @@ def test_serving_bench_runs_both_modes(served, tmp_path):  # noqa: F811
     assert "| continuous | 20.0 |" in md.read_text() and (
         "target" in rows[-1] or "target_rate" in rows[-1]
     )
+
+
+def test_one_turn_prefills_a_bucket_in_one_call(served):  # noqa: F811
+    """Requests admitted in the same turn share a prefill call per prompt bucket (padded to a
+    power of two) and still get the whole-batch program's tokens; a turn's events reach the
+    event loop in one call per turn."""
+    from bf16jax.serving.batching import GenRequest
+
+    art = _artifact(served.artifacts["int8"])
+    prompts = [*PROMPTS, "And God", "Ruth said"]  # buckets 32 (one) and 16 (five: 4 + 1)
+    expected = art.generate(prompts, max_tokens=6)
+    batcher = ContinuousBatcher(art, 8)
+    batcher.warm()
+    calls, call = [], art.call
+
+    def counted(name, *a):
+        calls.append((name, a[0].shape[0] if name.startswith("prefill_") else 0))
+        return call(name, *a)
+
+    art.call = counted
+    woken = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wake = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (woken.append(1), wake(*a))[1]
+        requests = [GenRequest(art.encode(p), 6, queue=asyncio.Queue(), loop=loop)
+                    for p in prompts]  # fmt: skip
+        for r in requests:  # all waiting before the loop's first turn
+            batcher.submit(r)
+        batcher.start()
+        out = []
+        for r in requests:
+            events = []
+            while not events or events[-1][0] not in ("done", "error"):
+                events.append(await r.queue.get())
+            out.append([int(e[1]) for e in events if e[0] == "token"])
+        return out
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        batcher.stop()
+        del art.call
+    assert got == [r["tokens"] for r in expected]
+    prefills = sorted(n for name, n in calls if name.startswith("prefill_"))
+    assert prefills == [1, 1, 4]  # 5 prompts of bucket 16: 4 + 1; 1 of bucket 32
+    steps = sum(name == "step" for name, _ in calls)
+    assert len(woken) <= steps + 2  # not one wake-up per token (6 requests x 6 tokens)

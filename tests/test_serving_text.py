@@ -118,8 +118,8 @@ def test_sentencepiece_t5_text_through_the_loader_and_the_server(spm_t5, spm_dir
 
 
 def test_continuous_batching_with_scanned_layers():
-    """A scan_layers GPT stacks its KV cache [L, B, ...]: `insert` writes batch axis 1. (Run
-    jitted in process: the whole-batch `generate` program does not trace under scan_layers.)"""
+    """A scan_layers GPT stacks its KV cache [L, B, ...]: `insert` writes batch axis 1 (run
+    jitted in process here; `test_scanned_layers_export` exports one)."""
     import numpy as np
 
     from bf16jax.serving import inference
@@ -166,3 +166,30 @@ def test_continuous_batching_with_scanned_layers():
 
     got = asyncio.run(batched())
     assert got == [greedy(p, n) for p, n in zip(prompts, lengths, strict=True)]
+
+
+def test_scanned_layers_export(tmp_path):
+    """A GPT trained with scan_layers exports (its whole-batch `generate` traces: the module is
+    built inside the decode loop's trace) and generates what its step programs generate."""
+    import numpy as np
+
+    c = config_lib.base_config("gpt")
+    c.precision = "fp32"
+    c.model.update(num_layers=2, embed_dim=32, num_heads=2, mlp_dim=64, max_len=32,
+                   scan_layers=True)  # fmt: skip
+    c.data.update(seq_len=32)
+    art = _export(c, tmp_path / "scanned")
+    got = art.generate([PROMPT[:12]], max_tokens=6)[0]
+    ids = art.encode(PROMPT[:12])
+    buf = np.zeros((1, 32), np.int32)
+    buf[0, : ids.size] = ids
+    logits, cache, start = art.call("prefill", buf, np.asarray([ids.size], np.int32))
+    expected = []
+    for i in range(6):  # greedy through prefill + decode_step, one token per call
+        expected.append(int(np.argmax(logits[0])))
+        token = np.asarray([[expected[-1]]], np.int32)
+        logits, cache = art.call("decode_step", cache, token, np.asarray(start) + i)
+    eos = art.tokenizer["eos_id"]
+    reason = "eos" if eos in expected else "length"
+    expected = expected[: expected.index(eos)] if eos in expected else expected
+    assert got["tokens"] == expected and got["finish_reason"] == reason

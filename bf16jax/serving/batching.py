@@ -15,7 +15,11 @@ for a long one to end. Invariants:
   the finish reasons; with stop sequences, the last (longest stop - 1) tokens are held back
   until they cannot start a match, so a streamed token is never taken back;
 - events reach the request's asyncio queue in order: ("token", id, logprob, top) ... then
-  ("done", finish_reason) or ("error", exception).
+  ("done", finish_reason) or ("error", exception); a turn's events go to each event loop in
+  one call (one wake-up per turn, not one per token);
+- requests admitted in the same turn whose prompts fall in the same bucket are prefilled in
+  one call (batches of up to PREFILL_BATCH rows, padded to a power of two with copies), then
+  inserted row by row; the cache is donated to `insert` and `step` (updated in place).
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
-__all__ = ["GenRequest", "ContinuousBatcher"]
+__all__ = ["GenRequest", "ContinuousBatcher", "PREFILL_BATCH"]
 
 log = logging.getLogger(__name__)
+PREFILL_BATCH = 4  # most prompts per prefill call (batch sizes 1, 2, 4 compile per bucket)
 
 
 @dataclasses.dataclass(eq=False)
@@ -92,19 +98,29 @@ class ContinuousBatcher:
             ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32))}  # fmt: skip
         self._host["top_p"][:] = 1.0
         self._thread: threading.Thread | None = None
+        self._axes = None  # per cache leaf, its batch axis (set by `warm`)
+        self._events: list[tuple[GenRequest, tuple]] = []  # this turn's, sent at its end
 
     # ----------------------------------------------------------------- lifecycle
     def warm(self) -> None:
-        """Builds the slot cache and compiles every prefill bucket, insert and step."""
+        """Builds the slot cache and compiles every prefill bucket (at each prefill batch
+        size), insert and step."""
         s = self.slots
         zeros = [np.zeros(s, d) for d in (np.uint32, np.float32, np.int32)]
         first = self.runner.call(f"prefill_{self.buckets[0]}",
                                  np.zeros((s, self.buckets[0]), np.int32),
                                  np.ones(s, np.int32), *zeros, np.ones(s, np.float32))  # fmt: skip
         cache = first["cache"]
+        sizes = [n for n in (1, 2, 4, 8) if n <= min(s, PREFILL_BATCH)]
+        dummy = GenRequest(np.ones(1, np.int32), 1)
         for length in self.buckets:
-            row = self._prefill(np.ones(1, np.int32), length, GenRequest(np.ones(1), 1))
-            cache = self.runner.call("insert", cache, row["cache"], np.int32(0))
+            for n in sizes:
+                rows = self._prefill([np.ones(1, np.int32)] * n, length, [dummy] * n)
+            if self._axes is None:  # the batch axis of each cache leaf (1 for scanned layers)
+                one = self._prefill([np.ones(1, np.int32)], length, [dummy])["cache"]
+                self._axes = jax.tree.map(_batch_axis, cache, one) if s > 1 else None
+            row = self._row(rows["cache"], 0) if len(sizes) > 1 else rows["cache"]
+            cache = self.runner.call("insert", cache, row, np.int32(0))
         h = self._host
         out = self.runner.call("step", cache, h["token"], h["index"], h["count"], h["seed"],
                                h["temperature"], h["top_k"], h["top_p"])  # fmt: skip
@@ -156,8 +172,7 @@ class ContinuousBatcher:
                         admit.append(request)
             stepped = 0
             try:
-                for slot, request in zip(free, admit, strict=False):
-                    self._admit(slot, request)
+                self._admit(list(zip(free, admit, strict=False)))
                 for slot, request in enumerate(self._slot):
                     if request is not None and request.cancelled:
                         self._release(slot, "cancelled")
@@ -175,35 +190,65 @@ class ContinuousBatcher:
                     if not request.finished and request not in self._slot:
                         self._emit(request, ("error", e))
                         request.finished = True
+                if self._cache is not None and any(
+                    x.is_deleted() for x in jax.tree.leaves(self._cache)
+                ):  # donated to the call that failed: build it again
+                    self.warm()
+            self._deliver()
             self._gauges(self.running, self.waiting, stepped)
 
-    def _prefill(self, ids: np.ndarray, length: int, r: GenRequest) -> dict:
-        prompt = np.zeros((1, length), np.int32)
-        prompt[0, : ids.size] = ids
+    def _prefill(self, prompts: list, length: int, rs: list[GenRequest]) -> dict:
+        """One `prefill_<length>` call on `prompts` (a power-of-two batch)."""
+        n = len(prompts)
+        batch = np.zeros((n, length), np.int32)
+        for i, ids in enumerate(prompts):
+            batch[i, : ids.size] = ids
         return self.runner.call(
-            f"prefill_{length}", prompt, np.asarray([ids.size], np.int32),
-            np.asarray([r.seed], np.uint32), np.asarray([r.temperature], np.float32),
-            np.asarray([r.top_k], np.int32), np.asarray([r.top_p], np.float32),
+            f"prefill_{length}", batch, np.asarray([p.size for p in prompts], np.int32),
+            np.asarray([r.seed for r in rs], np.uint32),
+            np.asarray([r.temperature for r in rs], np.float32),
+            np.asarray([r.top_k for r in rs], np.int32),
+            np.asarray([r.top_p for r in rs], np.float32),
         )  # fmt: skip
 
-    def _admit(self, slot: int, r: GenRequest) -> None:
-        ids = np.asarray(r.prompt_ids, np.int32)
-        if self.t5:
-            ids = np.append(ids, np.int32(self.eos))  # the encoder input ends with EOS
-        length = next((b for b in self.buckets if b >= ids.size), None)
-        if length is None:
-            raise ValueError(f"prompt of {ids.size} tokens exceeds {self.buckets[-1]}.")
-        r.admitted = time.perf_counter()
-        self._observe("queue", r.admitted - r.arrived)
-        out = self._prefill(ids, length, r)
-        self._cache = self.runner.call("insert", self._cache, out["cache"], np.int32(slot))
-        self._slot[slot] = r
-        r.start = int(np.asarray(out["start"])[0])
-        h = self._host
-        h["seed"][slot], h["temperature"][slot] = r.seed, r.temperature
-        h["top_k"][slot], h["top_p"][slot] = r.top_k, r.top_p
-        self._accept(slot, *(np.asarray(out[k])[0] for k in (
-            "token", "logprob", "top_ids", "top_logprobs")))  # fmt: skip
+    def _row(self, cache, i: int):
+        """Row i of a batched prefill's cache, as a batch-1 cache for `insert`."""
+        return jax.tree.map(lambda x, axis: x[(slice(None),) * axis + (slice(i, i + 1),)],
+                            cache, self._axes)  # fmt: skip
+
+    def _admit(self, pairs: list[tuple[int, GenRequest]]) -> None:
+        """Prefills `pairs` (slot, request), grouped by prompt bucket, and inserts them."""
+        groups: dict[int, list] = {}
+        for slot, r in pairs:
+            ids = np.asarray(r.prompt_ids, np.int32)
+            if self.t5:
+                ids = np.append(ids, np.int32(self.eos))  # the encoder input ends with EOS
+            length = next((b for b in self.buckets if b >= ids.size), None)
+            if length is None:
+                raise ValueError(f"prompt of {ids.size} tokens exceeds {self.buckets[-1]}.")
+            groups.setdefault(length, []).append((slot, r, ids))
+        most = min(self.slots, PREFILL_BATCH) if self._axes is not None else 1
+        for length, group in groups.items():
+            while group:
+                part, group = group[:most], group[most:]
+                n = 1 << (len(part) - 1).bit_length()  # padded with copies of the first
+                rows = part + [part[0]] * (n - len(part))
+                now = time.perf_counter()
+                for _, r, _ in part:
+                    r.admitted = now
+                    self._observe("queue", now - r.arrived)
+                out = self._prefill([ids for _, _, ids in rows], length, [r for _, r, _ in rows])
+                token, logprob, top_ids, top_lp, start = (np.asarray(out[k]) for k in (
+                    "token", "logprob", "top_ids", "top_logprobs", "start"))  # fmt: skip
+                for i, (slot, r, _) in enumerate(part):
+                    row = self._row(out["cache"], i) if n > 1 else out["cache"]
+                    self._cache = self.runner.call("insert", self._cache, row, np.int32(slot))
+                    self._slot[slot] = r
+                    r.start = int(start[i])
+                    h = self._host
+                    h["seed"][slot], h["temperature"][slot] = r.seed, r.temperature
+                    h["top_k"][slot], h["top_p"][slot] = r.top_k, r.top_p
+                    self._accept(slot, token[i], logprob[i], top_ids[i], top_lp[i])
 
     def _step(self) -> None:
         h = self._host
@@ -271,7 +316,26 @@ class ContinuousBatcher:
         self._observe("e2e", time.perf_counter() - r.arrived)
         self._emit(r, ("done", reason))
 
-    @staticmethod
-    def _emit(r: GenRequest, event: tuple[Any, ...]) -> None:
-        if r.loop is not None and not r.loop.is_closed():
-            r.loop.call_soon_threadsafe(r.queue.put_nowait, event)
+    def _emit(self, r: GenRequest, event: tuple[Any, ...]) -> None:
+        self._events.append((r, event))
+
+    def _deliver(self) -> None:
+        """Sends this turn's events: one call per event loop (each call wakes it up)."""
+        events, self._events = self._events, []
+        by_loop: dict[Any, list] = {}
+        for r, event in events:
+            if r.loop is not None:
+                by_loop.setdefault(r.loop, []).append((r.queue, event))
+        for loop, items in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
+def _batch_axis(a, b) -> int:
+    """The axis where a slots-batch cache leaf `a` and a batch-1 leaf `b` differ."""
+    return next(i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y)

@@ -302,11 +302,12 @@ class Programs:
         temperature / top_p [B] f32, top_k / max_tokens [B] int32; stop [B, S, L] int32.
         Returns {"tokens" [B, N], "length" [B], "finish_reason" [B]}.
         """
-        model = self.model(params)
         logits, cache, start = self.prefill(params, prompt, prompt_len)
 
         def step(tokens, cache, index):
-            return model.decode_step(tokens, cache, index)
+            # why: the module is built inside the loop's own trace; one built outside it
+            # fails under scan_layers (nnx.scan will not extract a variable of another trace).
+            return self.model(params).decode_step(tokens, cache, index)
 
         return sampling_lib.decode_loop(
             step,

@@ -21,7 +21,7 @@ import jax
 
 from bf16jax.data.tokenizer import load_tokenizer
 from bf16jax.serving import inference
-from bf16jax.serving.artifact import Runner
+from bf16jax.serving.artifact import DONATES_CACHE, Runner
 
 __all__ = ["ProgramRunner", "runner_from_workdir"]
 
@@ -55,7 +55,8 @@ class ProgramRunner(Runner):
 
     @functools.cache  # noqa: B019 (one runner per model: the jitted programs live with it)
     def _jitted(self, name: str):
-        return jax.jit(self._programs.function(name))
+        donate = (1,) if name in DONATES_CACHE else ()  # the slot cache: updated in place
+        return jax.jit(self._programs.function(name), donate_argnums=donate)
 
     def call(self, name: str, *args):
         return self._jitted(name)(self._programs.params, *args)
