@@ -18,6 +18,19 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
+def train_bpe(out_dir: Path, n_docs: int, vocab_size: int, seed: int = 1) -> Path:
+    """A byte-level BPE (GPT-2's shape) trained offline on make_docs, saved as tokenizer.json."""
+    import tokenizers
+
+    tok = tokenizers.ByteLevelBPETokenizer()
+    tok.train_from_iterator(
+        make_docs(n_docs, seed=seed), vocab_size=vocab_size, special_tokens=["<|endoftext|>"]
+    )
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    tok.save(str(Path(out_dir) / "tokenizer.json"))
+    return Path(out_dir)
+
+
 def write_jsonl(path: Path, docs: list[str], extra_lines: dict[int, str] | None = None) -> None:
     lines = [json.dumps({"text": d}) for d in docs]
     for at, line in sorted((extra_lines or {}).items(), reverse=True):

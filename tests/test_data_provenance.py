@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from prepared_corpus import make_docs, run, write_jsonl
+from prepared_corpus import make_docs, run, train_bpe, write_jsonl
 
 from bf16jax.config import base_config
 from bf16jax.data import datasets as data_lib
@@ -21,15 +21,7 @@ from bf16jax.training import workdir
 
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory):
-    import tokenizers
-
-    tok = tokenizers.ByteLevelBPETokenizer()
-    tok.train_from_iterator(
-        make_docs(300, seed=1), vocab_size=300, special_tokens=["<|endoftext|>"]
-    )
-    path = tmp_path_factory.mktemp("bpe")
-    tok.save(str(path / "tokenizer.json"))
-    return path
+    return train_bpe(tmp_path_factory.mktemp("bpe"), 300, vocab_size=300)
 
 
 def gpt_cfg(path, **data):

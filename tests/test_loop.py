@@ -121,6 +121,8 @@ def test_steps_that_do_not_log_never_wait_and_divergence_is_caught_at_the_next_l
 
     monkeypatch.setattr(Trainer, "step", step)
     monkeypatch.setattr(Trainer, "global_batch", global_batch)
+    assert loop._host_waits_each_step()  # 8 fake CPU devices: one step in flight ...
+    monkeypatch.setattr(loop, "_host_waits_each_step", lambda: False)  # ... accelerators: none
     monkeypatch.setattr(jax, "device_get", record("read", real_get))
     monkeypatch.setattr(jax, "block_until_ready", record("wait", real_wait))
     with pytest.raises(loop.TrainingDiverged, match=r"steps 1-2: 2 steps in a row"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prepared_corpus import make_docs, run, write_jsonl
+from prepared_corpus import make_docs, run, train_bpe, write_jsonl
 
 from bf16jax import prepare as prepare_cli
 from bf16jax.data import prepare as prep
@@ -31,15 +31,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory):
-    import tokenizers
-
-    tok = tokenizers.ByteLevelBPETokenizer()
-    tok.train_from_iterator(
-        make_docs(500, seed=1), vocab_size=300, special_tokens=["<|endoftext|>"]
-    )
-    path = tmp_path_factory.mktemp("bpe")
-    tok.save(str(path / "tokenizer.json"))
-    return path
+    return train_bpe(tmp_path_factory.mktemp("bpe"), 500, vocab_size=300)
 
 
 def all_docs(path, tok, field="text") -> list[str]:

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from prepared_corpus import make_docs, run, write_jsonl
+from prepared_corpus import make_docs, run, train_bpe, write_jsonl
 
 from bf16jax.config import base_config
 from bf16jax.data import datasets as data_lib
@@ -161,12 +161,7 @@ def test_t5_span_corruption_with_sentencepiece_sentinels(spm_dir, tmp_path, pack
 
 
 def test_t5_span_refuses_a_tokenizer_without_sentinels(tmp_path):
-    import tokenizers
-
-    tok = tokenizers.ByteLevelBPETokenizer()
-    tok.train_from_iterator(make_docs(50), vocab_size=280, special_tokens=["<|endoftext|>"])
-    (tmp_path / "bpe").mkdir()
-    tok.save(str(tmp_path / "bpe" / "tokenizer.json"))
+    train_bpe(tmp_path / "bpe", 50, vocab_size=280, seed=0)
     write_jsonl(tmp_path / "a.jsonl", make_docs(40))
     run([tmp_path / "a.jsonl"], tmp_path / "ds", tokenizer=str(tmp_path / "bpe"), eval_docs=5)
     with pytest.raises(ValueError, match="needs sentinel tokens"):

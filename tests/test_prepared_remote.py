@@ -7,7 +7,7 @@ import importlib.util
 import fsspec
 import numpy as np
 import pytest
-from prepared_corpus import make_docs, run, write_jsonl
+from prepared_corpus import make_docs, run, train_bpe, write_jsonl
 
 from bf16jax.config import base_config
 from bf16jax.data import datasets as data_lib
@@ -16,14 +16,7 @@ from bf16jax.data import prepared as fmt
 
 @pytest.fixture
 def memory_copy(tmp_path):
-    import tokenizers
-
-    tok = tokenizers.ByteLevelBPETokenizer()
-    tok.train_from_iterator(
-        make_docs(200, seed=1), vocab_size=280, special_tokens=["<|endoftext|>"]
-    )
-    (tmp_path / "bpe").mkdir()
-    tok.save(str(tmp_path / "bpe" / "tokenizer.json"))
+    train_bpe(tmp_path / "bpe", 200, vocab_size=280)
     write_jsonl(tmp_path / "a.jsonl", make_docs(120))
     run([tmp_path / "a.jsonl"], tmp_path / "ds", tokenizer=str(tmp_path / "bpe"), eval_docs=20)
     fs = fsspec.filesystem("memory")

@@ -184,29 +184,22 @@ def _verified_hash(path: str, size: int, mtime_ns: int) -> str:
 def _check_file(path: str, want: dict, fix: str, full: bool = True) -> None:
     if is_url(path):
         fs, p = remote_fs(path)
-        if not fs.exists(p):
-            raise ValueError(f"prepared dataset: {path} is missing ({fix}).")
-        size = fs.size(p)
-        if size != want["bytes"]:
-            raise ValueError(
-                f"prepared dataset: {path} has {size} bytes, its manifest says {want['bytes']} "
-                f"(truncated or replaced; {fix})."
-            )
-        if not full:
-            return  # its blocks are checked as they are read (FileArray)
+        size = fs.size(p) if fs.exists(p) else None
+    else:
+        st = os.stat(path) if os.path.isfile(path) else None
+        size = st.st_size if st else None
+    if size is None:
+        raise ValueError(f"prepared dataset: {path} is missing ({fix}).")
+    if size != want["bytes"]:
+        raise ValueError(
+            f"prepared dataset: {path} has {size} bytes, its manifest says {want['bytes']} "
+            f"(truncated or replaced; {fix})."
+        )
+    if not full:
+        return  # its blocks are checked as they are read (FileArray)
+    if is_url(path):
         digest = hashlib.sha256(fs.cat_file(p)).hexdigest()
     else:
-        if not os.path.isfile(path):
-            raise ValueError(f"prepared dataset: {path} is missing ({fix}).")
-        st = os.stat(path)
-        size = st.st_size
-        if size != want["bytes"]:
-            raise ValueError(
-                f"prepared dataset: {path} has {size} bytes, its manifest says {want['bytes']} "
-                f"(truncated or replaced; {fix})."
-            )
-        if not full:
-            return  # its blocks are checked as they are read (FileArray)
         digest = _verified_hash(path, st.st_size, st.st_mtime_ns)
     if digest != want["sha256"]:
         raise ValueError(

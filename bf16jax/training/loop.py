@@ -222,6 +222,8 @@ def _train(run: Run, stop: StopRequest) -> dict[str, Any]:
         clock.reset(run.start)
         step, tick = run.start, run.start
         skips = _SkipWatch(int(config.train.get("max_skips_in_a_row", 0)))
+        in_flight_limit = _host_waits_each_step()
+        previous = None
         while step < steps:
             logged = _is_logged(step + 1, steps, config.train.log_every)
             # The param norm and the diagnostics (swamping, gradient health) only in the steps
@@ -232,6 +234,14 @@ def _train(run: Run, stop: StopRequest) -> dict[str, Any]:
             )
             step, tick = step + 1, tick + 1
             skips.add(step, metrics)
+            if in_flight_limit:
+                # XLA:CPU runs each device's share of a collective on a shared thread pool:
+                # steps left in flight together can starve an all-reduce's rendezvous (seen:
+                # 6 of 8 fake devices arrived, abort after 40 s). There the host waits for the
+                # previous step, as before (accelerators do not wait).
+                if previous is not None:
+                    jax.block_until_ready(previous)
+                previous = metrics["skips_in_a_row"]
             # Where the data resumes after `step`: taken before the batch of step + 1 is fetched.
             position = run.train_it.get_state()
             if step < steps:
@@ -355,6 +365,12 @@ def _save(run: Run, step: int, metrics, position, clock: _StepClock, force: bool
     healthy = int(jax.device_get(metrics["skips_in_a_row"])) == 0
     run.ckpt.save(step, run.state, position, force=force, healthy=healthy)
     return True
+
+
+def _host_waits_each_step() -> bool:
+    """True on XLA:CPU with several devices: the loop keeps one step in flight there (its
+    collectives share one thread pool; see `_train`)."""
+    return jax.default_backend() == "cpu" and jax.device_count() > 1
 
 
 class _SkipWatch:
