@@ -193,3 +193,106 @@ def test_scanned_layers_export(tmp_path):
     reason = "eos" if eos in expected else "length"
     expected = expected[: expected.index(eos)] if eos in expected else expected
     assert got["tokens"] == expected and got["finish_reason"] == reason
+
+
+def _stop_at(art, tokens, ends, lo, hi, first, last) -> str | None:
+    """text[lo:hi] as a stop string if it is printable, first found at lo, and starts in token
+    `first` and ends in token `last` (ends[i]: characters before token i), else None."""
+    full = art.decode(tokens)
+    stop = full[lo:hi]
+    whole = all(full.startswith(art.decode(tokens[:i])) for i in range(first, last + 2))
+    return stop if (whole and stop.isprintable() and stop.strip() == stop
+                    and "\ufffd" not in stop and full.find(stop) == lo
+                    and ends[first] <= lo < ends[first + 1]
+                    and ends[last] < hi <= ends[last + 1]) else None  # fmt: skip
+
+
+def _stop_cases(art):
+    """(prompt, seed, tokens, stops) of a sampled BPE completion: stop strings whose first
+    occurrence in its text (a) lies inside one token, (b) spans two tokens, (c) spans three."""
+    for seed in range(200):
+        tokens = art.generate(["In"], max_tokens=24, temperature=1.0, seed=seed)[0]["tokens"]
+        ends = [len(art.decode(tokens[:i])) for i in range(len(tokens) + 1)]
+        kinds = [[], [], []]
+        for i in range(2, len(tokens) - 2):
+            found = (
+                _stop_at(art, tokens, ends, ends[i] + 1, ends[i + 1], i, i),  # (a)
+                _stop_at(art, tokens, ends, ends[i + 1] - 1, ends[i + 1] + 1, i, i + 1),
+                _stop_at(art, tokens, ends, ends[i + 1] - 1, ends[i + 2] + 1, i, i + 2),
+            )
+            for kind, stop in zip(kinds, found, strict=True):  # fmt: skip
+                if stop:
+                    kind.append(stop)
+        if all(kinds):
+            return "In", seed, tokens, [k[0] for k in kinds]
+    raise AssertionError("no sampled completion has the three kinds of stop string")
+
+
+def test_stop_strings_match_the_decoded_text_in_both_batching_modes(bpe_gpt):
+    """A BPE stop string inside a token, across two or across three tokens ends the completion
+    at its start (not returned), finish_reason "stop", in continuous and window batching, on
+    /v1/completions (streamed and not) and /generate; the streamed chunks joined equal the
+    non-streamed text and are never taken back; usage counts the tokens up to the stop's end."""
+    art = bpe_gpt
+    prompt, seed, tokens, stops = _stop_cases(art)
+    full = art.decode(tokens)
+    ends = [len(art.decode(tokens[: i + 1])) for i in range(len(tokens))]
+    expected = []
+    for stop in stops:
+        cut = full.find(stop)
+        used = next(i + 1 for i, e in enumerate(ends) if e >= cut + len(stop))
+        expected.append((full[:cut], used))
+    body = {"prompt": prompt, "max_tokens": 24, "temperature": 1.0, "seed": seed}
+
+    async def scenario(batching):
+        engine = Engine(artifact=art.directory, max_batch=2, warmup=False, batching=batching)
+        async with TestClient(TestServer(serve.make_app(engine))) as client:
+            while (await client.get("/healthz")).status != 200:
+                await asyncio.sleep(0.1)
+            out = []
+            for stop in stops:
+                plain = await (await client.post("/v1/completions",
+                                                 json={**body, "stop": stop})).json()  # fmt: skip
+                raw = await (
+                    await client.post(
+                        "/v1/completions", json={**body, "stop": [stop], "stream": True}
+                    )
+                ).text()
+                events = [json.loads(line[6:]) for line in raw.splitlines()
+                          if line.startswith("data: {")]  # fmt: skip
+                legacy = await (await client.post("/generate", json={**body, "stop": stop})).json()
+                out.append((plain, events, legacy))
+            return out
+
+    for batching in ("continuous", "window"):
+        got = asyncio.run(scenario(batching))
+        for stop, (text, used), (plain, events, legacy) in zip(stops, expected, got, strict=True):
+            where = f"{batching}, stop {stop!r}"
+            choice = plain["choices"][0]
+            assert (choice["text"], choice["finish_reason"]) == (text, "stop"), where
+            assert plain["usage"]["completion_tokens"] == used, where
+            chunks = [e["choices"][0]["text"] for e in events]
+            assert "".join(chunks) == text and events[-1]["choices"][0]["finish_reason"] == "stop"
+            assert events[-1]["usage"]["completion_tokens"] == used, where
+            assert stop not in "".join(chunks) and len([c for c in chunks if c]) > 1, where
+            assert (legacy["text"], legacy["finish_reason"]) == (text, "stop"), where
+            assert art.decode(legacy["tokens"]).startswith(text), where
+            assert len(legacy["tokens"]) <= used, where  # the tokens of the text only
+
+
+def test_text_stream_holds_partial_characters_and_stop_prefixes_only():
+    from bf16jax.serving.detokenizer import TextStream, complete
+
+    def decode(ids):  # a byte tokenizer: one id per UTF-8 byte
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    data = list("hé 日本 ok the end".encode())
+    out = complete(decode, data, [])
+    assert out["text"] == decode(data) and "\ufffd" not in "".join(out["pieces"])
+    assert out["pieces"][1:3] == ["", "é"]  # the first byte of é waits for the second
+    stopped = complete(decode, data, ["the", "ok t"])  # "ok t" completes first
+    assert (stopped["text"], stopped["stopped"], stopped["kept"]) == ("hé 日本 ", True, 11)
+    stream = TextStream(decode, ["xyz"])
+    assert [stream.add(b) for b in b"axy"] == [("a", False), ("", False), ("", False)]
+    assert stream.add(ord("q")) == ("xyq", False)  # "xy" could start "xyz" until "q" came
+    assert stream.add(0xE3) == ("", False) and stream.finish() == "\ufffd"  # a partial at the end

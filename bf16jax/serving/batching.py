@@ -11,12 +11,14 @@ for a long one to end. Invariants:
   once (`warm`); free slots compute garbage that is never read;
 - a request's tokens are the `generate` program's for the same settings and seed: token i is
   sampled with fold_in(key(seed), i) from the same logits (`inference.Programs.step`);
-- stopping is `sampling.decode_loop`'s (EOS, stop sequence, max_tokens, context) and so are
-  the finish reasons; with stop sequences, the last (longest stop - 1) tokens are held back
-  until they cannot start a match, so a streamed token is never taken back;
-- events reach the request's asyncio queue in order: ("token", id, logprob, top) ... then
-  ("done", finish_reason) or ("error", exception); a turn's events go to each event loop in
-  one call (one wake-up per turn, not one per token);
+- stopping is `sampling.decode_loop`'s (EOS, token-id stop sequence, max_tokens, context) and
+  so are the finish reasons; with token-id stops the last (longest - 1) tokens are held back
+  until they cannot start a match; stop strings are matched on the text
+  (`detokenizer.TextStream`), which holds back only text that could start one;
+- events reach the request's asyncio queue in order: ("token", id, logprob, top, text) ...
+  then ("done", finish_reason, text, kept) or ("error", exception): `text` is the completion
+  text released with that event, `kept` the tokens of the returned text; a turn's events go to
+  each event loop in one call (one wake-up per turn, not one per token);
 - requests admitted in the same turn whose prompts fall in the same bucket are prefilled in
   one call (batches of up to PREFILL_BATCH rows, padded to a power of two with copies), then
   inserted row by row; the cache is donated to `insert` and `step` (updated in place).
@@ -36,6 +38,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from bf16jax.serving.detokenizer import TextStream
+
 __all__ = ["GenRequest", "ContinuousBatcher", "PREFILL_BATCH"]
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class GenRequest:
     top_k: int = 0
     top_p: float = 1.0
     stop_ids: list = dataclasses.field(default_factory=list)
+    stop: list = dataclasses.field(default_factory=list)  # stop strings (matched on the text)
     seed: int = 0
     # progress (the host loop's)
     queue: asyncio.Queue | None = None
@@ -64,7 +69,7 @@ class GenRequest:
     start: int = 0
     count: int = 0
     kept: list = dataclasses.field(default_factory=list)  # (id, logprob, top) not yet sent
-    sent: int = 0
+    text: TextStream | None = None
 
     def cancel(self) -> None:
         """Frees the request's slot (or its queue place) at the host loop's next turn."""
@@ -150,6 +155,7 @@ class ContinuousBatcher:
 
     def submit(self, request: GenRequest) -> None:
         """Queues `request` (its `queue` and `loop` set by the caller's event loop)."""
+        request.text = TextStream(self.runner.decode, request.stop)
         with self._cv:
             self._waiting.append(request)
             self._cv.notify()
@@ -283,9 +289,13 @@ class ContinuousBatcher:
             elif r.start + i >= self.cache_len:
                 reason = "context"  # token i cannot be fed: no position left
         hold = 0 if reason else max((len(s) for s in r.stop_ids), default=1) - 1
-        for item in r.kept[: max(len(r.kept) - hold, 0)]:
-            self._emit(r, ("token", *item))
-        r.kept = r.kept[max(len(r.kept) - hold, 0) :]
+        ready, r.kept = r.kept[: max(len(r.kept) - hold, 0)], r.kept[max(len(r.kept) - hold, 0) :]
+        for item in ready:
+            piece, stopped = r.text.add(item[0])
+            self._emit(r, ("token", *item, piece))
+            if stopped:
+                reason = "stop"
+                break
         if reason:
             self._release(slot, reason)
             return
@@ -314,7 +324,8 @@ class ContinuousBatcher:
     def _finish(self, r: GenRequest, reason: str) -> None:
         r.finished = True
         self._observe("e2e", time.perf_counter() - r.arrived)
-        self._emit(r, ("done", reason))
+        text = r.text.finish() if r.text is not None else ""
+        self._emit(r, ("done", reason, text, r.text.kept if r.text is not None else 0))
 
     def _emit(self, r: GenRequest, event: tuple[Any, ...]) -> None:
         self._events.append((r, event))

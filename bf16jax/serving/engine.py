@@ -44,6 +44,7 @@ import prometheus_client as prom
 
 from bf16jax.serving.artifact import Artifact
 from bf16jax.serving.batching import ContinuousBatcher, GenRequest
+from bf16jax.serving.detokenizer import complete
 from bf16jax.serving.registry import Registry
 
 __all__ = ["Engine", "UnknownVersion", "Overloaded", "RequestTimeout", "NotReady", "KINDS",
@@ -53,7 +54,8 @@ log = logging.getLogger(__name__)
 KINDS = ("generate", "score", "classify")
 BATCHING = ("continuous", "window")
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-_GEN_FIELDS = ("prompt_ids", "max_tokens", "temperature", "top_k", "top_p", "stop_ids", "seed")
+_GEN_FIELDS = ("prompt_ids", "max_tokens", "temperature", "top_k", "top_p", "stop_ids", "stop",
+               "seed")  # fmt: skip
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _WINDOW = 256  # shadowed requests in the rolling agreement / drift gauges
 
@@ -351,8 +353,9 @@ class Engine:
 
     # ----------------------------------------------------------------- generation
     async def stream(self, version: _Loaded, request: dict[str, Any]) -> AsyncIterator[tuple]:
-        """Events of one generate request: ("token", id, logprob, top) ..., ("done", reason).
-        Closing the iterator early cancels the request and frees its slot."""
+        """Events of one generate request: ("token", id, logprob, top, text) ..., ("done",
+        reason, text, kept) (see `batching`; the same under window batching). Closing the
+        iterator early cancels the request and frees its slot."""
         if not self.ready:
             raise NotReady("the server is compiling its programs: retry shortly.")
         batcher = version.batcher
@@ -362,9 +365,9 @@ class Engine:
             for histogram in ("ttft", "e2e"):
                 self.m_request[histogram].labels(version.name, version.precision).observe(
                     time.perf_counter() - start)  # fmt: skip
-            for token in result["tokens"]:
-                yield ("token", token, None, None)
-            yield ("done", result["finish_reason"])
+            for token, piece in zip(result["tokens"], result["pieces"], strict=True):
+                yield ("token", token, None, None, piece)
+            yield ("done", result["finish_reason"], result["tail"], result["kept"])
             return
         if batcher.waiting >= self.max_queue:
             raise Overloaded(f"{batcher.waiting} requests are waiting: retry later.")
@@ -399,17 +402,25 @@ class Engine:
             ) from None
 
     async def generate(self, version: _Loaded, request: dict[str, Any]) -> dict[str, Any]:
-        """One generate request to the end: {"tokens", "logprobs", "top_logprobs",
-        "finish_reason"} (logprobs None under window batching)."""
+        """One generate request to the end: {"text", "tokens" (those of the text),
+        "logprobs", "top_logprobs" (None under window batching), "finish_reason",
+        "completion_tokens" (every token generated, a matched stop string's included)}."""
         out = {"tokens": [], "logprobs": [], "top_logprobs": [], "finish_reason": None}
+        pieces = []
         async with self.deadline(), contextlib.aclosing(self.stream(version, request)) as events:
             async for event in events:
                 if event[0] == "token":
                     out["tokens"].append(int(event[1]))
                     out["logprobs"].append(event[2])
                     out["top_logprobs"].append(event[3])
+                    pieces.append(event[4])
                 else:
                     out["finish_reason"] = event[1]
+                    pieces.append(event[2])
+                    out["completion_tokens"] = len(out["tokens"])
+                    for key in ("tokens", "logprobs", "top_logprobs"):
+                        del out[key][event[3] :]
+        out["text"] = "".join(pieces)
         if (version.batcher is not None and self.reference is not None
                 and self._rng.random() < self.shadow_rate):  # fmt: skip
             loop = asyncio.get_running_loop()
@@ -498,7 +509,7 @@ class Engine:
                 stop=[r["stop_ids"] for r in rows],
                 seed=[r["seed"] for r in rows],
             )
-            return [{**o, "text": art.decode(o["tokens"])} for o in out[:n]]
+            return [_stopped(art, o, r["stop"]) for o, r in zip(out[:n], requests, strict=True)]
         if kind == "score":
             if art.family == "t5":
                 out = art.score_ids([r["input_ids"] for r in rows], [r["target_ids"] for r in rows])
@@ -565,3 +576,14 @@ class Engine:
 
     def metrics_text(self) -> bytes:
         return prom.generate_latest(self.prometheus)
+
+
+def _stopped(art: Artifact, out: dict, stops: list[str]) -> dict:
+    """A whole-batch generation cut at its first stop string (the program samples past it):
+    {"tokens" (up to the one completing the stop), "pieces", "tail", "kept", "text",
+    "finish_reason"}."""
+    text = complete(art.decode, out["tokens"], stops)
+    reason = "stop" if text["stopped"] else out["finish_reason"]
+    return {"tokens": out["tokens"][: len(text["pieces"])], "pieces": text["pieces"],
+            "tail": text["tail"], "kept": text["kept"], "text": text["text"],
+            "finish_reason": reason}  # fmt: skip

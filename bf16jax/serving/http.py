@@ -6,7 +6,8 @@ Built on aiohttp (`pip install bf16jax[serve]`). Endpoints:
   streaming over server-sent events;
 - `POST /generate` {"prompt" (text or token ids), "max_tokens"=min(64, room), "temperature"=0
   (greedy), "top_k"=0, "top_p"=1, "stop"=[...], "seed"=0, "version"?} -> {"text", "tokens",
-  "finish_reason", "version"};
+  "finish_reason", "version"} (a stop string cuts "text" at its start; "tokens" are those
+  whose text starts before the cut);
 - `POST /score` (GPT: {"text"}; T5: {"input", "target"}) -> {"logprob", "tokens",
   "token_logprobs", "version"};
 - `POST /classify` (image models: {"image": [[...]] in [0, 1]}) -> {"label", "probs", "version"};
@@ -134,7 +135,7 @@ def _endpoint(kind: str):
             raise BadRequest(str(e)) from None
         if kind == "generate":
             out = await engine.generate(loaded, parsed)
-            result = {"text": loaded.artifact.decode(out["tokens"]), "tokens": out["tokens"],
+            result = {"text": out["text"], "tokens": out["tokens"],
                       "finish_reason": out["finish_reason"]}  # fmt: skip
         else:
             result = await engine.submit(kind, loaded, parsed)

@@ -7,9 +7,14 @@ string, a list of token ids, or a list of either), `max_tokens` (16), `temperatu
 `stream`, `stream_options`, `n`=1, `best_of`=1, zero penalties and `user`. T5: the prompt is
 the encoder input. Invariants:
 
-- a stream sends one server-sent event per token (text deltas hold back a partial UTF-8
-  character), then one with `finish_reason` and `usage`, then `data: [DONE]`; a client that
-  disconnects cancels its request, which frees its decode slot;
+- a stream sends one server-sent event per token whose text is final (a partial UTF-8 /
+  byte-fallback character, or text that could still start a stop string, waits; with
+  `logprobs` every token gets one), then one with `finish_reason` and `usage`, then `data:
+  [DONE]`; the streamed text joined equals the non-streamed text; a client that disconnects
+  cancels its request, which frees its decode slot;
+- `stop` strings are matched on the decoded text (`bf16jax.serving.detokenizer`) and cut the
+  text at their start; `usage.completion_tokens` counts every generated token, the stop
+  string's included;
 - errors before the first event have HTTP statuses (see `bf16jax.serving.http`); an error
   after it (e.g. the request timeout) is an event `{"error": {...}}` before `[DONE]`;
 - finish_reason is "stop" (EOS or a stop sequence) or "length" (max_tokens or the context).
@@ -167,19 +172,19 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         logprobs = None
         if options["logprobs"] is not None:
             logprobs = _logprobs(art, out, options["logprobs"], len(prefix))
-        choices.append({"text": prefix + art.decode(out["tokens"]), "index": index,
+        choices.append({"text": prefix + out["text"], "index": index,
                         "logprobs": logprobs,
                         "finish_reason": _REASONS[out["finish_reason"]]})  # fmt: skip
     usage = _usage(sum(len(r["prompt_ids"]) for r in requests),
-                   sum(len(o["tokens"]) for o in outs))  # fmt: skip
+                   sum(o["completion_tokens"] for o in outs))  # fmt: skip
     return web.json_response({**_head(loaded), "choices": choices, "usage": usage})
 
 
 async def _stream(request, engine, loaded, req: dict, options: dict) -> web.StreamResponse:
     """Server-sent events of one completion (see the module docstring)."""
     art, head = loaded.artifact, _head(loaded)
-    tokens: list[int] = []
-    sent = ""  # completion text sent so far
+    tokens = 0
+    sent = 0  # characters of completion text sent so far
 
     def chunk(text: str, reason: str | None = None, logprobs=None, usage=None) -> bytes:
         choice = {"text": text, "index": 0, "logprobs": logprobs,
@@ -201,20 +206,19 @@ async def _stream(request, engine, loaded, req: dict, options: dict) -> web.Stre
                 await response.write(chunk(prefix))
             async with engine.deadline():
                 while event[0] == "token":
-                    tokens.append(int(event[1]))
-                    text = art.decode(tokens)
-                    if not text.endswith("\ufffd"):  # else maybe a partial character: wait
-                        delta, sent = text[len(sent) :], text
-                        lp = None
-                        if options["logprobs"] is not None:
-                            one = {"tokens": [event[1]], "logprobs": [event[2]],
-                                   "top_logprobs": [event[3]]}  # fmt: skip
-                            lp = _logprobs(art, one, options["logprobs"],
-                                           len(prefix) + len(sent) - len(delta))  # fmt: skip
+                    tokens += 1
+                    delta = event[4]
+                    lp = None
+                    if options["logprobs"] is not None:
+                        one = {"tokens": [event[1]], "logprobs": [event[2]],
+                               "top_logprobs": [event[3]]}  # fmt: skip
+                        lp = _logprobs(art, one, options["logprobs"], len(prefix) + sent)
+                    if delta or lp is not None:
                         await response.write(chunk(delta, logprobs=lp))
+                    sent += len(delta)
                     event = await anext(events)
-            usage = _usage(len(req["prompt_ids"]), len(tokens))
-            await response.write(chunk(art.decode(tokens)[len(sent) :], event[1], usage=usage))
+            usage = _usage(len(req["prompt_ids"]), tokens)
+            await response.write(chunk(event[2], event[1], usage=usage))
         except ConnectionResetError:  # the client left: closing `events` frees the slot
             return response
         except Exception as e:  # after the headers: report it in the stream, then end it

@@ -6,7 +6,9 @@ bad one raises `BadRequest` naming the field (`param`) and the fix. Invariants:
 - a prompt is a string (encoded with the artifact's tokenizer) or a list of token ids;
 - no silent truncation: a prompt longer than the model's input is 413, and a GPT prompt plus
   max_tokens beyond the context is 400 naming the three numbers;
-- messages never echo unbounded input: quoted values are cut (`clip`).
+- messages never echo unbounded input: quoted values are cut (`clip`);
+- `stop` holds strings (matched on the decoded text, `bf16jax.serving.detokenizer`) or
+  token-id lists (matched on the generated ids).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = ["ENGINE", "MAX_BODY_BYTES", "read_json", "resolve", "BadRequest", "cl
 
 MAX_QUOTE = 40  # characters of a client's value quoted back in an error
 MAX_BODY_BYTES = 1 << 20
+MAX_STOP_CHARS = 256  # characters per stop string
 ENGINE = web.AppKey("engine", Engine)
 
 
@@ -133,22 +136,35 @@ def prompt_ids(art, value: Any, key: str, limit: int) -> np.ndarray:
     return ids
 
 
-def _stop_ids(art, stop: Any) -> list[np.ndarray]:
+def _stops(art, stop: Any) -> tuple[list[str], list[np.ndarray]]:
+    """(stop strings, matched on the decoded text; token-id stop sequences, matched on ids)."""
     lim = art.limits
     stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise BadRequest("'stop' must be a string or a list of strings.", param="stop")
+
+    def is_ids(s):
+        return isinstance(s, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                           for i in s)  # fmt: skip
+
+    if not isinstance(stop, list) or not all(isinstance(s, str) or is_ids(s) for s in stop):
+        raise BadRequest("'stop' must be a string or a list of strings (or of token-id lists).",
+                         param="stop")  # fmt: skip
     if len(stop) > lim["max_stop_sequences"]:
         raise BadRequest(f"'stop' has {len(stop)} sequences; at most "
                          f"{lim['max_stop_sequences']}.", param="stop")  # fmt: skip
-    out = []
+    texts, ids = [], []
     for s in stop:
-        ids = art.encode(s)
-        if not 1 <= len(ids) <= lim["max_stop_length"]:
-            raise BadRequest(f"each stop sequence must be 1..{lim['max_stop_length']} tokens; "
-                             f"{clip(s, 20)} is {len(ids)}.", param="stop")  # fmt: skip
-        out.append(ids)
-    return out
+        if isinstance(s, str):
+            if not 1 <= len(s) <= MAX_STOP_CHARS:
+                raise BadRequest(f"each stop string must be 1..{MAX_STOP_CHARS} characters; "
+                                 f"{clip(s, 20)} is {len(s)}.", param="stop")  # fmt: skip
+            texts.append(s)
+            continue
+        vocab = lim["vocab_size"]
+        if not 1 <= len(s) <= lim["max_stop_length"] or any(not 0 <= i < vocab for i in s):
+            raise BadRequest(f"a token-id stop sequence must be 1..{lim['max_stop_length']} ids "
+                             f"in [0, {vocab}); got {clip(s, 20)}.", param="stop")  # fmt: skip
+        ids.append(np.asarray(s, np.int32))
+    return texts, ids
 
 
 def sampling_request(art, body: dict, prompt: Any, *, default_tokens: int,
@@ -177,6 +193,7 @@ def sampling_request(art, body: dict, prompt: Any, *, default_tokens: int,
                     f"exceeds the model's context of {lim['cache_len']}")  # fmt: skip
         raise BadRequest(f"{what}: lower max_tokens or shorten the prompt.", param="max_tokens",
                          code="context_length_exceeded")  # fmt: skip
+    stops = _stops(art, body.get("stop"))
     return {
         "prompt_ids": ids,
         "max_tokens": max_tokens,
@@ -185,7 +202,8 @@ def sampling_request(art, body: dict, prompt: Any, *, default_tokens: int,
         ),  # fmt: skip
         "top_k": typed(body, "top_k", "int", 0, lo=0, hi=lim["vocab_size"]),
         "top_p": float(typed(body, "top_p", "number", 1.0, lo=1e-6, hi=1.0)),
-        "stop_ids": _stop_ids(art, body.get("stop")),
+        "stop": stops[0],
+        "stop_ids": stops[1],
         "seed": typed(body, "seed", "int", seed, lo=0, hi=2**32 - 1),
     }
 
