@@ -140,6 +140,16 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_survives(served, reg
             ),
             "long": (await post("/generate", json={"prompt": "x" * 33}), 413, "at most 32"),
             "stop": (await post("/generate", json={"prompt": "a", "stop": [1]}), 400, "stop"),
+            "stop_ids": (
+                await post("/generate", json={"prompt": "a", "stop": [[1, 999]]}),
+                400,
+                "token-id stop sequence must be 1..16 ids in [0, 384)",
+            ),
+            "stop_empty": (
+                await post("/generate", json={"prompt": "a", "stop": ""}),
+                400,
+                "1..256 characters",
+            ),
             "version": (
                 await post("/generate", json={"prompt": "a", "version": "v0099"}),
                 404,

@@ -262,10 +262,13 @@ def test_stop_strings_match_the_decoded_text_in_both_batching_modes(bpe_gpt):
                           if line.startswith("data: {")]  # fmt: skip
                 legacy = await (await client.post("/generate", json={**body, "stop": stop})).json()
                 out.append((plain, events, legacy))
-            return out
+            ids = await client.post("/generate", json={**body, "stop": [[tokens[6]]]})
+            return out, await ids.json()
 
     for batching in ("continuous", "window"):
-        got = asyncio.run(scenario(batching))
+        got, by_id = asyncio.run(scenario(batching))
+        first = tokens.index(tokens[6])  # a token-id stop still matches ids
+        assert (by_id["tokens"], by_id["finish_reason"]) == (tokens[:first], "stop")
         for stop, (text, used), (plain, events, legacy) in zip(stops, expected, got, strict=True):
             where = f"{batching}, stop {stop!r}"
             choice = plain["choices"][0]

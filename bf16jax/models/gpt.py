@@ -136,10 +136,15 @@ class Block(nnx.Module):
 
         return self._forward(x, attend, keys)[0]
 
-    def decode(self, x: jax.Array, cache: KVCache, index: jax.Array) -> tuple[jax.Array, KVCache]:
+    def decode(
+        self, x: jax.Array, cache: KVCache, index: jax.Array, length: int | None = None
+    ) -> tuple[jax.Array, KVCache]:
         """The block on new tokens `x` [B, T, D] at positions index[b] + t, reading and writing
-        the attention's KV cache (`layers.Attention.decode`); returns (y, new cache)."""
-        return self._forward(x, lambda h: self.attn.decode(h, cache, index), (None,) * 3)
+        the attention's KV cache (`layers.Attention.decode`, reading its first `length`
+        positions); returns (y, new cache)."""
+        return self._forward(
+            x, lambda h: self.attn.decode(h, cache, index, length=length), (None,) * 3
+        )
 
     def _forward(self, x, attend, keys):
         # The residual stream is in the residual dtype (compute unless `r=f32`). Sub-layers may be
@@ -432,7 +437,7 @@ class GPT(nnx.Module):
         return {"k": zeros, "v": zeros}
 
     def decode_step(
-        self, tokens: jax.Array, cache: dict, index: jax.Array
+        self, tokens: jax.Array, cache: dict, index: jax.Array, length: int | None = None
     ) -> tuple[jax.Array, dict]:
         """Logits for new tokens with a KV cache: the prompt at once, then one token per step.
 
@@ -442,6 +447,8 @@ class GPT(nnx.Module):
           cache: from `init_cache` or the previous call.
           index: [B] int32, the position of each row's first new token; index[b] + T must not
             exceed max_len (rows past it are clamped and produce garbage, never an error).
+          length: attend over the first `length` cache positions only (static; every
+            index[b] + T <= length): a decode step's cost follows the context in use.
 
         Returns:
           (logits [B, T, V] in accum dtype, the updated cache). The logits equal `self(inputs)`
@@ -465,14 +472,14 @@ class GPT(nnx.Module):
                 transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS},
             )
             def body(h, layer, k, v):
-                h, (k, v) = layer.decode(h, (k, v), index)
+                h, (k, v) = layer.decode(h, (k, v), index, length)
                 return h, k, v
 
             x, k, v = body(x, self.blocks, cache["k"], cache["v"])
         else:
             k, v = [], []
             for block, k_i, v_i in zip(self.blocks, cache["k"], cache["v"], strict=True):
-                x, (k_i, v_i) = block.decode(x, (k_i, v_i), index)
+                x, (k_i, v_i) = block.decode(x, (k_i, v_i), index, length)
                 k.append(k_i)
                 v.append(v_i)
             k, v = tuple(k), tuple(v)

@@ -41,7 +41,13 @@ class CachedAttention:
         return self._attend(x, kv, mask=mask, bias=None, causal=False, implementation="xla")
 
     def decode(
-        self, x: jax.Array, cache: KVCache, index: jax.Array, *, bias: jax.Array | None = None
+        self,
+        x: jax.Array,
+        cache: KVCache,
+        index: jax.Array,
+        *,
+        bias: jax.Array | None = None,
+        length: int | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Causal self-attention of new tokens `x` [B, T, D] at positions index[b] + t.
 
@@ -49,15 +55,19 @@ class CachedAttention:
         longest sequence) at those positions, then each query attends to cache positions up to
         its own. Positions beyond the written ones hold stale values and are masked. `index`
         [B] int32 may differ per row; index[b] + T must not exceed S. `bias` (e.g. T5's
-        relative positions) is [B|1, H, T, S]. Returns ([B, T, D], the updated cache).
+        relative positions) is [B|1, H, T, S]. `length` (static): the queries attend to the
+        first `length` positions only (every index[b] + T <= length), which costs that many
+        positions' reads instead of S. Returns ([B, T, D], the updated cache).
         """
         k_new, v_new = self.kv(x)  # [B, T, H, Dh]
         k_cache, v_cache = cache
         k = write_rows(k_cache, k_new.astype(k_cache.dtype), index)
         v = write_rows(v_cache, v_new.astype(v_cache.dtype), index)
-        t, s = x.shape[1], k.shape[1]
+        s = k.shape[1] if length is None else length
+        t = x.shape[1]
         q_pos = index[:, None] + jnp.arange(t, dtype=index.dtype)[None]  # [B, T]
         mask = (jnp.arange(s, dtype=index.dtype)[None, None] <= q_pos[..., None])[:, None]
+        kv = (k, v) if length is None else (k[:, :length], v[:, :length])
         # A query of one token gains nothing from a fused kernel: bf16jax's XLA path.
-        out = self._attend(x, (k, v), mask=mask, bias=bias, causal=False, implementation="xla")
+        out = self._attend(x, kv, mask=mask, bias=bias, causal=False, implementation="xla")
         return out, (k, v)

@@ -62,9 +62,9 @@ PARAMS = "params.safetensors"
 LOADER = "loader.py"
 FINISH_REASONS = ("length", "eos", "stop", "context")  # = bf16jax.serving.sampling.FINISH_REASONS
 _STOP_PAD = -1
-# Programs whose argument 1 (after params) is the decode-slot cache they return updated: it is
-# donated, so XLA updates it in place instead of copying every slot per call (the caller must
-# not reuse the cache it passed).
+# Programs (and step_<L>) whose argument 1 (after params) is the decode-slot cache they return
+# updated: it is donated, so XLA updates it in place instead of copying every slot per call
+# (the caller must not reuse the cache it passed).
 DONATES_CACHE = ("insert", "step")
 
 # safetensors dtype names (huggingface/safetensors, format spec) <-> NumPy dtypes.
@@ -455,7 +455,7 @@ class Artifact(Runner):
         for name, info in m["programs"].items():
             with open(os.path.join(self.directory, info["file"]), "rb") as f:
                 exported = export.deserialize(bytearray(f.read()))
-            donate = (1,) if name in DONATES_CACHE else ()
+            donate = (1,) if name.split("_")[0] in DONATES_CACHE else ()
             self._programs[name] = jax.jit(exported.call, donate_argnums=donate)
 
     @property

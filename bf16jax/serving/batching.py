@@ -9,6 +9,11 @@ for a long one to end. Invariants:
 
 - fixed shapes: each prefill bucket at batch 1, `insert`, and `step` at batch `slots` compile
   once (`warm`); free slots compute garbage that is never read;
+- each decode step runs the smallest context bucket `step_<L>` (the artifact's
+  "step_buckets") with L > every active slot's fed position, else `step` (the whole cache):
+  attention reads L positions, and the tokens are the same as `step`'s; when every active
+  slot has room for k more tokens (k: "multi_step") it runs `step_<L>x<k>`, k steps in one
+  call, so a slot that ends early by EOS or a stop string idles for at most k - 1 steps;
 - a request's tokens are the `generate` program's for the same settings and seed: token i is
   sampled with fold_in(key(seed), i) from the same logits (`inference.Programs.step`);
 - stopping is `sampling.decode_loop`'s (EOS, token-id stop sequence, max_tokens, context) and
@@ -79,15 +84,19 @@ class GenRequest:
 class ContinuousBatcher:
     """See the module docstring. `observe(metric, seconds)` receives "queue", "ttft", "itl"
     and "e2e" observations; `gauges(running, waiting, stepped)` the slot use after each turn
-    (stepped: the rows of its decode step, 0 without one)."""
+    (stepped: the rows of its decode step, 0 without one); `context_buckets=False` runs every
+    step over the whole cache, `multi_step=False` one step per call."""
 
     def __init__(self, runner, slots: int, *, observe: Callable[[str, float], None] | None = None,
-                 gauges: Callable[[int, int], None] | None = None):  # fmt: skip
+                 gauges: Callable[[int, int], None] | None = None,
+                 context_buckets: bool = True, multi_step: bool = True):  # fmt: skip
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1.")
         self.runner, self.slots = runner, slots
         lim = runner.limits
         self.buckets = list(lim["prefill_buckets"])
+        self.step_buckets = list(lim.get("step_buckets", ())) if context_buckets else []
+        self.multi = lim.get("multi_step", 1) if multi_step else 1
         self.cache_len = lim["cache_len"]
         self.t5 = runner.family == "t5"
         self.eos = runner.tokenizer.get("eos_id")
@@ -127,10 +136,15 @@ class ContinuousBatcher:
             row = self._row(rows["cache"], 0) if len(sizes) > 1 else rows["cache"]
             cache = self.runner.call("insert", cache, row, np.int32(0))
         h = self._host
-        out = self.runner.call("step", cache, h["token"], h["index"], h["count"], h["seed"],
-                               h["temperature"], h["top_k"], h["top_p"])  # fmt: skip
-        np.asarray(out["token"])
-        self._cache = out["cache"]
+        names = ["step", *(f"step_{b}" for b in self.step_buckets)]
+        if self.multi > 1:
+            names += [f"step_{b}x{self.multi}" for b in [*self.step_buckets, self.cache_len]]
+        for name in names:
+            out = self.runner.call(name, cache, h["token"], h["index"], h["count"], h["seed"],
+                                   h["temperature"], h["top_k"], h["top_p"])  # fmt: skip
+            np.asarray(out["token"])
+            cache = out["cache"]
+        self._cache = cache
 
     def start(self) -> None:
         if self._cache is None:
@@ -257,15 +271,32 @@ class ContinuousBatcher:
                     self._accept(slot, token[i], logprob[i], top_ids[i], top_lp[i])
 
     def _step(self) -> None:
-        h = self._host
-        out = self.runner.call("step", self._cache, h["token"], h["index"], h["count"],
+        """One decode step, or `multi` steps in one call when every active slot has room for
+        them (no slot can reach max_tokens or the context inside them)."""
+        h, k = self._host, self.multi
+        rows = [(i, r) for i, r in enumerate(self._slot) if r is not None]
+        need = 1 + max(int(h["index"][i]) for i, _ in rows)
+        if (
+            k > 1
+            and all(r.max_tokens - r.count >= k for _, r in rows)
+            and (need + k - 1 <= self.cache_len)
+        ):
+            length = next((b for b in self.step_buckets if b >= need + k - 1), self.cache_len)
+            name = f"step_{length}x{k}"
+        else:
+            k = 1
+            name = next((f"step_{b}" for b in self.step_buckets if b >= need), "step")
+        out = self.runner.call(name, self._cache, h["token"], h["index"], h["count"],
                                h["seed"], h["temperature"], h["top_k"], h["top_p"])  # fmt: skip
         self._cache = out["cache"]
-        token, logprob, top_ids, top_lp = (np.asarray(out[k]) for k in (
-            "token", "logprob", "top_ids", "top_logprobs"))  # fmt: skip
-        for slot, r in enumerate(self._slot):
-            if r is not None:
-                self._accept(slot, token[slot], logprob[slot], top_ids[slot], top_lp[slot])
+        token, logprob, top_ids, top_lp = (np.asarray(out[key]).reshape(k, self.slots, -1)
+                                           for key in ("token", "logprob", "top_ids",
+                                                       "top_logprobs"))  # fmt: skip
+        for j in range(k):  # a slot released at step j ignores its later tokens
+            for slot, r in enumerate(self._slot):
+                if r is not None:
+                    self._accept(slot, token[j, slot, 0], logprob[j, slot, 0], top_ids[j, slot],
+                                 top_lp[j, slot])  # fmt: skip
 
     def _accept(self, slot: int, token, logprob, top_ids, top_lp) -> None:
         """Token number r.count of the request in `slot`: stop checks, then send what is safe."""

@@ -61,6 +61,10 @@ PROGRAM_SIGNATURES = {
     "step": "(params, cache, token [b] to feed, index [b] where, count [b] = the number of the "
     "token sampled next, seeds [b] u32, temperature [b], top_k [b] i32, top_p [b]) -> {token "
     "[b], logprob [b], top_ids, top_logprobs, cache}",
+    "step_L": "step over the first L cache positions (every index [b] < L; L: this context "
+    "bucket): the same arguments and results, the cache returned whole",
+    "step_LxK": "K steps of step_L in one program (every index + K <= L): the same arguments, "
+    "results [K, b, ...] (the cache returned whole)",
 }
 
 
@@ -162,7 +166,8 @@ def _write(tmp, config, model, programs, precision, source, platforms) -> dict[s
         with open(os.path.join(tmp, file), "wb") as f:
             f.write(exported.serialize())
         timings[name] = round(time.perf_counter() - start, 3)
-        key = "prefill_L" if name.startswith("prefill_") else name
+        key = name.split("_")[0] + "_L" if name.startswith(("prefill_", "step_")) else name
+        key = "step_LxK" if name.startswith("step_") and "x" in name else key
         entries[name] = {"file": file, "signature": PROGRAM_SIGNATURES[key]}
     shutil.copyfile(artifact_lib.__file__, os.path.join(tmp, artifact_lib.LOADER))
     tokenizer = dict(programs.tokenizer) if programs.tokenizer else None

@@ -57,6 +57,8 @@ MAX_STOP_SEQUENCES = 4  # stop sequences per request (the generate program's sta
 MAX_STOP_LENGTH = 16  # tokens per stop sequence
 TOP_LOGPROBS = 5  # alternatives per token the step programs return (OpenAI's logprobs <= 5)
 MIN_BUCKET = 16  # the shortest prefill bucket (GPT prompts: 16, 32, ... up to max_len)
+MIN_STEP_BUCKET = 32  # the shortest context bucket of the GPT decode step: 32, 48, 64, 96...
+MULTI_STEP = 4  # decode steps per call of the GPT's step_<L>x<k> programs
 _BF16_SERVING = dict(param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
 
 
@@ -257,8 +259,14 @@ class Programs:
         self.limits = _limits(config, decode_len)
         self.tokenizer = tokenizer_info(config) if self.family != "vit" else None
         buckets = [f"prefill_{n}" for n in self.limits.get("prefill_buckets", ())]
+        contexts = self.limits.get("step_buckets", [])
+        steps = [f"step_{n}" for n in contexts]
+        if self.limits.get("multi_step", 1) > 1:  # step_<L>x<k>: k steps per call
+            k = self.limits["multi_step"]
+            steps += [f"step_{n}x{k}" for n in [*contexts, self.limits["cache_len"]]]
         self.names = ("score",) if self.family == "vit" else (
-            "score", "prefill", "decode_step", "generate", *buckets, "insert", "step")  # fmt: skip
+            "score", "prefill", "decode_step", "generate", *buckets, "insert", "step",
+            *steps)  # fmt: skip
 
     def model(self, params: dict[str, jax.Array]) -> nnx.Module:
         """The module holding flat `params` (inside a traced function)."""
@@ -279,8 +287,9 @@ class Programs:
         model = self.model(params)
         b = prompt.shape[0]
         if self.family == "gpt":
+            # why: the prompt's queries attend to its own bucket's positions, not the cache's
             logits, cache = model.decode_step(
-                prompt, model.init_cache(b), jnp.zeros([b], jnp.int32)
+                prompt, model.init_cache(b), jnp.zeros([b], jnp.int32), prompt.shape[1]
             )
             last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
             return last.astype(jnp.float32), cache, prompt_len.astype(jnp.int32)
@@ -353,6 +362,34 @@ class Programs:
         logits, cache = self.decode_step(params, cache, token[:, None], index)
         return {**self._sampled(logits, seeds, count, temperature, top_k, top_p), "cache": cache}
 
+    def step_prefix(self, length: int | None, steps: int = 1):
+        """`step` reading the first `length` cache positions (None: all; every fed index +
+        steps <= length), `steps` times in one program (the token sampled at step j is fed at
+        step j + 1, at index + j, as token count + j): results [steps, B, ...] when steps > 1.
+        Attention's cost follows the context in use and, in one program, XLA computes what
+        depends on the params alone (e.g. fake-quantized kernels) once for all the steps."""
+
+        def one(params, cache, token, index, count, seeds, temperature, top_k, top_p):
+            logits, cache = self.model(params).decode_step(token[:, None], cache, index, length)
+            logits = logits[:, 0].astype(jnp.float32)
+            return {**self._sampled(logits, seeds, count, temperature, top_k, top_p),
+                    "cache": cache}  # fmt: skip
+
+        if steps == 1:
+            return one
+
+        def multi(params, cache, token, index, count, seeds, temperature, top_k, top_p):
+            def body(carry, j):
+                out = one(params, carry[0], carry[1], index + j, count + j, seeds, temperature,
+                          top_k, top_p)  # fmt: skip
+                cache = out.pop("cache")
+                return (cache, out["token"]), out
+
+            (cache, _), outs = jax.lax.scan(body, (cache, token), jnp.arange(steps))
+            return {**outs, "cache": cache}
+
+        return multi
+
     def insert(self, params, cache, row, slot):
         """`cache` (every slot) with slot `slot` replaced by `row` (a batch-1 prefill's)."""
         del params  # a program signature like the others: (params, *arrays)
@@ -409,9 +446,9 @@ class Programs:
         if name.startswith("prefill_") and name in self.names:
             length = int(name.split("_")[1])
             return params, s((batch, length), i32), s((batch,), i32), *sampling
-        if name in ("step", "insert"):
+        if name == "step" or name.startswith("step_") or name == "insert":
             _, cache, _ = jax.eval_shape(self.prefill, params, *prompt)
-            if name == "step":
+            if name != "insert":
                 return params, cache, *[s((batch,), i32)] * 3, *sampling
             one = (s((1, lim["prompt_len"]), i32), s((1,), i32))
             _, row, _ = jax.eval_shape(self.prefill, params, *one)
@@ -422,6 +459,10 @@ class Programs:
         """The pure function of program `name` (to jit or export)."""
         if name not in self.names:
             raise ValueError(f"{self.family} has no program {name!r}: use one of {self.names}.")
+        if name.startswith("step_"):  # step_<L> or step_<L>x<steps>
+            length, _, steps = name[len("step_") :].partition("x")
+            length = None if int(length) == self.limits["cache_len"] else int(length)
+            return self.step_prefix(length, int(steps or 1))
         return self.prefill_sample if name.startswith("prefill_") else getattr(self, name)
 
 
@@ -431,8 +472,12 @@ def _limits(config, decode_len: int | None) -> dict[str, Any]:
     if m.name == "gpt":
         buckets = sorted({min(MIN_BUCKET << i, m.max_len) for i in range(32)
                           if i == 0 or MIN_BUCKET << (i - 1) < m.max_len})  # fmt: skip
+        steps = sorted({n for i in range(32) for n in (MIN_STEP_BUCKET << i,
+                                                       3 * MIN_STEP_BUCKET << i >> 1)
+                        if n < m.max_len})  # fmt: skip
         return {"seq_len": m.max_len, "prompt_len": m.max_len, "cache_len": m.max_len,
-                "vocab_size": m.vocab_size, "prefill_buckets": buckets,
+                "vocab_size": m.vocab_size, "prefill_buckets": buckets, "step_buckets": steps,
+                "multi_step": MULTI_STEP,
                 "top_logprobs": TOP_LOGPROBS, **stops}  # fmt: skip
     if m.name == "t5":  # one bucket: the encoder's output shapes the cross-attention cache
         decode_len = int(decode_len or d.dec_len)

@@ -55,7 +55,8 @@ class ProgramRunner(Runner):
 
     @functools.cache  # noqa: B019 (one runner per model: the jitted programs live with it)
     def _jitted(self, name: str):
-        donate = (1,) if name in DONATES_CACHE else ()  # the slot cache: updated in place
+        # the slot cache: updated in place
+        donate = (1,) if name.split("_")[0] in DONATES_CACHE else ()
         return jax.jit(self._programs.function(name), donate_argnums=donate)
 
     def call(self, name: str, *args):
