@@ -62,7 +62,8 @@ def test_manifest_names_everything_and_hashes_every_file(served):  # noqa: F811
         assert m["git_revision"] != "unknown" and m["versions"]["jax"] == jax.__version__
         assert m["limits"]["prefill_buckets"] == [16, 32]
         assert set(m["programs"]) == {"score", "prefill", "decode_step", "generate", "insert",
-                                      "step", "prefill_16", "prefill_32"}  # fmt: skip
+                                      "step", "prefill_16", "prefill_32",
+                                      "step_32x4"}  # fmt: skip
         assert set(m["files"]) == {"params.safetensors", "loader.py"} | {
             f"{p}.jaxexport" for p in m["programs"]
         }
