@@ -4,8 +4,9 @@
 `serving_model(config, params, fp8_meta, precision)` casts them to a serving precision;
 `Programs(model)` holds the model's pure programs — `score`, `prefill`, `decode_step`,
 `generate`, and for continuous batching `prefill_<L>` (one per prompt-length bucket, sampling
-the first token), `insert` (a prefilled row into a decode slot) and `step` (one sampled token
-for every slot) — as functions of (flat params, arrays), which `bf16jax.serving.export`
+the first token), `insert` (a prefilled row into a decode slot), `step` (one sampled token
+for every slot) and the GPT's `step_<L>` / `step_<L>x<k>` (attention over the first L cache
+positions; k steps per call) — as functions of (flat params, arrays), which `bf16jax.serving.export`
 serializes with `jax.export` and `bf16jax.serving.runners` / `bf16jax.serving.scoring` jit on a
 workdir. Invariants:
 
@@ -366,8 +367,8 @@ class Programs:
         """`step` reading the first `length` cache positions (None: all; every fed index +
         steps <= length), `steps` times in one program (the token sampled at step j is fed at
         step j + 1, at index + j, as token count + j): results [steps, B, ...] when steps > 1.
-        Attention's cost follows the context in use and, in one program, XLA computes what
-        depends on the params alone (e.g. fake-quantized kernels) once for all the steps."""
+        Attention's cost follows the context in use, and several steps in one program cost
+        less per step (experiments/results/serving_bench.md: 2.04 -> 1.35 ms at 4 steps)."""
 
         def one(params, cache, token, index, count, seeds, temperature, top_k, top_p):
             logits, cache = self.model(params).decode_step(token[:, None], cache, index, length)
