@@ -80,3 +80,19 @@ def test_extrapolate_is_linear_in_depth():
     out = program_compare.extrapolate(rows, 12)
     assert out["flops"] == 10.0 + 11 * 4.0 and out["flops_per_layer"] == 4.0
     assert out["copies"] == 3 + 11 * 2 and "compile_s" not in out
+
+
+def test_tables_with_every_program_or_some():
+    row = {"flops": 2e12, "bytes_accessed": 4e9, "copies": 3}
+    result = {
+        "config": "gpt2_124m", "precision": "bf16", "chip": "v5e", "depth": 12,
+        "method": "extrapolated from 1 and 2 layers", "jax": "0.10.2",
+        "shape": {"B": 16, "T": 1024, "V": 50304, "D": 768, "H": 12},
+        "programs": {"peer": row, "default": row | {"copies": 6}, "xla": row},
+        "per_layer_bytes_ratio": 1.0,
+    }  # fmt: skip
+    full = program_compare.to_markdown(result)
+    assert "| copies outside fusions | 3 | 6 | 2.00 | 3 | 1.00 |" in full
+    # --programs=default: its figures, no ratios
+    some = program_compare.to_markdown(result | {"programs": {"default": row}})
+    assert "| figure | default |" in some and "| copies outside fusions | 3 |" in some
