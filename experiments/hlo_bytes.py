@@ -115,7 +115,15 @@ def instruction_bytes(text: str) -> list[tuple[str, str, str, float]]:
                 "\n".join(bodies[c]) for c in sorted(called, key=order.index)
             )
             module += "\n\nENTRY %e {\n" + "\n".join([*params, root]) + "\n}\n"
-            cost = _jax.hlo_module_cost_analysis(client, hlo.hlo_module_from_text(module))
+            try:
+                parsed = hlo.hlo_module_from_text(module)
+            except Exception:  # e.g. a Pallas call's kernel metadata: keep its target only
+                target = re.search(r'custom_call_target="[^"]*"', tail)
+                root = root.split(f" {op.group(1)}(")[0] + f" {op.group(1)}({inner})"
+                root += f", {target.group(0)}" if target else ""
+                module = module.rsplit("\n  ROOT ", 1)[0] + "\n" + root + "\n}\n"
+                parsed = hlo.hlo_module_from_text(module)
+            cost = _jax.hlo_module_cost_analysis(client, parsed)
             meta = re.search(r'op_name="([^"]*)"', line)
             rows.append((op.group(1), meta.group(1) if meta else "-", shapes[m.group(1)],
                          float(cost.get("bytes accessed", 0.0))))  # fmt: skip
