@@ -284,6 +284,8 @@ def _fmt(x: float) -> str:
 
 def to_markdown(result: dict) -> str:
     """The comparison table: per program the figure at full depth, and bf16jax / peer."""
+    if set(result["programs"]) != set(PROGRAMS):
+        return _plain_table(result)
     peer = result["programs"]["peer"]
     lines = [
         f"{result['config']} (B{result['shape']['B']} T{result['shape']['T']}, "
@@ -308,7 +310,34 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(config_name: str, precision: str, chip: str, layers: list[int], full_depth: bool):
+PROGRAMS = ("peer", "default", "xla")
+
+
+def _plain_table(result: dict) -> str:
+    """The figures of the programs compiled (`--programs` left some out): no ratios."""
+    names = list(result["programs"])
+    lines = [
+        f"{result['config']} (B{result['shape']['B']} T{result['shape']['T']}, "
+        f"{result['precision']}), one {result['chip']} chip, {result['depth']} layers "
+        f"({result['method']}); jax {result['jax']}",
+        "",
+        "| figure | " + " | ".join(names) + " |",
+        "| --- |" + " ---: |" * len(names),
+    ]
+    for key, label in RATIO_ROWS:
+        cells = [_fmt(result["programs"][n].get(key, 0)) for n in names]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(
+    config_name: str,
+    precision: str,
+    chip: str,
+    layers: list[int],
+    full_depth: bool,
+    programs: tuple[str, ...] = PROGRAMS,
+):
     import jax
 
     aot = _aot_tpu()
@@ -317,13 +346,15 @@ def compare(config_name: str, precision: str, chip: str, layers: list[int], full
     depth = int(config.model.num_layers)
     mesh = chip_mesh(chip)
     depths = [depth] if full_depth else layers
-    raw: dict[str, dict[int, dict]] = {"peer": {}, "default": {}, "xla": {}}
+    raw: dict[str, dict[int, dict]] = {k: {} for k in programs}
     for n in depths:
         c = config.copy_and_resolve_references()
         c.model.num_layers = n
-        raw["peer"][n] = peer_program(c, mesh)
+        if "peer" in raw:
+            raw["peer"][n] = peer_program(c, mesh)
         for variant in ("default", "xla"):
-            raw[variant][n] = bf16jax_program(c, mesh, variant)
+            if variant in raw:
+                raw[variant][n] = bf16jax_program(c, mesh, variant)
         print(json.dumps({"layers": n, **{k: v[n] for k, v in raw.items()}}), flush=True)
     if full_depth:
         programs = {k: v[depth] for k, v in raw.items()}
@@ -331,7 +362,9 @@ def compare(config_name: str, precision: str, chip: str, layers: list[int], full
     else:
         programs = {k: extrapolate(v, depth) for k, v in raw.items()}
         method = f"extrapolated from {layers[0]} and {layers[1]} layers"
-    if full_depth:
+    if not {"xla", "peer"} <= set(programs):
+        per_layer = None
+    elif full_depth:
         per_layer = programs["xla"]["bytes_accessed"] / programs["peer"]["bytes_accessed"]
     else:
         per_layer = (
@@ -371,13 +404,21 @@ def main() -> None:
     parser.add_argument("--full_depth", action="store_true", help="compile the config's depth")
     parser.add_argument("--out", default=OUT_DIR)
     parser.add_argument("--dump_hlo", action="store_true", help="write OUT/hlo/*.hlo.txt.gz")
+    parser.add_argument(
+        "--programs", default=",".join(PROGRAMS),
+        help="which to compile: peer, default (bf16jax as configured), xla (bf16jax with XLA "
+        "attention and the materialized loss); e.g. --programs=default for a quick look",
+    )  # fmt: skip
     args = parser.parse_args()
     global HLO_DIR
     HLO_DIR = os.path.join(args.out, "hlo") if args.dump_hlo else None
     layers = [int(x) for x in args.layers.split(",")]
     if len(layers) != 2 or layers[0] >= layers[1]:
         parser.error(f"--layers={args.layers}: give two increasing depths, e.g. 1,2")
-    result = compare(args.config, args.precision, args.chip, layers, args.full_depth)
+    programs = tuple(p for p in args.programs.split(",") if p)
+    if not programs or set(programs) - set(PROGRAMS):
+        parser.error(f"--programs={args.programs}: name some of {', '.join(PROGRAMS)}")
+    result = compare(args.config, args.precision, args.chip, layers, args.full_depth, programs)
     result["command"] = "python experiments/program_compare.py " + shlex.join(sys.argv[1:])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

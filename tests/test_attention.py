@@ -329,6 +329,39 @@ def test_heads_first_projections_equal_the_token_major_path(policy, t):
                                    atol=tol["atol"] * scale)  # fmt: skip
 
 
+def test_default_gpt_on_a_tpu_target_runs_attention_heads_first(monkeypatch):
+    """The default config (attention_impl "auto", fused projections left to the platform), built
+    for a TPU and traced under a TPU mesh as an AOT compile on a CPU host sees it (an
+    AbstractMesh whose devices say "tpu"), takes the heads-first path: q, k, v from one GEMM as
+    [B, H, T, Dh] into the kernel, no [B, T, H, Dh] swaps (experiments/results/program_compare/).
+    Before target_platform read an AbstractMesh's device (791997c) it said "cpu" here, the
+    projections were not fused and the measured TPU step ran the token-major path."""
+    from jax._src.mesh import AbstractDevice  # no public constructor in jax 0.10.2
+
+    from bf16jax.nn import layers
+    from bf16jax.parallel import sharding
+
+    cfg = tiny_gpt_config("bf16").model.copy_and_resolve_references()
+    cfg.update(max_len=T)
+    assert cfg.attention_impl in ("auto", None, "")
+    model = build_model(cfg, "bf16", rngs=nnx.Rngs(0), platform="tpu")
+    calls = []
+    fused_heads = layers.fused_heads
+    monkeypatch.setattr(
+        layers, "fused_heads", lambda *a, **k: calls.append(1) or fused_heads(*a, **k)
+    )
+    axes = sharding.MESH_AXES
+    mesh = jax.sharding.AbstractMesh(
+        (1,) * len(axes), axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
+        abstract_device=AbstractDevice("TPU v5 lite", 1, "tpu"),
+    )  # fmt: skip
+    tokens = jax.ShapeDtypeStruct((2, T), jnp.int32)
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert sharding.target_platform() == "tpu"
+        jax.eval_shape(lambda t: model(t), tokens)
+    assert calls == [1] * cfg.num_layers
+
+
 # ----------------------------------------------------------------------------- cuDNN (GPU)
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["causal", "key-padding", "t5-bias"])

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "experiments"))
 import program_compare  # noqa: E402
@@ -80,3 +81,35 @@ def test_extrapolate_is_linear_in_depth():
     out = program_compare.extrapolate(rows, 12)
     assert out["flops"] == 10.0 + 11 * 4.0 and out["flops_per_layer"] == 4.0
     assert out["copies"] == 3 + 11 * 2 and "compile_s" not in out
+
+
+def test_tables_with_every_program_or_some():
+    row = {"flops": 2e12, "bytes_accessed": 4e9, "copies": 3}
+    result = {
+        "config": "gpt2_124m", "precision": "bf16", "chip": "v5e", "depth": 12,
+        "method": "extrapolated from 1 and 2 layers", "jax": "0.10.2",
+        "shape": {"B": 16, "T": 1024, "V": 50304, "D": 768, "H": 12},
+        "programs": {"peer": row, "default": row | {"copies": 6}, "xla": row},
+        "per_layer_bytes_ratio": 1.0,
+    }  # fmt: skip
+    full = program_compare.to_markdown(result)
+    assert "| copies outside fusions | 3 | 6 | 2.00 | 3 | 1.00 |" in full
+    # --programs=default: its figures, no ratios
+    some = program_compare.to_markdown(result | {"programs": {"default": row}})
+    assert "| figure | default |" in some and "| copies outside fusions | 3 |" in some
+
+
+def test_hlo_bytes_per_instruction_add_up_to_xla_total():
+    # experiments/hlo_bytes.py cuts each top-level instruction into a module of its own: the
+    # parts' bytes accessed add up to the whole program's (no async ops on XLA:CPU).
+    import hlo_bytes
+
+    def f(x, w):
+        return jnp.tanh(x @ w).sum(axis=0), (x * 2.0).T
+
+    x, w = jnp.ones((64, 32), jnp.float32), jnp.ones((32, 48), jnp.float32)
+    compiled = jax.jit(f).lower(x, w).compile()
+    total = compiled.cost_analysis()
+    total = (total[0] if isinstance(total, list) else total)["bytes accessed"]
+    rows = hlo_bytes.instruction_bytes(compiled.as_text())
+    assert rows and sum(r[3] for r in rows) == pytest.approx(total, rel=0.05)

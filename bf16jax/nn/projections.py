@@ -34,9 +34,9 @@ def fused_heads(
             f"Linear expects inputs [..., {first.in_features}], got shape {tuple(x.shape)}."
         )
     n = len(linears)
-    kernel = jnp.stack([lin.kernel[...] for lin in linears])  # [n, D, H*Dh]
-    kernel = kernel.reshape(n, first.in_features, heads, head_dim)
-    y = matmul.einsum("btd,ndhk->nbhtk", x, kernel, first.policy)  # accum
+    kernel = jnp.stack([lin.kernel[...] for lin in linears], axis=1)  # [D, n, H*Dh]
+    kernel = kernel.reshape(first.in_features, n, heads, head_dim)
+    y = matmul.einsum("btd,dnhk->nbhtk", x, kernel, first.policy)  # accum
     if first.bias is not None:
         b = jnp.stack([lin.bias[...] for lin in linears]).reshape(n, 1, heads, 1, head_dim)
         y = y + first.policy.cast_to_accum(b)
