@@ -25,29 +25,13 @@ import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from program_compare import _CALLS, _HEADER, _INSTR, _OPCODE  # noqa: E402
+from program_compare import _INSTR, _OPCODE, fusion_bodies, hlo_computations  # noqa: E402
 
 _REFS = re.compile(
     r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}"
 )
 _SKIP = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while"}
 _SKIP |= {"conditional", "call", "after-all", "slice-done", "copy-done"}
-
-
-def _computations(text: str) -> dict[str, list[str]]:
-    bodies: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        if current is None:
-            header = _HEADER.match(line)
-            if header and "=" not in line.split("{")[0].split("(")[0]:
-                current = header.group(1)
-                bodies[current] = [line]
-            continue
-        bodies[current].append(line)
-        if line.strip() == "}":
-            current = None
-    return bodies
 
 
 def _refs(line: str) -> list[str]:
@@ -74,7 +58,7 @@ def instruction_bytes(text: str) -> list[tuple[str, str, str, float]]:
     from jax._src.lib import _jax
 
     client = jax.devices("cpu")[0].client
-    bodies = _computations(text)
+    bodies = hlo_computations(text)
     order = list(bodies)
     shapes = {}
     for lines in bodies.values():
@@ -82,13 +66,7 @@ def instruction_bytes(text: str) -> list[tuple[str, str, str, float]]:
             if m := _INSTR.match(line):
                 op = _OPCODE.search(" " + m.group(2))
                 shapes[m.group(1)] = m.group(2)[: op.start()].strip() if op else m.group(2)
-    fused = {
-        c
-        for lines in bodies.values()
-        for ln in lines
-        if " fusion(" in ln
-        for c in _CALLS.findall(ln)
-    }
+    fused = fusion_bodies(bodies)
     rows = []
     for name in (n for n in bodies if n not in fused):
         for line in bodies[name][1:]:

@@ -42,6 +42,30 @@ _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
+def hlo_computations(text: str) -> dict[str, list[str]]:
+    """The HLO text's computations by name: each one's lines, its header and closing brace
+    included."""
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if current is None:
+            header = _HEADER.match(line)
+            if header and "=" not in line.split("{")[0].split("(")[0]:
+                current = header.group(1)
+                bodies[current] = [line]
+            continue
+        bodies[current].append(line)
+        if line.strip() == "}":
+            current = None
+    return bodies
+
+
+def fusion_bodies(bodies: dict[str, list[str]]) -> set[str]:
+    """The computations that some fusion instruction calls."""
+    return {c for lines in bodies.values() for ln in lines if " fusion(" in ln
+            for c in _CALLS.findall(ln)}  # fmt: skip
+
+
 def hlo_counts(text: str) -> dict[str, int]:
     """Op counts of an optimized HLO module, split by where the op runs.
 
@@ -54,24 +78,8 @@ def hlo_counts(text: str) -> dict[str, int]:
     by a kernel of its own, not in the GEMM's epilogue); `gemm_out_<dtype>` GEMM library calls
     by output dtype.
     """
-    bodies: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        if current is None:
-            header = _HEADER.match(line)
-            if header and "=" not in line.split("{")[0].split("(")[0]:
-                current = header.group(1)
-                bodies[current] = []
-            continue
-        if line.strip() == "}":
-            current = None
-            continue
-        bodies[current].append(line)
-    fused = set()
-    for lines in bodies.values():
-        for line in lines:
-            if " fusion(" in line:
-                fused.update(_CALLS.findall(line))
+    bodies = {name: lines[1:-1] for name, lines in hlo_computations(text).items()}
+    fused = fusion_bodies(bodies)
     counts: Counter = Counter()
     for name, lines in bodies.items():
         inside = name in fused

@@ -18,13 +18,18 @@ PROMPTS = ["And God said", "In the beginning God created the heaven and the eart
 MAX_TOKENS = [30, 10, 57, 9]  # positions up to 63: every bucket, and the multi-step rule's edges
 
 
-def _runner():
+def _model():
+    """A 1-layer fp32 GPT with a 64-token context, and its config."""
     c = config_lib.base_config("gpt")
     c.precision = "fp32"
     c.model.update(num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64, max_len=64)
     c.data.update(seq_len=64)
     c.lock()
-    model = build_model(c.model, "fp32", rngs=nnx.Rngs(0))
+    return c, build_model(c.model, "fp32", rngs=nnx.Rngs(0))
+
+
+def _runner():
+    c, model = _model()
     return ProgramRunner(inference.Programs(model, c), {})
 
 
@@ -85,12 +90,7 @@ def test_step_programs_export_and_run_from_the_artifact(tmp_path):
     give the same tokens there."""
     from bf16jax.serving import artifact, export
 
-    c = config_lib.base_config("gpt")
-    c.precision = "fp32"
-    c.model.update(num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64, max_len=64)
-    c.data.update(seq_len=64)
-    c.lock()
-    model = build_model(c.model, "fp32", rngs=nnx.Rngs(0))
+    c, model = _model()
     export.export_artifact(c, nnx.state(model, nnx.Param), None, str(tmp_path / "a"),
                            precision="fp32", source={"random_init": True}, platforms=("cpu",),
                            eval_batches=0)  # fmt: skip
