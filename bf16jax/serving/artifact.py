@@ -43,6 +43,8 @@ __all__ = [
     "LOADER",
     "FINISH_REASONS",
     "DONATES_CACHE",
+    "donated_args",
+    "step_programs",
     "IntegrityError",
     "sha256_file",
     "file_entry",
@@ -66,6 +68,22 @@ _STOP_PAD = -1
 # updated: it is donated, so XLA updates it in place instead of copying every slot per call
 # (the caller must not reuse the cache it passed).
 DONATES_CACHE = ("insert", "step")
+
+
+def donated_args(name: str) -> tuple[int, ...]:
+    """The arguments program `name` donates: (1,) for the cache of `insert`, `step` and its
+    `step_<L>` / `step_<L>x<k>` variants, else ()."""
+    return (1,) if name.split("_")[0] in DONATES_CACHE else ()
+
+
+def step_programs(buckets: Sequence[int], k: int, cache_len: int | None) -> list[str]:
+    """The decode-step programs beside `step`: `step_<L>` per context bucket L and, when k > 1,
+    `step_<L>x<k>` (k steps per call) per bucket and for the whole cache."""
+    names = [f"step_{b}" for b in buckets]
+    if k > 1:
+        names += [f"step_{b}x{k}" for b in [*buckets, cache_len]]
+    return names
+
 
 # safetensors dtype names (huggingface/safetensors, format spec) <-> NumPy dtypes.
 _DTYPES = {
@@ -455,8 +473,7 @@ class Artifact(Runner):
         for name, info in m["programs"].items():
             with open(os.path.join(self.directory, info["file"]), "rb") as f:
                 exported = export.deserialize(bytearray(f.read()))
-            donate = (1,) if name.split("_")[0] in DONATES_CACHE else ()
-            self._programs[name] = jax.jit(exported.call, donate_argnums=donate)
+            self._programs[name] = jax.jit(exported.call, donate_argnums=donated_args(name))
 
     @property
     def programs(self) -> tuple[str, ...]:

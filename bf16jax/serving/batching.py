@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from bf16jax.serving.artifact import step_programs
 from bf16jax.serving.detokenizer import TextStream
 
 __all__ = ["GenRequest", "ContinuousBatcher", "PREFILL_BATCH"]
@@ -136,10 +137,7 @@ class ContinuousBatcher:
             row = self._row(rows["cache"], 0) if len(sizes) > 1 else rows["cache"]
             cache = self.runner.call("insert", cache, row, np.int32(0))
         h = self._host
-        names = ["step", *(f"step_{b}" for b in self.step_buckets)]
-        if self.multi > 1:
-            names += [f"step_{b}x{self.multi}" for b in [*self.step_buckets, self.cache_len]]
-        for name in names:
+        for name in ["step", *step_programs(self.step_buckets, self.multi, self.cache_len)]:
             out = self.runner.call(name, cache, h["token"], h["index"], h["count"], h["seed"],
                                    h["temperature"], h["top_k"], h["top_p"])  # fmt: skip
             np.asarray(out["token"])

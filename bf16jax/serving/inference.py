@@ -37,6 +37,7 @@ from bf16jax.models import build_model
 from bf16jax.nn import quant, quant_model
 from bf16jax.precision import Policy, fp32_reference, get_policy, is_fp8, quant_bits
 from bf16jax.serving import sampling as sampling_lib
+from bf16jax.serving.artifact import step_programs
 
 __all__ = [
     "PRECISIONS",
@@ -260,11 +261,9 @@ class Programs:
         self.limits = _limits(config, decode_len)
         self.tokenizer = tokenizer_info(config) if self.family != "vit" else None
         buckets = [f"prefill_{n}" for n in self.limits.get("prefill_buckets", ())]
-        contexts = self.limits.get("step_buckets", [])
-        steps = [f"step_{n}" for n in contexts]
-        if self.limits.get("multi_step", 1) > 1:  # step_<L>x<k>: k steps per call
-            k = self.limits["multi_step"]
-            steps += [f"step_{n}x{k}" for n in [*contexts, self.limits["cache_len"]]]
+        lim = self.limits
+        steps = step_programs(lim.get("step_buckets", ()), lim.get("multi_step", 1),
+                              lim.get("cache_len"))  # fmt: skip
         self.names = ("score",) if self.family == "vit" else (
             "score", "prefill", "decode_step", "generate", *buckets, "insert", "step",
             *steps)  # fmt: skip

@@ -21,7 +21,7 @@ import jax
 
 from bf16jax.data.tokenizer import load_tokenizer
 from bf16jax.serving import inference
-from bf16jax.serving.artifact import DONATES_CACHE, Runner
+from bf16jax.serving.artifact import Runner, donated_args
 
 __all__ = ["ProgramRunner", "runner_from_workdir"]
 
@@ -55,8 +55,7 @@ class ProgramRunner(Runner):
 
     @functools.cache  # noqa: B019 (one runner per model: the jitted programs live with it)
     def _jitted(self, name: str):
-        # the slot cache: updated in place
-        donate = (1,) if name.split("_")[0] in DONATES_CACHE else ()
+        donate = donated_args(name)  # the slot cache: updated in place
         return jax.jit(self._programs.function(name), donate_argnums=donate)
 
     def call(self, name: str, *args):
