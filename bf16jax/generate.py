@@ -57,7 +57,9 @@ def _define_flags() -> None:
     flags.DEFINE_float("temperature", 0.0, "0: greedy.")
     flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
-    flags.DEFINE_multi_string("stop", [], "A stop sequence (repeatable, at most 4).")
+    flags.DEFINE_multi_string(
+        "stop", [], "A stop string, matched on the decoded text (repeatable)."
+    )
     flags.DEFINE_integer("seed", 0, "Sampling seed (per prompt).")
 
 

@@ -64,7 +64,7 @@ def test_manifest_names_everything_and_hashes_every_file(served):  # noqa: F811
         assert set(m["programs"]) == {"score", "prefill", "decode_step", "generate", "insert",
                                       "step", "prefill_16", "prefill_32",
                                       "step_32x4"}  # fmt: skip
-        assert set(m["files"]) == {"params.safetensors", "loader.py"} | {
+        assert set(m["files"]) == {"params.safetensors", "loader.py", "text.py"} | {
             f"{p}.jaxexport" for p in m["programs"]
         }
         assert os.path.isfile(os.path.join(directory, "manifest.sha256"))

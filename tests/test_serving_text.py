@@ -33,8 +33,18 @@ sys.meta_path.insert(0, Block())
 sys.path.insert(0, sys.argv[1])
 import loader
 art = loader.Artifact(sys.argv[1])
-print(json.dumps(art.generate([sys.argv[2]], max_tokens=6)[0]))
+print(json.dumps(art.generate([sys.argv[2]], **json.loads(sys.argv[3]))[0]))
 """
+
+
+def _loader_alone(directory, prompt: str, **kwargs) -> dict:
+    """`loader.Artifact(directory).generate([prompt], **kwargs)[0]` in a fresh process where
+    bf16jax (and flax, optax, ...) cannot be imported."""
+    proc = subprocess.run([sys.executable, "-c", _LOADER_ALONE, str(directory), prompt,
+                           json.dumps(kwargs)], env=cli_env(), capture_output=True, text=True,
+                          timeout=300, cwd="/")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _export(config, out) -> artifact.Artifact:
@@ -80,11 +90,7 @@ def test_bpe_artifact_carries_its_tokenizer_and_takes_text_or_ids(bpe_gpt, bpe_d
     # The artifact moves without its source tokenizer directory and still speaks text.
     moved = tmp_path / "moved"
     shutil.copytree(art.directory, moved)
-    proc = subprocess.run([sys.executable, "-c", _LOADER_ALONE, str(moved), PROMPT],
-                          env=cli_env(), capture_output=True, text=True, timeout=300,
-                          cwd="/")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == row
+    assert _loader_alone(moved, PROMPT, max_tokens=6) == row
     (moved / "tokenizer.json").write_text((moved / "tokenizer.json").read_text() + " ")
     with pytest.raises(artifact.IntegrityError, match="tokenizer.json has"):
         artifact.Artifact(str(moved))
@@ -284,7 +290,7 @@ def test_stop_strings_match_the_decoded_text_in_both_batching_modes(bpe_gpt):
 
 
 def test_text_stream_holds_partial_characters_and_stop_prefixes_only():
-    from bf16jax.serving.detokenizer import TextStream, complete
+    from bf16jax.serving.text import TextStream, complete
 
     def decode(ids):  # a byte tokenizer: one id per UTF-8 byte
         return bytes(ids).decode("utf-8", errors="replace")
@@ -299,3 +305,46 @@ def test_text_stream_holds_partial_characters_and_stop_prefixes_only():
     assert [stream.add(b) for b in b"axy"] == [("a", False), ("", False), ("", False)]
     assert stream.add(ord("q")) == ("xyq", False)  # "xy" could start "xyz" until "q" came
     assert stream.add(0xE3) == ("", False) and stream.finish() == "\ufffd"  # a partial at the end
+
+
+def test_stop_strings_on_text_in_offline_generation(bpe_gpt, tmp_path):
+    """`Artifact.generate` (and so `python -m bf16jax.generate` and the standalone loader.py,
+    which imports no bf16jax) match stop strings on the decoded text as the server does: a BPE
+    stop inside a token, across two or across three cuts the text where it starts, with
+    finish_reason "stop" and the ids of the returned text; a token-id stop still matches ids.
+    On ids alone the stop inside one token never matched (finish_reason "length")."""
+    art = bpe_gpt
+    prompt, seed, tokens, stops = _stop_cases(art)
+    full = art.decode(tokens)
+    ends = [len(art.decode(tokens[: i + 1])) for i in range(len(tokens))]
+    settings = {"max_tokens": 24, "temperature": 1.0, "seed": seed}
+    for stop in stops:
+        cut = full.find(stop)
+        used = next(i + 1 for i, e in enumerate(ends) if e >= cut + len(stop))
+        row = art.generate([prompt], stop=[[stop]], **settings)[0]
+        assert (row["text"], row["finish_reason"]) == (full[:cut], "stop"), stop
+        n = len(row["tokens"])  # the ids of the returned text: none past the stop's end
+        assert row["tokens"] == tokens[:n] and n <= used and full[:cut] in art.decode(tokens[:n])
+    # One row with a stop string, one with a token-id stop, one with none: each its own.
+    rows = art.generate([prompt] * 3, stop=[[stops[0]], [[tokens[6]]], []], **settings)
+    assert rows[1]["tokens"] == tokens[: tokens.index(tokens[6])]
+    assert rows[1]["finish_reason"] == "stop"
+    assert rows[2] == {"tokens": tokens, "finish_reason": "length", "text": full}
+    # The artifact's own text.py, hashed in the manifest, runs where bf16jax is absent.
+    assert art.manifest["files"]["text.py"]["sha256"] == artifact.sha256_file(
+        f"{art.directory}/text.py"
+    )
+    alone = _loader_alone(art.directory, prompt, stop=[[stops[1]]], **settings)
+    assert alone == art.generate([prompt], stop=[[stops[1]]], **settings)[0]
+    assert alone["finish_reason"] == "stop"
+    with pytest.raises(ValueError, match="a list of stops"):
+        art.generate([prompt], stop=[stops[0]], **settings)
+    with pytest.raises(ValueError, match="must not be empty"):
+        art.generate([prompt], stop=[[""]], **settings)
+    # text.py changed after export: refused before it runs.
+    moved = tmp_path / "moved"
+    shutil.copytree(art.directory, moved)
+    loaded = artifact.Artifact(str(moved))
+    (moved / "text.py").write_text((moved / "text.py").read_text() + "\n")
+    with pytest.raises(artifact.IntegrityError, match="text.py is missing or changed"):
+        loaded.generate([prompt], stop=[[stops[0]]], **settings)

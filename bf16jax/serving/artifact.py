@@ -4,11 +4,13 @@ An artifact is a directory written by `bf16jax.serving.export`: `manifest.json`,
 `params.safetensors` (the safetensors layout, read and written here with NumPy), one
 `jax.export`-serialized program per `<name>.jaxexport` (score, prefill, decode_step, generate,
 and the continuous-batching prefill_<L>, insert, step), the tokenizer's file if it has one,
-`loader.py` (a copy of this file) and `manifest.sha256`. Invariants:
+`loader.py` (a copy of this file), `text.py` (a copy of `bf16jax.serving.text`: tokenizer
+files, stop strings on the decoded text) and `manifest.sha256`. Invariants:
 
-- this module imports only the standard library, NumPy and JAX (and `tokenizers` or
-  `sentencepiece` for a BPE / SentencePiece model's text), so an artifact runs where bf16jax
-  is not installed (`python ARTIFACT/loader.py ARTIFACT --prompt "..."`);
+- this module imports only the standard library, NumPy and JAX, and the artifact's `text.py`
+  (with `tokenizers` or `sentencepiece` for a BPE / SentencePiece model's text), so an
+  artifact runs where bf16jax is not installed (`python ARTIFACT/loader.py ARTIFACT
+  --prompt "..."`);
 - nothing is read before every file listed in the manifest matches its sha256 and size, and the
   manifest itself matches the digest of its canonical JSON in `manifest.sha256`: a missing,
   altered or unparsable file raises `IntegrityError` naming it (and a given manifest digest is
@@ -17,7 +19,8 @@ and the continuous-batching prefill_<L>, insert, step), the tokenizer's file if 
   `Artifact` pads inputs to them and validates every request against them;
 - text goes through the tokenizer the manifest describes: `bytes` (UTF-8 bytes + offset, no
   package), or the artifact's own copy of a BPE `tokenizer.json` (the `tokenizers` package) or
-  SentencePiece model (`sentencepiece`), hashed like every file; a prompt may be token ids.
+  SentencePiece model (`sentencepiece`), hashed like every file; a prompt may be token ids;
+  stop strings are matched on the decoded text, as the server matches them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "MANIFEST_DIGEST",
     "PARAMS",
     "LOADER",
+    "TEXT",
     "FINISH_REASONS",
     "DONATES_CACHE",
     "donated_args",
@@ -62,6 +66,7 @@ MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"  # hex sha256 of the manifest's canonical JSON
 PARAMS = "params.safetensors"
 LOADER = "loader.py"
+TEXT = "text.py"  # a copy of bf16jax.serving.text: tokenizer files, stop strings on text
 FINISH_REASONS = ("length", "eos", "stop", "context")  # = bf16jax.serving.sampling.FINISH_REASONS
 _STOP_PAD = -1
 # Programs (and step_<L>) whose argument 1 (after params) is the decode-slot cache they return
@@ -315,10 +320,19 @@ class Runner:
         raw = bytes(i - off for i in ids if off <= i < off + 256)
         return raw.decode("utf-8", errors="replace")
 
-    def _text_tokenizer(self) -> _FileTokenizer:
+    def _text_tokenizer(self):
         if getattr(self, "_tok", None) is None:
-            self._tok = _FileTokenizer(self.tokenizer, self.tokenizer_dir)
+            self._tok = self._text().FileTokenizer(self.tokenizer, self.tokenizer_dir)
         return self._tok
+
+    def _text(self):
+        """`bf16jax.serving.text` (tokenizer files, stop strings on the decoded text)."""
+        try:
+            from bf16jax.serving import text
+        except ImportError:
+            raise ValueError(f"This artifact has no {TEXT} (it predates it): re-export it, or "
+                             "give prompts and stop sequences as token ids.") from None  # fmt: skip
+        return text
 
     # ----------------------------------------------------------------- requests
     def generate(
@@ -335,22 +349,42 @@ class Runner:
         """Generates for a batch of prompts (text or token ids) with the `generate` program.
 
         Scalar settings apply to every prompt; sequences give one value per prompt; max_tokens
-        defaults to min(64, the cache length). Returns per prompt {"text", "tokens" (ids),
-        "finish_reason"} (FINISH_REASONS).
+        defaults to min(64, the cache length). `stop` holds per prompt stop strings, matched
+        on the decoded text (the text is cut where the first to complete starts; its ids
+        leave "tokens"), or token-id sequences, matched on ids. Returns per prompt {"tokens"
+        (ids), "finish_reason" (FINISH_REASONS), "text"}.
         """
         n = len(prompts)
         if max_tokens is None:
             max_tokens = min(64, self.limits["cache_len"])
+        stop = _per_row(stop, n, "stop") if stop else [[]] * n
+        if any(isinstance(row, (str, bytes)) for row in stop):
+            raise ValueError("stop gives each prompt a list of stops, e.g. stop=[['\\n']] for "
+                             "one prompt.")  # fmt: skip
+        texts = [[s for s in row if isinstance(s, str)] for row in stop]
+        if any(s == "" for row in texts for s in row):
+            raise ValueError("a stop string must not be empty.")
         rows = self.generate_arrays(
             [self.encode(p) for p in prompts],
             max_tokens=_per_row(max_tokens, n, "max_tokens"),
             temperature=_per_row(temperature, n, "temperature"),
             top_k=_per_row(top_k, n, "top_k"),
             top_p=_per_row(top_p, n, "top_p"),
-            stop=[[self.encode(s) for s in row] for row in (stop or [[]] * n)],
+            stop=[[self.encode(s) for s in row if not isinstance(s, str)] for row in stop],
             seed=_per_row(seed, n, "seed"),
         )
-        return [{**r, "text": self.decode(r["tokens"])} for r in rows]
+        complete = self._text().complete if any(texts) else None
+        out = []
+        for r, strings in zip(rows, texts, strict=True):
+            if not strings:
+                out.append({**r, "text": self.decode(r["tokens"])})
+                continue
+            # The program samples past a stop string; cut where the first one starts.
+            c = complete(self.decode, r["tokens"], strings)
+            reason = "stop" if c["stopped"] else r["finish_reason"]
+            out.append({"tokens": r["tokens"][: c["kept"]], "finish_reason": reason,
+                        "text": c["text"]})  # fmt: skip
+        return out
 
     def generate_arrays(self, prompts, *, max_tokens, temperature, top_k, top_p, stop, seed):
         """`generate` on token ids: prompts [ids per row], settings and stop ids per row."""
@@ -479,59 +513,31 @@ class Artifact(Runner):
     def programs(self) -> tuple[str, ...]:
         return tuple(self._programs)
 
+    def _text(self):
+        """The artifact's own `text.py` (hashed like every file, checked again before it runs),
+        so that `loader.py` needs no bf16jax; bf16jax's for an artifact exported before it."""
+        if getattr(self, "_text_module", None) is not None:
+            return self._text_module
+        entry = self.manifest["files"].get(TEXT)
+        if entry is None:
+            return super()._text()
+        path = os.path.join(self.directory, TEXT)
+        if not os.path.isfile(path) or sha256_file(path) != entry["sha256"]:
+            raise IntegrityError(f"{path} is missing or changed since the artifact was loaded: "
+                                 "re-export it.")  # fmt: skip
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_bf16jax_artifact_text", path)
+        self._text_module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(self._text_module)
+        return self._text_module
+
     def call(self, name: str, *args):
         """Runs program `name` on (params, *args); see the manifest for its arguments."""
         if name not in self._programs:
             raise ValueError(f"This {self.family} artifact has no {name!r} program: "
                              f"it has {sorted(self._programs)}.")  # fmt: skip
         return self._programs[name](self.params, *args)
-
-
-class _FileTokenizer:
-    """A BPE `tokenizer.json` (GPT-2's conventions: nothing added on encode) or a SentencePiece
-    model (T5's: `extra_ids` sentinels counted down from the top) read from the artifact, as
-    `bf16jax.data.tokenizer` reads them; needs `tokenizers` or `sentencepiece`."""
-
-    def __init__(self, info: dict[str, Any], directory: str):
-        self.kind, self.info = info.get("kind"), info
-        if "file" not in info:
-            raise ValueError(f"The manifest names a {self.kind} tokenizer but no file of it: "
-                             "re-export, or pass token ids.")  # fmt: skip
-        path = os.path.join(directory, info["file"])
-        try:
-            if self.kind == "BPETokenizer":
-                import tokenizers
-
-                self._tok = tokenizers.Tokenizer.from_file(path)
-            elif self.kind == "SentencePieceTokenizer":
-                import sentencepiece
-
-                self._tok = sentencepiece.SentencePieceProcessor(model_file=path)
-                self.pieces = self._tok.get_piece_size()
-            else:
-                raise ValueError(f"Unknown tokenizer kind {self.kind!r} in the manifest.")
-        except ImportError as e:
-            raise ValueError(f"This model's text needs the {e.name} package (pip install "
-                             f"{e.name}), or pass token ids.") from None  # fmt: skip
-
-    def encode(self, text: str) -> list[int]:
-        if self.kind == "BPETokenizer":
-            return self._tok.encode(text, add_special_tokens=False).ids
-        return self._tok.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        if self.kind == "BPETokenizer":
-            return self._tok.decode(ids, skip_special_tokens=True)
-        out, run, top = [], [], self.info["vocab_size"] - 1
-        for i in ids:
-            if i in (self.info["pad_id"], self.info["eos_id"]):
-                continue
-            if i >= self.pieces:  # a sentinel
-                out += [self._tok.decode(run), f"<extra_id_{top - i}>"]
-                run = []
-            else:
-                run.append(i)
-        return "".join([*out, self._tok.decode(run)])
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -591,6 +597,7 @@ def _main() -> None:
         help="new tokens per prompt at most (default: min(64, the context))",
     )
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     args = parser.parse_args()
     try:
         art = Artifact(args.artifact)
@@ -598,7 +605,8 @@ def _main() -> None:
                           "source": art.manifest["source"]}))  # fmt: skip
         if args.prompt:
             out = art.generate(args.prompt, max_tokens=args.max_tokens,
-                               temperature=args.temperature)  # fmt: skip
+                               temperature=args.temperature,
+                               stop=[args.stop] * len(args.prompt))  # fmt: skip
             for row in out:
                 print(json.dumps(row))
     except (ValueError, OSError) as e:  # IntegrityError included: one line, exit 2

@@ -19,7 +19,7 @@ for a long one to end. Invariants:
 - stopping is `sampling.decode_loop`'s (EOS, token-id stop sequence, max_tokens, context) and
   so are the finish reasons; with token-id stops the last (longest - 1) tokens are held back
   until they cannot start a match; stop strings are matched on the text
-  (`detokenizer.TextStream`), which holds back only text that could start one;
+  (`text.TextStream`), which holds back only text that could start one;
 - events reach the request's asyncio queue in order: ("token", id, logprob, top, text) ...
   then ("done", finish_reason, text, kept) or ("error", exception): `text` is the completion
   text released with that event, `kept` the tokens of the returned text; a turn's events go to
@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 from bf16jax.serving.artifact import step_programs
-from bf16jax.serving.detokenizer import TextStream
+from bf16jax.serving.text import TextStream
 
 __all__ = ["GenRequest", "ContinuousBatcher", "PREFILL_BATCH"]
 

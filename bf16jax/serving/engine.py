@@ -44,8 +44,8 @@ import prometheus_client as prom
 
 from bf16jax.serving.artifact import Artifact
 from bf16jax.serving.batching import ContinuousBatcher, GenRequest
-from bf16jax.serving.detokenizer import complete
 from bf16jax.serving.registry import Registry
+from bf16jax.serving.text import complete
 
 __all__ = ["Engine", "UnknownVersion", "Overloaded", "RequestTimeout", "NotReady", "KINDS",
            "BATCHING"]  # fmt: skip

@@ -9,8 +9,9 @@ of the same checkpoint (`bf16jax.serving.scoring`) and writes `manifest.json`. I
 
 - the directory appears complete or not at all: it is written beside `--out` and renamed into
   place; an existing `--out` is never overwritten unless `--overwrite`;
-- the artifact carries its tokenizer's file (BPE `tokenizer.json` or SentencePiece model),
-  hashed like the others, so text in and out works without the training run;
+- the artifact carries its tokenizer's file (BPE `tokenizer.json` or SentencePiece model) and
+  `text.py` (reads it, matches stop strings on the decoded text), hashed like the others, so
+  text in and out works without the training run (and without bf16jax);
 - the manifest names the source (workdir, step, config file, command line), the config, the
   data the model trained on and the data its metrics were measured on ("data"), the
   training and serving policies, the git revision, versions, limits, the tokenizer, the
@@ -36,7 +37,7 @@ import numpy as np
 import bf16jax
 from bf16jax.precision import get_policy
 from bf16jax.serving import artifact as artifact_lib
-from bf16jax.serving import inference
+from bf16jax.serving import inference, text
 
 __all__ = ["DEFAULT_PLATFORMS", "PROGRAM_SIGNATURES", "git_revision", "export_artifact"]
 
@@ -170,6 +171,7 @@ def _write(tmp, config, model, programs, precision, source, platforms) -> dict[s
         key = "step_LxK" if name.startswith("step_") and "x" in name else key
         entries[name] = {"file": file, "signature": PROGRAM_SIGNATURES[key]}
     shutil.copyfile(artifact_lib.__file__, os.path.join(tmp, artifact_lib.LOADER))
+    shutil.copyfile(text.__file__, os.path.join(tmp, artifact_lib.TEXT))
     tokenizer = dict(programs.tokenizer) if programs.tokenizer else None
     if tokenizer and "path" in tokenizer:  # the tokenizer's file travels with the artifact
         shutil.copyfile(tokenizer.pop("path"), os.path.join(tmp, tokenizer["file"]))

@@ -12,7 +12,7 @@ the encoder input. Invariants:
   `logprobs` every token gets one), then one with `finish_reason` and `usage`, then `data:
   [DONE]`; the streamed text joined equals the non-streamed text; a client that disconnects
   cancels its request, which frees its decode slot;
-- `stop` strings are matched on the decoded text (`bf16jax.serving.detokenizer`) and cut the
+- `stop` strings are matched on the decoded text (`bf16jax.serving.text`) and cut the
   text at their start; `usage.completion_tokens` counts every generated token, the stop
   string's included;
 - errors before the first event have HTTP statuses (see `bf16jax.serving.http`); an error

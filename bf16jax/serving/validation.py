@@ -7,7 +7,7 @@ bad one raises `BadRequest` naming the field (`param`) and the fix. Invariants:
 - no silent truncation: a prompt longer than the model's input is 413, and a GPT prompt plus
   max_tokens beyond the context is 400 naming the three numbers;
 - messages never echo unbounded input: quoted values are cut (`clip`);
-- `stop` holds strings (matched on the decoded text, `bf16jax.serving.detokenizer`) or
+- `stop` holds strings (matched on the decoded text, `bf16jax.serving.text`) or
   token-id lists (matched on the generated ids).
 """
 

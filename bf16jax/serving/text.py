@@ -1,8 +1,13 @@
-"""Incremental detokenization with stop strings matched on the decoded text (vLLM / TGI's way).
+"""An artifact's text: its tokenizer file, and incremental detokenization with stop strings.
 
-`TextStream(decode, stops)` takes a request's generated token ids one at a time and releases the
-completion text as it becomes final. Invariants:
+`FileTokenizer` reads the BPE `tokenizer.json` or SentencePiece model an artifact carries;
+`TextStream(decode, stops)` takes a request's generated token ids one at a time and releases
+the completion text as it becomes final, with stop strings matched on the decoded text (vLLM /
+TGI's way); `complete` replays a finished generation through one. Invariants:
 
+- this module imports only the standard library (and `tokenizers` / `sentencepiece` for those
+  files): export copies it into every artifact as `text.py`, which `loader.py` runs without
+  bf16jax;
 - text is released only when it is stable: the new ids are decoded together with the ids since
   the last release (a window that starts on a clean boundary), and text ending in U+FFFD (an
   incomplete UTF-8 / byte-fallback character) waits for the next id; so the released pieces,
@@ -16,9 +21,11 @@ completion text as it becomes final. Invariants:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
-__all__ = ["TextStream", "complete"]
+__all__ = ["FileTokenizer", "TextStream", "complete"]
 
 
 class TextStream:
@@ -123,3 +130,51 @@ def complete(decode: Callable[[Sequence[int]], str], ids: Sequence[int], stops: 
     tail = stream.finish()
     return {"pieces": pieces, "tail": tail, "text": "".join(pieces) + tail,
             "stopped": stream.cut is not None, "kept": stream.kept}  # fmt: skip
+
+
+class FileTokenizer:
+    """A BPE `tokenizer.json` (GPT-2's conventions: nothing added on encode) or a SentencePiece
+    model (T5's: `extra_ids` sentinels counted down from the top) as a manifest describes it
+    (`info`) in `directory`, read as `bf16jax.data.tokenizer` reads them; needs `tokenizers` or
+    `sentencepiece`."""
+
+    def __init__(self, info: dict[str, Any], directory: str):
+        self.kind, self.info = info.get("kind"), info
+        if "file" not in info:
+            raise ValueError(f"The manifest names a {self.kind} tokenizer but no file of it: "
+                             "re-export, or pass token ids.")  # fmt: skip
+        path = os.path.join(directory, info["file"])
+        try:
+            if self.kind == "BPETokenizer":
+                import tokenizers
+
+                self._tok = tokenizers.Tokenizer.from_file(path)
+            elif self.kind == "SentencePieceTokenizer":
+                import sentencepiece
+
+                self._tok = sentencepiece.SentencePieceProcessor(model_file=path)
+                self.pieces = self._tok.get_piece_size()
+            else:
+                raise ValueError(f"Unknown tokenizer kind {self.kind!r} in the manifest.")
+        except ImportError as e:
+            raise ValueError(f"This model's text needs the {e.name} package (pip install "
+                             f"{e.name}), or pass token ids.") from None  # fmt: skip
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "BPETokenizer":
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "BPETokenizer":
+            return self._tok.decode(ids, skip_special_tokens=True)
+        out, run, top = [], [], self.info["vocab_size"] - 1
+        for i in ids:
+            if i in (self.info["pad_id"], self.info["eos_id"]):
+                continue
+            if i >= self.pieces:  # a sentinel
+                out += [self._tok.decode(run), f"<extra_id_{top - i}>"]
+                run = []
+            else:
+                run.append(i)
+        return "".join([*out, self._tok.decode(run)])
