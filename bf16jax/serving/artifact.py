@@ -1,7 +1,7 @@
 """Loading a serving artifact with JAX alone: verify hashes, read params, call its programs.
 
 An artifact is a directory written by `bf16jax.serving.export`: `manifest.json`, the params in
-`params.safetensors` (the safetensors layout, read and written here with NumPy), one
+`params.safetensors` (the safetensors layout, read here with NumPy), one
 `jax.export`-serialized program per `<name>.jaxexport` (score, prefill, decode_step, generate,
 and the continuous-batching prefill_<L>, insert, step), the tokenizer's file if it has one,
 `loader.py` (a copy of this file), `text.py` (a copy of `bf16jax.serving.text`: tokenizer
@@ -54,7 +54,7 @@ __all__ = [
     "file_entry",
     "manifest_digest",
     "read_manifest",
-    "write_safetensors",
+    "SAFETENSORS_DTYPES",
     "read_safetensors",
     "verify",
     "Runner",
@@ -91,7 +91,7 @@ def step_programs(buckets: Sequence[int], k: int, cache_len: int | None) -> list
 
 
 # safetensors dtype names (huggingface/safetensors, format spec) <-> NumPy dtypes.
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
@@ -105,7 +105,6 @@ _DTYPES = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class IntegrityError(ValueError):
@@ -173,31 +172,6 @@ def read_manifest(directory: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- safetensors
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None):
-    """Writes `tensors` in the safetensors layout: u64 header size, JSON header, raw data."""
-    header: dict[str, Any] = {}
-    offset = 0
-    arrays = []
-    for name in sorted(tensors):
-        a = np.asarray(tensors[name])
-        a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
-        if a.dtype not in _NAMES:
-            raise ValueError(f"{name}: dtype {a.dtype} has no safetensors name.")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}  # fmt: skip
-        offset += a.nbytes
-        arrays.append(a)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writer
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for a in arrays:
-            f.write(a.tobytes())
-
-
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """The tensors of a safetensors file (NumPy arrays viewing one read of the file)."""
     with open(path, "rb") as f:
@@ -213,7 +187,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     out = {}
     for name, info in header.items():
         begin, end = info["data_offsets"]
-        dtype = _DTYPES.get(info["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None or end > len(data):
             raise IntegrityError(f"{path}: tensor {name!r} has a bad dtype or extent.")
         out[name] = np.frombuffer(data[begin:end], dtype).reshape(info["shape"])

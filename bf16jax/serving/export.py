@@ -22,9 +22,11 @@ of the same checkpoint (`bf16jax.serving.scoring`) and writes `manifest.json`. I
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -153,10 +155,35 @@ def export_artifact(
     return manifest
 
 
+def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """Writes `tensors` in the safetensors layout (u64 header size, JSON header, raw data) that
+    `artifact.read_safetensors` reads, as the reference writer lays it out."""
+    names = {v: k for k, v in artifact_lib.SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+        if a.dtype not in names:
+            raise ValueError(f"{name}: dtype {a.dtype} has no safetensors name.")
+        header[name] = {"dtype": names[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}  # fmt: skip
+        offset += a.nbytes
+        arrays.append(a)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writer
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for a in arrays:
+            f.write(a.tobytes())
+
+
 def _write(tmp, config, model, programs, precision, source, platforms) -> dict[str, Any]:
     from jax import export
 
-    artifact_lib.write_safetensors(os.path.join(tmp, artifact_lib.PARAMS), programs.params)
+    _write_safetensors(os.path.join(tmp, artifact_lib.PARAMS), programs.params)
     (batch,) = export.symbolic_shape("b")
     entries, timings = {}, {}
     for name in programs.names:
