@@ -327,6 +327,7 @@ def test_stop_strings_on_text_in_offline_generation(bpe_gpt, tmp_path):
         assert row["tokens"] == tokens[:n] and n <= used and full[:cut] in art.decode(tokens[:n])
     # One row with a stop string, one with a token-id stop, one with none: each its own.
     rows = art.generate([prompt] * 3, stop=[[stops[0]], [[tokens[6]]], []], **settings)
+    assert rows[0] == art.generate([prompt], stop=[[stops[0]]], **settings)[0]
     assert rows[1]["tokens"] == tokens[: tokens.index(tokens[6])]
     assert rows[1]["finish_reason"] == "stop"
     assert rows[2] == {"tokens": tokens, "finish_reason": "length", "text": full}
